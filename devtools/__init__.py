@@ -1,0 +1,1 @@
+"""Developer tools for tests, the demo and benchmarks; never imported by the agent."""

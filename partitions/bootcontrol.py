@@ -1,0 +1,67 @@
+"""The boot-control port: five verbs, one backend per bootloader (RAUC's shape)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from uuid import UUID
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One A/B slot: a partition found by its GPT label."""
+
+    label: str
+    index: int  # 1-based GPT partition number
+    part_uuid: UUID
+    disk: Path  # the whole disk (block device or image file) holding it
+    offset: int  # bytes from the start of the disk
+    size: int  # bytes
+
+
+@dataclass(frozen=True)
+class SlotFlags:
+    """The boot-selection flags of one slot (gpt-prio bits, or a backend's equivalent)."""
+
+    priority: int  # 0..15; 0 = never boot
+    tries: int  # 0..15; boot attempts left while not successful
+    successful: bool
+
+    @property
+    def bootable(self) -> bool:
+        return self.priority > 0 and (self.successful or self.tries > 0)
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    slot: Slot
+    flags: SlotFlags
+
+
+class BootControl(Protocol):
+    """Which slot boots next, and how a boot is judged."""
+
+    def slots(self) -> tuple[SlotStatus, ...]:
+        """Every configured slot with its current flags, in configured order."""
+        ...
+
+    def booted(self) -> Slot:
+        """The slot the running system booted from (raises DiskError booted_unknown)."""
+        ...
+
+    def primary(self) -> Slot | None:
+        """The slot the firmware would pick next boot, or None if none is bootable."""
+        ...
+
+    def mark_good(self, slot: Slot) -> None:
+        """The slot booted and passed its health checks: keep booting it."""
+        ...
+
+    def mark_bad(self, slot: Slot) -> None:
+        """Never boot this slot (priority 0, tries 0, not successful)."""
+        ...
+
+    def make_primary(self, slot: Slot) -> None:
+        """Boot this slot next, once, on trial (highest priority, tries 1, not successful)."""
+        ...

@@ -1,0 +1,298 @@
+"""Which slot the running system booted from, and which disk holds it.
+
+First the kernel command line (what the boot loader chose): ``mount.usr=``,
+``verity.usr=``, ``usr=`` then ``root=``, each naming a partition as
+``PARTUUID=<uuid>``, ``PARTLABEL=<label>``, ``/dev/disk/by-partuuid/<uuid>`` or
+``/dev/disk/by-partlabel/<label>``. If it names none of the slots, the device
+mounted at ``/usr`` (then ``/``) is traced through sysfs to a partition number
+on a disk. The parsing is pure; the roots of /proc, /sys and /dev are
+injected so tests can build a small tree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from uuid import UUID
+
+import structlog
+
+from partitions.bootcontrol import Slot
+from updater.errors import DiskError
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_CMDLINE = Path("/proc/cmdline")
+DEFAULT_PROC = Path("/proc")
+DEFAULT_SYS = Path("/sys")
+DEFAULT_DEV = Path("/dev")
+
+# Most specific first: /usr is where the A/B slot lives on CoreOS-like systems
+# (verity.usr= when /usr is dm-verity and mount.usr= names /dev/mapper/usr).
+CMDLINE_KEYS = ("mount.usr", "verity.usr", "usr", "root")
+MOUNT_POINTS = ("/usr", "/")
+_MAX_STACK_DEPTH = 4  # dm on dm on ... before giving up
+
+_UUID_RE = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+_UDEV_ESCAPE_RE = re.compile(r"\\x([0-9a-fA-F]{2})")
+_MOUNTINFO_ESCAPE_RE = re.compile(r"\\([0-7]{3})")
+
+_BOOTED_HINT = (
+    "set [disk] kernel_cmdline to a file holding mount.usr=PARTUUID=<uuid of the booted "
+    "slot>, or boot with that kernel parameter"
+)
+
+
+@dataclass(frozen=True)
+class PartitionRef:
+    """A partition named by a kernel parameter."""
+
+    key: str  # the parameter, e.g. "mount.usr"
+    part_uuid: UUID | None = None
+    part_label: str | None = None
+
+    def describe(self) -> str:
+        if self.part_uuid is not None:
+            return f"{self.key}=PARTUUID={self.part_uuid}"
+        return f"{self.key}=PARTLABEL={self.part_label}"
+
+    def matches(self, slot: Slot) -> bool:
+        if self.part_uuid is not None:
+            return self.part_uuid == slot.part_uuid
+        return self.part_label == slot.label
+
+
+@dataclass(frozen=True)
+class BlockPartition:
+    """A partition as sysfs describes it."""
+
+    disk_name: str  # kernel name of the whole disk, e.g. "sda"
+    disk_dev: tuple[int, int] | None  # major, minor of the whole disk
+    number: int  # 1-based partition number
+
+
+# ---- pure -----------------------------------------------------------------------------------
+
+
+def split_cmdline(text: str) -> list[str]:
+    """Split a kernel command line the way the kernel does (double quotes group)."""
+    words: list[str] = []
+    current: list[str] = []
+    in_word = in_quotes = False
+    for ch in text:
+        if ch == '"':
+            in_quotes = not in_quotes
+            in_word = True
+        elif ch.isspace() and not in_quotes:
+            if in_word:
+                words.append("".join(current))
+            current, in_word = [], False
+        else:
+            current.append(ch)
+            in_word = True
+    if in_word:
+        words.append("".join(current))
+    return words
+
+
+def cmdline_params(text: str) -> dict[str, str]:
+    """``key=value`` parameters for the kernel (not those after ``--``); the last one wins."""
+    params: dict[str, str] = {}
+    for word in split_cmdline(text):
+        if word == "--":
+            break
+        key, sep, value = word.partition("=")
+        if sep:
+            params[key] = value
+    return params
+
+
+def parse_partition_ref(key: str, value: str) -> PartitionRef | None:
+    """The partition ``value`` names, or None for any other form (LABEL=, /dev/sda3, ...)."""
+    for prefix in ("PARTUUID=", "/dev/disk/by-partuuid/"):
+        if value.startswith(prefix):
+            text = value[len(prefix) :]
+            return PartitionRef(key, part_uuid=UUID(text)) if _UUID_RE.fullmatch(text) else None
+    if value.startswith("PARTLABEL="):
+        label = value[len("PARTLABEL=") :]
+        return PartitionRef(key, part_label=label) if label else None
+    if value.startswith("/dev/disk/by-partlabel/"):
+        # udev escapes unsafe characters of a label in its symlink name as \xNN
+        raw = value[len("/dev/disk/by-partlabel/") :]
+        label = _UDEV_ESCAPE_RE.sub(lambda m: chr(int(m.group(1), 16)), raw)
+        return PartitionRef(key, part_label=label) if label else None
+    return None
+
+
+def partition_refs(text: str) -> tuple[PartitionRef, ...]:
+    """The partitions the command line names, most specific parameter first."""
+    params = cmdline_params(text)
+    refs = (parse_partition_ref(k, params[k]) for k in CMDLINE_KEYS if k in params)
+    return tuple(r for r in refs if r is not None)
+
+
+def slot_from_cmdline(text: str, slots: Sequence[Slot]) -> Slot | None:
+    """The slot named by the most specific parameter that names one of ``slots``."""
+    for ref in partition_refs(text):
+        for slot in slots:
+            if ref.matches(slot):
+                return slot
+    return None
+
+
+def mount_devices(mountinfo: str) -> dict[str, tuple[int, int]]:
+    """Mount point -> (major, minor) from /proc/self/mountinfo text; later mounts win."""
+    out: dict[str, tuple[int, int]] = {}
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        major, sep, minor = fields[2].partition(":")
+        if not (sep and major.isdigit() and minor.isdigit()):
+            continue
+        point = _MOUNTINFO_ESCAPE_RE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+        out[point] = (int(major), int(minor))
+    return out
+
+
+# ---- sysfs and /dev -------------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _parse_dev(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    major, sep, minor = text.strip().partition(":")
+    if sep and major.isdigit() and minor.isdigit():
+        return int(major), int(minor)
+    return None
+
+
+def _partition_at(node: Path, depth: int) -> BlockPartition | None:
+    number = _read_text(node / "partition")
+    if number is not None and number.strip().isdigit():
+        disk = node.parent
+        return BlockPartition(disk.name, _parse_dev(_read_text(disk / "dev")), int(number))
+    # A device-mapper target (dm-verity for /usr) stacked on exactly one partition.
+    try:
+        slaves = sorted((node / "slaves").iterdir())
+    except OSError:
+        return None
+    if len(slaves) != 1 or depth >= _MAX_STACK_DEPTH:
+        return None
+    return _partition_at(slaves[0].resolve(), depth + 1)
+
+
+def partition_of(sys_root: Path, dev: tuple[int, int]) -> BlockPartition | None:
+    """The partition under block device ``dev`` (following device-mapper stacking)."""
+    node = sys_root / "dev" / "block" / f"{dev[0]}:{dev[1]}"
+    if not node.exists():
+        return None
+    return _partition_at(node.resolve(), 0)
+
+
+def _is_disk(candidate: Path, part: BlockPartition, dev_root: Path) -> bool:
+    try:
+        st = os.stat(candidate)
+    except OSError:
+        return False
+    if stat.S_ISBLK(st.st_mode) and part.disk_dev is not None:
+        return (os.major(st.st_rdev), os.minor(st.st_rdev)) == part.disk_dev
+    node = dev_root / part.disk_name
+    try:
+        return os.path.samefile(node, candidate)
+    except OSError:
+        return False
+
+
+def _mounted_partitions(proc_root: Path, sys_root: Path) -> list[tuple[str, BlockPartition]]:
+    text = _read_text(proc_root / "self" / "mountinfo")
+    if text is None:
+        return []
+    mounts = mount_devices(text)
+    out: list[tuple[str, BlockPartition]] = []
+    for point in MOUNT_POINTS:
+        if point in mounts:
+            part = partition_of(sys_root, mounts[point])
+            if part is not None:
+                out.append((point, part))
+    return out
+
+
+def slot_from_mounts(
+    slots: Sequence[Slot],
+    *,
+    proc_root: Path = DEFAULT_PROC,
+    sys_root: Path = DEFAULT_SYS,
+    dev_root: Path = DEFAULT_DEV,
+) -> Slot | None:
+    """The slot mounted at /usr, else at / (None if neither is a slot)."""
+    for _point, part in _mounted_partitions(proc_root, sys_root):
+        for slot in slots:
+            if slot.index == part.number and _is_disk(slot.disk, part, dev_root):
+                return slot
+    return None
+
+
+# ---- the answers ----------------------------------------------------------------------------
+
+
+def booted_slot(
+    slots: Sequence[Slot],
+    *,
+    kernel_cmdline: Path = DEFAULT_CMDLINE,
+    proc_root: Path = DEFAULT_PROC,
+    sys_root: Path = DEFAULT_SYS,
+    dev_root: Path = DEFAULT_DEV,
+) -> Slot:
+    """The slot the running system booted from (DiskError booted_unknown if none)."""
+    text = _read_text(kernel_cmdline)
+    if text is None:
+        log.warning("kernel_cmdline_unreadable", path=str(kernel_cmdline))
+    else:
+        slot = slot_from_cmdline(text, slots)
+        if slot is not None:
+            log.debug("booted_slot_found", slot=slot.label, source="kernel_cmdline")
+            return slot
+    slot = slot_from_mounts(slots, proc_root=proc_root, sys_root=sys_root, dev_root=dev_root)
+    if slot is not None:
+        log.debug("booted_slot_found", slot=slot.label, source="mountinfo")
+        return slot
+    named = ", ".join(r.describe() for r in partition_refs(text or ""))
+    raise DiskError(
+        "booted_unknown",
+        f"cannot tell which of {', '.join(s.label for s in slots)} is booted: "
+        f"{kernel_cmdline} names {named or 'no partition'} and neither /usr nor / "
+        "is mounted from one of them",
+        hint=_BOOTED_HINT,
+    )
+
+
+def booted_disk(
+    *,
+    proc_root: Path = DEFAULT_PROC,
+    sys_root: Path = DEFAULT_SYS,
+    dev_root: Path = DEFAULT_DEV,
+) -> Path:
+    """The whole disk holding the partition mounted at /usr, else at /."""
+    for point, part in _mounted_partitions(proc_root, sys_root):
+        disk = dev_root / part.disk_name
+        log.debug("booted_disk_found", disk=str(disk), mount_point=point)
+        return disk
+    raise DiskError(
+        "booted_unknown",
+        "cannot tell which disk holds /usr or /: neither is mounted from a disk partition",
+        hint="set [disk] device to the whole disk holding the A/B slots",
+    )

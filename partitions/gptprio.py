@@ -1,0 +1,291 @@
+"""The ``gpt-prio`` boot-control backend: ChromeOS/CoreOS GPT attribute bits.
+
+Each slot's partition entry carries priority (bits 48-51), tries (52-55) and
+successful (56) in its attribute word, bit-compatible with ``cgpt``. The
+decisions are pure functions over ``{gpt index: SlotFlags}``; the class is the
+thin I/O shell that reads the table, decides, and writes only the entries
+that change, in one locked read-modify-write of the GPT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import structlog
+
+from partitions import booted as booted_mod
+from partitions import gpt
+from partitions.bootcontrol import Slot, SlotFlags, SlotStatus
+from updater.errors import DiskError
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_LABELS = ("USR-A", "USR-B")
+PRIORITY_SHIFT = 48
+TRIES_SHIFT = 52
+SUCCESSFUL_SHIFT = 56
+MAX_PRIORITY = 15
+MAX_TRIES = 15
+_NIBBLE = 0xF
+_FLAGS_MASK = (_NIBBLE << PRIORITY_SHIFT) | (_NIBBLE << TRIES_SHIFT) | (1 << SUCCESSFUL_SHIFT)
+
+BAD = SlotFlags(priority=0, tries=0, successful=False)
+
+# ---- pure: bits -----------------------------------------------------------------------------
+
+
+def decode_flags(attributes: int) -> SlotFlags:
+    """The slot flags held in a 64-bit GPT attribute word."""
+    return SlotFlags(
+        priority=(attributes >> PRIORITY_SHIFT) & _NIBBLE,
+        tries=(attributes >> TRIES_SHIFT) & _NIBBLE,
+        successful=bool((attributes >> SUCCESSFUL_SHIFT) & 1),
+    )
+
+
+def encode_flags(attributes: int, flags: SlotFlags) -> int:
+    """``attributes`` with the flag bits replaced by ``flags``; every other bit kept."""
+    if not 0 <= flags.priority <= MAX_PRIORITY:
+        raise ValueError(f"priority {flags.priority} is outside 0..{MAX_PRIORITY}")
+    if not 0 <= flags.tries <= MAX_TRIES:
+        raise ValueError(f"tries {flags.tries} is outside 0..{MAX_TRIES}")
+    return (
+        (attributes & ~_FLAGS_MASK)
+        | (flags.priority << PRIORITY_SHIFT)
+        | (flags.tries << TRIES_SHIFT)
+        | (int(flags.successful) << SUCCESSFUL_SHIFT)
+    )
+
+
+# ---- pure: decisions over {gpt index: flags} ------------------------------------------------
+
+
+def _require(flags: Mapping[int, SlotFlags], target: int) -> None:
+    if target not in flags:
+        raise DiskError(
+            "slot_not_found",
+            f"partition {target} is not one of the slots {sorted(flags)}",
+            hint="pass a slot returned by slots()",
+        )
+
+
+def primary(flags: Mapping[int, SlotFlags]) -> int | None:
+    """The slot the firmware picks: highest priority among bootable ones, lower index on a tie."""
+    bootable = [i for i, f in flags.items() if f.bootable]
+    if not bootable:
+        return None
+    return min(bootable, key=lambda i: (-flags[i].priority, i))
+
+
+def _lowered_below(others: Mapping[int, SlotFlags], ceiling: int) -> dict[int, int]:
+    """New priorities for ``others`` all below ``ceiling``, keeping their order.
+
+    Only as much as needed is taken off, from the top down; equal priorities stay
+    equal, and a priority above 0 never becomes 0 (if there are too many distinct
+    priorities to stay strictly ordered, the lowest ones merge at 1).
+    """
+    distinct = sorted({f.priority for f in others.values() if f.priority > 0}, reverse=True)
+    new: dict[int, int] = {}
+    limit = ceiling - 1
+    for value in distinct:
+        new[value] = max(1, min(value, limit))
+        limit = new[value] - 1
+    return {i: new.get(f.priority, 0) for i, f in others.items()}
+
+
+def _raise_above_others(flags: Mapping[int, SlotFlags], target: int) -> dict[int, int]:
+    """Priorities that put ``target`` strictly above every other slot."""
+    others = {i: f for i, f in flags.items() if i != target}
+    highest = max((f.priority for f in others.values()), default=0)
+    if highest < MAX_PRIORITY:
+        prios = {i: f.priority for i, f in others.items()}
+        prios[target] = highest + 1
+        return prios
+    prios = _lowered_below(others, MAX_PRIORITY)
+    prios[target] = MAX_PRIORITY
+    return prios
+
+
+def _with_priorities(
+    flags: Mapping[int, SlotFlags], prios: Mapping[int, int]
+) -> dict[int, SlotFlags]:
+    return {
+        i: SlotFlags(priority=prios.get(i, f.priority), tries=f.tries, successful=f.successful)
+        for i, f in flags.items()
+    }
+
+
+def mark_bad(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
+    """Never boot ``target``: priority 0, tries 0, not successful."""
+    _require(flags, target)
+    return {**flags, target: BAD}
+
+
+def mark_good(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
+    """``target`` booted and is healthy: successful, no tries; above the rest if it had 0."""
+    _require(flags, target)
+    out = dict(flags)
+    if flags[target].priority == 0:
+        out = _with_priorities(flags, _raise_above_others(flags, target))
+    out[target] = SlotFlags(priority=out[target].priority, tries=0, successful=True)
+    return out
+
+
+def make_primary(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
+    """Boot ``target`` next, once, on trial: strictly highest priority, tries 1, not successful."""
+    _require(flags, target)
+    out = _with_priorities(flags, _raise_above_others(flags, target))
+    out[target] = SlotFlags(priority=out[target].priority, tries=1, successful=False)
+    return out
+
+
+def changed(
+    before: Mapping[int, SlotFlags], after: Mapping[int, SlotFlags]
+) -> dict[int, SlotFlags]:
+    """The entries of ``after`` that differ from ``before``."""
+    return {i: f for i, f in after.items() if before.get(i) != f}
+
+
+# ---- slots on a disk ------------------------------------------------------------------------
+
+
+def find_slots(table: gpt.GptTable, disk: Path, labels: Sequence[str]) -> tuple[Slot, ...]:
+    """The slots named ``labels`` in ``table``, in the order of ``labels``."""
+    out: list[Slot] = []
+    for label in labels:
+        found = table.named(label)
+        if not found:
+            names = sorted({e.name for e in table.entries})
+            raise DiskError(
+                "slot_not_found",
+                f"{disk}: no partition named {label!r} (found: {', '.join(names) or 'none'})",
+                hint="set [disk] slots to the partition names of the A/B slots",
+            )
+        if len(found) > 1:
+            raise DiskError(
+                "slot_not_found",
+                f"{disk}: partitions {', '.join(str(e.index) for e in found)} "
+                f"are all named {label!r}",
+                hint="give each slot partition a unique name (sgdisk -c N:NAME)",
+            )
+        e = found[0]
+        out.append(
+            Slot(
+                label=label,
+                index=e.index,
+                part_uuid=e.part_uuid,
+                disk=disk,
+                offset=table.offset(e),
+                size=table.size(e),
+            )
+        )
+    return tuple(out)
+
+
+class GptPrioBootControl:
+    """BootControl over the gpt-prio bits of the slots on one disk (device or image)."""
+
+    def __init__(
+        self,
+        disk: Path,
+        labels: Sequence[str] = DEFAULT_LABELS,
+        kernel_cmdline: Path = booted_mod.DEFAULT_CMDLINE,
+        *,
+        proc_root: Path = booted_mod.DEFAULT_PROC,
+        sys_root: Path = booted_mod.DEFAULT_SYS,
+        dev_root: Path = booted_mod.DEFAULT_DEV,
+    ) -> None:
+        if not labels or len(set(labels)) != len(labels):
+            raise ValueError(f"slot labels must be unique and non-empty: {list(labels)}")
+        self.disk = disk
+        self.labels = tuple(labels)
+        self._kernel_cmdline = kernel_cmdline
+        self._proc_root = proc_root
+        self._sys_root = sys_root
+        self._dev_root = dev_root
+
+    # -- reading
+
+    def _statuses(self, table: gpt.GptTable) -> tuple[SlotStatus, ...]:
+        return tuple(
+            SlotStatus(slot, decode_flags(table.entry(slot.index).attributes))
+            for slot in find_slots(table, self.disk, self.labels)
+        )
+
+    def slots(self) -> tuple[SlotStatus, ...]:
+        return self._statuses(gpt.read_table(self.disk))
+
+    def flags(self, slot: Slot) -> SlotFlags:
+        for status in self.slots():
+            if _same(status.slot, slot):
+                return status.flags
+        raise self._not_ours(slot)
+
+    def booted(self) -> Slot:
+        return booted_mod.booted_slot(
+            [s.slot for s in self.slots()],
+            kernel_cmdline=self._kernel_cmdline,
+            proc_root=self._proc_root,
+            sys_root=self._sys_root,
+            dev_root=self._dev_root,
+        )
+
+    def primary(self) -> Slot | None:
+        statuses = self.slots()
+        chosen = primary({s.slot.index: s.flags for s in statuses})
+        return next((s.slot for s in statuses if s.slot.index == chosen), None)
+
+    # -- the verbs: each is one locked read-modify-write of the GPT
+
+    def mark_good(self, slot: Slot) -> None:
+        self._apply("slot_marked_good", [slot], lambda before: mark_good(before, slot.index))
+
+    def mark_bad(self, slot: Slot) -> None:
+        self._apply("slot_marked_bad", [slot], lambda before: mark_bad(before, slot.index))
+
+    def make_primary(self, slot: Slot) -> None:
+        self._apply("slot_made_primary", [slot], lambda before: make_primary(before, slot.index))
+
+    def set_flags(self, new: Mapping[Slot, SlotFlags]) -> None:
+        """Write exactly these flags (other attribute bits and other slots untouched)."""
+        wanted = {slot.index: f for slot, f in new.items()}
+        self._apply("slot_flags_set", list(new), lambda before: {**before, **wanted})
+
+    def _apply(
+        self,
+        event: str,
+        targets: Sequence[Slot],
+        decide: Callable[[dict[int, SlotFlags]], dict[int, SlotFlags]],
+    ) -> None:
+        written: dict[str, str] = {}
+
+        def attributes(table: gpt.GptTable) -> dict[int, int]:
+            statuses = self._statuses(table)
+            for target in targets:
+                if not any(_same(s.slot, target) for s in statuses):
+                    raise self._not_ours(target)
+            before = {s.slot.index: s.flags for s in statuses}
+            delta = changed(before, decide(before))
+            labels = {s.slot.index: s.slot.label for s in statuses}
+            written.update({labels[i]: _flags_text(f) for i, f in delta.items()})
+            return {i: encode_flags(table.entry(i).attributes, f) for i, f in delta.items()}
+
+        gpt.update_attributes(self.disk, attributes)
+        log.info(event, disk=str(self.disk), slots=[t.label for t in targets], changed=written)
+
+    def _not_ours(self, slot: Slot) -> DiskError:
+        return DiskError(
+            "slot_not_found",
+            f"{self.disk}: slot {slot.label} (partition {slot.index}, {slot.part_uuid}) "
+            "is not one of this disk's slots",
+            hint="the disk was repartitioned? restart the agent",
+        )
+
+
+def _same(a: Slot, b: Slot) -> bool:
+    return a.index == b.index and a.part_uuid == b.part_uuid
+
+
+def _flags_text(f: SlotFlags) -> str:
+    return f"priority={f.priority} tries={f.tries} successful={int(f.successful)}"

@@ -1,0 +1,1 @@
+"""When a reboot may happen: strategies, maintenance windows, cluster locks."""

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Make this checkout runnable: the system tools the agent and its tests use
+# (installed with apt-get when missing and we are root) and a virtualenv with
+# the Python dependencies. Idempotent and quick when everything is in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+# command -> Debian package that provides it
+declare -A tools=(
+  [sfdisk]=fdisk [cgpt]=cgpt [sgdisk]=gdisk [gpg]=gnupg [gpgconf]=gnupg
+  [zstd]=zstd [xz]=xz-utils [curl]=curl [openssl]=openssl
+  [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [losetup]=mount [partx]=util-linux
+  [pkg-config]=pkg-config [dbus-daemon]=dbus [mformat]=mtools
+)
+missing=()
+for cmd in "${!tools[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 \
+    || missing+=("${tools[$cmd]}")
+done
+# systemd-python builds against libsystemd
+pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
+if ((${#missing[@]})); then
+  pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "bootstrap: installing system packages: $pkgs" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null || apt-get update
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+  else
+    echo "bootstrap: missing system packages (install them as root): $pkgs" >&2
+  fi
+fi
+
+stamp="$VENV/.installed-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -e "$stamp" ]; then
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  "$VENV/bin/python" -m pip install -q -e '.[test]'
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+fi

@@ -1,0 +1,248 @@
+"""``updatectl``: the command line. Parses arguments, calls the composition root,
+prints results (``--json`` for machines), and maps errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+from updater import compose, config, release
+from updater.clock import SystemClock
+from updater.errors import ConfigError, UpdaterError
+from updater.install import WriteResult
+from updater.log import configure
+from updater.manifest import Compression, format_time
+from updater.progress import TerminalProgress, human
+from updater.update import CheckResult, StatusReport, as_dict
+
+
+def _emit_json(out: TextIO, doc: Any) -> None:
+    out.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+
+
+def _check_doc(result: CheckResult) -> dict[str, Any]:
+    m = result.manifest
+    return {
+        "update_available": result.update_available,
+        "staged": result.staged,
+        "booted": result.booted.label,
+        "booted_version": result.booted_version,
+        "target": result.target.label,
+        "version": m.version,
+        "channel": m.channel,
+        "expires": format_time(m.expires),
+        "size": m.image.size,
+        "raw_size": m.image.raw_size,
+        "compression": m.image.compression.value,
+    }
+
+
+def cmd_check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    bar = TerminalProgress(sys.stderr) if args.install and sys.stderr.isatty() else None
+    up = compose.updater(cfg, progress=bar, need_source=True)
+    result = up.check()
+    written: WriteResult | None = None
+    if args.install:
+        written = up.install(result)
+        if bar is not None:
+            bar.finish()
+    if args.json:
+        doc = _check_doc(result)
+        if args.install:
+            doc["installed"] = written is not None
+            if written is not None:
+                doc["seconds"] = round(written.seconds, 3)
+        _emit_json(out, doc)
+        return 0
+    m = result.manifest
+    if not result.update_available:
+        out.write(f"Up to date: {result.booted_version} is the newest on {m.channel}.\n")
+    elif result.staged:
+        out.write(f"{m.version} is already installed in {result.target.label}: reboot to apply.\n")
+    elif written is not None:
+        rate = written.raw_size / max(written.seconds, 1e-6)
+        out.write(
+            f"Installed {m.version} into {result.target.label} "
+            f"({human(written.raw_size)} in {written.seconds:.1f}s, {human(rate)}/s); "
+            "it boots next, on trial: reboot to apply.\n"
+        )
+    else:
+        out.write(
+            f"Update available: {m.version} (booted: {result.booted_version or 'unknown'}), "
+            f"{human(m.image.size)} to download. Run `updatectl check --install`.\n"
+        )
+    return 0
+
+
+_STATE_TEXT = {
+    "idle": "idle",
+    "installing": "installing an update",
+    "install_interrupted": "an install was interrupted (the next check restarts it)",
+    "update_staged": "update staged: reboot to apply",
+    "trial_boot": "trial boot: run `updatectl mark-good` once the system is healthy",
+}
+
+
+def _print_status(r: StatusReport, out: TextIO) -> None:
+    out.write(f"State:          {_STATE_TEXT[r.state]}\n")
+    out.write(f"Booted:         {r.booted} (version {r.booted_version or 'unknown'})\n")
+    out.write(f"Next boot:      {r.primary or 'none: no slot is bootable!'}\n")
+    if r.highest_version:
+        out.write(f"Highest seen:   {r.highest_version}\n")
+    out.write("Slots:\n")
+    out.write("  LABEL   PRIO TRIES GOOD  VERSION      CONDITION\n")
+    for s in r.slots:
+        marks = " ".join(m for m, on in (("booted", s.booted), ("next", s.primary)) if on)
+        out.write(
+            f"  {s.label:7} {s.flags.priority:4} {s.flags.tries:5} "
+            f"{'yes' if s.flags.successful else 'no':5} {s.version or '-':12} "
+            f"{s.condition or '-':10} {marks}\n"
+        )
+
+
+def cmd_status(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    report = compose.updater(cfg).status()
+    if args.json:
+        _emit_json(out, as_dict(report))
+    else:
+        _print_status(report, out)
+    return 0
+
+
+def cmd_mark_good(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    slot = compose.updater(cfg).mark_good()
+    if args.json:
+        _emit_json(out, {"marked_good": slot.label})
+    else:
+        out.write(f"Marked {slot.label} good: it keeps booting.\n")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    slot = compose.updater(cfg).rollback()
+    if args.json:
+        _emit_json(out, {"next_boot": slot.label})
+    else:
+        out.write(f"{slot.label} boots next, on trial: reboot to roll back.\n")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace, cfg: config.Config | None, out: TextIO) -> int:
+    passphrase = None
+    if args.passphrase_file is not None:
+        try:
+            passphrase = args.passphrase_file.read_text().rstrip("\n")
+        except OSError as exc:
+            raise ConfigError(
+                "unreadable", exc.strerror or str(exc), file=str(args.passphrase_file)
+            ) from None
+    published = release.publish(
+        release.ReleaseRequest(
+            image=args.image,
+            version=args.version,
+            repo=args.repo,
+            gnupghome=args.gnupghome,
+            key_id=args.key,
+            channel=args.channel,
+            compression=Compression(args.compression),
+            expires_in=timedelta(days=args.expires_days),
+            passphrase=passphrase,
+        ),
+        SystemClock().now(),
+    )
+    m = published.manifest
+    if args.json:
+        _emit_json(
+            out,
+            {
+                "version": m.version,
+                "channel": m.channel,
+                "manifest": str(published.manifest_path),
+                "signature": str(published.signature_path),
+                "image": str(published.image_path),
+                "size": m.image.size,
+                "raw_size": m.image.raw_size,
+                "expires": format_time(m.expires),
+            },
+        )
+    else:
+        out.write(
+            f"Published {m.version} on {m.channel}: {published.image_path} "
+            f"({human(m.image.size)}, {m.image.compression.value}, raw {human(m.image.raw_size)}),"
+            f" expires {format_time(m.expires)}\n"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="updatectl", description="A/B OS updates: check, install, inspect, publish."
+    )
+    p.add_argument("--config", type=Path, help="read this one TOML file instead of the drop-ins")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[..., int], help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--json", action="store_true", help="print JSON")
+        sp.set_defaults(func=func)
+        return sp
+
+    c = add("check", cmd_check, "ask the release repository for a newer, signed version")
+    c.add_argument("--install", action="store_true", help="install it into the other slot")
+    add("status", cmd_status, "show the slots, versions and the update state")
+    add("mark-good", cmd_mark_good, "declare the booted slot healthy so it keeps booting")
+    add("rollback", cmd_rollback, "boot the other slot next, if it holds a verified install")
+    r = add("release", cmd_release, "publish a signed release into a repository directory")
+    r.add_argument("--image", type=Path, required=True, help="the raw image file")
+    r.add_argument("--version", required=True, help="release version (UAPI format)")
+    r.add_argument("--repo", type=Path, required=True, help="repository directory")
+    r.add_argument("--channel", default="stable")
+    r.add_argument("--gnupghome", type=Path, required=True, help="GnuPG home with the key")
+    r.add_argument("--key", required=True, help="signing key id or fingerprint")
+    r.add_argument("--compression", choices=[c.value for c in Compression], default="zstd")
+    r.add_argument(
+        "--expires-days",
+        type=float,
+        default=30.0,
+        help="days until the manifest expires (default 30)",
+    )
+    r.add_argument("--passphrase-file", type=Path, help="file holding the key's passphrase")
+    return p
+
+
+def _report(exc: UpdaterError, as_json: bool, out: TextIO, err: TextIO) -> None:
+    if as_json:
+        _emit_json(out, {"error": exc.as_dict()})
+    err.write(f"updatectl: {exc.category} error ({exc.kind}): {exc.message}\n")
+    if exc.hint:
+        err.write(f"hint: {exc.hint}\n")
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = build_parser().parse_args(argv)
+    configure({0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG), stream=err)
+    try:
+        cfg = None if args.command == "release" else config.load(args.config)
+        code: int = args.func(args, cfg, out)
+        return code
+    except UpdaterError as exc:
+        _report(exc, args.json, out, err)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        err.write("updatectl: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Configuration: TOML fragments -> merged inputs -> validated, frozen settings.
+
+Drop-ins are read from ``/usr/lib/updater/config.d/`` (vendor),
+``/run/updater/config.d/`` (runtime) and ``/etc/updater/config.d/`` (admin).
+A file name in a later directory masks the same name in an earlier one; the
+surviving files are merged in file-name order, later keys winning (systemd's
+drop-in rules). ``--config FILE`` reads that one file instead.
+
+Unknown keys are logged and ignored rather than fatal: the agent updates
+itself, so after a fallback to an older slot an older agent must still start
+with a configuration written for a newer one.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from updater.errors import ConfigError
+from updater.manifest import valid_channel
+
+log = structlog.get_logger(__name__)
+
+DROPIN_DIRS = (
+    Path("/usr/lib/updater/config.d"),
+    Path("/run/updater/config.d"),
+    Path("/etc/updater/config.d"),
+)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    url: str | None = None  # release repository base URL (http, https, file)
+    channel: str = "stable"
+    keyring: tuple[Path, ...] = ()  # public key files; none configured = error at check time
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    retries: int = 3  # urllib3 retries for connection errors and 5xx
+    resume_attempts: int = 5  # Range resumes after a dropped download
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    device: Path | None = None  # None: the disk holding the booted root
+    slots: tuple[str, str] = ("USR-A", "USR-B")
+    kernel_cmdline: Path = Path("/proc/cmdline")
+    backend: str = "gpt-prio"
+
+
+@dataclass(frozen=True)
+class InstallConfig:
+    readback: bool = True  # re-read and hash the slot before making it bootable
+    chunk_size: int = 1024 * 1024  # bytes per read/write
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path = Path("/var/lib/updater")
+    os_release: Path = Path("/usr/lib/os-release")
+    reboot_sentinel: Path | None = Path("/run/reboot-required")
+
+
+@dataclass(frozen=True)
+class Config:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    install: InstallConfig = field(default_factory=InstallConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    files: tuple[Path, ...] = ()  # where it came from, in merge order
+
+
+# --- fragments -> merged ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Value:
+    value: Any
+    file: str
+
+
+def dropin_files(dirs: Sequence[Path] = DROPIN_DIRS) -> list[Path]:
+    by_name: dict[str, Path] = {}
+    for d in dirs:
+        try:
+            entries = sorted(d.iterdir())
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError("unreadable", exc.strerror or str(exc), file=str(d)) from None
+        for p in entries:
+            if p.suffix == ".toml" and not p.name.startswith("."):
+                by_name[p.name] = p
+    return [by_name[name] for name in sorted(by_name)]
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("unreadable", exc.strerror or str(exc), file=str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("syntax", "not UTF-8 text", file=str(path)) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("syntax", f"invalid TOML: {exc}", file=str(path)) from None
+
+
+def merge(files: Sequence[Path]) -> dict[str, dict[str, _Value]]:
+    merged: dict[str, dict[str, _Value]] = {}
+    for path in files:
+        doc = _read(path)
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(
+                    "invalid", "top-level keys must be [sections]", file=str(path), key=section
+                )
+            dest = merged.setdefault(section, {})
+            for key, value in table.items():
+                dest[key] = _Value(value, str(path))
+    return merged
+
+
+# --- merged -> validated -----------------------------------------------------
+
+
+class _Section:
+    """Typed accessors over one merged section; errors name file and key."""
+
+    def __init__(self, name: str, values: Mapping[str, _Value]) -> None:
+        self.name = name
+        self.values = dict(values)
+        self.used: set[str] = set()
+
+    def _get(self, key: str) -> _Value | None:
+        self.used.add(key)
+        return self.values.get(key)
+
+    def error(self, key: str, message: str, hint: str | None = None) -> ConfigError:
+        v = self.values.get(key)
+        return ConfigError(
+            "invalid", message, file=v.file if v else None, key=f"{self.name}.{key}", hint=hint
+        )
+
+    def str_(self, key: str, default: str | None) -> str | None:
+        v = self._get(key)
+        if v is None:
+            return default
+        if not isinstance(v.value, str):
+            raise self.error(key, "must be a string")
+        return v.value
+
+    def path(self, key: str, default: Path | None, *, allow_empty: bool = False) -> Path | None:
+        s = self.str_(key, None)
+        if s is None:
+            return default
+        if s == "" and allow_empty:
+            return None
+        if not s.startswith("/"):
+            raise self.error(key, f"must be an absolute path, not {s!r}")
+        return Path(s)
+
+    def bool_(self, key: str, default: bool) -> bool:
+        v = self._get(key)
+        if v is None:
+            return default
+        if not isinstance(v.value, bool):
+            raise self.error(key, "must be true or false")
+        return v.value
+
+    def number(self, key: str, default: float, *, minimum: float, maximum: float) -> float:
+        v = self._get(key)
+        if v is None:
+            return default
+        if isinstance(v.value, bool) or not isinstance(v.value, int | float):
+            raise self.error(key, "must be a number")
+        if not minimum <= v.value <= maximum:
+            raise self.error(key, f"must be between {minimum} and {maximum}")
+        return float(v.value)
+
+    def int_(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
+        v = self._get(key)
+        if v is None:
+            return default
+        if isinstance(v.value, bool) or not isinstance(v.value, int):
+            raise self.error(key, "must be an integer")
+        if not minimum <= v.value <= maximum:
+            raise self.error(key, f"must be between {minimum} and {maximum}")
+        return v.value
+
+    def str_list(self, key: str, default: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        v = self._get(key)
+        if v is None:
+            return default
+        value = [v.value] if isinstance(v.value, str) else v.value
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise self.error(key, "must be a string or a list of strings")
+        return tuple(value)
+
+    def warn_unknown(self) -> None:
+        for key in sorted(set(self.values) - self.used):
+            log.warning("config_key_unknown", file=self.values[key].file, key=f"{self.name}.{key}")
+
+
+def _source(s: _Section) -> SourceConfig:
+    d = SourceConfig()
+    url = s.str_("url", d.url)
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https", "file") or (
+            parts.scheme != "file" and not parts.netloc
+        ):
+            raise s.error("url", f"{url!r} is not an http://, https:// or file:// URL")
+    channel = s.str_("channel", d.channel) or d.channel
+    if not valid_channel(channel):
+        raise s.error("channel", f"invalid channel name {channel!r}")
+    keyring_strs = s.str_list("keyring", None)
+    keyring: tuple[Path, ...] = d.keyring
+    if keyring_strs is not None:
+        for k in keyring_strs:
+            if not k.startswith("/"):
+                raise s.error("keyring", f"must be absolute paths, not {k!r}")
+        keyring = tuple(Path(k) for k in keyring_strs)
+    return SourceConfig(
+        url=url,
+        channel=channel,
+        keyring=keyring,
+        connect_timeout_s=s.number(
+            "connect_timeout_s", d.connect_timeout_s, minimum=0.1, maximum=600
+        ),
+        read_timeout_s=s.number("read_timeout_s", d.read_timeout_s, minimum=0.1, maximum=3600),
+        retries=s.int_("retries", d.retries, minimum=0, maximum=20),
+        resume_attempts=s.int_("resume_attempts", d.resume_attempts, minimum=0, maximum=100),
+    )
+
+
+def _disk(s: _Section) -> DiskConfig:
+    d = DiskConfig()
+    labels = s.str_list("slots", d.slots) or d.slots
+    if len(labels) != 2 or labels[0] == labels[1] or not all(labels):
+        raise s.error("slots", "must name exactly two different partition labels")
+    backend = s.str_("backend", d.backend) or d.backend
+    if backend != "gpt-prio":
+        raise s.error("backend", f"unknown backend {backend!r}", hint="supported: gpt-prio")
+    return DiskConfig(
+        device=s.path("device", d.device),
+        slots=(labels[0], labels[1]),
+        kernel_cmdline=s.path("kernel_cmdline", d.kernel_cmdline) or d.kernel_cmdline,
+        backend=backend,
+    )
+
+
+def _install(s: _Section) -> InstallConfig:
+    d = InstallConfig()
+    chunk = s.int_("chunk_size", d.chunk_size, minimum=64 * 1024, maximum=64 * 1024 * 1024)
+    if chunk % 4096:
+        raise s.error("chunk_size", "must be a multiple of 4096")
+    return InstallConfig(readback=s.bool_("readback", d.readback), chunk_size=chunk)
+
+
+def _agent(s: _Section) -> AgentConfig:
+    d = AgentConfig()
+    return AgentConfig(
+        state_dir=s.path("state_dir", d.state_dir) or d.state_dir,
+        os_release=s.path("os_release", d.os_release) or d.os_release,
+        reboot_sentinel=s.path("reboot_sentinel", d.reboot_sentinel, allow_empty=True),
+    )
+
+
+_SECTIONS = {"source": _source, "disk": _disk, "install": _install, "agent": _agent}
+
+
+def validate(merged: Mapping[str, Mapping[str, _Value]], files: Sequence[Path]) -> Config:
+    parts: dict[str, Any] = {}
+    for name, build in _SECTIONS.items():
+        section = _Section(name, merged.get(name, {}))
+        parts[name] = build(section)
+        section.warn_unknown()
+    for name in sorted(set(merged) - set(_SECTIONS)):
+        files_of = sorted({v.file for v in merged[name].values()})
+        log.warning("config_section_unknown", section=name, files=files_of)
+    return Config(files=tuple(files), **parts)
+
+
+def load(config_file: Path | None = None, dirs: Sequence[Path] = DROPIN_DIRS) -> Config:
+    """Load ``config_file`` alone, or the merged drop-ins."""
+    if config_file is not None:
+        if not config_file.exists():
+            raise ConfigError("missing", "no such file", file=str(config_file))
+        files = [config_file]
+    else:
+        files = dropin_files(dirs)
+    return validate(merge(files), files)

@@ -1,0 +1,150 @@
+"""The one error hierarchy.
+
+Every error the agent raises on purpose is an :class:`UpdaterError`. Its
+*category* (the class) says whose fault it is and picks the process exit code;
+its ``kind`` is a short, bounded, machine-readable string used for exit codes,
+D-Bus error names, metric labels and event reports. Callers branch on the type
+and the kind, never on the message.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes of ``updatectl`` (documented in the README)."""
+
+    OK = 0
+    INTERNAL = 1
+    USAGE = 2
+    CONFIG = 3
+    VERIFICATION = 4
+    DOWNLOAD = 5
+    DISK = 6
+    REFUSED = 7
+    STATE = 8
+
+
+class UpdaterError(Exception):
+    """Base of every deliberate error. ``kind`` is bounded per category."""
+
+    exit_code: ClassVar[ExitCode] = ExitCode.INTERNAL
+    kinds: ClassVar[frozenset[str]] = frozenset({"internal"})
+
+    def __init__(self, kind: str, message: str, *, hint: str | None = None) -> None:
+        if kind not in self.kinds:
+            raise ValueError(f"{type(self).__name__} has no kind {kind!r}")
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if self.hint is None else f"{self.message} (hint: {self.hint})"
+
+    def as_dict(self) -> dict[str, str]:
+        out = {"category": self.category, "kind": self.kind, "message": self.message}
+        if self.hint is not None:
+            out["hint"] = self.hint
+        return out
+
+    @property
+    def category(self) -> str:
+        return self.exit_code.name.lower()
+
+
+class ConfigError(UpdaterError):
+    """The configuration is missing, unparsable or invalid (the admin's fault)."""
+
+    exit_code = ExitCode.CONFIG
+    kinds = frozenset({"unreadable", "syntax", "invalid", "missing"})
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        file: str | None = None,
+        key: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        where = ":".join(p for p in (file, key) if p)
+        super().__init__(kind, f"{where}: {message}" if where else message, hint=hint)
+        self.file = file
+        self.key = key
+
+
+class VerificationError(UpdaterError):
+    """What the repository served is not trustworthy (the server's fault)."""
+
+    exit_code = ExitCode.VERIFICATION
+    kinds = frozenset(
+        {
+            "no_keyring",  # no key configured, or the keyring holds no key
+            "signature_missing",
+            "signature_invalid",  # bad signature or made by a key we do not trust
+            "manifest_malformed",
+            "manifest_too_large",
+            "expired",
+            "older_than_booted",  # a replayed or rolled-back channel
+            "below_highest_accepted",  # lower than the highest version ever accepted
+            "channel_mismatch",
+            "image_too_large",  # raw_size beyond the slot
+            "size_mismatch",
+            "hash_mismatch",
+            "decompress_failed",
+        }
+    )
+
+
+class DownloadError(UpdaterError):
+    """The transport failed (network, HTTP status, timeouts, endless data)."""
+
+    exit_code = ExitCode.DOWNLOAD
+    kinds = frozenset({"connection", "timeout", "http_status", "too_much_data", "unsupported_url"})
+
+    def __init__(
+        self, kind: str, message: str, *, status: int | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(kind, message, hint=hint)
+        self.status = status
+
+
+class DiskError(UpdaterError):
+    """The disk, its partition table or a slot is not usable."""
+
+    exit_code = ExitCode.DISK
+    kinds = frozenset(
+        {"gpt_invalid", "slot_not_found", "booted_unknown", "io", "not_a_disk", "readback_mismatch"}
+    )
+
+
+class RefusedError(UpdaterError):
+    """A request that is well-formed but not allowed in the current state."""
+
+    exit_code = ExitCode.REFUSED
+    kinds = frozenset({"rollback_refused", "booted_not_good", "busy"})
+
+
+class StateError(UpdaterError):
+    """The persisted agent state cannot be read or written."""
+
+    exit_code = ExitCode.STATE
+    kinds = frozenset({"unwritable", "newer_schema"})
+
+
+class CommandError(UpdaterError):
+    """An external tool failed; callers usually re-raise it in their own category."""
+
+    exit_code = ExitCode.INTERNAL
+    kinds = frozenset({"command_failed", "command_missing", "command_timeout"})
+
+    def __init__(
+        self, kind: str, message: str, *, argv: list[str], returncode: int | None, stderr: str = ""
+    ) -> None:
+        super().__init__(kind, message)
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr

@@ -1,0 +1,48 @@
+"""One updater at a time per host: an advisory flock on ``<state_dir>/lock``."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from updater.errors import RefusedError, StateError
+
+
+@contextlib.contextmanager
+def exclusive(state_dir: Path) -> Iterator[None]:
+    """Hold the host's update lock, or raise RefusedError(busy) at once."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StateError("unwritable", f"{state_dir}/lock: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RefusedError(
+                "busy",
+                "another update is running on this host",
+                hint="wait for it, or see `updatectl status`",
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def is_held(state_dir: Path) -> bool:
+    """True when another process holds the update lock right now."""
+    try:
+        fd = os.open(state_dir / "lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -1,0 +1,168 @@
+"""The release manifest (schema 1): parsing and serialising, no I/O.
+
+Parsing happens only after the signature over the exact bytes was verified;
+it is strict (unknown compression, missing or mistyped fields, bad hashes are
+all ``manifest_malformed``) but ignores unknown top-level keys, so a newer
+publisher can add fields without breaking older agents.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from updater import versions
+from updater.errors import VerificationError
+
+SCHEMA = 1
+MAX_MANIFEST_BYTES = 64 * 1024
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Compression(enum.StrEnum):
+    ZSTD = "zstd"
+    XZ = "xz"
+    GZIP = "gzip"
+    NONE = "none"
+
+    @property
+    def suffix(self) -> str:
+        return {"zstd": ".zst", "xz": ".xz", "gzip": ".gz", "none": ""}[self.value]
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    url: str  # relative to the manifest's URL, or absolute
+    size: int  # bytes as downloaded
+    sha256: str  # of the bytes as downloaded
+    compression: Compression
+    raw_size: int  # bytes after decompression, written to the slot
+    raw_sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    channel: str
+    version: str
+    created: datetime
+    expires: datetime
+    image: ImageRef
+    schema: int = SCHEMA
+
+
+def valid_channel(channel: str) -> bool:
+    return _CHANNEL_RE.fullmatch(channel) is not None
+
+
+def format_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _bad(message: str) -> VerificationError:
+    return VerificationError(
+        "manifest_malformed", f"manifest: {message}", hint="the publisher must fix the release"
+    )
+
+
+def _field(obj: dict[str, Any], key: str, typ: type, where: str = "") -> Any:
+    if key not in obj:
+        raise _bad(f"missing field {where}{key}")
+    value = obj[key]
+    # bool is an int in Python; a JSON true is never a valid size
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise _bad(f"field {where}{key} must be {typ.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _time(obj: dict[str, Any], key: str) -> datetime:
+    text = _field(obj, key, str)
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise _bad(f"field {key} is not an ISO 8601 time: {text!r}") from None
+    if t.tzinfo is None:
+        raise _bad(f"field {key} has no time zone: {text!r}")
+    return t.astimezone(UTC)
+
+
+def _size(obj: dict[str, Any], key: str) -> int:
+    value: int = _field(obj, key, int, "image.")
+    if value <= 0:
+        raise _bad(f"field image.{key} must be positive")
+    return value
+
+
+def _sha(obj: dict[str, Any], key: str) -> str:
+    value: str = _field(obj, key, str, "image.")
+    if not _SHA256_RE.fullmatch(value):
+        raise _bad(f"field image.{key} is not a lowercase hex SHA-256")
+    return value
+
+
+def parse(data: bytes) -> Manifest:
+    """Parse verified manifest bytes; raises VerificationError(manifest_malformed)."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise _bad("top level must be an object")
+    schema = _field(obj, "schema", int)
+    if schema != SCHEMA:
+        raise _bad(f"schema {schema} is not supported (this agent reads schema {SCHEMA})")
+    channel = _field(obj, "channel", str)
+    if not valid_channel(channel):
+        raise _bad(f"invalid channel {channel!r}")
+    version = _field(obj, "version", str)
+    if not versions.is_valid(version):
+        raise _bad(f"invalid version {version!r}")
+    image = _field(obj, "image", dict)
+    url = _field(image, "url", str, "image.")
+    if not url or any(c.isspace() for c in url):
+        raise _bad("field image.url is empty or contains white space")
+    try:
+        compression = Compression(_field(image, "compression", str, "image."))
+    except ValueError:
+        raise _bad(f"unknown compression {image['compression']!r}") from None
+    ref = ImageRef(
+        url=url,
+        size=_size(image, "size"),
+        sha256=_sha(image, "sha256"),
+        compression=compression,
+        raw_size=_size(image, "raw_size"),
+        raw_sha256=_sha(image, "raw_sha256"),
+    )
+    if compression is Compression.NONE and (ref.size, ref.sha256) != (ref.raw_size, ref.raw_sha256):
+        raise _bad("an uncompressed image must have size == raw_size and sha256 == raw_sha256")
+    return Manifest(
+        schema=schema,
+        channel=channel,
+        version=version,
+        created=_time(obj, "created"),
+        expires=_time(obj, "expires"),
+        image=ref,
+    )
+
+
+def serialize(m: Manifest) -> bytes:
+    doc = {
+        "schema": m.schema,
+        "channel": m.channel,
+        "version": m.version,
+        "created": format_time(m.created),
+        "expires": format_time(m.expires),
+        "image": {
+            "url": m.image.url,
+            "size": m.image.size,
+            "sha256": m.image.sha256,
+            "compression": m.image.compression.value,
+            "raw_size": m.image.raw_size,
+            "raw_sha256": m.image.raw_sha256,
+        },
+    }
+    return (json.dumps(doc, indent=2) + "\n").encode()

@@ -1,0 +1,33 @@
+"""The booted image's version from os-release(5), when the agent has no record."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+
+def parse(text: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        try:
+            words = shlex.split(value)
+        except ValueError:
+            continue
+        fields[key.strip()] = words[0] if words else ""
+    return fields
+
+
+def image_version(path: Path) -> str | None:
+    """IMAGE_VERSION, else VERSION_ID, else None (also when the file is missing)."""
+    try:
+        fields = parse(path.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return None
+    for key in ("IMAGE_VERSION", "VERSION_ID"):
+        if fields.get(key):
+            return fields[key]
+    return None

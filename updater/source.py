@@ -1,0 +1,118 @@
+"""The static release repository: ``<repo>/<channel>/release.json`` + ``.asc``.
+
+Polls are conditional (If-None-Match with the ETag of the last answer, the
+body kept in a small cache), so an idle fleet costs the server 304s. The
+cached bytes are verified again on every check, exactly like fresh ones: the
+expiry must be re-evaluated against the clock each time (freeze attack).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urljoin, urlsplit
+
+import structlog
+
+from updater.errors import DownloadError, VerificationError
+from updater.fsutil import atomic_write
+from updater.manifest import MAX_MANIFEST_BYTES, Manifest
+from updater.transport import Transport
+
+log = structlog.get_logger(__name__)
+
+MAX_SIGNATURE_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class SignedDocument:
+    url: str
+    body: bytes
+    signature: bytes | None  # None: the server has no signature file
+
+
+class UpdateSource(Protocol):
+    def fetch(self) -> SignedDocument: ...
+
+    def image_url(self, manifest: Manifest) -> str: ...
+
+
+class HttpCache:
+    """ETag + body of small documents, one file per URL, written atomically."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, url: str) -> Path:
+        return self.directory / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".json")
+
+    def get(self, url: str) -> tuple[str, bytes] | None:
+        try:
+            doc = json.loads(self._path(url).read_bytes())
+            if doc["url"] != url:
+                return None
+            return str(doc["etag"]), base64.b64decode(doc["body"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put(self, url: str, etag: str | None, body: bytes) -> None:
+        path = self._path(url)
+        if etag is None:
+            path.unlink(missing_ok=True)
+            return
+        doc = {"url": url, "etag": etag, "body": base64.b64encode(body).decode()}
+        atomic_write(path, json.dumps(doc).encode(), mode=0o600)
+
+
+class StaticSource:
+    def __init__(
+        self, base_url: str, channel: str, transport: Transport, cache: HttpCache | None = None
+    ) -> None:
+        self.manifest_url = base_url.rstrip("/") + f"/{channel}/release.json"
+        self.signature_url = self.manifest_url + ".asc"
+        self._transport = transport
+        self._cache = cache
+
+    def _get(self, url: str, max_bytes: int) -> bytes:
+        cached = self._cache.get(url) if self._cache else None
+        result = self._transport.get(url, max_bytes=max_bytes, etag=cached[0] if cached else None)
+        if result.body is None:
+            assert cached is not None
+            log.debug("not_modified", url=url)
+            return cached[1]
+        if self._cache is not None:
+            self._cache.put(url, result.etag, result.body)
+        return result.body
+
+    def fetch(self) -> SignedDocument:
+        try:
+            body = self._get(self.manifest_url, MAX_MANIFEST_BYTES)
+        except DownloadError as exc:
+            if exc.kind == "too_much_data":
+                raise VerificationError(
+                    "manifest_too_large",
+                    f"{self.manifest_url} is larger than {MAX_MANIFEST_BYTES} bytes",
+                ) from None
+            raise
+        try:
+            signature: bytes | None = self._get(self.signature_url, MAX_SIGNATURE_BYTES)
+        except DownloadError as exc:
+            if exc.status not in (404, 410):
+                raise
+            signature = None
+        return SignedDocument(self.manifest_url, body, signature)
+
+    def image_url(self, manifest: Manifest) -> str:
+        url = urljoin(self.manifest_url, manifest.image.url)
+        web = {"http", "https"}
+        ours, theirs = urlsplit(self.manifest_url).scheme, urlsplit(url).scheme
+        if not (ours == theirs or {ours, theirs} <= web):
+            raise VerificationError(
+                "manifest_malformed",
+                f"image URL {url} leaves the repository's scheme ({ours})",
+            )
+        return url

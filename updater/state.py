@@ -1,0 +1,193 @@
+"""The agent's persisted state under ``state_dir`` (schema-versioned JSON).
+
+Written atomically. A file that cannot be parsed or fails validation is moved
+aside (``state.json.corrupt-<time>``) and never trusted; a file with a newer
+schema is refused, not misread (a rolled-back, older agent must not clobber
+what a newer one wrote). Every older schema stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import structlog
+
+from updater import versions
+from updater.errors import StateError
+from updater.fsutil import atomic_write
+
+log = structlog.get_logger(__name__)
+
+SCHEMA = 1
+STATE_FILE = "state.json"
+
+SlotCondition = Literal["installing", "installed", "good", "bad"]
+_CONDITIONS: frozenset[str] = frozenset({"installing", "installed", "good", "bad"})
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    """What this agent knows of a slot's contents, keyed by partition UUID."""
+
+    label: str
+    condition: SlotCondition  # installing: half written; installed: verified, not yet booted
+    version: str | None = None
+    raw_size: int | None = None
+    raw_sha256: str | None = None
+    updated: str = ""  # ISO 8601 UTC
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A step under way; if it is still here at start, it was interrupted."""
+
+    step: Literal["installing"]
+    part_uuid: str
+    version: str
+    started: str
+
+
+@dataclass(frozen=True)
+class State:
+    highest_version: str | None = None  # highest version this host ever accepted
+    slots: Mapping[str, SlotRecord] = field(default_factory=dict)
+    pending: Pending | None = None
+
+    def with_slot(self, part_uuid: str, record: SlotRecord) -> State:
+        return replace(self, slots={**self.slots, part_uuid: record})
+
+    def accept(self, version: str) -> State:
+        if self.highest_version is None or versions.compare(version, self.highest_version) > 0:
+            return replace(self, highest_version=version)
+        return self
+
+
+def now_iso(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise _Invalid(f"{key} must be a string")
+    return value
+
+
+def _from_json(doc: Any) -> State:
+    if not isinstance(doc, dict):
+        raise _Invalid("top level must be an object")
+    schema = doc.get("schema")
+    if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+        raise _Invalid("missing or invalid schema")
+    if schema > SCHEMA:
+        raise StateError(
+            "newer_schema",
+            f"the state file has schema {schema}; this agent reads up to {SCHEMA}",
+            hint="a newer agent wrote it; boot the newer slot or move the file away",
+        )
+    slots: dict[str, SlotRecord] = {}
+    raw_slots = doc.get("slots", {})
+    if not isinstance(raw_slots, dict):
+        raise _Invalid("slots must be an object")
+    for uuid, rec in raw_slots.items():
+        if not isinstance(rec, dict):
+            raise _Invalid(f"slot {uuid} must be an object")
+        condition = rec.get("condition")
+        label = rec.get("label")
+        if condition not in _CONDITIONS or not isinstance(label, str):
+            raise _Invalid(f"slot {uuid}: bad label or condition")
+        raw_size = rec.get("raw_size")
+        if raw_size is not None and (not isinstance(raw_size, int) or isinstance(raw_size, bool)):
+            raise _Invalid(f"slot {uuid}: raw_size must be an integer")
+        slots[uuid] = SlotRecord(
+            label=label,
+            condition=cast(SlotCondition, condition),
+            version=_opt_str(rec, "version"),
+            raw_size=raw_size,
+            raw_sha256=_opt_str(rec, "raw_sha256"),
+            updated=_opt_str(rec, "updated") or "",
+        )
+    pending = None
+    raw_pending = doc.get("pending")
+    if raw_pending is not None:
+        if not isinstance(raw_pending, dict) or raw_pending.get("step") != "installing":
+            raise _Invalid("pending must be an object with a known step")
+        part_uuid, version = raw_pending.get("part_uuid"), raw_pending.get("version")
+        if not isinstance(part_uuid, str) or not isinstance(version, str):
+            raise _Invalid("pending needs part_uuid and version")
+        pending = Pending("installing", part_uuid, version, _opt_str(raw_pending, "started") or "")
+    return State(highest_version=_opt_str(doc, "highest_version"), slots=slots, pending=pending)
+
+
+def _to_json(state: State) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "highest_version": state.highest_version,
+        "slots": {
+            uuid: {
+                "label": r.label,
+                "condition": r.condition,
+                "version": r.version,
+                "raw_size": r.raw_size,
+                "raw_sha256": r.raw_sha256,
+                "updated": r.updated,
+            }
+            for uuid, r in sorted(state.slots.items())
+        },
+        "pending": None
+        if state.pending is None
+        else {
+            "step": state.pending.step,
+            "part_uuid": state.pending.part_uuid,
+            "version": state.pending.version,
+            "started": state.pending.started,
+        },
+    }
+
+
+class StateStore:
+    """Loads and saves :class:`State` as ``<state_dir>/state.json``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.path = state_dir / STATE_FILE
+
+    def load(self) -> State:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return State()
+        except OSError as exc:
+            raise StateError("unwritable", f"{self.path}: {exc.strerror}") from None
+        try:
+            return _from_json(json.loads(data))
+        except (ValueError, _Invalid) as exc:
+            aside = self.path.with_name(
+                f"{STATE_FILE}.corrupt-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
+            )
+            os.replace(self.path, aside)
+            log.error(
+                "state_corrupt_set_aside", path=str(self.path), moved_to=str(aside), error=str(exc)
+            )
+            return State()
+
+    def save(self, state: State) -> None:
+        data = (json.dumps(_to_json(state), indent=2) + "\n").encode()
+        try:
+            atomic_write(self.path, data, mode=0o644)
+        except OSError as exc:
+            raise StateError(
+                "unwritable",
+                f"cannot write {self.path}: {exc.strerror}",
+                hint="check that [agent] state_dir exists and is writable",
+            ) from None

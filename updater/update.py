@@ -1,0 +1,392 @@
+"""Check, install, status, mark-good and rollback: the thin shell around the rules.
+
+Decisions (which version is booted, whether an update is staged, whether a
+rollback is allowed, what state the host is in) are pure functions at the top
+of this module; the :class:`Updater` only gathers facts through its ports and
+carries the decisions out in a crash-safe order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import structlog
+
+from partitions.bootcontrol import BootControl, Slot, SlotFlags, SlotStatus
+from updater import download, osrelease
+from updater.clock import Clock
+from updater.errors import DiskError, RefusedError, UpdaterError
+from updater.fsutil import atomic_write
+from updater.gpg import SignatureChecker
+from updater.install import ProgressFn, WriteResult, write_image
+from updater.lock import exclusive, is_held
+from updater.manifest import Manifest
+from updater.slotio import SlotDevice
+from updater.source import UpdateSource
+from updater.state import Pending, SlotRecord, State, StateStore, now_iso
+from updater.transport import Transport
+from updater.verify import Expectations, is_newer, verify_manifest
+
+log = structlog.get_logger(__name__)
+
+HostState = Literal["idle", "installing", "install_interrupted", "update_staged", "trial_boot"]
+
+# --- pure decisions ----------------------------------------------------------
+
+
+def slot_version(
+    state: State, slot: Slot, booted: Slot, os_release_version: str | None
+) -> str | None:
+    """What a slot holds: our record of it, else (booted slot only) os-release."""
+    rec = state.slots.get(str(slot.part_uuid))
+    if rec is not None and rec.condition in ("installed", "good") and rec.version:
+        return rec.version
+    if slot.part_uuid == booted.part_uuid:
+        return os_release_version
+    return None
+
+
+def is_staged(state: State, target: SlotStatus, primary: Slot | None, version: str) -> bool:
+    """The target already holds ``version``, verified, and boots next."""
+    rec = state.slots.get(str(target.slot.part_uuid))
+    return (
+        rec is not None
+        and rec.condition == "installed"
+        and rec.version == version
+        and primary is not None
+        and primary.part_uuid == target.slot.part_uuid
+        and target.flags.bootable
+    )
+
+
+def host_state(state: State, booted: SlotStatus, primary: Slot | None, busy: bool) -> HostState:
+    if busy:
+        return "installing"
+    if state.pending is not None:
+        return "install_interrupted"
+    if not booted.flags.successful:
+        return "trial_boot"
+    if primary is not None and primary.part_uuid != booted.slot.part_uuid:
+        return "update_staged"
+    return "idle"
+
+
+def rollback_refusal(
+    record: SlotRecord | None, other: SlotStatus, primary: Slot | None
+) -> str | None:
+    """Why the other slot may not become the next boot, or None if it may."""
+    if record is None:
+        return "this agent has no record of what the other slot holds"
+    if record.condition not in ("installed", "good"):
+        return f"the other slot is {record.condition}, not a complete, verified install"
+    if primary is not None and primary.part_uuid == other.slot.part_uuid:
+        return "the other slot already boots next"
+    return None
+
+
+# --- results -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    booted: Slot
+    booted_version: str | None
+    target: Slot
+    manifest: Manifest
+    update_available: bool
+    staged: bool  # already installed into the target and boots next
+
+
+@dataclass(frozen=True)
+class SlotReport:
+    label: str
+    index: int
+    part_uuid: str
+    flags: SlotFlags
+    version: str | None
+    condition: str | None
+    booted: bool
+    primary: bool
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    state: HostState
+    booted: str
+    booted_version: str | None
+    primary: str | None
+    slots: tuple[SlotReport, ...]
+    highest_version: str | None
+    pending_version: str | None
+
+
+class Updater:
+    def __init__(
+        self,
+        *,
+        boot: BootControl,
+        store: StateStore,
+        clock: Clock,
+        os_release: Path,
+        channel: str = "stable",
+        source: UpdateSource | None = None,
+        verifier: SignatureChecker | None = None,
+        transport: Transport | None = None,
+        open_slot: Callable[[Slot], SlotDevice] | None = None,
+        readback: bool = True,
+        chunk_size: int = 1024 * 1024,
+        resume_attempts: int = 5,
+        reboot_sentinel: Path | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.boot = boot
+        self.store = store
+        self.clock = clock
+        self.os_release = os_release
+        self.channel = channel
+        self.source = source
+        self.verifier = verifier
+        self.transport = transport
+        self.open_slot = open_slot or (lambda s: SlotDevice(s.disk, s.offset, s.size))
+        self.readback = readback
+        self.chunk_size = chunk_size
+        self.resume_attempts = resume_attempts
+        self.reboot_sentinel = reboot_sentinel
+        self.progress = progress
+
+    # -- facts
+
+    def _slots(self) -> tuple[SlotStatus, SlotStatus]:
+        slots = self.boot.slots()
+        booted = self.boot.booted()
+        mine = [s for s in slots if s.slot.part_uuid == booted.part_uuid]
+        other = [s for s in slots if s.slot.part_uuid != booted.part_uuid]
+        if len(mine) != 1 or len(other) != 1:
+            raise DiskError("booted_unknown", "the booted partition is not one of the two slots")
+        return mine[0], other[0]
+
+    def _booted_version(self, state: State, booted: Slot) -> str | None:
+        return slot_version(state, booted, booted, osrelease.image_version(self.os_release))
+
+    # -- verbs
+
+    def check(self) -> CheckResult:
+        """Fetch and verify the channel's manifest; no slot or state changes."""
+        if self.source is None or self.verifier is None:
+            raise RuntimeError("check needs a source and a verifier")
+        booted, target = self._slots()
+        state = self.store.load()
+        booted_version = self._booted_version(state, booted.slot)
+        doc = self.source.fetch()
+        verdict = None if doc.signature is None else self.verifier.verify(doc.body, doc.signature)
+        manifest = verify_manifest(
+            doc.body,
+            doc.signature,
+            verdict,
+            Expectations(
+                channel=self.channel,
+                booted_version=booted_version,
+                highest_accepted=state.highest_version,
+                slot_size=target.slot.size,
+                now=self.clock.now(),
+            ),
+        )
+        available = is_newer(manifest, booted_version)
+        staged = available and is_staged(state, target, self.boot.primary(), manifest.version)
+        log.info(
+            "update_checked",
+            version=manifest.version,
+            booted_version=booted_version,
+            available=available,
+            staged=staged,
+        )
+        return CheckResult(booted.slot, booted_version, target.slot, manifest, available, staged)
+
+    def install(self, check: CheckResult) -> WriteResult | None:
+        """Install a checked update into the other slot; None if there is nothing to do."""
+        if self.source is None or self.transport is None:
+            raise RuntimeError("install needs a source and a transport")
+        if not check.update_available or check.staged:
+            return None
+        with exclusive(self.store.state_dir):
+            booted, target = self._slots()
+            if not booted.flags.successful:
+                raise RefusedError(
+                    "booted_not_good",
+                    f"the booted slot {booted.slot.label} is on a trial boot; installing now "
+                    "would overwrite the only known-good slot",
+                    hint="run `updatectl mark-good` once the system is healthy",
+                )
+            return self._install_locked(check.manifest, booted, target)
+
+    def _install_locked(self, m: Manifest, booted: SlotStatus, target: SlotStatus) -> WriteResult:
+        slot = target.slot
+        uuid = str(slot.part_uuid)
+        url = self.source.image_url(m) if self.source else m.image.url
+        now = now_iso(self.clock.now())
+        log.info("install_started", version=m.version, slot=slot.label, url=url)
+
+        # 1. From here on a crash must never leave the target bootable.
+        self.boot.mark_bad(slot)
+        state = self.store.load()
+        booted_uuid = str(booted.slot.part_uuid)
+        if booted_uuid not in state.slots:
+            # Remember what the known-good slot holds, so a rollback to it is allowed.
+            state = state.with_slot(
+                booted_uuid,
+                SlotRecord(
+                    booted.slot.label, "good", self._booted_version(state, booted.slot), updated=now
+                ),
+            )
+        state = state.accept(m.version).with_slot(
+            uuid, SlotRecord(slot.label, "installing", m.version, updated=now)
+        )
+        state = replace(state, pending=Pending("installing", uuid, m.version, now))
+        self.store.save(state)
+
+        # 2-5. Stream, hash, decompress, hash, write, fsync, compare, read back.
+        assert self.transport is not None
+        try:
+            with self.open_slot(slot) as device:
+                result = write_image(
+                    download.stream(
+                        self.transport,
+                        url,
+                        size=m.image.size,
+                        chunk_size=self.chunk_size,
+                        resume_attempts=self.resume_attempts,
+                    ),
+                    m.image,
+                    device,
+                    chunk_size=self.chunk_size,
+                    readback=self.readback,
+                    progress=self.progress,
+                )
+        except UpdaterError as exc:
+            log.error(
+                "install_failed",
+                version=m.version,
+                slot=slot.label,
+                error_kind=exc.kind,
+                error=exc.message,
+            )
+            self.store.save(replace(self.store.load(), pending=None))
+            raise
+
+        # 6. Only now may the target boot: once, on trial.
+        self.boot.make_primary(slot)
+        state = self.store.load().with_slot(
+            uuid,
+            SlotRecord(
+                slot.label,
+                "installed",
+                m.version,
+                result.raw_size,
+                result.raw_sha256,
+                now_iso(self.clock.now()),
+            ),
+        )
+        self.store.save(replace(state, pending=None))
+        if self.reboot_sentinel is not None:
+            with contextlib.suppress(OSError):
+                atomic_write(self.reboot_sentinel, b"")
+        log.info(
+            "update_staged", version=m.version, slot=slot.label, seconds=round(result.seconds, 3)
+        )
+        return result
+
+    def status(self) -> StatusReport:
+        booted, _other = self._slots()
+        state = self.store.load()
+        primary = self.boot.primary()
+        osr = osrelease.image_version(self.os_release)
+        reports = []
+        for st in self.boot.slots():
+            rec = state.slots.get(str(st.slot.part_uuid))
+            reports.append(
+                SlotReport(
+                    label=st.slot.label,
+                    index=st.slot.index,
+                    part_uuid=str(st.slot.part_uuid),
+                    flags=st.flags,
+                    version=slot_version(state, st.slot, booted.slot, osr),
+                    condition=rec.condition if rec else None,
+                    booted=st.slot.part_uuid == booted.slot.part_uuid,
+                    primary=primary is not None and st.slot.part_uuid == primary.part_uuid,
+                )
+            )
+        return StatusReport(
+            state=host_state(state, booted, primary, is_held(self.store.state_dir)),
+            booted=booted.slot.label,
+            booted_version=slot_version(state, booted.slot, booted.slot, osr),
+            primary=primary.label if primary else None,
+            slots=tuple(reports),
+            highest_version=state.highest_version,
+            pending_version=state.pending.version if state.pending else None,
+        )
+
+    def mark_good(self) -> Slot:
+        """The booted slot is healthy: keep booting it."""
+        with exclusive(self.store.state_dir):
+            booted, _ = self._slots()
+            self.boot.mark_good(booted.slot)
+            state = self.store.load()
+            uuid = str(booted.slot.part_uuid)
+            rec = state.slots.get(uuid)
+            version = self._booted_version(state, booted.slot)
+            if rec is None:
+                rec = SlotRecord(booted.slot.label, "good", version)
+            self.store.save(
+                state.with_slot(
+                    uuid, replace(rec, condition="good", updated=now_iso(self.clock.now()))
+                )
+            )
+            log.info("marked_good", slot=booted.slot.label, version=version)
+            return booted.slot
+
+    def rollback(self) -> Slot:
+        """Make the other slot the next boot, if it holds a complete, verified install."""
+        with exclusive(self.store.state_dir):
+            _, other = self._slots()
+            state = self.store.load()
+            rec = state.slots.get(str(other.slot.part_uuid))
+            why = rollback_refusal(rec, other, self.boot.primary())
+            if why is None and rec is not None and rec.raw_sha256 and rec.raw_size:
+                with self.open_slot(other.slot) as device:
+                    if device.hash(rec.raw_size, self.chunk_size) != rec.raw_sha256:
+                        why = "the other slot's bytes no longer match what was installed"
+            if why is not None:
+                raise RefusedError("rollback_refused", f"rollback refused: {why}")
+            self.boot.make_primary(other.slot)
+            log.info("rollback_staged", slot=other.slot.label, version=rec.version if rec else None)
+            return other.slot
+
+
+def as_dict(report: StatusReport) -> Mapping[str, object]:
+    return {
+        "state": report.state,
+        "booted": report.booted,
+        "booted_version": report.booted_version,
+        "primary": report.primary,
+        "highest_version": report.highest_version,
+        "pending_version": report.pending_version,
+        "slots": [
+            {
+                "label": s.label,
+                "index": s.index,
+                "part_uuid": s.part_uuid,
+                "priority": s.flags.priority,
+                "tries": s.flags.tries,
+                "successful": s.flags.successful,
+                "version": s.version,
+                "condition": s.condition,
+                "booted": s.booted,
+                "primary": s.primary,
+            }
+            for s in report.slots
+        ],
+    }
