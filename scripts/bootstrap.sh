@@ -39,7 +39,7 @@ stamp="$VENV/.installed-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -e "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  "$VENV/bin/python" -m pip install -q -e '.[test]'
+  "$VENV/bin/python" -m pip install -q --config-settings editable_mode=compat -e '.[test]'
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

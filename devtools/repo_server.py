@@ -1,0 +1,255 @@
+"""A static HTTP server for a release repository, on loopback, for tests,
+the demo and the benchmarks (not part of the agent).
+
+It honours Range and If-Range (Python's http.server does not), answers
+conditional GETs with ETags, sends files with sendfile(2) so it is never the
+bottleneck of a benchmark, records every request, and can misbehave on
+purpose per path (:class:`Fault`) to play a hostile or broken server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote, urlsplit
+
+
+@dataclass
+class Fault:
+    """How to misbehave when serving one path."""
+
+    flip_byte_at: int | None = None  # XOR 0xFF into the byte at this file offset
+    extra_bytes: int = 0  # append garbage after the file (Content-Length omitted)
+    drop_after: int | None = None  # close the connection after this many body bytes
+    drop_times: int = 1  # ... on this many requests (then serve normally)
+    stall_after: int | None = None  # stop sending (keep the socket open) after this many
+    stall_s: float = 30.0
+    ignore_range: bool = False  # answer 200 with the whole file to a Range request
+    status: int | None = None  # answer with this status and no body
+    body: bytes | None = None  # serve these bytes instead of the file
+    delay_s: float = 0.0  # wait before answering
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    status: int
+    sent: int  # body bytes sent
+
+
+@dataclass
+class _Shared:
+    root: Path
+    faults: dict[str, Fault] = field(default_factory=dict)
+    requests: list[Request] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closing: threading.Event = field(default_factory=threading.Event)
+
+
+def etag_of(st: os.stat_result) -> str:
+    return (
+        '"'
+        + hashlib.sha1(f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()[:20]
+        + '"'
+    )
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _record(self, status: int, sent: int) -> None:
+        with self.server.shared.lock:
+            self.server.shared.requests.append(
+                Request(self.command, self.path, dict(self.headers.items()), status, sent)
+            )
+
+    def _simple(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self._record(status, 0)
+
+    def do_GET(self) -> None:
+        shared = self.server.shared
+        path = unquote(urlsplit(self.path).path)
+        fault = shared.faults.get(path, Fault())
+        if fault.delay_s:
+            time.sleep(fault.delay_s)
+        if fault.status is not None:
+            self._simple(fault.status)
+            return
+        target = (shared.root / path.lstrip("/")).resolve()
+        if shared.root.resolve() not in target.parents or not target.is_file():
+            self._simple(404)
+            return
+        with target.open("rb") as fh:
+            st = os.fstat(fh.fileno())
+            etag = etag_of(st)
+            data_override = fault.body
+            size = len(data_override) if data_override is not None else st.st_size
+            if self.headers.get("If-None-Match") == etag:
+                self.send_response(304)
+                self.send_header("ETag", etag)
+                self.end_headers()
+                self._record(304, 0)
+                return
+            start, status = 0, 200
+            rng = self.headers.get("Range")
+            if rng and not fault.ignore_range and rng.startswith("bytes=") and rng.endswith("-"):
+                if_range = self.headers.get("If-Range")
+                if if_range is None or if_range == etag:
+                    start = int(rng[6:-1])
+                    status = 206
+                    if start >= size:
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{size}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        self._record(416, 0)
+                        return
+            self.send_response(status)
+            self.send_header("ETag", etag)
+            self.send_header("Accept-Ranges", "bytes")
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+            if fault.extra_bytes:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(size - start))
+            self.end_headers()
+            sent = self._body(fh, fault, start, size, data_override)
+            self._record(status, sent)
+
+    def _body(
+        self, fh: BinaryIO, fault: Fault, start: int, size: int, override: bytes | None
+    ) -> int:
+        shared = self.server.shared
+        simple = (
+            override is None
+            and fault.flip_byte_at is None
+            and fault.drop_after is None
+            and fault.stall_after is None
+            and not fault.extra_bytes
+        )
+        if simple:
+            sent: int = self.connection.sendfile(fh, offset=start, count=size - start)
+            return sent
+        fh.seek(0)
+        data = override if override is not None else fh.read()
+        if fault.flip_byte_at is not None and fault.flip_byte_at < len(data):
+            b = bytearray(data)
+            b[fault.flip_byte_at] ^= 0xFF
+            data = bytes(b)
+        body = data[start:] + b"\xa5" * fault.extra_bytes
+        limit = len(body)
+        drop = False
+        if fault.drop_after is not None and fault.drop_times > 0:
+            with shared.lock:
+                fault.drop_times -= 1
+            limit = max(0, fault.drop_after - start)
+            drop = True
+        stall = fault.stall_after is not None
+        if stall:
+            limit = max(0, (fault.stall_after or 0) - start)
+        sent = 0
+        view = memoryview(body)[: min(limit, len(body))]
+        try:
+            while sent < len(view):
+                sent += self.connection.send(view[sent : sent + 65536])
+            if stall:
+                shared.closing.wait(fault.stall_s)
+            if drop or stall:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            self.close_connection = True
+        return sent
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    shared: _Shared
+
+
+class RepoServer:
+    """``with RepoServer(root) as srv: srv.url`` — serves ``root`` on 127.0.0.1:<free port>."""
+
+    def __init__(self, root: Path) -> None:
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.shared = _Shared(root)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def requests(self) -> list[Request]:
+        with self._server.shared.lock:
+            return list(self._server.shared.requests)
+
+    def fault(self, path: str, fault: Fault) -> None:
+        self._server.shared.faults[path] = fault
+
+    def clear_faults(self) -> None:
+        self._server.shared.faults.clear()
+
+    def start(self) -> RepoServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shared.closing.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> RepoServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def serving(root: Path) -> Iterator[RepoServer]:
+    with RepoServer(root) as srv:
+        yield srv
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="serve a release repository on loopback")
+    p.add_argument("root", type=Path)
+    p.add_argument("--port-file", type=Path, help="write the URL here once listening")
+    args = p.parse_args()
+    with RepoServer(args.root) as srv:
+        if args.port_file:
+            args.port_file.write_text(srv.url + "\n")
+        print(srv.url, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
