@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
+import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from devtools.diskimage import DEFAULT_LABELS, DiskLayout, PartitionSpec, make_disk_image
+from devtools.fsimage import make_usr_image
+from devtools.gpgkeys import SigningKey, create_key, kill_agents
+from devtools.host import Host, provision
+from devtools.repo_server import RepoServer
+from updater import cli
+from updater.clock import SystemClock
+from updater.gpg import sign_detached
+from updater.manifest import Compression
+from updater.release import Published, ReleaseRequest, publish
 
 SLOT_SIZE = 4 * 1024 * 1024  # bytes; images are sparse, so size costs nothing
 
@@ -43,3 +57,141 @@ def make_image(tmp_path: Path) -> MakeImage:
 def slot_image(make_image: MakeImage) -> DiskLayout:
     """An image with USR-A (partition 1) and USR-B (partition 2)."""
     return make_image()
+
+
+# ---- releases, repositories and simulated hosts ---------------------------------------------
+
+
+HOST_SLOT_SIZE = 16 * 1024 * 1024
+USR_IMAGE_SIZE = 8 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def release_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
+    home = tmp_path_factory.mktemp("gpg-release")
+    try:
+        yield create_key(home, "updater release <release@localhost>")
+    finally:
+        kill_agents(home)
+
+
+@pytest.fixture(scope="session")
+def rogue_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
+    """A well-formed key that no host trusts."""
+    home = tmp_path_factory.mktemp("gpg-rogue")
+    try:
+        yield create_key(home, "mallory <mallory@localhost>")
+    finally:
+        kill_agents(home)
+
+
+@pytest.fixture(scope="session")
+def usr_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("usr-images")
+    return {
+        v: make_usr_image(d / f"usr-{v}.img", v, size=USR_IMAGE_SIZE, payload=2 * 1024 * 1024)
+        for v in ("1.0.0", "1.1.0", "1.2.0")
+    }
+
+
+@dataclass
+class Repo:
+    root: Path
+    server: RepoServer
+    key: SigningKey
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def publish(
+        self,
+        version: str,
+        image: Path,
+        *,
+        compression: Compression = Compression.ZSTD,
+        channel: str = "stable",
+        key: SigningKey | None = None,
+        expires_in: timedelta = timedelta(days=30),
+    ) -> Published:
+        k = key or self.key
+        return publish(
+            ReleaseRequest(
+                image=image,
+                version=version,
+                repo=self.root,
+                gnupghome=k.gnupghome,
+                key_id=k.fingerprint,
+                channel=channel,
+                compression=compression,
+                expires_in=expires_in,
+            ),
+            SystemClock().now(),
+        )
+
+    def manifest_path(self, channel: str = "stable") -> Path:
+        return self.root / channel / "release.json"
+
+    def manifest(self, channel: str = "stable") -> dict[str, object]:
+        doc: dict[str, object] = json.loads(self.manifest_path(channel).read_bytes())
+        return doc
+
+    def sign_manifest(
+        self, body: bytes, channel: str = "stable", key: SigningKey | None = None
+    ) -> None:
+        """Replace the channel's manifest with ``body``, validly signed (by ``key``)."""
+        k = key or self.key
+        path = self.manifest_path(channel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+        sign_detached(
+            path, path.with_name("release.json.asc"), gnupghome=k.gnupghome, key_id=k.fingerprint
+        )
+
+    def image_path(self, channel: str = "stable") -> str:
+        """The URL path of the channel's current image, as the server sees it."""
+        image = self.manifest(channel)["image"]
+        assert isinstance(image, dict)
+        return "/" + str(Path(channel, str(image["url"]))).replace(f"{channel}/../", "")
+
+
+@pytest.fixture
+def repo(tmp_path: Path, release_key: SigningKey) -> Iterator[Repo]:
+    root = tmp_path / "repo"
+    root.mkdir()
+    with RepoServer(root) as server:
+        yield Repo(root, server, release_key)
+
+
+@pytest.fixture
+def host(tmp_path: Path, usr_images: dict[str, Path], repo: Repo, release_key: SigningKey) -> Host:
+    """A host booted from USR-A with 1.0.0 that follows ``repo``'s stable channel."""
+    return provision(
+        tmp_path / "host",
+        slot_size=HOST_SLOT_SIZE,
+        first_image=usr_images["1.0.0"],
+        first_version="1.0.0",
+        repo_url=repo.url,
+        keyring=release_key.public_key,
+    )
+
+
+@dataclass(frozen=True)
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> dict[str, object]:
+        doc: dict[str, object] = json.loads(self.out)
+        return doc
+
+
+def updatectl(host: Host | None, *args: str) -> CliResult:
+    """Run updatectl in-process against ``host``'s config."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--config", str(host.config), *args] if host is not None else list(args)
+    with contextlib.suppress(SystemExit):
+        code = cli.main(argv, out=out, err=err)
+        return CliResult(code, out.getvalue(), err.getvalue())
+    return CliResult(2, out.getvalue(), err.getvalue())
