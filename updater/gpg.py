@@ -107,7 +107,10 @@ def sign_detached(
 ) -> None:
     """Write an armored detached signature of ``data_path`` (publisher side)."""
     gpg = gnupg.GPG(gpgbinary=gpg_binary, gnupghome=str(gnupghome))
-    extra = ["--pinentry-mode", "loopback"] if passphrase is not None else None
+    # --local-user: an unknown key is an error, never a silent fallback to the default key
+    extra = ["--local-user", key_id]
+    if passphrase is not None:
+        extra += ["--pinentry-mode", "loopback"]
     with data_path.open("rb") as fh:
         result = gpg.sign_file(
             fh,
@@ -118,7 +121,10 @@ def sign_detached(
             binary=False,
             extra_args=extra,
         )
-    if not result.data:
+    made_by = (result.fingerprint or "").upper()
+    hex_id = key_id.upper().removeprefix("0X")
+    wrong_key = all(c in "0123456789ABCDEF" for c in hex_id) and not made_by.endswith(hex_id)
+    if not result.data or wrong_key:
         raise VerificationError(
             "signature_invalid",
             f"gpg could not sign with key {key_id}: {result.status or result.stderr.strip()}",

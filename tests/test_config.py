@@ -1,0 +1,135 @@
+"""Configuration: drop-in merging, validation into frozen dataclasses, errors
+that name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from updater import config
+from updater.errors import ConfigError
+
+
+def dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    out = (tmp_path / "usr", tmp_path / "run", tmp_path / "etc")
+    for d in out:
+        d.mkdir()
+    return out
+
+
+def test_defaults_without_any_file(tmp_path: Path) -> None:
+    cfg = config.load(dirs=dirs(tmp_path))
+    assert cfg.source.url is None and cfg.source.channel == "stable"
+    assert cfg.source.keyring == ()
+    assert cfg.disk.slots == ("USR-A", "USR-B")
+    assert cfg.disk.kernel_cmdline == Path("/proc/cmdline")
+    assert cfg.agent.state_dir == Path("/var/lib/updater")
+    assert cfg.install.readback is True
+    assert cfg.files == ()
+
+
+def test_dropins_merge_in_name_order_and_etc_masks_usr(tmp_path: Path) -> None:
+    usr, run, etc = dirs(tmp_path)
+    (usr / "10-vendor.toml").write_text(
+        '[source]\nurl = "https://vendor/repo"\nchannel = "stable"\nkeyring = "/usr/k.asc"\n'
+    )
+    (usr / "50-site.toml").write_text('[source]\nchannel = "vendor-beta"\n')
+    (etc / "50-site.toml").write_text('[source]\nchannel = "beta"\n')  # masks usr/50-site
+    (run / "60-runtime.toml").write_text("[install]\nreadback = false\n")
+    (etc / "90-local.toml").write_text('[disk]\ndevice = "/dev/vda"\n')
+    (etc / "ignored.conf").write_text("not toml")
+    cfg = config.load(dirs=(usr, run, etc))
+    assert cfg.source.url == "https://vendor/repo"
+    assert cfg.source.channel == "beta"
+    assert cfg.source.keyring == (Path("/usr/k.asc"),)
+    assert cfg.install.readback is False
+    assert cfg.disk.device == Path("/dev/vda")
+    assert [p.name for p in cfg.files] == [
+        "10-vendor.toml", "50-site.toml", "60-runtime.toml", "90-local.toml"]
+    assert cfg.files[1].parent == etc
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    cfg = config.load(dirs=dirs(tmp_path))
+    with pytest.raises(AttributeError):
+        cfg.source.channel = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "kind"),
+    [
+        ('[source]\nurl = "ftp://x/y"\n', "source.url", "invalid"),
+        ('[source]\nurl = "http:///nohost"\n', "source.url", "invalid"),
+        ("[source]\nurl = 5\n", "source.url", "invalid"),
+        ('[source]\nchannel = "a/b"\n', "source.channel", "invalid"),
+        ('[source]\nkeyring = "relative.asc"\n', "source.keyring", "invalid"),
+        ("[source]\nkeyring = [1]\n", "source.keyring", "invalid"),
+        ("[source]\nread_timeout_s = 0\n", "source.read_timeout_s", "invalid"),
+        ("[source]\nretries = true\n", "source.retries", "invalid"),
+        ('[disk]\nslots = ["A"]\n', "disk.slots", "invalid"),
+        ('[disk]\nslots = ["A", "A"]\n', "disk.slots", "invalid"),
+        ('[disk]\nbackend = "uboot"\n', "disk.backend", "invalid"),
+        ('[disk]\ndevice = "sda"\n', "disk.device", "invalid"),
+        ('[install]\nreadback = "yes"\n', "install.readback", "invalid"),
+        ("[install]\nchunk_size = 100000\n", "install.chunk_size", "invalid"),
+        ('[agent]\nstate_dir = "var/lib"\n', "agent.state_dir", "invalid"),
+        ("source = 1\n", "source", "invalid"),
+    ],
+)
+def test_invalid_values_name_file_and_key(tmp_path: Path, text: str, key: str,
+                                          kind: str) -> None:
+    usr, run, etc = dirs(tmp_path)
+    (etc / "50-bad.toml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        config.load(dirs=(usr, run, etc))
+    assert err.value.kind == kind
+    assert err.value.key == key
+    assert err.value.file == str(etc / "50-bad.toml")
+    assert str(etc / "50-bad.toml") in str(err.value) and key in str(err.value)
+
+
+def test_error_names_the_file_that_set_the_key(tmp_path: Path) -> None:
+    usr, run, etc = dirs(tmp_path)
+    (usr / "10-a.toml").write_text('[source]\nchannel = "ok"\n')
+    (etc / "20-b.toml").write_text('[source]\nchannel = "not ok"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(dirs=(usr, run, etc))
+    assert err.value.file == str(etc / "20-b.toml")
+
+
+def test_syntax_error(tmp_path: Path) -> None:
+    usr, run, etc = dirs(tmp_path)
+    (run / "10-broken.toml").write_text("[source\nurl=")
+    with pytest.raises(ConfigError) as err:
+        config.load(dirs=(usr, run, etc))
+    assert err.value.kind == "syntax" and err.value.file == str(run / "10-broken.toml")
+
+
+def test_unknown_keys_warn_but_do_not_fail(tmp_path: Path) -> None:
+    """An older agent (after a fallback) must start with a newer agent's config."""
+    usr, run, etc = dirs(tmp_path)
+    (etc / "10.toml").write_text('[source]\nfuture_key = 1\n[reboot]\nstrategy = "lock"\n')
+    with capture_logs() as logs:
+        cfg = config.load(dirs=(usr, run, etc))
+    assert cfg.source.channel == "stable"
+    events = {(e["event"], e.get("key", e.get("section"))) for e in logs}
+    assert ("config_key_unknown", "source.future_key") in events
+    assert ("config_section_unknown", "reboot") in events
+
+
+def test_single_config_file(tmp_path: Path) -> None:
+    f = tmp_path / "one.toml"
+    f.write_text('[source]\nurl = "file:///srv/repo"\n[disk]\nslots = ["ROOT-A", "ROOT-B"]\n')
+    cfg = config.load(f)
+    assert cfg.source.url == "file:///srv/repo" and cfg.disk.slots == ("ROOT-A", "ROOT-B")
+    with pytest.raises(ConfigError) as err:
+        config.load(tmp_path / "missing.toml")
+    assert err.value.kind == "missing"
+
+
+def test_empty_reboot_sentinel_disables_it(tmp_path: Path) -> None:
+    f = tmp_path / "one.toml"
+    f.write_text('[agent]\nreboot_sentinel = ""\n')
+    assert config.load(f).agent.reboot_sentinel is None

@@ -1,0 +1,76 @@
+"""The persisted state: atomic writes, corrupt files set aside, schemas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from updater.errors import StateError
+from updater.state import Pending, SlotRecord, State, StateStore
+
+
+def test_missing_file_is_a_fresh_state(tmp_path: Path) -> None:
+    assert StateStore(tmp_path / "state").load() == State()
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    state = (
+        State()
+        .accept("1.1.0")
+        .with_slot("u-a", SlotRecord("USR-A", "good", "1.0.0", updated="t"))
+        .with_slot("u-b", SlotRecord("USR-B", "installed", "1.1.0", 4096, "ab" * 32, "t"))
+    )
+    state = State(state.highest_version, state.slots, Pending("installing", "u-b", "1.1.0", "t"))
+    store.save(state)
+    assert store.load() == state
+    doc = json.loads(store.path.read_text())
+    assert doc["schema"] == 1
+    assert [p.name for p in store.path.parent.iterdir()] == ["state.json"]  # no temp left
+
+
+def test_accept_only_raises(tmp_path: Path) -> None:
+    s = State().accept("1.2.0").accept("1.1.0").accept("1.10.0")
+    assert s.highest_version == "1.10.0"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{",
+        b"\x00\x01garbage",
+        b"[]",
+        b'{"schema": "1"}',
+        b'{"schema": 1, "slots": []}',
+        b'{"schema": 1, "slots": {"x": {"label": "A", "condition": "weird"}}}',
+        b'{"schema": 1, "pending": {"step": "rebooting"}}',
+        b'{"schema": 1, "highest_version": 3}',
+    ],
+)
+def test_corrupt_file_is_set_aside_never_trusted(tmp_path: Path, content: bytes) -> None:
+    store = StateStore(tmp_path)
+    store.path.write_bytes(content)
+    assert store.load() == State()
+    assert not store.path.exists()
+    aside = list(tmp_path.glob("state.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == content
+
+
+def test_newer_schema_is_refused_not_misread(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.path.write_text('{"schema": 2, "highest_version": "9.0"}')
+    with pytest.raises(StateError) as err:
+        store.load()
+    assert err.value.kind == "newer_schema"
+    assert store.path.exists()  # left for the newer agent
+
+
+def test_unwritable_state_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StateError) as err:
+        StateStore(blocker / "state").save(State())
+    assert err.value.kind == "unwritable"
