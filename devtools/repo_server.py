@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ class Fault:
     stall_s: float = 30.0
     ignore_range: bool = False  # answer 200 with the whole file to a Range request
     status: int | None = None  # answer with this status and no body
+    status_times: int | None = None  # ... only this many times (None: always)
     body: bytes | None = None  # serve these bytes instead of the file
     delay_s: float = 0.0  # wait before answering
 
@@ -91,7 +93,10 @@ class _Handler(BaseHTTPRequestHandler):
         fault = shared.faults.get(path, Fault())
         if fault.delay_s:
             time.sleep(fault.delay_s)
-        if fault.status is not None:
+        if fault.status is not None and (fault.status_times is None or fault.status_times > 0):
+            if fault.status_times is not None:
+                with shared.lock:
+                    fault.status_times -= 1
             self._simple(fault.status)
             return
         target = (shared.root / path.lstrip("/")).resolve()
@@ -192,9 +197,13 @@ class _Server(ThreadingHTTPServer):
 class RepoServer:
     """``with RepoServer(root) as srv: srv.url`` — serves ``root`` on 127.0.0.1:<free port>."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tls: ssl.SSLContext | None = None) -> None:
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.shared = _Shared(root)
+        self._scheme = "http"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            self._scheme = "https"
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -202,7 +211,7 @@ class RepoServer:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{self._scheme}://{host!s}:{port}"
 
     @property
     def requests(self) -> list[Request]:

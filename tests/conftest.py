@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import structlog
 
 from devtools.diskimage import DEFAULT_LABELS, DiskLayout, PartitionSpec, make_disk_image
 from devtools.fsimage import make_usr_image
@@ -33,6 +34,13 @@ MakeImage = Callable[..., DiskLayout]
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("root") is not None and os.geteuid() != 0:
         pytest.skip("needs root (loop devices)")
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """updatectl configures structlog per process; tests run many in one."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture

@@ -47,7 +47,11 @@ def test_dropins_merge_in_name_order_and_etc_masks_usr(tmp_path: Path) -> None:
     assert cfg.install.readback is False
     assert cfg.disk.device == Path("/dev/vda")
     assert [p.name for p in cfg.files] == [
-        "10-vendor.toml", "50-site.toml", "60-runtime.toml", "90-local.toml"]
+        "10-vendor.toml",
+        "50-site.toml",
+        "60-runtime.toml",
+        "90-local.toml",
+    ]
     assert cfg.files[1].parent == etc
 
 
@@ -78,8 +82,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ("source = 1\n", "source", "invalid"),
     ],
 )
-def test_invalid_values_name_file_and_key(tmp_path: Path, text: str, key: str,
-                                          kind: str) -> None:
+def test_invalid_values_name_file_and_key(tmp_path: Path, text: str, key: str, kind: str) -> None:
     usr, run, etc = dirs(tmp_path)
     (etc / "50-bad.toml").write_text(text)
     with pytest.raises(ConfigError) as err:

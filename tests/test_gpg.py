@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,9 @@ def test_other_key(tmp_path: Path, release_key: SigningKey, rogue_key: SigningKe
     assert not verdict.valid  # gpg has no public key for it in the private home
 
 
-def test_several_keys_any_may_sign(tmp_path: Path, release_key: SigningKey,
-                                   rogue_key: SigningKey) -> None:
+def test_several_keys_any_may_sign(
+    tmp_path: Path, release_key: SigningKey, rogue_key: SigningKey
+) -> None:
     sig = signed(tmp_path, rogue_key, b"hello")
     verifier = GnupgVerifier([release_key.public_key, rogue_key.public_key])
     verdict = verifier.verify(b"hello", sig)
@@ -68,13 +70,12 @@ def test_no_keyring_is_an_error(tmp_path: Path, release_key: SigningKey, case: s
     assert err.value.kind == "no_keyring"
 
 
-def test_private_home_is_removed(tmp_path: Path, release_key: SigningKey,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_private_home_is_removed(
+    tmp_path: Path, release_key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Nothing is left behind, and the user's own keyring is never consulted."""
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    import tempfile
-
     monkeypatch.setattr(tempfile, "tempdir", None)
     sig = signed(tmp_path, release_key, b"hello")
     GnupgVerifier([release_key.public_key]).verify(b"hello", sig)
@@ -85,5 +86,4 @@ def test_sign_with_unknown_key_fails(tmp_path: Path, release_key: SigningKey) ->
     src = tmp_path / "doc"
     src.write_bytes(b"x")
     with pytest.raises(VerificationError):
-        sign_detached(src, tmp_path / "doc.asc", gnupghome=release_key.gnupghome,
-                      key_id="0" * 40)
+        sign_detached(src, tmp_path / "doc.asc", gnupghome=release_key.gnupghome, key_id="0" * 40)

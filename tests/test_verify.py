@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -26,8 +26,14 @@ def doc(**over: Any) -> dict[str, Any]:
         "version": "1.1.0",
         "created": "2026-11-27T00:00:00Z",
         "expires": "2026-12-27T00:00:00Z",
-        "image": {"url": "../images/1.1.0/usr.img.zst", "size": 1000, "sha256": H1,
-                  "compression": "zstd", "raw_size": 4096, "raw_sha256": H2},
+        "image": {
+            "url": "../images/1.1.0/usr.img.zst",
+            "size": 1000,
+            "sha256": H1,
+            "compression": "zstd",
+            "raw_size": 4096,
+            "raw_sha256": H2,
+        },
     }
     image = over.pop("image", {})
     d.update(over)
@@ -39,10 +45,12 @@ def body(d: dict[str, Any]) -> bytes:
     return json.dumps(d).encode()
 
 
-GOOD = SignatureVerdict(valid=True, fingerprint=KEY, detail="signature valid",
-                        keyring=frozenset({KEY}))
-EXP = Expectations(channel="stable", booted_version="1.0.0", highest_accepted="1.0.0",
-                   slot_size=8192, now=NOW)
+GOOD = SignatureVerdict(
+    valid=True, fingerprint=KEY, detail="signature valid", keyring=frozenset({KEY})
+)
+EXP = Expectations(
+    channel="stable", booted_version="1.0.0", highest_accepted="1.0.0", slot_size=8192, now=NOW
+)
 
 
 def test_accepts_a_good_release() -> None:
@@ -64,8 +72,13 @@ def test_serialize_round_trips() -> None:
         (b" " * (64 * 1024 + 1), None, None, EXP, "manifest_too_large"),
         (body(doc()), None, None, EXP, "signature_missing"),
         (body(doc()), b"sig", replace(GOOD, keyring=frozenset()), EXP, "no_keyring"),
-        (body(doc()), b"sig", replace(GOOD, valid=False, detail="signature bad"), EXP,
-         "signature_invalid"),
+        (
+            body(doc()),
+            b"sig",
+            replace(GOOD, valid=False, detail="signature bad"),
+            EXP,
+            "signature_invalid",
+        ),
         (body(doc()), b"sig", replace(GOOD, fingerprint=OTHER), EXP, "signature_invalid"),
         (body(doc()), b"sig", replace(GOOD, fingerprint=None), EXP, "signature_invalid"),
         # fields are only read after the signature passed
@@ -93,13 +106,23 @@ def test_serialize_round_trips() -> None:
         (body(doc(channel="beta")), b"sig", GOOD, EXP, "channel_mismatch"),
         (body(doc(version="0.9.9")), b"sig", GOOD, EXP, "older_than_booted"),
         (body(doc(version="1.0.0~rc1")), b"sig", GOOD, EXP, "older_than_booted"),
-        (body(doc(version="1.1.0")), b"sig", GOOD, replace(EXP, highest_accepted="1.2.0"),
-         "below_highest_accepted"),
+        (
+            body(doc(version="1.1.0")),
+            b"sig",
+            GOOD,
+            replace(EXP, highest_accepted="1.2.0"),
+            "below_highest_accepted",
+        ),
         (body(doc(image={"raw_size": 8193})), b"sig", GOOD, EXP, "image_too_large"),
     ],
 )
-def test_refusals(data: bytes, signature: bytes | None, verdict: SignatureVerdict | None,
-                  exp: Expectations, kind: str) -> None:
+def test_refusals(
+    data: bytes,
+    signature: bytes | None,
+    verdict: SignatureVerdict | None,
+    exp: Expectations,
+    kind: str,
+) -> None:
     with pytest.raises(VerificationError) as err:
         verify_manifest(data, signature, verdict, exp)
     assert err.value.kind == kind
@@ -115,8 +138,7 @@ def test_refusals(data: bytes, signature: bytes | None, verdict: SignatureVerdic
         ("1.0.0", "1.2.0", "1.3.0", True),
     ],
 )
-def test_version_rules(booted: str | None, highest: str | None, version: str,
-                       newer: bool) -> None:
+def test_version_rules(booted: str | None, highest: str | None, version: str, newer: bool) -> None:
     exp = replace(EXP, booted_version=booted, highest_accepted=highest)
     m = verify_manifest(body(doc(version=version)), b"sig", GOOD, exp)
     assert is_newer(m, booted) is newer

@@ -30,7 +30,9 @@ def updater(
 ) -> Updater:
     src = config.source
     transport = SchemeTransport(
-        http=HttpTransport(HttpSettings(src.connect_timeout_s, src.read_timeout_s, src.retries))
+        http=HttpTransport(
+            HttpSettings(src.connect_timeout_s, src.read_timeout_s, src.retries, src.ca_file)
+        )
     )
     source = None
     if src.url is not None:

@@ -39,6 +39,7 @@ class SourceConfig:
     url: str | None = None  # release repository base URL (http, https, file)
     channel: str = "stable"
     keyring: tuple[Path, ...] = ()  # public key files; none configured = error at check time
+    ca_file: Path | None = None  # PEM bundle for https; None: the system's CA store
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0
     retries: int = 3  # urllib3 retries for connection errors and 5xx
@@ -231,6 +232,7 @@ def _source(s: _Section) -> SourceConfig:
         url=url,
         channel=channel,
         keyring=keyring,
+        ca_file=s.path("ca_file", d.ca_file),
         connect_timeout_s=s.number(
             "connect_timeout_s", d.connect_timeout_s, minimum=0.1, maximum=600
         ),

@@ -68,6 +68,7 @@ class HttpSettings:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0
     retries: int = 3  # connection errors and 5xx answers, with backoff
+    ca_file: Path | None = None  # trust these CAs for https instead of the system's
 
 
 def _http_error(url: str, status: int) -> DownloadError:
@@ -77,6 +78,12 @@ def _http_error(url: str, status: int) -> DownloadError:
 def _wrap(url: str, exc: BaseException) -> DownloadError:
     if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
         return DownloadError("timeout", f"{url}: timed out ({exc})")
+    if isinstance(exc, requests.exceptions.SSLError):
+        return DownloadError(
+            "connection",
+            f"{url}: TLS failed ({exc})",
+            hint="check [source] ca_file and the server's certificate",
+        )
     if isinstance(exc, requests.exceptions.RetryError):
         return DownloadError("http_status", f"{url}: gave up after retries ({exc})")
     return DownloadError("connection", f"{url}: {exc}")
@@ -117,6 +124,7 @@ class HttpTransport:
             total=self.settings.retries,
             connect=self.settings.retries,
             read=0,  # a read that fails mid-body is resumed by the downloader
+            other=0,  # e.g. a certificate that does not verify: retrying cannot help
             status=self.settings.retries,
             status_forcelist=(429, 500, 502, 503, 504),
             allowed_methods=frozenset({"GET"}),
@@ -136,10 +144,18 @@ class HttpTransport:
     def _timeout(self) -> tuple[float, float]:
         return (self.settings.connect_timeout_s, self.settings.read_timeout_s)
 
+    @property
+    def _verify(self) -> str | bool:
+        # Passed on every request: requests lets REQUESTS_CA_BUNDLE override a
+        # session-level setting, never an explicit per-request one.
+        return True if self.settings.ca_file is None else str(self.settings.ca_file)
+
     def get(self, url: str, *, max_bytes: int, etag: str | None = None) -> FetchResult:
         headers = {"If-None-Match": etag} if etag else {}
         try:
-            with self.session.get(url, headers=headers, timeout=self._timeout, stream=True) as resp:
+            with self.session.get(
+                url, headers=headers, timeout=self._timeout, stream=True, verify=self._verify
+            ) as resp:
                 if resp.status_code == 304 and etag:
                     return FetchResult(None, etag)
                 if resp.status_code != 200:
@@ -158,7 +174,9 @@ class HttpTransport:
             if if_range:
                 headers["If-Range"] = if_range
         try:
-            resp = self.session.get(url, headers=headers, timeout=self._timeout, stream=True)
+            resp = self.session.get(
+                url, headers=headers, timeout=self._timeout, stream=True, verify=self._verify
+            )
         except _FOREIGN as exc:
             raise _wrap(url, exc) from exc
         if resp.status_code == 206 and start:
