@@ -40,6 +40,7 @@ class Fault:
     status_times: int | None = None  # ... only this many times (None: always)
     body: bytes | None = None  # serve these bytes instead of the file
     delay_s: float = 0.0  # wait before answering
+    chunk_delay_s: float = 0.0  # pause after each 64 KiB of body (a slow link)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class _Handler(BaseHTTPRequestHandler):
             and fault.drop_after is None
             and fault.stall_after is None
             and not fault.extra_bytes
+            and not fault.chunk_delay_s
         )
         if simple:
             sent: int = self.connection.sendfile(fh, offset=start, count=size - start)
@@ -178,6 +180,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             while sent < len(view):
                 sent += self.connection.send(view[sent : sent + 65536])
+                if fault.chunk_delay_s:
+                    time.sleep(fault.chunk_delay_s)
             if stall:
                 shared.closing.wait(fault.stall_s)
             if drop or stall:
