@@ -31,15 +31,24 @@ SLOW = Fault(chunk_delay_s=0.01)  # ~0.3 s of download: kills land inside the st
 
 
 def install_argv(host: Host) -> list[str]:
-    return [sys.executable, "-m", "updater.cli", "-v", "--config", str(host.config),
-            "check", "--install"]
+    return [
+        sys.executable,
+        "-m",
+        "updater.cli",
+        "-v",
+        "--config",
+        str(host.config),
+        "check",
+        "--install",
+    ]
 
 
 def calibrate(host: Host) -> dict[str, float]:
     """Seconds from process start to each logged step of one full install."""
     started = time.monotonic()
-    proc = subprocess.Popen(install_argv(host), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        install_argv(host), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stderr is not None
     marks: dict[str, float] = {}
     for line in proc.stderr:
@@ -64,8 +73,9 @@ def phase(host: Host) -> str:
 
 
 @pytest.mark.slow
-def test_kill_at_random_points(host: Host, repo: Repo, usr_images: dict[str, Path],
-                               tmp_path: Path) -> None:
+def test_kill_at_random_points(
+    host: Host, repo: Repo, usr_images: dict[str, Path], tmp_path: Path
+) -> None:
     repo.publish("1.1.0", usr_images["1.1.0"])
     raw = usr_images["1.1.0"].read_bytes()
     raw_sha = hashlib.sha256(raw).hexdigest()
@@ -90,8 +100,9 @@ def test_kill_at_random_points(host: Host, repo: Repo, usr_images: dict[str, Pat
         lo = 0.0 if i % 10 == 0 else marks["install_started"] * 0.9
         delay = rng.uniform(lo, marks["end"] * 1.05)
         repo.server.fault(repo.image_path(), SLOW)
-        proc = subprocess.Popen(install_argv(host), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            install_argv(host), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -107,13 +118,15 @@ def test_kill_at_random_points(host: Host, repo: Repo, usr_images: dict[str, Pat
             with copy.open("rb") as fh:
                 fh.seek(b.offset)
                 assert hashlib.sha256(fh.read(len(raw))).hexdigest() == raw_sha, (
-                    f"kill {i} at {delay:.3f}s: a partial USR-B is bootable")
+                    f"kill {i} at {delay:.3f}s: a partial USR-B is bootable"
+                )
         else:
             assert booted == "USR-A", f"kill {i}: booted {booted}"
         with host.disk.open("rb") as fh:
             fh.seek(slot_a.offset)
             assert hashlib.sha256(fh.read(slot_a.size)).hexdigest() == old_a, (
-                f"kill {i} at {delay:.3f}s changed the booted slot")
+                f"kill {i} at {delay:.3f}s changed the booted slot"
+            )
 
         # The agent starts again: a fresh install completes.
         repo.server.clear_faults()

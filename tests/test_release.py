@@ -1,0 +1,163 @@
+"""`updatectl release`: the repository layout, the manifest and its signature."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import lzma
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from devtools.gpgkeys import SigningKey
+from tests.conftest import updatectl
+from updater.gpg import GnupgVerifier
+from updater.manifest import parse
+
+DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {
+    "zstd": lambda b: zstandard.ZstdDecompressor().stream_reader(b).read(),
+    "xz": lzma.decompress,
+    "gzip": gzip.decompress,
+    "none": lambda b: b,
+}
+
+
+@pytest.fixture(scope="module")
+def raw_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("raw") / "usr.img"
+    p.write_bytes(
+        b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(40_000)) + bytes(300_000)
+    )
+    return p
+
+
+@pytest.mark.parametrize("compression", ["zstd", "xz", "gzip", "none"])
+def test_release_layout(
+    tmp_path: Path, release_key: SigningKey, raw_image: Path, compression: str
+) -> None:
+    repo = tmp_path / "repo"
+    before = datetime.now(UTC).replace(microsecond=0)
+    r = updatectl(
+        None,
+        "release",
+        "--json",
+        "--image",
+        str(raw_image),
+        "--version",
+        "2.0.1",
+        "--repo",
+        str(repo),
+        "--gnupghome",
+        str(release_key.gnupghome),
+        "--key",
+        release_key.fingerprint,
+        "--compression",
+        compression,
+    )
+    assert r.code == 0, r.err
+    suffix = {"zstd": ".zst", "xz": ".xz", "gzip": ".gz", "none": ""}[compression]
+    image = repo / "images" / "2.0.1" / f"usr.img{suffix}"
+    manifest_bytes = (repo / "stable" / "release.json").read_bytes()
+    signature = (repo / "stable" / "release.json.asc").read_bytes()
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()) == [
+        f"images/2.0.1/usr.img{suffix}",
+        "stable/release.json",
+        "stable/release.json.asc",
+    ]
+
+    doc = json.loads(manifest_bytes)
+    assert set(doc) == {"schema", "channel", "version", "created", "expires", "image"}
+    assert set(doc["image"]) == {"url", "size", "sha256", "compression", "raw_size", "raw_sha256"}
+    m = parse(manifest_bytes)
+    data = image.read_bytes()
+    raw = raw_image.read_bytes()
+    assert (m.schema, m.channel, m.version) == (1, "stable", "2.0.1")
+    assert m.image.url == f"../images/2.0.1/usr.img{suffix}"
+    assert (m.image.size, m.image.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert (m.image.raw_size, m.image.raw_sha256) == (len(raw), hashlib.sha256(raw).hexdigest())
+    assert m.image.compression.value == compression
+    assert DECOMPRESS[compression](data) == raw
+    if compression != "none":
+        assert len(data) < len(raw)
+    # default expiry: 30 days
+    assert before <= m.created <= datetime.now(UTC)
+    assert m.expires - m.created == timedelta(days=30)
+    # the signature is real and made by the given key
+    verdict = GnupgVerifier([release_key.public_key]).verify(manifest_bytes, signature)
+    assert verdict.valid and verdict.fingerprint == release_key.fingerprint
+
+
+def test_expiry_is_settable(tmp_path: Path, release_key: SigningKey, raw_image: Path) -> None:
+    r = updatectl(
+        None,
+        "release",
+        "--image",
+        str(raw_image),
+        "--version",
+        "1.0",
+        "--repo",
+        str(tmp_path),
+        "--channel",
+        "beta",
+        "--gnupghome",
+        str(release_key.gnupghome),
+        "--key",
+        release_key.fingerprint,
+        "--expires-days",
+        "2",
+        "--compression",
+        "none",
+    )
+    assert r.code == 0, r.err
+    m = parse((tmp_path / "beta" / "release.json").read_bytes())
+    assert m.expires - m.created == timedelta(days=2) and m.channel == "beta"
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["--version", "1 0"], 3),
+        (["--version", "1.0", "--channel", "a/b"], 3),
+        (["--version", "1.0", "--expires-days", "0"], 3),
+        (["--version", "1.0", "--key", "0" * 40], 4),
+    ],
+)
+def test_release_refuses_bad_input(
+    tmp_path: Path, release_key: SigningKey, raw_image: Path, args: list[str], code: int
+) -> None:
+    base = [
+        "release",
+        "--image",
+        str(raw_image),
+        "--repo",
+        str(tmp_path / "repo"),
+        "--gnupghome",
+        str(release_key.gnupghome),
+        "--key",
+        release_key.fingerprint,
+    ]
+    r = updatectl(None, *base, *args)
+    assert r.code == code, r.err
+    assert not (tmp_path / "repo" / "stable" / "release.json").exists()
+
+
+def test_missing_image(tmp_path: Path, release_key: SigningKey) -> None:
+    r = updatectl(
+        None,
+        "release",
+        "--image",
+        str(tmp_path / "nope"),
+        "--version",
+        "1",
+        "--repo",
+        str(tmp_path),
+        "--gnupghome",
+        str(release_key.gnupghome),
+        "--key",
+        release_key.fingerprint,
+    )
+    assert r.code == 3 and "no image file" in r.err
