@@ -1,0 +1,35 @@
+"""What ships in dist/: units pass systemd-analyze verify, the example config loads."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from updater import config
+from updater.run import run
+
+DIST = Path(__file__).resolve().parent.parent / "dist"
+UNITS = sorted(p for p in DIST.iterdir() if p.suffix in (".service", ".timer"))
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
+    updatectl = Path(sys.executable).with_name("updatectl")
+    for u in UNITS:  # timers need their service beside them
+        text = u.read_text().replace("/usr/bin/updatectl", str(updatectl))
+        (tmp_path / u.name).write_text(text)
+    done = run(["systemd-analyze", "verify", "--man=no", str(tmp_path / unit.name)], check=False)
+    problems = [
+        line for line in done.stderr.decode().splitlines() if unit.name in line or "updater" in line
+    ]
+    assert done.returncode == 0 and not problems, done.stderr.decode()
+
+
+def test_example_config_is_valid() -> None:
+    cfg = config.load(DIST / "config.d" / "50-example.toml")
+    assert cfg.source.url == "https://updates.example.com/os"
+    assert cfg.disk.slots == ("USR-A", "USR-B")
