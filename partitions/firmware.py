@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import structlog
 from partitions import gpt, gptprio
 from partitions.bootcontrol import Slot, SlotFlags
 from updater.errors import UpdaterError
+from updater.fsutil import atomic_write
 
 log = structlog.get_logger(__name__)
 
@@ -88,7 +87,7 @@ def boot_disk_image(
 
     gpt.update_attributes(disk, decide)
     result = found[0]
-    _write_atomically(cmdline_out, result.cmdline + "\n")
+    atomic_write(cmdline_out, (result.cmdline + "\n").encode())
     log.info(
         "firmware_booted",
         disk=str(disk),
@@ -100,19 +99,6 @@ def boot_disk_image(
         cmdline_out=str(cmdline_out),
     )
     return result
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _flags_dict(f: SlotFlags) -> dict[str, int | bool]:
