@@ -59,6 +59,8 @@ class _Shared:
     requests: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     closing: threading.Event = field(default_factory=threading.Event)
+    idle: threading.Condition = field(default_factory=threading.Condition)
+    in_flight: int = 0  # requests being answered (recorded only when done)
 
 
 def etag_of(st: os.stat_result) -> str:
@@ -89,6 +91,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._record(status, 0)
 
     def do_GET(self) -> None:
+        shared = self.server.shared
+        with shared.idle:
+            shared.in_flight += 1
+        try:
+            self._get()
+        finally:
+            with shared.idle:
+                shared.in_flight -= 1
+                shared.idle.notify_all()
+
+    def _get(self) -> None:
         shared = self.server.shared
         path = unquote(urlsplit(self.path).path)
         fault = shared.faults.get(path, Fault())
@@ -219,6 +232,10 @@ class RepoServer:
 
     @property
     def requests(self) -> list[Request]:
+        """Every answered request; waits (briefly) for those still being answered."""
+        shared = self._server.shared
+        with shared.idle:
+            shared.idle.wait_for(lambda: shared.in_flight == 0, timeout=5)
         with self._server.shared.lock:
             return list(self._server.shared.requests)
 

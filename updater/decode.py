@@ -75,9 +75,16 @@ class _Inflate:
                 return out
 
 
+# The decoder allocates the frame's window: cap it so a frame made with
+# `zstd --long` or `--ultra -22` cannot take memory past the agent's budget.
+# Every level up to 19 (and our publisher's default, 10) stays below it.
+ZSTD_MAX_WINDOW = 16 * 1024 * 1024  # bytes
+
+
 class _Zstd:
     def __init__(self, source: Reader, read_size: int) -> None:
-        self._reader = zstandard.ZstdDecompressor().stream_reader(
+        dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+        self._reader = dctx.stream_reader(
             cast(BinaryIO, source), read_size=read_size, read_across_frames=True, closefd=False
         )
 

@@ -2,8 +2,13 @@
 
 One pass, constant memory (bounded queues of bounded chunks). Three threads
 overlap the work, since socket reads, hashlib and file writes all release the
-GIL: the fetcher reads the network and hashes the download, the caller's
-thread decompresses and hashes the raw bytes, the writer writes the slot.
+GIL: the fetcher reads the network, the caller's thread hashes (and, for a
+compressed image, decompresses and hashes the raw bytes while the fetcher
+hashes the download), the writer writes the slot. An uncompressed image from a
+:class:`updater.download.Download` never becomes a Python bytes object: the
+fetcher reads the socket into a fixed pool of page-aligned buffers, which are
+hashed and written (O_DIRECT, see :mod:`updater.slotio`) where they are, then
+handed back. docs/benchmarks.md has the measurements behind this shape.
 Nothing here touches boot flags; the caller makes the slot bootable only
 after :func:`write_image` returned without error.
 """
@@ -11,23 +16,27 @@ after :func:`write_image` returned without error.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, TypeVar, cast, runtime_checkable
 
 import structlog
 
 from updater.decode import decoder
 from updater.errors import DiskError, UpdaterError, VerificationError
 from updater.manifest import Compression, ImageRef
-from updater.slotio import SlotDevice
+from updater.slotio import SlotDevice, aligned_buffer
 
 log = structlog.get_logger(__name__)
 
 QUEUE_DEPTH = 8  # chunks in flight between two stages
+POOL_BUFFERS = QUEUE_DEPTH  # chunk-sized buffers of the zero-copy path: all its memory
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,17 @@ class WriteResult:
     seconds: float
 
 
+@runtime_checkable
+class IntoSource(Protocol):
+    """A download that can fill the caller's buffers (:class:`updater.download.Download`)."""
+
+    def readinto(self, buf: memoryview) -> int: ...
+
+
+# A chunk between two stages, and the pool buffer it lives in (None: its own bytes).
+_Block = tuple[memoryview, mmap.mmap | None]
+
+
 class _Stop(Exception):
     """Another stage failed; this one unwinds quietly."""
 
@@ -66,7 +86,7 @@ class _Stage:
                 self.error = exc
         self.stop.set()
 
-    def put(self, q: queue.Queue[bytes | None], item: bytes | None) -> None:
+    def put(self, q: queue.Queue[_T], item: _T) -> None:
         while True:
             if self.stop.is_set():
                 raise _Stop
@@ -76,7 +96,7 @@ class _Stage:
             except queue.Full:
                 continue
 
-    def get(self, q: queue.Queue[bytes | None]) -> bytes | None:
+    def get(self, q: queue.Queue[_T]) -> _T:
         while True:
             if self.stop.is_set():
                 raise _Stop
@@ -89,10 +109,10 @@ class _Stage:
 class _QueueReader:
     """A file-like ``read(n)`` over the fetcher's queue, for the decompressors."""
 
-    def __init__(self, stage: _Stage, q: queue.Queue[bytes | None]) -> None:
+    def __init__(self, stage: _Stage, q: queue.Queue[_Block | None]) -> None:
         self._stage = stage
         self._q = q
-        self._item = b""
+        self._item = memoryview(b"")
         self._pos = 0
         self._eof = False
 
@@ -104,14 +124,24 @@ class _QueueReader:
             if item is None:
                 self._eof = True
                 return b""
-            self._item, self._pos = item, 0
-        if self._pos == 0 and (n < 0 or n >= len(self._item)):
-            self._pos = len(self._item)
-            return self._item  # the common case: no copy
+            self._item, self._pos = item[0], 0
         end = len(self._item) if n < 0 else self._pos + n
         out = self._item[self._pos : end]
         self._pos += len(out)
-        return out
+        if isinstance(out.obj, bytes) and len(out) == len(out.obj):
+            return out.obj  # the common case: the fetched chunk itself, no copy
+        return out.tobytes()
+
+
+def _fill(source: IntoSource, view: memoryview) -> int:
+    """Read into ``view`` until it is full or the source ends; the count."""
+    done = 0
+    while done < len(view):
+        n = source.readinto(view[done:])
+        if not n:
+            break
+        done += n
+    return done
 
 
 def write_image(
@@ -125,24 +155,52 @@ def write_image(
 ) -> WriteResult:
     """Stream ``chunks`` (the download) into ``device`` and check every byte.
 
+    When ``chunks`` can ``readinto`` (a :class:`updater.download.Download`)
+    and the image is not compressed, the bytes go from the socket into a pool
+    of page-aligned buffers, are hashed there and written from there (with
+    O_DIRECT where the device allows): no copy in Python, and memory is the
+    pool, whatever the image size.
+
     Raises VerificationError (hash or size mismatch, bad compression),
     DownloadError (from ``chunks``) or DiskError. On any error the slot holds
     garbage and must stay unbootable.
     """
     started = time.monotonic()
     stage = _Stage()
-    fetched: queue.Queue[bytes | None] = queue.Queue(QUEUE_DEPTH)
-    to_write: queue.Queue[bytes | None] = queue.Queue(QUEUE_DEPTH)
+    passthrough = image.compression is Compression.NONE
+    pooled = passthrough and isinstance(chunks, IntoSource)
+    fetched: queue.Queue[_Block | None] = queue.Queue(QUEUE_DEPTH)
+    to_write: queue.Queue[_Block | None] = queue.Queue(QUEUE_DEPTH)
+    free: queue.Queue[mmap.mmap] = queue.Queue()
+    if pooled:
+        for _ in range(POOL_BUFFERS):
+            free.put(aligned_buffer(chunk_size))
     download_hash = hashlib.sha256()
     downloaded = 0
+
+    def fetch_into(source: IntoSource) -> None:
+        nonlocal downloaded
+        while True:
+            buf = stage.get(free)
+            view = memoryview(buf)
+            n = _fill(source, view)
+            if not n:
+                free.put(buf)
+                break
+            downloaded += n
+            stage.put(fetched, (view[:n], buf))
 
     def fetch() -> None:
         nonlocal downloaded
         try:
-            for chunk in chunks:
-                download_hash.update(chunk)
-                downloaded += len(chunk)
-                stage.put(fetched, chunk)
+            if pooled:
+                fetch_into(cast(IntoSource, chunks))
+            else:
+                for chunk in chunks:
+                    if not passthrough:
+                        download_hash.update(chunk)
+                    downloaded += len(chunk)
+                    stage.put(fetched, (memoryview(chunk), None))
             stage.put(fetched, None)
         except _Stop:
             pass
@@ -156,7 +214,10 @@ def write_image(
     def write() -> None:
         try:
             while (item := stage.get(to_write)) is not None:
-                device.write(item)
+                view, buf = item
+                device.write(view)
+                if buf is not None:
+                    free.put(buf)
             device.sync()
         except _Stop:
             pass
@@ -170,27 +231,38 @@ def write_image(
     for t in threads:
         t.start()
 
-    passthrough = image.compression is Compression.NONE
     raw_hash = hashlib.sha256()
     raw_size = 0
     last_report = 0.0
+
+    def count(n: int) -> None:
+        nonlocal raw_size, last_report
+        raw_size += n
+        if raw_size > image.raw_size:
+            raise VerificationError(
+                "size_mismatch",
+                f"the image inflates past its raw_size of {image.raw_size} bytes",
+                hint="a decompression bomb or a wrong manifest",
+            )
+        now = time.monotonic()
+        if progress is not None and now - last_report >= 0.2:
+            last_report = now
+            progress(Progress("download", downloaded, image.size))
+
     try:
-        source = decoder(_QueueReader(stage, fetched), image.compression, chunk_size)
-        while data := source.read(chunk_size):
-            raw_size += len(data)
-            if raw_size > image.raw_size:
-                raise VerificationError(
-                    "size_mismatch",
-                    f"the image inflates past its raw_size of {image.raw_size} bytes",
-                    hint="a decompression bomb or a wrong manifest",
-                )
-            if not passthrough:
+        if passthrough:
+            # the raw bytes are the downloaded ones: hashed here, not by the
+            # fetcher, so that reading the socket, hashing and writing overlap
+            while (item := stage.get(fetched)) is not None:
+                count(len(item[0]))
+                download_hash.update(item[0])
+                stage.put(to_write, item)
+        else:
+            source = decoder(_QueueReader(stage, fetched), image.compression, chunk_size)
+            while data := source.read(chunk_size):
+                count(len(data))
                 raw_hash.update(data)
-            stage.put(to_write, data)
-            now = time.monotonic()
-            if progress is not None and now - last_report >= 0.2:
-                last_report = now
-                progress(Progress("download", downloaded, image.size))
+                stage.put(to_write, (memoryview(data), None))
         stage.put(to_write, None)
     except _Stop:
         pass

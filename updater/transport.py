@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
+import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 import requests
@@ -51,6 +53,15 @@ class ByteStream(Protocol):
     def read(self, n: int) -> bytes: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class IntoStream(ByteStream, Protocol):
+    """A ByteStream that can also fill the caller's buffer (no new bytes object per read)."""
+
+    def readinto(self, buf: memoryview) -> int:
+        """Fill ``buf`` as far as the stream goes; 0 at the end."""
+        ...
 
 
 class Transport(Protocol):
@@ -108,8 +119,33 @@ class _HttpStream:
             raise _wrap(self._url, exc) from exc
         return data
 
+    def readinto(self, buf: memoryview) -> int:
+        body = _http_client_body(self._response)
+        try:
+            if body is None:
+                n: int = self._response.raw.readinto(buf)
+            else:
+                n = body.readinto(buf)
+        except (*_FOREIGN, http.client.HTTPException) as exc:
+            raise _wrap(self._url, exc) from exc
+        return n
+
     def close(self) -> None:
         self._response.close()
+
+
+def _http_client_body(response: requests.Response) -> http.client.HTTPResponse | None:
+    """The http.client response under urllib3's, to read the body without a copy.
+
+    urllib3's own ``readinto`` reads into a new bytes object and copies that
+    into the buffer; http.client's reads from the socket straight into it.
+    ``_fp`` is private to urllib3, hence this one place and the fallback (None:
+    use urllib3's documented methods). Reading past urllib3 loses nothing we
+    rely on: the body is never decoded (we hash the bytes as served), and a
+    body cut short shows as a short read that the downloader resumes.
+    """
+    fp = getattr(response.raw, "_fp", None)
+    return fp if isinstance(fp, http.client.HTTPResponse) else None
 
 
 class HttpTransport:
@@ -196,7 +232,7 @@ class HttpTransport:
 
 
 class _FileStream:
-    def __init__(self, fh: BinaryIO, start: int, length: int, validator: str) -> None:
+    def __init__(self, fh: io.BufferedReader, start: int, length: int, validator: str) -> None:
         self._fh = fh
         self.start = start
         self.length: int | None = length
@@ -205,6 +241,12 @@ class _FileStream:
     def read(self, n: int) -> bytes:
         try:
             return self._fh.read(n)
+        except OSError as exc:
+            raise DownloadError("connection", f"read failed: {exc}") from exc
+
+    def readinto(self, buf: memoryview) -> int:
+        try:
+            return self._fh.readinto(buf)
         except OSError as exc:
             raise DownloadError("connection", f"read failed: {exc}") from exc
 
