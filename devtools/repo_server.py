@@ -17,7 +17,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -260,12 +259,6 @@ class RepoServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def serving(root: Path) -> Iterator[RepoServer]:
-    with RepoServer(root) as srv:
-        yield srv
 
 
 def main() -> None:

@@ -8,12 +8,10 @@ fires when the server stops sending, mid-body included).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import io
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -324,11 +322,3 @@ class SchemeTransport:
 
     def open_stream(self, url: str, *, start: int = 0, if_range: str | None = None) -> ByteStream:
         return self._pick(url).open_stream(url, start=start, if_range=if_range)
-
-
-@contextlib.contextmanager
-def opened(stream: ByteStream) -> Iterator[ByteStream]:
-    try:
-        yield stream
-    finally:
-        stream.close()
