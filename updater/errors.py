@@ -25,6 +25,7 @@ class ExitCode(enum.IntEnum):
     DISK = 6
     REFUSED = 7
     STATE = 8
+    HEALTH = 9
 
 
 class UpdaterError(Exception):
@@ -125,7 +126,9 @@ class RefusedError(UpdaterError):
     """A request that is well-formed but not allowed in the current state."""
 
     exit_code = ExitCode.REFUSED
-    kinds = frozenset({"rollback_refused", "booted_not_good", "busy"})
+    kinds = frozenset(
+        {"rollback_refused", "booted_not_good", "busy", "nothing_staged", "reboot_refused"}
+    )
 
 
 class StateError(UpdaterError):
@@ -133,6 +136,13 @@ class StateError(UpdaterError):
 
     exit_code = ExitCode.STATE
     kinds = frozenset({"unwritable", "newer_schema"})
+
+
+class HealthError(UpdaterError):
+    """The booted system failed its health checks: the slot is not blessed."""
+
+    exit_code = ExitCode.HEALTH
+    kinds = frozenset({"check_failed", "check_timeout", "unit_inactive"})
 
 
 class CommandError(UpdaterError):
