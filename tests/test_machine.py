@@ -1,0 +1,257 @@
+"""The agent's state machine and its timing, table-driven, no I/O."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from updater.machine import (
+    BUSY,
+    AlreadyStaged,
+    Check,
+    CheckRequested,
+    ErrorInfo,
+    ErrorReported,
+    Event,
+    Failed,
+    Finalize,
+    Install,
+    InvalidTransition,
+    Machine,
+    NoUpdate,
+    Offer,
+    Progressed,
+    RebootRefused,
+    RebootRequested,
+    RebootStarted,
+    ReportError,
+    ResetRequested,
+    S,
+    Staged,
+    Tick,
+    Timing,
+    UpdateFound,
+    first_delay,
+    from_dict,
+    next_delay,
+    resume,
+    step,
+    to_dict,
+)
+
+T = 1_000_000.0
+OFFER = Offer("1.1.0", 4096)
+ERR = ErrorInfo("timeout", "the server stopped sending")
+
+
+def M(state: S, **kw: object) -> Machine:
+    return replace(Machine(state=state, since=T - 10), **kw)  # type: ignore[arg-type]
+
+
+# (start, event) -> (end state, actions, checks on the machine)
+TRANSITIONS: list[tuple[Machine, Event, S, tuple[object, ...]]] = [
+    (M(S.IDLE), Tick(), S.CHECKING_FOR_UPDATE, (Check(),)),
+    (M(S.IDLE), CheckRequested(), S.CHECKING_FOR_UPDATE, (Check(),)),
+    (M(S.REPORTING_ERROR_EVENT), CheckRequested(), S.CHECKING_FOR_UPDATE, (Check(),)),
+    (M(S.CHECKING_FOR_UPDATE), NoUpdate(), S.IDLE, ()),
+    (M(S.CHECKING_FOR_UPDATE), UpdateFound(OFFER), S.UPDATE_AVAILABLE, (Install(OFFER),)),
+    (M(S.CHECKING_FOR_UPDATE), AlreadyStaged("1.1.0"), S.UPDATED_NEED_REBOOT, (Finalize(),)),
+    (M(S.UPDATE_AVAILABLE), Progressed("download", 0.1), S.DOWNLOADING, ()),
+    (M(S.DOWNLOADING), Progressed("download", 0.5), S.DOWNLOADING, ()),
+    (M(S.DOWNLOADING), Progressed("verify", 0.2), S.VERIFYING, ()),
+    (M(S.VERIFYING), Progressed("finalize", 1.0), S.FINALIZING, ()),
+    (M(S.UPDATE_AVAILABLE), Progressed("finalize", 1.0), S.FINALIZING, ()),  # read-back off
+    (M(S.FINALIZING), Staged("1.1.0"), S.UPDATED_NEED_REBOOT, (Finalize(),)),
+    (M(S.DOWNLOADING), Staged("1.1.0"), S.UPDATED_NEED_REBOOT, (Finalize(),)),
+    (M(S.CHECKING_FOR_UPDATE), Failed(ERR), S.REPORTING_ERROR_EVENT, (ReportError(ERR),)),
+    (M(S.DOWNLOADING), Failed(ERR), S.REPORTING_ERROR_EVENT, (ReportError(ERR),)),
+    (M(S.VERIFYING), Failed(ERR), S.REPORTING_ERROR_EVENT, (ReportError(ERR),)),
+    (M(S.REPORTING_ERROR_EVENT), ErrorReported(), S.IDLE, ()),
+    (M(S.REPORTING_ERROR_EVENT), ResetRequested(), S.IDLE, ()),
+    (M(S.UPDATED_NEED_REBOOT), Tick(), S.UPDATED_NEED_REBOOT, (Finalize(),)),
+    (M(S.UPDATED_NEED_REBOOT), RebootRequested(), S.UPDATED_NEED_REBOOT, (Finalize(force=True),)),
+    (M(S.UPDATED_NEED_REBOOT), RebootRefused(ERR), S.UPDATED_NEED_REBOOT, ()),
+    (M(S.UPDATED_NEED_REBOOT), RebootStarted(), S.UPDATED_NEED_REBOOT, ()),
+    # requests where they make no sense are no-ops, not errors
+    *[(M(s), CheckRequested(), s, ()) for s in (*sorted(BUSY), S.UPDATED_NEED_REBOOT)],
+    *[(M(s), Tick(), s, ()) for s in sorted(BUSY)],
+    *[(M(s), ResetRequested(), s, ()) for s in S if s != S.REPORTING_ERROR_EVENT],
+    *[(M(s), RebootRequested(), s, ()) for s in S if s != S.UPDATED_NEED_REBOOT],
+]
+
+
+@pytest.mark.parametrize(
+    ("start", "event", "end", "actions"),
+    TRANSITIONS,
+    ids=lambda x: type(x).__name__ if not isinstance(x, S | tuple) else None,
+)
+def test_transition(start: Machine, event: Event, end: S, actions: tuple[object, ...]) -> None:
+    m, acts = step(start, event, T)
+    assert (m.state, acts) == (end, actions)
+    assert m.since == (T if end != start.state else start.since)
+
+
+# work results arriving where the work cannot be under way are bugs
+INVALID = [
+    (s, e)
+    for e, allowed in [
+        (NoUpdate(), {S.CHECKING_FOR_UPDATE}),
+        (UpdateFound(OFFER), {S.CHECKING_FOR_UPDATE}),
+        (AlreadyStaged("1"), {S.CHECKING_FOR_UPDATE}),
+        (Progressed("download", 0.0), {S.UPDATE_AVAILABLE, S.DOWNLOADING}),
+        (Staged("1"), {S.UPDATE_AVAILABLE, S.DOWNLOADING, S.VERIFYING, S.FINALIZING}),
+        (Failed(ERR), set(BUSY)),
+        (ErrorReported(), {S.REPORTING_ERROR_EVENT}),
+        (RebootRefused(ERR), {S.UPDATED_NEED_REBOOT}),
+        (RebootStarted(), {S.UPDATED_NEED_REBOOT}),
+    ]
+    for s in S
+    if s not in allowed
+]
+
+
+@pytest.mark.parametrize(("state", "event"), INVALID)
+def test_invalid_transitions_raise(state: S, event: Event) -> None:
+    with pytest.raises(InvalidTransition):
+        step(M(state), event, T)
+
+
+def test_counters() -> None:
+    m = M(S.CHECKING_FOR_UPDATE, failures=2)
+    m, _ = step(m, UpdateFound(OFFER), T)
+    assert m.failures == 2 and m.last_check == T  # kept until the install succeeds
+    m, _ = step(m, Failed(ERR), T)
+    assert (m.failures, m.last_error) == (3, ERR)
+    m, _ = step(m, ErrorReported(), T)
+    assert m.state == S.IDLE and m.last_error == ERR  # shown until the next success
+    m, _ = step(replace(m, state=S.CHECKING_FOR_UPDATE), NoUpdate(900.0), T + 1)
+    assert (m.failures, m.last_error, m.server_interval_s) == (0, None, 900.0)
+    m = M(S.UPDATED_NEED_REBOOT)
+    m, _ = step(m, RebootRefused(ERR), T)
+    m, _ = step(m, RebootRefused(ERR), T)
+    assert m.reboot_refusals == 2
+    m, _ = step(M(S.DOWNLOADING, failures=4), Staged("1.1.0"), T)
+    assert (m.failures, m.staged, m.progress) == (0, "1.1.0", 1.0)
+
+
+def test_progress_is_clamped() -> None:
+    m, _ = step(M(S.DOWNLOADING), Progressed("download", 1.7), T)
+    assert m.progress == 1.0
+
+
+# ---- timing -----------------------------------------------------------------------------------
+
+TIMING = Timing(
+    poll_interval_s=3600,
+    first_check_delay_s=60,
+    jitter=0.1,
+    retry_base_s=60,
+    retry_cap_s=3600,
+    reboot_retry_s=300,
+    min_interval_s=60,
+)
+
+
+@pytest.mark.parametrize(
+    ("machine", "lo", "hi"),
+    [
+        (M(S.IDLE), 3240, 3960),
+        (M(S.IDLE, failures=1), 54, 66),
+        (M(S.IDLE, failures=2), 108, 132),
+        (M(S.IDLE, failures=5), 864, 1056),
+        (M(S.IDLE, failures=7), 3240, 3960),  # capped
+        (M(S.IDLE, failures=500), 3240, 3960),
+        (M(S.REPORTING_ERROR_EVENT, failures=1), 54, 66),
+        (M(S.IDLE, server_interval_s=600.0), 540, 660),  # the server's interval
+        (M(S.IDLE, server_interval_s=1.0), 54, 66),  # ... never below the floor
+        (M(S.IDLE, server_interval_s=600.0, failures=3), 216, 264),  # failures first
+        (M(S.UPDATED_NEED_REBOOT), 270, 330),
+        (M(S.UPDATED_NEED_REBOOT, reboot_refusals=2), 1080, 1320),
+        (M(S.UPDATED_NEED_REBOOT, reboot_refusals=40), 3240, 3960),
+    ],
+)
+def test_next_delay(machine: Machine, lo: float, hi: float) -> None:
+    delays = [next_delay(machine, TIMING, r) for r in (0.0, 0.5, 0.999999)]
+    assert all(d is not None and lo <= d <= hi for d in delays), delays
+    assert delays[0] != delays[2]  # jittered
+
+
+@pytest.mark.parametrize("state", sorted(BUSY))
+def test_no_timer_while_busy(state: S) -> None:
+    assert next_delay(M(state), TIMING, 0.5) is None
+
+
+def test_first_delay() -> None:
+    assert 60 <= first_delay(Machine(), TIMING, 0.3) <= 66
+
+
+def test_a_failing_server_never_makes_a_tight_loop() -> None:
+    """A day of failures: requests stay few, and never closer than the first retry."""
+    rng = random.Random(1)
+    m, now, checks = Machine(), 0.0, 0
+    gaps = []
+    while now < 86400:
+        delay = next_delay(m, TIMING, rng.random())
+        assert delay is not None
+        gaps.append(delay)
+        now += delay
+        m, acts = step(m, Tick(), now)
+        assert acts == (Check(),)
+        checks += 1
+        m, acts = step(m, Failed(ERR), now)
+        m, _ = step(m, ErrorReported(), now)
+    assert checks <= 35 and min(gaps) >= 54
+
+
+# ---- persistence and restarts -----------------------------------------------------------------
+
+
+def test_round_trip() -> None:
+    m = M(
+        S.UPDATED_NEED_REBOOT,
+        failures=1,
+        offer=OFFER,
+        staged="1.1.0",
+        last_error=ERR,
+        last_check=T,
+        reboot_refusals=3,
+        server_interval_s=120.0,
+    )
+    assert from_dict(to_dict(m)) == replace(m, progress=0.0)
+
+
+@pytest.mark.parametrize("junk", [None, [], {"state": "NAPPING"}, {"state": 3}, "x"])
+def test_unreadable_is_fresh(junk: object) -> None:
+    assert from_dict(junk) == Machine()
+
+
+def test_junk_fields_are_dropped() -> None:
+    m = from_dict(
+        {
+            "state": "IDLE",
+            "failures": "many",
+            "offer": {"version": "1 0"},
+            "staged": 7,
+            "last_error": "x",
+        }
+    )
+    assert m == Machine(state=S.IDLE)
+
+
+@pytest.mark.parametrize(
+    ("state", "still_next", "end", "note"),
+    [
+        (S.UPDATED_NEED_REBOOT, True, S.UPDATED_NEED_REBOOT, "update_still_staged"),
+        (S.UPDATED_NEED_REBOOT, False, S.IDLE, "staged_update_gone"),
+        (S.DOWNLOADING, False, S.IDLE, "work_interrupted"),
+        (S.CHECKING_FOR_UPDATE, False, S.IDLE, "work_interrupted"),
+        (S.REPORTING_ERROR_EVENT, False, S.IDLE, "error_reported"),
+        (S.IDLE, False, S.IDLE, "idle"),
+    ],
+)
+def test_resume(state: S, still_next: bool, end: S, note: str) -> None:
+    r = resume(M(state, staged="1.1.0", failures=2), T, staged_still_next=still_next)
+    assert (r.machine.state, r.note) == (end, note)
+    assert r.machine.failures == 2  # the backoff survives a restart

@@ -1,0 +1,420 @@
+"""The agent's state machine: ``step(machine, event, now) -> (machine, actions)``.
+
+update_engine's states, kept pure: no I/O, no clock, no randomness inside.
+The daemon feeds it events (timer ticks, results of the work it did, requests
+from D-Bus) and carries out the actions it returns. Each transition names the
+states it may start from: an event from the agent's own work arriving in any
+other state is a bug and raises :class:`InvalidTransition`; a request from
+outside (check now, reset, reboot now) in a state where it makes no sense is
+ignored (update_engine's behaviour: a check while one runs is a no-op).
+
+Retry counters live in the machine (``failures``, ``reboot_refusals``), and
+the time to the next poll is a pure function of it (:func:`next_delay`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from updater import versions
+
+
+class S(enum.StrEnum):
+    IDLE = "IDLE"
+    CHECKING_FOR_UPDATE = "CHECKING_FOR_UPDATE"
+    UPDATE_AVAILABLE = "UPDATE_AVAILABLE"
+    DOWNLOADING = "DOWNLOADING"
+    VERIFYING = "VERIFYING"
+    FINALIZING = "FINALIZING"
+    UPDATED_NEED_REBOOT = "UPDATED_NEED_REBOOT"
+    REPORTING_ERROR_EVENT = "REPORTING_ERROR_EVENT"
+
+
+INSTALLING = frozenset({S.UPDATE_AVAILABLE, S.DOWNLOADING, S.VERIFYING, S.FINALIZING})
+BUSY = INSTALLING | {S.CHECKING_FOR_UPDATE}
+
+
+@dataclass(frozen=True)
+class Offer:
+    version: str
+    size: int  # bytes to download
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    kind: str  # bounded (UpdaterError.kind)
+    message: str
+
+
+@dataclass(frozen=True)
+class Machine:
+    state: S = S.IDLE
+    since: float = 0.0  # unix time the state was entered
+    failures: int = 0  # consecutive failed checks or installs
+    offer: Offer | None = None  # what the last check found
+    staged: str | None = None  # version installed, waiting for a reboot
+    last_error: ErrorInfo | None = None
+    last_check: float = 0.0  # unix time of the last completed check
+    reboot_refusals: int = 0  # reboots refused since the update was staged
+    server_interval_s: float | None = None  # poll interval the server asked for
+    progress: float = 0.0  # 0..1 of the install under way
+
+
+# ---- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The timer of :func:`next_delay` expired."""
+
+
+@dataclass(frozen=True)
+class CheckRequested:
+    """Someone asked for a check now (D-Bus CheckNow/InstallNow, AttemptUpdate)."""
+
+
+@dataclass(frozen=True)
+class ResetRequested:
+    """ResetStatus: leave the error state."""
+
+
+@dataclass(frozen=True)
+class RebootRequested:
+    """Reboot into the staged update now, whatever the policy says."""
+
+
+@dataclass(frozen=True)
+class NoUpdate:
+    interval_s: float | None = None  # the server's wish, if it said one
+
+
+@dataclass(frozen=True)
+class UpdateFound:
+    offer: Offer
+    interval_s: float | None = None
+
+
+@dataclass(frozen=True)
+class AlreadyStaged:
+    version: str
+
+
+@dataclass(frozen=True)
+class Progressed:
+    phase: Literal["download", "verify", "finalize"]
+    fraction: float
+
+
+@dataclass(frozen=True)
+class Staged:
+    version: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
+class ErrorReported:
+    pass
+
+
+@dataclass(frozen=True)
+class RebootRefused:
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
+class RebootStarted:
+    pass
+
+
+Event = (
+    Tick
+    | CheckRequested
+    | ResetRequested
+    | RebootRequested
+    | NoUpdate
+    | UpdateFound
+    | AlreadyStaged
+    | Progressed
+    | Staged
+    | Failed
+    | ErrorReported
+    | RebootRefused
+    | RebootStarted
+)
+
+# ---- actions ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """Fetch and verify the manifest; answer NoUpdate, UpdateFound, AlreadyStaged or Failed."""
+
+
+@dataclass(frozen=True)
+class Install:
+    """Install the offer; answer Progressed*, then Staged or Failed."""
+
+    offer: Offer
+
+
+@dataclass(frozen=True)
+class Finalize:
+    """Ask the reboot policy (unless forced) and reboot; answer RebootStarted/Refused."""
+
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class ReportError:
+    """Log, count and report the error; answer ErrorReported."""
+
+    error: ErrorInfo
+
+
+Action = Check | Install | Finalize | ReportError
+
+
+class InvalidTransition(Exception):
+    def __init__(self, machine: Machine, event: Event) -> None:
+        super().__init__(f"{type(event).__name__} cannot happen in {machine.state}")
+        self.machine = machine
+        self.event = event
+
+
+# ---- transitions ------------------------------------------------------------------------------
+
+_PHASE_STATE = {"download": S.DOWNLOADING, "verify": S.VERIFYING, "finalize": S.FINALIZING}
+_PHASE_ORDER = [S.UPDATE_AVAILABLE, S.DOWNLOADING, S.VERIFYING, S.FINALIZING]
+
+
+def _enter(m: Machine, state: S, now: float, **changes: Any) -> Machine:
+    return replace(m, state=state, since=now if state != m.state else m.since, **changes)
+
+
+def step(m: Machine, event: Event, now: float) -> tuple[Machine, tuple[Action, ...]]:
+    def require(*states: S) -> None:
+        if m.state not in states:
+            raise InvalidTransition(m, event)
+
+    match event:
+        case Tick():
+            if m.state == S.IDLE:
+                return _enter(m, S.CHECKING_FOR_UPDATE, now), (Check(),)
+            if m.state == S.UPDATED_NEED_REBOOT:
+                return m, (Finalize(),)
+            return m, ()  # a late timer while busy: nothing to do
+        case CheckRequested():
+            if m.state in (S.IDLE, S.REPORTING_ERROR_EVENT):
+                return _enter(m, S.CHECKING_FOR_UPDATE, now), (Check(),)
+            return m, ()
+        case ResetRequested():
+            if m.state == S.REPORTING_ERROR_EVENT:
+                return _enter(m, S.IDLE, now), ()
+            return m, ()
+        case RebootRequested():
+            if m.state == S.UPDATED_NEED_REBOOT:
+                return m, (Finalize(force=True),)
+            return m, ()
+        case NoUpdate(interval_s=interval):
+            require(S.CHECKING_FOR_UPDATE)
+            return _enter(
+                m,
+                S.IDLE,
+                now,
+                failures=0,
+                offer=None,
+                last_error=None,
+                last_check=now,
+                server_interval_s=interval,
+            ), ()
+        case UpdateFound(offer=offer, interval_s=interval):
+            require(S.CHECKING_FOR_UPDATE)
+            # failures are kept: an install that fails every time must back off
+            return _enter(
+                m,
+                S.UPDATE_AVAILABLE,
+                now,
+                offer=offer,
+                last_check=now,
+                progress=0.0,
+                server_interval_s=interval,
+            ), (Install(offer),)
+        case AlreadyStaged(version=version):
+            require(S.CHECKING_FOR_UPDATE)
+            return _enter(
+                m,
+                S.UPDATED_NEED_REBOOT,
+                now,
+                staged=version,
+                failures=0,
+                last_check=now,
+                last_error=None,
+                progress=1.0,
+            ), (Finalize(),)
+        case Progressed(phase=phase, fraction=fraction):
+            require(*INSTALLING)
+            target = _PHASE_STATE[phase]
+            if _PHASE_ORDER.index(target) < _PHASE_ORDER.index(m.state):
+                raise InvalidTransition(m, event)  # the pipeline never goes back
+            return _enter(m, target, now, progress=min(max(fraction, 0.0), 1.0)), ()
+        case Staged(version=version):
+            require(*INSTALLING)
+            return _enter(
+                m,
+                S.UPDATED_NEED_REBOOT,
+                now,
+                staged=version,
+                failures=0,
+                last_error=None,
+                progress=1.0,
+                reboot_refusals=0,
+            ), (Finalize(),)
+        case Failed(error=error):
+            require(*BUSY)
+            return _enter(
+                m,
+                S.REPORTING_ERROR_EVENT,
+                now,
+                failures=m.failures + 1,
+                last_error=error,
+                progress=0.0,
+            ), (ReportError(error),)
+        case ErrorReported():
+            require(S.REPORTING_ERROR_EVENT)
+            return _enter(m, S.IDLE, now), ()
+        case RebootRefused(error=error):
+            require(S.UPDATED_NEED_REBOOT)
+            return replace(m, reboot_refusals=m.reboot_refusals + 1, last_error=error), ()
+        case RebootStarted():
+            require(S.UPDATED_NEED_REBOOT)
+            return m, ()
+    raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
+
+
+# ---- timing -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    poll_interval_s: float = 3600.0
+    first_check_delay_s: float = 60.0
+    jitter: float = 0.1  # +- this fraction of every delay
+    retry_base_s: float = 60.0  # first retry after a failure
+    retry_cap_s: float = 3600.0  # backoff never waits longer than this
+    reboot_retry_s: float = 300.0  # ask the reboot policy again after this
+    min_interval_s: float = 60.0  # a server-given interval is never shorter
+
+
+def _jittered(seconds: float, timing: Timing, rnd: float) -> float:
+    return seconds * (1.0 - timing.jitter + 2.0 * timing.jitter * rnd)
+
+
+def next_delay(m: Machine, timing: Timing, rnd: float) -> float | None:
+    """Seconds until the next Tick; None while work is under way.
+
+    ``rnd`` is a uniform random number in [0, 1), passed in to keep this pure.
+    """
+    if m.state in BUSY:
+        return None
+    if m.state == S.UPDATED_NEED_REBOOT:
+        # a refused reboot is asked again later, backing off up to the cap
+        wait = timing.reboot_retry_s * 2 ** min(m.reboot_refusals, 16)
+        return _jittered(min(wait, max(timing.retry_cap_s, timing.reboot_retry_s)), timing, rnd)
+    if m.failures:
+        backoff = timing.retry_base_s * 2 ** min(m.failures - 1, 32)
+        return _jittered(min(backoff, timing.retry_cap_s), timing, rnd)
+    interval = timing.poll_interval_s
+    if m.server_interval_s is not None:
+        interval = max(m.server_interval_s, timing.min_interval_s)
+    return _jittered(interval, timing, rnd)
+
+
+def first_delay(m: Machine, timing: Timing, rnd: float) -> float:
+    """Seconds from the agent's start to its first Tick."""
+    return timing.first_check_delay_s * (1.0 + timing.jitter * rnd)
+
+
+# ---- persistence ------------------------------------------------------------------------------
+
+
+def to_dict(m: Machine) -> dict[str, Any]:
+    return {
+        "state": m.state.value,
+        "since": m.since,
+        "failures": m.failures,
+        "offer": None if m.offer is None else {"version": m.offer.version, "size": m.offer.size},
+        "staged": m.staged,
+        "last_error": None
+        if m.last_error is None
+        else {"kind": m.last_error.kind, "message": m.last_error.message},
+        "last_check": m.last_check,
+        "reboot_refusals": m.reboot_refusals,
+        "server_interval_s": m.server_interval_s,
+    }
+
+
+def _num(d: dict[str, Any], key: str, default: float) -> float:
+    v = d.get(key, default)
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else default
+
+
+def from_dict(d: Any) -> Machine:
+    """Read what :func:`to_dict` wrote; anything unreadable gives a fresh machine."""
+    if not isinstance(d, dict):
+        return Machine()
+    try:
+        state = S(str(d.get("state")))
+    except ValueError:
+        return Machine()
+    offer = d.get("offer")
+    err = d.get("last_error")
+    staged = d.get("staged")
+    interval = d.get("server_interval_s")
+    return Machine(
+        state=state,
+        since=_num(d, "since", 0.0),
+        failures=max(0, int(_num(d, "failures", 0))),
+        offer=Offer(str(offer["version"]), int(offer["size"]))
+        if isinstance(offer, dict)
+        and versions.is_valid(str(offer.get("version", "")))
+        and isinstance(offer.get("size"), int)
+        else None,
+        staged=staged if isinstance(staged, str) and versions.is_valid(staged) else None,
+        last_error=ErrorInfo(str(err.get("kind", "")), str(err.get("message", "")))
+        if isinstance(err, dict)
+        else None,
+        last_check=_num(d, "last_check", 0.0),
+        reboot_refusals=max(0, int(_num(d, "reboot_refusals", 0))),
+        server_interval_s=float(interval) if isinstance(interval, int | float) else None,
+    )
+
+
+@dataclass(frozen=True)
+class Resumed:
+    machine: Machine
+    note: str  # what happened to the state across the restart, for the log
+
+
+def resume(m: Machine, now: float, *, staged_still_next: bool) -> Resumed:
+    """The machine a restarted agent continues with.
+
+    UPDATED_NEED_REBOOT survives a restart while the staged slot still boots
+    next (update_engine's marker file); work cut off by a stop or a crash
+    restarts from IDLE (the install's own marker makes it start over); an
+    error being reported is done.
+    """
+    if m.state == S.UPDATED_NEED_REBOOT:
+        if staged_still_next:
+            return Resumed(m, "update_still_staged")
+        return Resumed(_enter(m, S.IDLE, now, staged=None, progress=0.0), "staged_update_gone")
+    if m.state in BUSY:
+        return Resumed(_enter(m, S.IDLE, now, progress=0.0, offer=None), "work_interrupted")
+    if m.state == S.REPORTING_ERROR_EVENT:
+        return Resumed(_enter(m, S.IDLE, now), "error_reported")
+    return Resumed(m, "idle")
