@@ -26,6 +26,7 @@ class ExitCode(enum.IntEnum):
     REFUSED = 7
     STATE = 8
     HEALTH = 9
+    INTERRUPTED = 130
 
 
 class UpdaterError(Exception):
@@ -143,6 +144,13 @@ class HealthError(UpdaterError):
 
     exit_code = ExitCode.HEALTH
     kinds = frozenset({"check_failed", "check_timeout", "unit_inactive"})
+
+
+class Cancelled(UpdaterError):
+    """The work was stopped on request (SIGTERM, shutdown); nothing is wrong."""
+
+    exit_code = ExitCode.INTERRUPTED
+    kinds = frozenset({"cancelled"})
 
 
 class CommandError(UpdaterError):

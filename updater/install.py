@@ -27,13 +27,14 @@ from typing import Literal, Protocol, TypeVar, cast, runtime_checkable
 import structlog
 
 from updater.decode import decoder
-from updater.errors import DiskError, UpdaterError, VerificationError
+from updater.errors import Cancelled, DiskError, UpdaterError, VerificationError
 from updater.manifest import Compression, ImageRef
 from updater.slotio import SlotDevice, aligned_buffer
 
 log = structlog.get_logger(__name__)
 
 QUEUE_DEPTH = 8  # chunks in flight between two stages
+ABANDON_AFTER_S = 3.0  # how long a failed install waits for a fetcher stuck in a read
 POOL_BUFFERS = QUEUE_DEPTH  # chunk-sized buffers of the zero-copy path: all its memory
 
 _T = TypeVar("_T")
@@ -41,7 +42,7 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class Progress:
-    phase: Literal["download", "readback"]
+    phase: Literal["download", "readback", "finalize"]
     done: int  # bytes
     total: int  # bytes
 
@@ -73,12 +74,22 @@ class _Stop(Exception):
 
 
 class _Stage:
-    """Shared failure slot and stop flag of the pipeline's threads."""
+    """Shared failure slot and stop flag of the pipeline's threads.
 
-    def __init__(self) -> None:
+    ``cancel`` is the caller's: once set, every stage stops at its next queue
+    operation (within 0.1 s) with :class:`Cancelled`.
+    """
+
+    def __init__(self, cancel: threading.Event | None = None) -> None:
         self.stop = threading.Event()
+        self.cancel = cancel
         self.error: BaseException | None = None
         self._lock = threading.Lock()
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            self.fail(Cancelled("cancelled", "the install was stopped"))
+            raise _Stop
 
     def fail(self, exc: BaseException) -> None:
         with self._lock:
@@ -88,6 +99,7 @@ class _Stage:
 
     def put(self, q: queue.Queue[_T], item: _T) -> None:
         while True:
+            self.check_cancel()
             if self.stop.is_set():
                 raise _Stop
             try:
@@ -98,6 +110,7 @@ class _Stage:
 
     def get(self, q: queue.Queue[_T]) -> _T:
         while True:
+            self.check_cancel()
             if self.stop.is_set():
                 raise _Stop
             try:
@@ -152,8 +165,13 @@ def write_image(
     chunk_size: int = 1024 * 1024,
     readback: bool = True,
     progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
 ) -> WriteResult:
     """Stream ``chunks`` (the download) into ``device`` and check every byte.
+
+    Setting ``cancel`` stops the install within a fraction of a second
+    (Cancelled); a fetcher stuck in a read is left behind (a daemon thread,
+    it ends at its read timeout), never waited for more than a few seconds.
 
     When ``chunks`` can ``readinto`` (a :class:`updater.download.Download`)
     and the image is not compressed, the bytes go from the socket into a pool
@@ -166,7 +184,7 @@ def write_image(
     garbage and must stay unbootable.
     """
     started = time.monotonic()
-    stage = _Stage()
+    stage = _Stage(cancel)
     passthrough = image.compression is Compression.NONE
     pooled = passthrough and isinstance(chunks, IntoSource)
     fetched: queue.Queue[_Block | None] = queue.Queue(QUEUE_DEPTH)
@@ -237,6 +255,7 @@ def write_image(
 
     def count(n: int) -> None:
         nonlocal raw_size, last_report
+        stage.check_cancel()
         raw_size += n
         if raw_size > image.raw_size:
             raise VerificationError(
@@ -272,7 +291,8 @@ def write_image(
         if stage.error is not None:
             stage.stop.set()
         for t in threads:
-            t.join()
+            # after a failure, a fetcher blocked on the network is not waited for
+            t.join(timeout=None if stage.error is None else ABANDON_AFTER_S)
     if stage.error is not None:
         err = stage.error
         if isinstance(err, UpdaterError):
@@ -303,12 +323,15 @@ def write_image(
             f"the image's sha256 is {raw_sha256}, the manifest says {image.raw_sha256}",
         )
     if readback:
+
+        def read_progress(n: int) -> None:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled", "the install was stopped")
+            if progress is not None:
+                progress(Progress("readback", n, raw_size))
+
         device.drop_cache()
-        on_disk = device.hash(
-            image.raw_size,
-            chunk_size,
-            None if progress is None else lambda n: progress(Progress("readback", n, raw_size)),
-        )
+        on_disk = device.hash(image.raw_size, chunk_size, read_progress)
         if on_disk != image.raw_sha256:
             raise DiskError(
                 "readback_mismatch",

@@ -21,12 +21,17 @@ def parse(text: str) -> dict[str, str]:
     return fields
 
 
+def parse_file(path: Path) -> dict[str, str]:
+    """The fields of an os-release file; empty when it cannot be read."""
+    try:
+        return parse(path.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return {}
+
+
 def image_version(path: Path) -> str | None:
     """IMAGE_VERSION, else VERSION_ID, else None (also when the file is missing)."""
-    try:
-        fields = parse(path.read_text(encoding="utf-8", errors="replace"))
-    except OSError:
-        return None
+    fields = parse_file(path)
     for key in ("IMAGE_VERSION", "VERSION_ID"):
         if fields.get(key):
             return fields[key]

@@ -58,9 +58,16 @@ class State:
     highest_version: str | None = None  # highest version this host ever accepted
     slots: Mapping[str, SlotRecord] = field(default_factory=dict)
     pending: Pending | None = None
+    failed_versions: tuple[str, ...] = ()  # came back on the old slot: never again
+    agent: Mapping[str, Any] | None = None  # the daemon's state machine (updater.machine)
 
     def with_slot(self, part_uuid: str, record: SlotRecord) -> State:
         return replace(self, slots={**self.slots, part_uuid: record})
+
+    def fail(self, version: str) -> State:
+        if version in self.failed_versions:
+            return self
+        return replace(self, failed_versions=(*self.failed_versions, version))
 
     def accept(self, version: str) -> State:
         if self.highest_version is None or versions.compare(version, self.highest_version) > 0:
@@ -152,6 +159,8 @@ def _to_json(state: State) -> dict[str, Any]:
             "version": state.pending.version,
             "started": state.pending.started,
         },
+        "failed_versions": list(state.failed_versions),
+        "agent": None if state.agent is None else dict(state.agent),
     }
 
 

@@ -9,6 +9,7 @@ carries the decisions out in a crash-safe order.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from updater.clock import Clock
 from updater.errors import DiskError, RefusedError, UpdaterError
 from updater.fsutil import atomic_write
 from updater.gpg import SignatureChecker
-from updater.install import ProgressFn, WriteResult, write_image
+from updater.install import Progress, ProgressFn, WriteResult, write_image
 from updater.lock import exclusive, is_held
 from updater.manifest import Manifest
 from updater.slotio import SlotDevice
@@ -88,6 +89,22 @@ def rollback_refusal(
     return None
 
 
+def detect_rollback(state: State, other: SlotStatus) -> str | None:
+    """The version whose trial boot failed, if the host came back on the old slot.
+
+    The other slot holds an install that was verified and made the next boot
+    ("installed"), yet it is no longer bootable and was never blessed: the
+    firmware spent its try (or it was marked bad after failed health checks)
+    and booted the old slot again.
+    """
+    rec = state.slots.get(str(other.slot.part_uuid))
+    if rec is None or rec.condition != "installed" or rec.version is None:
+        return None
+    if other.flags.bootable or other.flags.successful:
+        return None
+    return rec.version
+
+
 # --- results -----------------------------------------------------------------
 
 
@@ -99,6 +116,7 @@ class CheckResult:
     manifest: Manifest
     update_available: bool
     staged: bool  # already installed into the target and boots next
+    failed_before: bool = False  # this version rolled back on this host: not again
 
 
 @dataclass(frozen=True)
@@ -179,6 +197,7 @@ class Updater:
         if self.source is None or self.verifier is None:
             raise RuntimeError("check needs a source and a verifier")
         booted, target = self._slots()
+        self.note_rollback()
         state = self.store.load()
         booted_version = self._booted_version(state, booted.slot)
         doc = self.source.fetch()
@@ -195,7 +214,8 @@ class Updater:
                 now=self.clock.now(),
             ),
         )
-        available = is_newer(manifest, booted_version)
+        failed_before = manifest.version in state.failed_versions
+        available = is_newer(manifest, booted_version) and not failed_before
         staged = available and is_staged(state, target, self.boot.primary(), manifest.version)
         log.info(
             "update_checked",
@@ -203,10 +223,31 @@ class Updater:
             booted_version=booted_version,
             available=available,
             staged=staged,
+            failed_before=failed_before,
         )
-        return CheckResult(booted.slot, booted_version, target.slot, manifest, available, staged)
+        return CheckResult(
+            booted.slot, booted_version, target.slot, manifest, available, staged, failed_before
+        )
 
-    def install(self, check: CheckResult) -> WriteResult | None:
+    def note_rollback(self) -> str | None:
+        """Detect and record a boot that came back on the old slot; its version, or None."""
+        _, other = self._slots()
+        state = self.store.load()
+        version = detect_rollback(state, other)
+        if version is None:
+            return None
+        uuid = str(other.slot.part_uuid)
+        rec = state.slots[uuid]
+        state = state.fail(version).with_slot(
+            uuid, replace(rec, condition="bad", updated=now_iso(self.clock.now()))
+        )
+        self.store.save(state)
+        log.error("rollback_detected", failed_version=version, slot=other.slot.label)
+        return version
+
+    def install(
+        self, check: CheckResult, cancel: threading.Event | None = None
+    ) -> WriteResult | None:
         """Install a checked update into the other slot; None if there is nothing to do."""
         if self.source is None or self.transport is None:
             raise RuntimeError("install needs a source and a transport")
@@ -221,9 +262,15 @@ class Updater:
                     "would overwrite the only known-good slot",
                     hint="run `updatectl mark-good` once the system is healthy",
                 )
-            return self._install_locked(check.manifest, booted, target)
+            return self._install_locked(check.manifest, booted, target, cancel)
 
-    def _install_locked(self, m: Manifest, booted: SlotStatus, target: SlotStatus) -> WriteResult:
+    def _install_locked(
+        self,
+        m: Manifest,
+        booted: SlotStatus,
+        target: SlotStatus,
+        cancel: threading.Event | None,
+    ) -> WriteResult:
         slot = target.slot
         uuid = str(slot.part_uuid)
         url = self.source.image_url(m) if self.source else m.image.url
@@ -265,6 +312,7 @@ class Updater:
                     chunk_size=self.chunk_size,
                     readback=self.readback,
                     progress=self.progress,
+                    cancel=cancel,
                 )
         except UpdaterError as exc:
             log.error(
@@ -278,6 +326,8 @@ class Updater:
             raise
 
         # 6. Only now may the target boot: once, on trial.
+        if self.progress is not None:
+            self.progress(Progress("finalize", 1, 1))
         self.boot.make_primary(slot)
         state = self.store.load().with_slot(
             uuid,
@@ -291,13 +341,71 @@ class Updater:
             ),
         )
         self.store.save(replace(state, pending=None))
-        if self.reboot_sentinel is not None:
-            with contextlib.suppress(OSError):
-                atomic_write(self.reboot_sentinel, b"")
+        self._write_reboot_sentinel(m.version)
         log.info(
             "update_staged", version=m.version, slot=slot.label, seconds=round(result.seconds, 3)
         )
         return result
+
+    def _write_reboot_sentinel(self, version: str) -> None:
+        """kured's /run/reboot-required, and .pkgs naming what needs it: the OS."""
+        if self.reboot_sentinel is None:
+            return
+        os_id = osrelease.parse_file(self.os_release).get("ID") or "os"
+        with contextlib.suppress(OSError):
+            atomic_write(self.reboot_sentinel, b"")
+            atomic_write(
+                self.reboot_sentinel.with_name(self.reboot_sentinel.name + ".pkgs"),
+                f"{os_id} {version}\n".encode(),
+            )
+
+    def clear_reboot_sentinel(self) -> None:
+        """Once the reboot happened (or the staged update is gone)."""
+        if self.reboot_sentinel is None:
+            return
+        for path in (
+            self.reboot_sentinel,
+            self.reboot_sentinel.with_name(self.reboot_sentinel.name + ".pkgs"),
+        ):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+
+    def staged_slot_boots_next(self) -> bool:
+        """An installed update waits in the other slot and the firmware will pick it."""
+        _, other = self._slots()
+        state = self.store.load()
+        rec = state.slots.get(str(other.slot.part_uuid))
+        if rec is None or rec.version is None:
+            return False
+        return is_staged(state, other, self.boot.primary(), rec.version)
+
+    def mark_booted_bad(self) -> Slot | None:
+        """Failed health checks on a trial boot: never boot this slot again.
+
+        Returns the slot, or None when the booted slot is not on trial (it is
+        the known-good one: marking it bad would leave nothing to fall back to).
+        """
+        with exclusive(self.store.state_dir):
+            booted, other = self._slots()
+            if booted.flags.successful or not other.flags.bootable:
+                log.error(
+                    "health_failed_no_fallback",
+                    slot=booted.slot.label,
+                    successful=booted.flags.successful,
+                    other_bootable=other.flags.bootable,
+                )
+                return None
+            self.boot.mark_bad(booted.slot)
+            state = self.store.load()
+            uuid = str(booted.slot.part_uuid)
+            rec = state.slots.get(uuid)
+            if rec is not None and rec.version:
+                state = state.fail(rec.version).with_slot(
+                    uuid, replace(rec, condition="bad", updated=now_iso(self.clock.now()))
+                )
+                self.store.save(state)
+            log.error("marked_bad", slot=booted.slot.label, version=rec.version if rec else None)
+            return booted.slot
 
     def status(self) -> StatusReport:
         booted, _other = self._slots()
