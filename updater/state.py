@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -170,8 +171,23 @@ class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.path = state_dir / STATE_FILE
+        # The daemon saves from its loop and from the install's thread: each
+        # read-modify-write holds this lock (other processes take the update
+        # lock, updater.lock, around theirs).
+        self._lock = threading.RLock()
+
+    def update(self, change: Callable[[State], State]) -> State:
+        """Load, apply ``change``, save; atomic with respect to this process's threads."""
+        with self._lock:
+            state = change(self.load())
+            self.save(state)
+            return state
 
     def load(self) -> State:
+        with self._lock:
+            return self._load()
+
+    def _load(self) -> State:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -193,7 +209,8 @@ class StateStore:
     def save(self, state: State) -> None:
         data = (json.dumps(_to_json(state), indent=2) + "\n").encode()
         try:
-            atomic_write(self.path, data, mode=0o644)
+            with self._lock:
+                atomic_write(self.path, data, mode=0o644)
         except OSError as exc:
             raise StateError(
                 "unwritable",

@@ -237,11 +237,12 @@ class Updater:
         if version is None:
             return None
         uuid = str(other.slot.part_uuid)
-        rec = state.slots[uuid]
-        state = state.fail(version).with_slot(
-            uuid, replace(rec, condition="bad", updated=now_iso(self.clock.now()))
+        when = now_iso(self.clock.now())
+        self.store.update(
+            lambda st: st.fail(version).with_slot(
+                uuid, replace(st.slots[uuid], condition="bad", updated=when)
+            )
         )
-        self.store.save(state)
         log.error("rollback_detected", failed_version=version, slot=other.slot.label)
         return version
 
@@ -279,21 +280,21 @@ class Updater:
 
         # 1. From here on a crash must never leave the target bootable.
         self.boot.mark_bad(slot)
-        state = self.store.load()
-        booted_uuid = str(booted.slot.part_uuid)
-        if booted_uuid not in state.slots:
-            # Remember what the known-good slot holds, so a rollback to it is allowed.
-            state = state.with_slot(
-                booted_uuid,
-                SlotRecord(
-                    booted.slot.label, "good", self._booted_version(state, booted.slot), updated=now
-                ),
+
+        def begin(state: State) -> State:
+            booted_uuid = str(booted.slot.part_uuid)
+            if booted_uuid not in state.slots:
+                # Remember what the known-good slot holds, so a rollback to it is allowed.
+                version = self._booted_version(state, booted.slot)
+                state = state.with_slot(
+                    booted_uuid, SlotRecord(booted.slot.label, "good", version, updated=now)
+                )
+            state = state.accept(m.version).with_slot(
+                uuid, SlotRecord(slot.label, "installing", m.version, updated=now)
             )
-        state = state.accept(m.version).with_slot(
-            uuid, SlotRecord(slot.label, "installing", m.version, updated=now)
-        )
-        state = replace(state, pending=Pending("installing", uuid, m.version, now))
-        self.store.save(state)
+            return replace(state, pending=Pending("installing", uuid, m.version, now))
+
+        self.store.update(begin)
 
         # 2-5. Stream, hash, decompress, hash, write, fsync, compare, read back.
         assert self.transport is not None
@@ -322,25 +323,22 @@ class Updater:
                 error_kind=exc.kind,
                 error=exc.message,
             )
-            self.store.save(replace(self.store.load(), pending=None))
+            self.store.update(lambda st: replace(st, pending=None))
             raise
 
         # 6. Only now may the target boot: once, on trial.
         if self.progress is not None:
             self.progress(Progress("finalize", 1, 1))
         self.boot.make_primary(slot)
-        state = self.store.load().with_slot(
-            uuid,
-            SlotRecord(
-                slot.label,
-                "installed",
-                m.version,
-                result.raw_size,
-                result.raw_sha256,
-                now_iso(self.clock.now()),
-            ),
+        record = SlotRecord(
+            slot.label,
+            "installed",
+            m.version,
+            result.raw_size,
+            result.raw_sha256,
+            now_iso(self.clock.now()),
         )
-        self.store.save(replace(state, pending=None))
+        self.store.update(lambda st: replace(st.with_slot(uuid, record), pending=None))
         self._write_reboot_sentinel(m.version)
         log.info(
             "update_staged", version=m.version, slot=slot.label, seconds=round(result.seconds, 3)
@@ -396,14 +394,11 @@ class Updater:
                 )
                 return None
             self.boot.mark_bad(booted.slot)
-            state = self.store.load()
             uuid = str(booted.slot.part_uuid)
-            rec = state.slots.get(uuid)
+            rec = self.store.load().slots.get(uuid)
             if rec is not None and rec.version:
-                state = state.fail(rec.version).with_slot(
-                    uuid, replace(rec, condition="bad", updated=now_iso(self.clock.now()))
-                )
-                self.store.save(state)
+                bad = replace(rec, condition="bad", updated=now_iso(self.clock.now()))
+                self.store.update(lambda st: st.fail(bad.version or "").with_slot(uuid, bad))
             log.error("marked_bad", slot=booted.slot.label, version=rec.version if rec else None)
             return booted.slot
 
@@ -442,17 +437,15 @@ class Updater:
         with exclusive(self.store.state_dir):
             booted, _ = self._slots()
             self.boot.mark_good(booted.slot)
-            state = self.store.load()
             uuid = str(booted.slot.part_uuid)
-            rec = state.slots.get(uuid)
-            version = self._booted_version(state, booted.slot)
-            if rec is None:
-                rec = SlotRecord(booted.slot.label, "good", version)
-            self.store.save(
-                state.with_slot(
-                    uuid, replace(rec, condition="good", updated=now_iso(self.clock.now()))
-                )
-            )
+            when = now_iso(self.clock.now())
+            version = self._booted_version(self.store.load(), booted.slot)
+
+            def blessed(st: State) -> State:
+                rec = st.slots.get(uuid) or SlotRecord(booted.slot.label, "good", version)
+                return st.with_slot(uuid, replace(rec, condition="good", updated=when))
+
+            self.store.update(blessed)
             log.info("marked_good", slot=booted.slot.label, version=version)
             return booted.slot
 
