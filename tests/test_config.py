@@ -80,6 +80,12 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ("[install]\nchunk_size = 100000\n", "install.chunk_size", "invalid"),
         ('[agent]\nstate_dir = "var/lib"\n', "agent.state_dir", "invalid"),
         ("source = 1\n", "source", "invalid"),
+        ('[agent]\nlog = "syslog"\n', "agent.log", "invalid"),
+        ("[agent]\nretry_base_s = 100\nretry_cap_s = 10\n", "agent.retry_cap_s", "invalid"),
+        ("[agent]\njitter = 0.9\n", "agent.jitter", "invalid"),
+        ('[reboot]\nstrategy = "lock"\n', "reboot.strategy", "invalid"),
+        ('[health]\nunits = ["a/b"]\n', "health.units", "invalid"),
+        ('[metrics]\nlisten = "0.0.0.0:9464"\n', "metrics.listen", "invalid"),
     ],
 )
 def test_invalid_values_name_file_and_key(tmp_path: Path, text: str, key: str, kind: str) -> None:
@@ -113,13 +119,13 @@ def test_syntax_error(tmp_path: Path) -> None:
 def test_unknown_keys_warn_but_do_not_fail(tmp_path: Path) -> None:
     """An older agent (after a fallback) must start with a newer agent's config."""
     usr, run, etc = dirs(tmp_path)
-    (etc / "10.toml").write_text('[source]\nfuture_key = 1\n[reboot]\nstrategy = "lock"\n')
+    (etc / "10.toml").write_text('[source]\nfuture_key = 1\n[fleet]\nstrategy = "lock"\n')
     with capture_logs() as logs:
         cfg = config.load(dirs=(usr, run, etc))
     assert cfg.source.channel == "stable"
     events = {(e["event"], e.get("key", e.get("section"))) for e in logs}
     assert ("config_key_unknown", "source.future_key") in events
-    assert ("config_section_unknown", "reboot") in events
+    assert ("config_section_unknown", "fleet") in events
 
 
 def test_single_config_file(tmp_path: Path) -> None:

@@ -65,6 +65,32 @@ class AgentConfig:
     state_dir: Path = Path("/var/lib/updater")
     os_release: Path = Path("/usr/lib/os-release")
     reboot_sentinel: Path | None = Path("/run/reboot-required")
+    poll_interval_s: float = 3600.0
+    first_check_delay_s: float = 60.0
+    jitter: float = 0.1  # +- fraction of every delay
+    retry_base_s: float = 60.0  # first retry after a failure, doubling
+    retry_cap_s: float = 3600.0  # the longest backoff
+    dbus: bool = True  # publish org.updater.Agent1 on the system bus
+    coreos_compat: bool = False  # also com.coreos.update1 (locksmith, FLUO)
+    log: str = "auto"  # auto | journal | console | json
+
+
+@dataclass(frozen=True)
+class RebootConfig:
+    strategy: str = "immediate"  # immediate | off
+    retry_s: float = 300.0  # ask the policy / logind again after this
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    checks_dir: Path = Path("/etc/updater/health.d")
+    timeout_s: float = 60.0  # per check
+    units: tuple[str, ...] = ()  # systemd units that must be active
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = None  # "127.0.0.1:9464" or "unix:/run/updater/metrics.sock"
 
 
 @dataclass(frozen=True)
@@ -73,6 +99,9 @@ class Config:
     disk: DiskConfig = field(default_factory=DiskConfig)
     install: InstallConfig = field(default_factory=InstallConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    reboot: RebootConfig = field(default_factory=RebootConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     files: tuple[Path, ...] = ()  # where it came from, in merge order
 
 
@@ -268,14 +297,81 @@ def _install(s: _Section) -> InstallConfig:
 
 def _agent(s: _Section) -> AgentConfig:
     d = AgentConfig()
+    log_mode = s.str_("log", d.log) or d.log
+    if log_mode not in ("auto", "journal", "console", "json"):
+        raise s.error(
+            "log", f"unknown log mode {log_mode!r}", hint="auto, journal, console or json"
+        )
+    retry_base = s.number("retry_base_s", d.retry_base_s, minimum=1, maximum=86400)
+    retry_cap = s.number("retry_cap_s", d.retry_cap_s, minimum=1, maximum=7 * 86400)
+    if retry_cap < retry_base:
+        raise s.error("retry_cap_s", "must not be below retry_base_s")
     return AgentConfig(
         state_dir=s.path("state_dir", d.state_dir) or d.state_dir,
         os_release=s.path("os_release", d.os_release) or d.os_release,
         reboot_sentinel=s.path("reboot_sentinel", d.reboot_sentinel, allow_empty=True),
+        poll_interval_s=s.number(
+            "poll_interval_s", d.poll_interval_s, minimum=1, maximum=7 * 86400
+        ),
+        first_check_delay_s=s.number(
+            "first_check_delay_s", d.first_check_delay_s, minimum=0, maximum=86400
+        ),
+        jitter=s.number("jitter", d.jitter, minimum=0, maximum=0.5),
+        retry_base_s=retry_base,
+        retry_cap_s=retry_cap,
+        dbus=s.bool_("dbus", d.dbus),
+        coreos_compat=s.bool_("coreos_compat", d.coreos_compat),
+        log=log_mode,
     )
 
 
-_SECTIONS = {"source": _source, "disk": _disk, "install": _install, "agent": _agent}
+def _reboot(s: _Section) -> RebootConfig:
+    d = RebootConfig()
+    strategy = s.str_("strategy", d.strategy) or d.strategy
+    if strategy not in ("immediate", "off"):
+        raise s.error("strategy", f"unknown strategy {strategy!r}", hint="immediate or off")
+    return RebootConfig(
+        strategy=strategy, retry_s=s.number("retry_s", d.retry_s, minimum=1, maximum=86400)
+    )
+
+
+def _health(s: _Section) -> HealthConfig:
+    d = HealthConfig()
+    units = s.str_list("units", d.units) or ()
+    for unit in units:
+        if "/" in unit or not unit or unit.startswith("-"):
+            raise s.error("units", f"{unit!r} is not a unit name")
+    return HealthConfig(
+        checks_dir=s.path("checks_dir", d.checks_dir) or d.checks_dir,
+        timeout_s=s.number("timeout_s", d.timeout_s, minimum=0.1, maximum=3600),
+        units=units,
+    )
+
+
+def _metrics(s: _Section) -> MetricsConfig:
+    listen = s.str_("listen", None)
+    if listen == "":
+        listen = None
+    if listen is not None and not listen.startswith("unix:/"):
+        host, sep, port = listen.rpartition(":")
+        if not sep or not port.isdigit() or host not in ("127.0.0.1", "[::1]", "localhost"):
+            raise s.error(
+                "listen",
+                f"{listen!r} is not a loopback host:port or unix:/path",
+                hint="metrics are served on loopback only, e.g. 127.0.0.1:9464",
+            )
+    return MetricsConfig(listen=listen)
+
+
+_SECTIONS = {
+    "source": _source,
+    "disk": _disk,
+    "install": _install,
+    "agent": _agent,
+    "reboot": _reboot,
+    "health": _health,
+    "metrics": _metrics,
+}
 
 
 def validate(merged: Mapping[str, Mapping[str, _Value]], files: Sequence[Path]) -> Config:
