@@ -1,0 +1,409 @@
+"""A fake systemd-logind for tests: it cannot reboot, it records.
+
+A real D-Bus service on a (private) bus: ``org.freedesktop.login1`` at
+``/org/freedesktop/login1``, interface ``org.freedesktop.login1.Manager``
+with ``Reboot(b)``, ``RebootWithFlags(t)`` and ``ListInhibitors() ->
+a(ssssuu)``, refusing a reboot as logind does while a ``shutdown`` block
+inhibitor is held. Which logind it plays (the caller is assumed to be root,
+the only one the test bus lets talk to it):
+
+- ``current`` (systemd >= 257): a ``block`` inhibitor refuses everyone with
+  ``org.freedesktop.login1.BlockedByInhibitorLock``; a ``block-weak`` one
+  refuses root only when it passes ``SD_LOGIND_ROOT_CHECK_INHIBITORS``;
+- ``root_bypass`` (older, with the flags methods): root passes every
+  inhibitor unless it passes ``SD_LOGIND_ROOT_CHECK_INHIBITORS``, then gets
+  ``org.freedesktop.DBus.Error.AccessDenied``;
+- ``no_flags`` (older still): no ``RebootWithFlags`` (UnknownMethod), and
+  ``Reboot`` lets root pass every inhibitor.
+
+Tests add and remove inhibitors in-process (:meth:`FakeLogind.add_inhibitor`)
+or over the bus through the test-only interface ``org.updater.test.FakeLogind1``
+(``AddInhibitor(ssss) -> u``, ``RemoveInhibitor(u)``) on the same object.
+Every call is recorded (method, args, time, outcome), in memory and, with
+``--record FILE``, as JSON lines.
+
+    python -m devtools.fake_logind --bus ADDRESS --record FILE [--logind current]
+        [--inhibit shutdown]...
+
+prints ``READY`` once it owns the name and runs until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Annotated, Any, Final, Literal
+
+from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, RequestNameReply
+from dbus_fast.aio import MessageBus
+from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr, DBusUInt32, DBusUInt64
+from dbus_fast.service import ServiceInterface, dbus_method
+
+# Written from systemd's documentation (org.freedesktop.login1(5)) and
+# src/login/logind-dbus.c, not from updater.rebooter, so that a wrong name
+# there fails the tests.
+BUS_NAME: Final = "org.freedesktop.login1"
+OBJECT_PATH: Final = "/org/freedesktop/login1"
+MANAGER_INTERFACE: Final = "org.freedesktop.login1.Manager"
+CONTROL_INTERFACE: Final = "org.updater.test.FakeLogind1"
+
+BLOCKED_BY_INHIBITOR_LOCK: Final = "org.freedesktop.login1.BlockedByInhibitorLock"
+ACCESS_DENIED: Final = "org.freedesktop.DBus.Error.AccessDenied"
+INVALID_ARGS: Final = "org.freedesktop.DBus.Error.InvalidArgs"
+
+SD_LOGIND_ROOT_CHECK_INHIBITORS: Final = 1 << 0
+SD_LOGIND_SKIP_INHIBITORS: Final = 1 << 4
+_PUBLIC_FLAGS: Final = 0x1F  # root-check, kexec, soft-reboot, soft-reboot-if-nextroot, skip
+
+Flavour = Literal["current", "root_bypass", "no_flags"]
+FLAVOURS: Final[tuple[Flavour, ...]] = ("current", "root_bypass", "no_flags")
+
+NoReply = Annotated[None, DBusSignature("")]
+InhibitorList = Annotated[list[list[Any]], DBusSignature("a(ssssuu)")]
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    args: list[Any]
+    time: float  # unix seconds
+    outcome: str  # "rebooted", "refused", "listed"
+    error: str | None = None  # the D-Bus error name of a refusal
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Inhibitor:
+    what: str  # colon-separated, e.g. "shutdown:sleep"
+    who: str
+    why: str
+    mode: str  # "block", "block-weak", "delay"
+    uid: int = 0
+    pid: int = field(default_factory=os.getpid)
+
+    def blocks_shutdown(self) -> bool:
+        return self.mode in ("block", "block-weak") and "shutdown" in self.what.split(":")
+
+
+class FakeLogind:
+    """The fake's state; :meth:`start` puts it on a bus."""
+
+    def __init__(
+        self,
+        *,
+        flavour: Flavour = "current",
+        record: Path | None = None,
+        fail_with: tuple[str, str] | None = None,
+    ) -> None:
+        if flavour not in FLAVOURS:
+            raise ValueError(f"unknown logind flavour {flavour!r}")
+        self.flavour = flavour
+        self.record = record
+        self.fail_with = fail_with  # (error name, text) every reboot answers, when set
+        self.calls: list[Call] = []
+        self.inhibitors: dict[int, Inhibitor] = {}
+        self._next_id = 1
+        self._bus: MessageBus | None = None
+        self._interfaces: list[ServiceInterface] = []
+
+    # -- what tests use --------------------------------------------------------------------
+
+    def add_inhibitor(
+        self, what: str = "shutdown", who: str = "test", why: str = "testing", mode: str = "block"
+    ) -> int:
+        handle = self._next_id
+        self._next_id += 1
+        self.inhibitors[handle] = Inhibitor(what, who, why, mode)
+        return handle
+
+    def remove_inhibitor(self, handle: int) -> None:
+        self.inhibitors.pop(handle, None)
+
+    @property
+    def reboots(self) -> list[Call]:
+        return [c for c in self.calls if c.outcome == "rebooted"]
+
+    async def start(self, bus: MessageBus) -> FakeLogind:
+        manager = _LegacyManager(self) if self.flavour == "no_flags" else _Manager(self)
+        self._interfaces = [manager, _Control(self)]
+        for interface in self._interfaces:
+            bus.export(OBJECT_PATH, interface)
+        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply is not RequestNameReply.PRIMARY_OWNER:
+            raise RuntimeError(f"fake logind could not own {BUS_NAME}: {reply}")
+        self._bus = bus
+        return self
+
+    async def stop(self) -> None:
+        bus, self._bus = self._bus, None
+        if bus is None:
+            return
+        for interface in self._interfaces:
+            bus.unexport(OBJECT_PATH, interface)
+        with contextlib.suppress(Exception):
+            await bus.release_name(BUS_NAME)
+
+    # -- logind's behaviour ----------------------------------------------------------------
+
+    def _record(self, call: Call) -> None:
+        self.calls.append(call)
+        if self.record is not None:
+            with self.record.open("a") as f:
+                f.write(call.to_json() + "\n")
+
+    def reboot(self, method: str, args: list[Any], flags: int, root_check: bool) -> None:
+        """Decide one reboot request the way logind does (caller: root)."""
+        error: tuple[str, str] | None = self.fail_with
+        blocking = [i for i in self.inhibitors.values() if i.blocks_shutdown()]
+        if error is None and blocking and not flags & SD_LOGIND_SKIP_INHIBITORS:
+            strong = any(i.mode == "block" for i in blocking)
+            if self.flavour == "current" and (strong or root_check):
+                error = (
+                    BLOCKED_BY_INHIBITOR_LOCK,
+                    "Operation denied due to active block inhibitor",
+                )
+            elif self.flavour == "root_bypass" and root_check:
+                error = (ACCESS_DENIED, "Access denied to root due to active block inhibitor")
+        if error is not None:
+            self._record(Call(method, args, time.time(), "refused", error[0]))
+            raise DBusError(*error)
+        self._record(Call(method, args, time.time(), "rebooted"))
+
+    def list_inhibitors(self) -> list[list[Any]]:
+        self._record(Call("ListInhibitors", [], time.time(), "listed"))
+        return [[i.what, i.who, i.why, i.mode, i.uid, i.pid] for i in self.inhibitors.values()]
+
+
+class _LegacyManager(ServiceInterface):
+    """org.freedesktop.login1.Manager without the *WithFlags methods."""
+
+    def __init__(self, state: FakeLogind) -> None:
+        super().__init__(MANAGER_INTERFACE)
+        self._state = state
+
+    @dbus_method(name="Reboot")
+    def reboot(self, interactive: DBusBool) -> NoReply:
+        self._state.reboot("Reboot", [interactive], 0, root_check=False)
+
+    @dbus_method(name="ListInhibitors")
+    def list_inhibitors(self) -> InhibitorList:
+        return self._state.list_inhibitors()
+
+
+class _Manager(_LegacyManager):
+    @dbus_method(name="RebootWithFlags")
+    def reboot_with_flags(self, flags: DBusUInt64) -> NoReply:
+        if flags & ~_PUBLIC_FLAGS:
+            raise DBusError(INVALID_ARGS, "Invalid flags parameter")
+        self._state.reboot(
+            "RebootWithFlags",
+            [flags],
+            flags,
+            root_check=bool(flags & SD_LOGIND_ROOT_CHECK_INHIBITORS),
+        )
+
+
+class _Control(ServiceInterface):
+    """Test-only: inhibitors for a fake running in another process."""
+
+    def __init__(self, state: FakeLogind) -> None:
+        super().__init__(CONTROL_INTERFACE)
+        self._state = state
+
+    @dbus_method(name="AddInhibitor")
+    def add_inhibitor(self, what: DBusStr, who: DBusStr, why: DBusStr, mode: DBusStr) -> DBusUInt32:
+        return self._state.add_inhibitor(what, who, why, mode)
+
+    @dbus_method(name="RemoveInhibitor")
+    def remove_inhibitor(self, handle: DBusUInt32) -> NoReply:
+        self._state.remove_inhibitor(handle)
+
+
+# ---- driving a fake in another process ------------------------------------------------------
+
+
+async def _control_call(bus_address: str, member: str, signature: str, body: list[Any]) -> Any:
+    bus = await MessageBus(bus_address=bus_address, bus_type=BusType.SYSTEM).connect()
+    try:
+        reply = await bus.call(
+            Message(
+                destination=BUS_NAME,
+                path=OBJECT_PATH,
+                interface=CONTROL_INTERFACE,
+                member=member,
+                signature=signature,
+                body=body,
+            )
+        )
+    finally:
+        bus.disconnect()
+    if reply.message_type == MessageType.ERROR:
+        raise RuntimeError(f"fake logind {member}: {reply.error_name}: {reply.body}")
+    return reply.body[0] if reply.body else None
+
+
+async def add_inhibitor(
+    bus_address: str,
+    what: str = "shutdown",
+    who: str = "test",
+    why: str = "testing",
+    mode: str = "block",
+) -> int:
+    """Add an inhibitor to the fake logind on ``bus_address``; returns its handle."""
+    return int(await _control_call(bus_address, "AddInhibitor", "ssss", [what, who, why, mode]))
+
+
+async def remove_inhibitor(bus_address: str, handle: int) -> None:
+    await _control_call(bus_address, "RemoveInhibitor", "u", [handle])
+
+
+def read_record(path: Path) -> list[dict[str, Any]]:
+    """The calls a fake recorded in ``path`` (JSON lines), oldest first."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class FakeLogindProcess:
+    """``with FakeLogindProcess(bus.address, record) as fake: ... fake.calls()``"""
+
+    def __init__(
+        self,
+        bus_address: str,
+        record: Path,
+        *,
+        flavour: Flavour = "current",
+        inhibit: Sequence[str] = (),
+    ) -> None:
+        self.bus_address = bus_address
+        self.record = record
+        self.argv = [
+            sys.executable,
+            "-m",
+            "devtools.fake_logind",
+            "--bus",
+            bus_address,
+            "--record",
+            str(record),
+            "--logind",
+            flavour,
+            *[arg for what in inhibit for arg in ("--inhibit", what)],
+        ]
+        self.stderr_path = record.with_name(record.name + ".stderr")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 10.0) -> FakeLogindProcess:
+        root = Path(__file__).resolve().parent.parent
+        pythonpath = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
+        # stderr to a file: a pipe nobody drains could stall the fake
+        with self.stderr_path.open("wb") as stderr:
+            self._proc = subprocess.Popen(
+                self.argv,
+                cwd=root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+            )
+        assert self._proc.stdout is not None
+        os.set_blocking(self._proc.stdout.fileno(), False)
+        deadline = time.monotonic() + timeout_s
+        seen = b""
+        while b"READY\n" not in seen:
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"fake logind did not start: {self.stderr_path.read_text()}")
+            seen += self._proc.stdout.read() or b""
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def calls(self) -> list[dict[str, Any]]:
+        return read_record(self.record)
+
+    def reboots(self) -> list[dict[str, Any]]:
+        return [c for c in self.calls() if c["outcome"] == "rebooted"]
+
+    def __enter__(self) -> FakeLogindProcess:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+# ---- as a program ---------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    fake = FakeLogind(flavour=args.logind, record=args.record)
+    for what in args.inhibit:
+        fake.add_inhibitor(what=what, who="fake_logind --inhibit", why="asked on the command line")
+    bus = await MessageBus(bus_address=args.bus, bus_type=BusType.SYSTEM).connect()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await fake.start(bus)
+        print("READY", flush=True)
+        # the bus going away ends the fake too, so it never outlives its test
+        disconnected = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({disconnected, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (disconnected, stopping):
+            task.cancel()
+    finally:
+        bus.disconnect()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.fake_logind",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--bus", required=True, help="D-Bus address to serve on")
+    parser.add_argument("--record", type=Path, help="append every call here as a JSON line")
+    parser.add_argument("--logind", choices=FLAVOURS, default="current", help="which logind")
+    parser.add_argument(
+        "--inhibit",
+        action="append",
+        default=[],
+        metavar="WHAT",
+        help="start with a block inhibitor",
+    )
+    asyncio.run(_serve(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
