@@ -23,7 +23,13 @@ def test_round_trip(tmp_path: Path) -> None:
         .with_slot("u-a", SlotRecord("USR-A", "good", "1.0.0", updated="t"))
         .with_slot("u-b", SlotRecord("USR-B", "installed", "1.1.0", 4096, "ab" * 32, "t"))
     )
-    state = State(state.highest_version, state.slots, Pending("installing", "u-b", "1.1.0", "t"))
+    state = State(
+        state.highest_version,
+        state.slots,
+        Pending("installing", "u-b", "1.1.0", "t"),
+        failed_versions=("1.0.5",),
+        agent={"state": "IDLE", "failures": 2},
+    )
     store.save(state)
     assert store.load() == state
     doc = json.loads(store.path.read_text())
@@ -48,6 +54,7 @@ def test_accept_only_raises(tmp_path: Path) -> None:
         b'{"schema": 1, "slots": {"x": {"label": "A", "condition": "weird"}}}',
         b'{"schema": 1, "pending": {"step": "rebooting"}}',
         b'{"schema": 1, "highest_version": 3}',
+        b'{"schema": 1, "failed_versions": "1.0"}',
     ],
 )
 def test_corrupt_file_is_set_aside_never_trusted(tmp_path: Path, content: bytes) -> None:

@@ -134,7 +134,17 @@ def _from_json(doc: Any) -> State:
         if not isinstance(part_uuid, str) or not isinstance(version, str):
             raise _Invalid("pending needs part_uuid and version")
         pending = Pending("installing", part_uuid, version, _opt_str(raw_pending, "started") or "")
-    return State(highest_version=_opt_str(doc, "highest_version"), slots=slots, pending=pending)
+    failed = doc.get("failed_versions", [])
+    if not isinstance(failed, list) or not all(isinstance(v, str) for v in failed):
+        raise _Invalid("failed_versions must be a list of strings")
+    agent = doc.get("agent")
+    return State(
+        highest_version=_opt_str(doc, "highest_version"),
+        slots=slots,
+        pending=pending,
+        failed_versions=tuple(failed),
+        agent=agent if isinstance(agent, dict) else None,
+    )
 
 
 def _to_json(state: State) -> dict[str, Any]:

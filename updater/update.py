@@ -247,7 +247,10 @@ class Updater:
         return version
 
     def install(
-        self, check: CheckResult, cancel: threading.Event | None = None
+        self,
+        check: CheckResult,
+        cancel: threading.Event | None = None,
+        progress: ProgressFn | None = None,
     ) -> WriteResult | None:
         """Install a checked update into the other slot; None if there is nothing to do."""
         if self.source is None or self.transport is None:
@@ -263,7 +266,9 @@ class Updater:
                     "would overwrite the only known-good slot",
                     hint="run `updatectl mark-good` once the system is healthy",
                 )
-            return self._install_locked(check.manifest, booted, target, cancel)
+            return self._install_locked(
+                check.manifest, booted, target, cancel, progress or self.progress
+            )
 
     def _install_locked(
         self,
@@ -271,6 +276,7 @@ class Updater:
         booted: SlotStatus,
         target: SlotStatus,
         cancel: threading.Event | None,
+        progress: ProgressFn | None,
     ) -> WriteResult:
         slot = target.slot
         uuid = str(slot.part_uuid)
@@ -312,7 +318,7 @@ class Updater:
                     device,
                     chunk_size=self.chunk_size,
                     readback=self.readback,
-                    progress=self.progress,
+                    progress=progress,
                     cancel=cancel,
                 )
         except UpdaterError as exc:
@@ -327,8 +333,8 @@ class Updater:
             raise
 
         # 6. Only now may the target boot: once, on trial.
-        if self.progress is not None:
-            self.progress(Progress("finalize", 1, 1))
+        if progress is not None:
+            progress(Progress("finalize", 1, 1))
         self.boot.make_primary(slot)
         record = SlotRecord(
             slot.label,

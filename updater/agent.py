@@ -1,0 +1,490 @@
+"""`updatectl agent`: the daemon. A thin asyncio shell around the pure state
+machine (updater.machine): it turns timers, finished work and requests into
+events, and carries out the actions the machine returns through its ports.
+
+Blocking work (HTTP, gpg, the install, GPT writes) runs in daemon threads, so
+the event loop stays free to answer D-Bus, ping the systemd watchdog and
+handle SIGTERM, which stops the agent within a few seconds at any point: a
+running install is cancelled (the slot stays unbootable and the install
+starts over next time), a thread stuck in a network read is abandoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Protocol, TypeVar
+
+import structlog
+
+from partitions.bootcontrol import Slot
+from policies.strategy import RebootStrategy
+from updater import machine as mc
+from updater.agentapi import AgentStatus, StatusListener
+from updater.clock import Clock
+from updater.errors import Cancelled, RefusedError, UpdaterError
+from updater.install import Progress
+from updater.update import CheckResult, Updater
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+STOP_GRACE_S = 3.0  # how long a stop waits for running work to wind down
+
+
+class Rebooter(Protocol):
+    async def reboot(self) -> None:
+        """Ask the system to reboot; RefusedError(reboot_refused) if it will not."""
+        ...
+
+
+class Notifier(Protocol):
+    def ready(self) -> object: ...
+
+    def status(self, text: str) -> object: ...
+
+    def watchdog(self) -> object: ...
+
+    def stopping(self) -> object: ...
+
+    def watchdog_interval_s(self) -> float | None: ...
+
+
+class Metrics(Protocol):
+    def state_changed(self, state: str, when: float) -> None: ...
+
+    def checked(self, when: float) -> None: ...
+
+    def error(self, kind: str) -> None: ...
+
+    def installed(self, raw_bytes: int, seconds: float) -> None: ...
+
+    def rollback(self, version: str) -> None: ...
+
+    def reboot_requested(self) -> None: ...
+
+    def reboot_refused(self) -> None: ...
+
+
+class Waiter(Protocol):
+    async def __call__(self, timeout: float | None, *events: asyncio.Event) -> None:
+        """Return when one of ``events`` is set or ``timeout`` seconds passed."""
+        ...
+
+
+async def wait_any(timeout: float | None, *events: asyncio.Event) -> None:
+    """The real Waiter: the event loop's own clock."""
+    tasks = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class Blesser(Protocol):
+    async def __call__(self) -> Slot:
+        """Run the health checks and mark the booted slot good (HealthError if not)."""
+        ...
+
+
+def run_blocking(fn: Callable[[], T]) -> Awaitable[T]:
+    """Run ``fn`` in a daemon thread; its result or exception as an awaitable.
+
+    Not the default executor: its threads are joined at interpreter exit, and
+    one stuck in a read would hold a stopping agent for the whole timeout.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: object) -> None:
+        if future.done():
+            return
+        if ok:
+            future.set_result(value)  # type: ignore[arg-type]
+        else:
+            assert isinstance(value, BaseException)
+            future.set_exception(value)
+
+    def work() -> None:
+        try:
+            result: object = fn()
+            ok = True
+        except BaseException as exc:
+            result, ok = exc, False
+        with contextlib.suppress(RuntimeError):  # the loop may be gone when we stop
+            loop.call_soon_threadsafe(settle, ok, result)
+
+    threading.Thread(target=work, name="agent-work", daemon=True).start()
+    return future
+
+
+def status_text(st: AgentStatus) -> str:
+    """The one-line STATUS= shown by `systemctl status`."""
+    booted = f"booted {st.booted_slot} {st.booted_version or '?'}"
+    match st.state:
+        case "IDLE":
+            text = f"Idle, {booted}"
+            if st.last_error_kind:
+                text += f"; last error: {st.last_error_kind}"
+        case "CHECKING_FOR_UPDATE":
+            text = f"Checking for an update, {booted}"
+        case "UPDATE_AVAILABLE":
+            text = f"Update {st.new_version} available"
+        case "DOWNLOADING":
+            text = f"Downloading {st.new_version}: {st.progress:.0%}"
+        case "VERIFYING":
+            text = f"Verifying {st.new_version}: {st.progress:.0%}"
+        case "FINALIZING":
+            text = f"Finalizing {st.new_version}"
+        case "UPDATED_NEED_REBOOT":
+            text = f"Update {st.staged_version} staged, waiting for a reboot"
+        case _:
+            text = f"Error ({st.last_error_kind}): {st.last_error_message}"
+    return text
+
+
+@dataclass
+class _Booted:
+    slot: str = ""
+    version: str = ""
+    trial: bool = False
+
+
+class Agent:
+    """The running agent (implements updater.agentapi.AgentControl)."""
+
+    def __init__(
+        self,
+        *,
+        updater: Updater,
+        strategy: RebootStrategy,
+        rebooter: Rebooter,
+        bless: Blesser,
+        clock: Clock,
+        notifier: Notifier,
+        metrics: Metrics | None = None,
+        timing: mc.Timing | None = None,
+        rng: random.Random | None = None,
+        waiter: Waiter = wait_any,
+    ) -> None:
+        self.updater = updater
+        self.strategy = strategy
+        self.rebooter = rebooter
+        self._bless = bless
+        self.clock = clock
+        self.notifier = notifier
+        self.metrics = metrics
+        self.timing = timing or mc.Timing()
+        self.rng = rng or random.SystemRandom()
+        self.waiter = waiter
+        self._m = mc.Machine()
+        self._booted = _Booted()
+        self._listeners: list[StatusListener] = []
+        self._deadline: float | None = None  # monotonic time of the next Tick
+        self._wake = asyncio.Event()
+        self._cancel = threading.Event()
+        self._work: asyncio.Task[None] | None = None
+        self._check: CheckResult | None = None
+        self._stopping = False
+        self._last_status: AgentStatus | None = None
+
+    # ---- AgentControl ---------------------------------------------------------------------------
+
+    def status(self) -> AgentStatus:
+        m = self._m
+        return AgentStatus(
+            state=m.state.value,
+            booted_slot=self._booted.slot,
+            booted_version=self._booted.version,
+            staged_version=m.staged or "",
+            new_version=m.offer.version if m.offer else "",
+            new_size=m.offer.size if m.offer else 0,
+            progress=m.progress,
+            last_error_kind=m.last_error.kind if m.last_error else "",
+            last_error_message=m.last_error.message if m.last_error else "",
+            last_check_time=int(m.last_check),
+            last_change_time=int(m.since),
+        )
+
+    def subscribe(self, listener: StatusListener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    async def check_now(self) -> None:
+        await self._dispatch(mc.CheckRequested())
+
+    async def install_now(self) -> None:
+        # The agent installs whatever a check finds; an explicit install is a check now.
+        await self._dispatch(mc.CheckRequested())
+
+    async def reboot_now(self) -> None:
+        if self._m.state != mc.S.UPDATED_NEED_REBOOT:
+            raise RefusedError("nothing_staged", "no update is staged: nothing to reboot into")
+        await self._finalize(force=True)
+
+    async def mark_good(self) -> None:
+        await self._bless()
+        await self._refresh_booted()
+        self._steady()
+
+    async def reset_status(self) -> None:
+        await self._dispatch(mc.ResetRequested())
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._start()
+        watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        try:
+            while not stop.is_set():
+                timeout = None
+                if self._deadline is not None:
+                    timeout = max(0.0, self._deadline - self.clock.monotonic())
+                await self.waiter(timeout, stop, self._wake)
+                self._wake.clear()
+                if stop.is_set():
+                    break
+                if self._deadline is not None and self.clock.monotonic() >= self._deadline:
+                    self._deadline = None
+                    await self._dispatch(mc.Tick())
+        finally:
+            await self._shutdown()
+            watchdog.cancel()
+
+    async def _start(self) -> None:
+        now = self.clock.now().timestamp()
+        rolled_back = await run_blocking(self.updater.note_rollback)
+        if rolled_back is not None:
+            log.error("rollback_reported", failed_version=rolled_back)
+            if self.metrics is not None:
+                self.metrics.rollback(rolled_back)
+        state = self.updater.store.load()
+        staged = await run_blocking(self.updater.staged_slot_boots_next)
+        resumed = mc.resume(mc.from_dict(state.agent), now, staged_still_next=staged)
+        self._m = resumed.machine
+        if not staged:
+            self.updater.clear_reboot_sentinel()
+        await self._refresh_booted()
+        log.info(
+            "agent_started",
+            state=self._m.state.value,
+            resume=resumed.note,
+            failures=self._m.failures,
+            booted=self._booted.slot,
+            booted_version=self._booted.version,
+        )
+        self._persist()
+        self._publish(force=True)
+        self.notifier.ready()
+        if not self._booted.trial:
+            self._steady()
+        delay = mc.first_delay(self._m, self.timing, self.rng.random())
+        self._deadline = self.clock.monotonic() + delay
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        self.notifier.stopping()
+        self._cancel.set()
+        if self._work is not None and not self._work.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._work), STOP_GRACE_S)
+        self._persist()
+        log.info("agent_stopped", state=self._m.state.value)
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval_s()
+        if interval is None:
+            return
+        while True:  # from the event loop itself: a stuck loop stops the pings
+            self.notifier.watchdog()
+            await asyncio.sleep(interval / 2)
+
+    async def _refresh_booted(self) -> None:
+        try:
+            report = await run_blocking(self.updater.status)
+        except UpdaterError as exc:
+            log.error("booted_slot_unknown", error_kind=exc.kind, error=exc.message)
+            return
+        booted = next(s for s in report.slots if s.booted)
+        self._booted = _Booted(
+            report.booted, report.booted_version or "", not booted.flags.successful
+        )
+
+    def _steady(self) -> None:
+        try:
+            self.strategy.report_steady()
+        except Exception as exc:  # fail closed: nothing to release is no harm
+            log.error("report_steady_failed", error=str(exc))
+
+    # ---- events and actions ---------------------------------------------------------------------
+
+    async def _dispatch(self, event: mc.Event) -> None:
+        before = self._m
+        self._m, actions = mc.step(self._m, event, self.clock.now().timestamp())
+        if mc.to_dict(before) != mc.to_dict(self._m):
+            self._persist()
+        self._publish()
+        self._reschedule()
+        for action in actions:
+            await self._execute(action)
+
+    def _reschedule(self) -> None:
+        delay = mc.next_delay(self._m, self.timing, self.rng.random())
+        self._deadline = None if delay is None else self.clock.monotonic() + delay
+        self._wake.set()
+
+    async def _execute(self, action: mc.Action) -> None:
+        match action:
+            case mc.Check():
+                self._start_work(self._do_check())
+            case mc.Install(offer=offer):
+                self._start_work(self._do_install(offer))
+            case mc.Finalize(force=force):
+                await self._finalize(force)
+            case mc.ReportError(error=error):
+                log.error(
+                    "update_failed",
+                    error_kind=error.kind,
+                    error=error.message,
+                    failures=self._m.failures,
+                )
+                if self.metrics is not None:
+                    self.metrics.error(error.kind)
+                await self._dispatch(mc.ErrorReported())
+
+    def _start_work(self, coro: Awaitable[None]) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("agent_work_crashed")
+
+        self._work = asyncio.create_task(guarded())
+
+    async def _fail(self, exc: UpdaterError) -> None:
+        if isinstance(exc, Cancelled) or self._stopping:
+            return  # stopping: the state is persisted as it is and resumes at start
+        await self._dispatch(mc.Failed(mc.ErrorInfo(exc.kind, exc.message)))
+
+    async def _do_check(self) -> None:
+        if self._booted.trial:
+            # Not blessed yet: installing would overwrite the only known-good slot.
+            log.info("check_skipped_trial_boot", booted=self._booted.slot)
+            await self._dispatch(mc.NoUpdate())
+            return
+        try:
+            result = await run_blocking(self.updater.check)
+        except UpdaterError as exc:
+            await self._fail(exc)
+            return
+        if self.metrics is not None:
+            self.metrics.checked(self.clock.now().timestamp())
+        self._check = result
+        m = result.manifest
+        if result.staged:
+            await self._dispatch(mc.AlreadyStaged(m.version))
+        elif result.update_available:
+            await self._dispatch(mc.UpdateFound(mc.Offer(m.version, m.image.size)))
+        else:
+            await self._dispatch(mc.NoUpdate())
+
+    async def _do_install(self, offer: mc.Offer) -> None:
+        check = self._check
+        assert check is not None and check.manifest.version == offer.version
+        loop = asyncio.get_running_loop()
+        last: list[str] = [""]
+
+        def on_progress(p: Progress) -> None:  # from the install's thread
+            phase = {"download": "download", "readback": "verify", "finalize": "finalize"}[p.phase]
+            fraction = p.done / p.total if p.total else 1.0
+            key = f"{phase}:{fraction:.2f}"
+            if key != last[0]:
+                last[0] = key
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._progress, phase, fraction)
+
+        self._cancel.clear()
+        try:
+            result = await run_blocking(
+                lambda: self.updater.install(check, self._cancel, on_progress)
+            )
+        except UpdaterError as exc:
+            await self._fail(exc)
+            return
+        if result is not None and self.metrics is not None:
+            self.metrics.installed(result.raw_size, result.seconds)
+        await self._dispatch(mc.Staged(offer.version))
+
+    def _progress(self, phase: str, fraction: float) -> None:
+        if self._m.state not in mc.INSTALLING or self._stopping:
+            return
+        event = mc.Progressed(phase, fraction)  # type: ignore[arg-type]
+        try:
+            self._m, _ = mc.step(self._m, event, self.clock.now().timestamp())
+        except mc.InvalidTransition:
+            return  # a late callback after the install ended
+        self._publish()
+
+    async def _finalize(self, force: bool) -> None:
+        if not force:
+            try:
+                allowed = self.strategy.can_finalize()
+            except Exception as exc:  # fail closed, and count it
+                log.error("reboot_policy_failed", strategy=self.strategy.name, error=str(exc))
+                if self.metrics is not None:
+                    self.metrics.error("policy")
+                allowed = False
+            if not allowed:
+                log.info("reboot_deferred", strategy=self.strategy.name, staged=self._m.staged)
+                return
+        log.info("reboot_requested", staged=self._m.staged, forced=force)
+        if self.metrics is not None:
+            self.metrics.reboot_requested()
+        try:
+            await self.rebooter.reboot()
+        except RefusedError as exc:
+            log.warning("reboot_refused", error=exc.message, refusals=self._m.reboot_refusals + 1)
+            if self.metrics is not None:
+                self.metrics.reboot_refused()
+            await self._dispatch(mc.RebootRefused(mc.ErrorInfo(exc.kind, exc.message)))
+            if force:
+                raise
+            return
+        await self._dispatch(mc.RebootStarted())
+
+    # ---- publishing -----------------------------------------------------------------------------
+
+    def _persist(self) -> None:
+        record = mc.to_dict(self._m)
+        try:
+            self.updater.store.update(lambda st: replace(st, agent=record))
+        except UpdaterError as exc:
+            log.error("state_not_saved", error_kind=exc.kind, error=exc.message)
+
+    def _publish(self, force: bool = False) -> None:
+        st = self.status()
+        if st == self._last_status and not force:
+            return
+        previous = self._last_status
+        self._last_status = st
+        if previous is None or previous.state != st.state:
+            log.info(
+                "state_changed",
+                state=st.state,
+                previous=previous.state if previous else None,
+                version=st.new_version or st.staged_version or None,
+            )
+            if self.metrics is not None:
+                self.metrics.state_changed(st.state, self.clock.now().timestamp())
+        self.notifier.status(status_text(st))
+        for listener in list(self._listeners):
+            try:
+                listener(st)
+            except Exception:
+                log.exception("status_listener_failed")
