@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from uuid import UUID
 
@@ -9,7 +10,13 @@ import pytest
 
 from partitions.bootcontrol import Slot, SlotFlags, SlotStatus
 from updater.state import Pending, SlotRecord, State
-from updater.update import host_state, is_staged, rollback_refusal, slot_version
+from updater.update import (
+    detect_rollback,
+    host_state,
+    is_staged,
+    rollback_refusal,
+    slot_version,
+)
 
 A = Slot("USR-A", 1, UUID(int=1), Path("/dev/vda"), 1 << 20, 1 << 30)
 B = Slot("USR-B", 2, UUID(int=2), Path("/dev/vda"), (1 << 20) + (1 << 30), 1 << 30)
@@ -79,6 +86,25 @@ def test_host_state(
     st: State, booted: SlotStatus, primary: Slot | None, busy: bool, expected: str
 ) -> None:
     assert host_state(st, booted, primary, busy) == expected
+
+
+@pytest.mark.parametrize(
+    ("record", "flags", "failed", "version"),
+    [
+        (INSTALLED, BAD, (), "1.1.0"),  # the trial boot failed: back on the old slot
+        (SlotRecord("USR-B", "bad", "1.1.0"), BAD, (), "1.1.0"),  # health checks failed
+        (SlotRecord("USR-B", "bad", "1.1.0"), BAD, ("1.1.0",), None),  # reported already
+        (INSTALLED, TRIAL, (), None),  # staged, not booted yet
+        (INSTALLED, GOOD, (), None),
+        (HALF, BAD, (), None),  # a failed install is no rollback
+        (None, BAD, (), None),
+    ],
+)
+def test_detect_rollback(
+    record: SlotRecord | None, flags: SlotFlags, failed: tuple[str, ...], version: str | None
+) -> None:
+    st = replace(state(b=record), failed_versions=failed)
+    assert detect_rollback(st, SlotStatus(B, flags)) == version
 
 
 @pytest.mark.parametrize(

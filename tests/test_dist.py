@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -27,6 +28,20 @@ def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
         line for line in done.stderr.decode().splitlines() if unit.name in line or "updater" in line
     ]
     assert done.returncode == 0 and not problems, done.stderr.decode()
+
+
+def test_the_agent_unit() -> None:
+    text = (DIST / "updater.service").read_text()
+    for line in ("Type=notify", "WatchdogSec=", "ExecStart=/usr/bin/updatectl agent"):
+        assert line in text
+    mark_good = (DIST / "updater-mark-good.service").read_text()
+    assert "After=local-fs.target boot-complete.target" in mark_good
+
+
+def test_dbus_policy_is_well_formed() -> None:
+    policy = DIST / "dbus-1" / "system.d" / "org.updater.Agent1.conf"
+    root = ElementTree.parse(policy).getroot()  # our own file, not network input
+    assert root.tag == "busconfig"
 
 
 def test_example_config_is_valid() -> None:

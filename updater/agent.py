@@ -28,6 +28,7 @@ from updater.agentapi import AgentStatus, StatusListener
 from updater.clock import Clock
 from updater.errors import Cancelled, RefusedError, UpdaterError
 from updater.install import Progress
+from updater.rebooter import Rebooter
 from updater.update import CheckResult, Updater
 
 log = structlog.get_logger(__name__)
@@ -35,12 +36,6 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 STOP_GRACE_S = 3.0  # how long a stop waits for running work to wind down
-
-
-class Rebooter(Protocol):
-    async def reboot(self) -> None:
-        """Ask the system to reboot; RefusedError(reboot_refused) if it will not."""
-        ...
 
 
 class Notifier(Protocol):
@@ -373,6 +368,7 @@ class Agent:
         await self._dispatch(mc.Failed(mc.ErrorInfo(exc.kind, exc.message)))
 
     async def _do_check(self) -> None:
+        await self._refresh_booted()  # `updatectl mark-good` may have blessed it meanwhile
         if self._booted.trial:
             # Not blessed yet: installing would overwrite the only known-good slot.
             log.info("check_skipped_trial_boot", booted=self._booted.slot)

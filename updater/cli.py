@@ -4,16 +4,21 @@ prints results (``--json`` for machines), and maps errors to exit codes."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
 from updater import compose, config, release
+from updater.agent import status_text
+from updater.agentapi import AgentStatus
 from updater.clock import SystemClock
+from updater.dbus_api import read_status
 from updater.errors import ConfigError, UpdaterError
 from updater.install import WriteResult
 from updater.log import configure
@@ -106,17 +111,45 @@ def _print_status(r: StatusReport, out: TextIO) -> None:
         )
 
 
+def _print_agent(st: AgentStatus, out: TextIO) -> None:
+    out.write(f"Agent:          {st.state} ({status_text(st)})\n")
+    if st.last_check_time:
+        when = datetime.fromtimestamp(st.last_check_time, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        out.write(f"Last check:     {when}\n")
+    if st.last_error_kind:
+        out.write(f"Last error:     {st.last_error_kind}: {st.last_error_message}\n")
+
+
 def cmd_status(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    report = compose.updater(cfg).status()
+    agent = asyncio.run(read_status()) if cfg.agent.dbus else None
+    try:
+        report: StatusReport | None = compose.updater(cfg).status()
+    except UpdaterError:
+        if agent is None:
+            raise
+        report = None  # e.g. not root: the disk is unreadable, the agent answered
     if args.json:
-        _emit_json(out, as_dict(report))
+        doc = dict(as_dict(report)) if report is not None else {}
+        doc["agent"] = None if agent is None else dataclasses.asdict(agent)
+        _emit_json(out, doc)
+        return 0
+    if agent is not None:
+        _print_agent(agent, out)
     else:
+        out.write("Agent:          not running (state from the disk and the state file)\n")
+    if report is not None:
         _print_status(report, out)
     return 0
 
 
+def cmd_agent(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    configure(logging.DEBUG if args.verbose > 1 else logging.INFO, mode=args.log or cfg.agent.log)
+    asyncio.run(compose.run_agent(cfg))
+    return 0
+
+
 def cmd_mark_good(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    slot = compose.updater(cfg).mark_good()
+    slot = asyncio.run(compose.mark_good(cfg))
     if args.json:
         _emit_json(out, {"marked_good": slot.label})
     else:
@@ -197,7 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = add("check", cmd_check, "ask the release repository for a newer, signed version")
     c.add_argument("--install", action="store_true", help="install it into the other slot")
     add("status", cmd_status, "show the slots, versions and the update state")
-    add("mark-good", cmd_mark_good, "declare the booted slot healthy so it keeps booting")
+    add(
+        "mark-good",
+        cmd_mark_good,
+        "run the health checks; pass: the booted slot keeps booting, fail: fall back",
+    )
+    a = add("agent", cmd_agent, "run the update agent (the systemd service)")
+    a.add_argument(
+        "--log",
+        choices=["auto", "journal", "console", "json"],
+        help="log destination (default: [agent] log, auto)",
+    )
     add("rollback", cmd_rollback, "boot the other slot next, if it holds a verified install")
     r = add("release", cmd_release, "publish a signed release into a repository directory")
     r.add_argument("--image", type=Path, required=True, help="the raw image file")

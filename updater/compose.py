@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from pathlib import Path
 
+import structlog
+from dbus_fast import BusType
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import DBusError
+
 from partitions import booted
+from partitions.bootcontrol import Slot
 from partitions.gptprio import GptPrioBootControl
+from policies.strategy import STRATEGIES
+from updater import dbus_api
+from updater.agent import Agent
+from updater.blessing import bless
 from updater.clock import SystemClock
 from updater.config import Config
 from updater.errors import ConfigError
 from updater.gpg import GnupgVerifier
+from updater.health import HealthChecker, SystemdUnits
 from updater.install import ProgressFn
+from updater.machine import Timing
+from updater.metrics import Metrics
+from updater.rebooter import LogindRebooter, Rebooter, UnavailableRebooter
+from updater.sdnotify import Notifier
 from updater.source import HttpCache, StaticSource
 from updater.state import StateStore
 from updater.transport import HttpSettings, HttpTransport, SchemeTransport
 from updater.update import Updater
+
+log = structlog.get_logger(__name__)
 
 
 def disk_of(config: Config) -> Path:
@@ -60,3 +79,80 @@ def updater(
         reboot_sentinel=config.agent.reboot_sentinel,
         progress=progress,
     )
+
+
+def timing(config: Config) -> Timing:
+    a = config.agent
+    return Timing(
+        poll_interval_s=a.poll_interval_s,
+        first_check_delay_s=a.first_check_delay_s,
+        jitter=a.jitter,
+        retry_base_s=a.retry_base_s,
+        retry_cap_s=a.retry_cap_s,
+        reboot_retry_s=config.reboot.retry_s,
+    )
+
+
+def health_checker(config: Config) -> HealthChecker:
+    h = config.health
+    return HealthChecker(h.checks_dir, h.timeout_s, h.units, SystemdUnits() if h.units else None)
+
+
+async def system_bus() -> MessageBus | None:
+    """The system bus (DBUS_SYSTEM_BUS_ADDRESS honoured), or None if it cannot be reached."""
+    try:
+        return await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), 10)
+    except (OSError, TimeoutError, DBusError, ValueError) as exc:
+        log.warning("system_bus_unavailable", error=str(exc))
+        return None
+
+
+def rebooter(bus: MessageBus | None) -> Rebooter:
+    return LogindRebooter(bus) if bus is not None else UnavailableRebooter("no system bus")
+
+
+async def mark_good(config: Config) -> Slot:
+    """`updatectl mark-good`: health checks, then bless (or give up) the booted slot."""
+    up = updater(config)
+    bus = await system_bus()
+    try:
+        return await bless(up, health_checker(config), rebooter(bus))
+    finally:
+        if bus is not None:
+            bus.disconnect()
+
+
+async def run_agent(config: Config) -> None:
+    """`updatectl agent`: run until SIGTERM or SIGINT."""
+    up = updater(config, need_source=True)
+    bus = await system_bus()
+    metrics = Metrics()
+    server = metrics.serve(config.metrics.listen) if config.metrics.listen else None
+    checks = health_checker(config)
+    reboot = rebooter(bus)
+    agent = Agent(
+        updater=up,
+        strategy=STRATEGIES[config.reboot.strategy](),
+        rebooter=reboot,
+        bless=lambda: bless(up, checks, reboot),
+        clock=up.clock,
+        notifier=Notifier(),
+        metrics=metrics,
+        timing=timing(config),
+    )
+    service = None
+    if bus is not None and config.agent.dbus:
+        service = await dbus_api.serve(agent, bus, coreos_compat=config.agent.coreos_compat)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.run(stop)
+    finally:
+        if service is not None:
+            await service.close()
+        if bus is not None:
+            bus.disconnect()
+        if server is not None:
+            server.close()

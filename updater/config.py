@@ -17,12 +17,13 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import structlog
 
 from updater.errors import ConfigError
+from updater.log import LogMode
 from updater.manifest import valid_channel
 
 log = structlog.get_logger(__name__)
@@ -72,7 +73,7 @@ class AgentConfig:
     retry_cap_s: float = 3600.0  # the longest backoff
     dbus: bool = True  # publish org.updater.Agent1 on the system bus
     coreos_compat: bool = False  # also com.coreos.update1 (locksmith, FLUO)
-    log: str = "auto"  # auto | journal | console | json
+    log: LogMode = "auto"
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,7 @@ def _agent(s: _Section) -> AgentConfig:
         retry_cap_s=retry_cap,
         dbus=s.bool_("dbus", d.dbus),
         coreos_compat=s.bool_("coreos_compat", d.coreos_compat),
-        log=log_mode,
+        log=cast(LogMode, log_mode),
     )
 
 

@@ -190,3 +190,18 @@ class LogindRebooter:
             message = f"logind refused the reboot: {error}: {text}"
             hint = "the reboot is retried later"
         raise RefusedError("reboot_refused", message, hint=hint)
+
+
+class UnavailableRebooter:
+    """No system bus: every reboot is refused (and retried later by the agent)."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    async def reboot(self) -> None:
+        log.error("reboot_refused", reason="no_system_bus", error=self.why)
+        raise RefusedError(
+            "reboot_refused",
+            f"cannot reach logind: {self.why}",
+            hint="the agent needs the system D-Bus to reboot",
+        )

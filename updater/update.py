@@ -93,14 +93,17 @@ def detect_rollback(state: State, other: SlotStatus) -> str | None:
     """The version whose trial boot failed, if the host came back on the old slot.
 
     The other slot holds an install that was verified and made the next boot
-    ("installed"), yet it is no longer bootable and was never blessed: the
-    firmware spent its try (or it was marked bad after failed health checks)
-    and booted the old slot again.
+    ("installed"), or one given up after failed health checks ("bad"), and it
+    is neither bootable nor blessed: the firmware spent its try or the agent
+    marked it bad, and the old slot booted again. Reported once: the version
+    then joins ``failed_versions``.
     """
     rec = state.slots.get(str(other.slot.part_uuid))
-    if rec is None or rec.condition != "installed" or rec.version is None:
+    if rec is None or rec.condition not in ("installed", "bad") or rec.version is None:
         return None
     if other.flags.bootable or other.flags.successful:
+        return None
+    if rec.version in state.failed_versions:
         return None
     return rec.version
 
@@ -402,9 +405,11 @@ class Updater:
             self.boot.mark_bad(booted.slot)
             uuid = str(booted.slot.part_uuid)
             rec = self.store.load().slots.get(uuid)
-            if rec is not None and rec.version:
+            if rec is not None:
+                # The version joins failed_versions when the old slot has booted
+                # again and the agent reports the rollback (note_rollback).
                 bad = replace(rec, condition="bad", updated=now_iso(self.clock.now()))
-                self.store.update(lambda st: st.fail(bad.version or "").with_slot(uuid, bad))
+                self.store.update(lambda st: st.with_slot(uuid, bad))
             log.error("marked_bad", slot=booted.slot.label, version=rec.version if rec else None)
             return booted.slot
 

@@ -1,0 +1,399 @@
+"""Prometheus metrics of the agent, served over loopback HTTP or a Unix socket.
+
+The agent owns one :class:`Metrics` (its own ``CollectorRegistry``, never the
+process-global one, so tests and several agents in one process do not mix) and
+calls its methods as things happen. ``serve()`` exposes it in the Prometheus
+text format on ``/metrics``; only a loopback address or a Unix socket is
+accepted: the numbers are not secret, but the agent has no business listening
+on the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import selectors
+import socket
+import socketserver
+import stat
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import choose_encoder
+
+from updater import errors
+from updater.agentapi import STATES
+from updater.errors import ConfigError, RefusedError
+
+log = structlog.get_logger(__name__)
+
+OTHER_KIND = "other"  # label value for an error kind we do not know (keeps labels bounded)
+# kinds the agent counts that are not UpdaterError kinds
+AGENT_KINDS = frozenset({"policy"})  # a reboot strategy failed (and so said no)
+_REQUEST_TIMEOUT_S = 10.0  # a scraper that stalls longer is dropped
+_SOCKET_MODE = 0o660
+
+
+def error_kinds() -> frozenset[str]:
+    """Every ``kind`` of every UpdaterError category, plus AGENT_KINDS: the bounded
+    label set."""
+    kinds: set[str] = set(AGENT_KINDS)
+    todo: list[type[errors.UpdaterError]] = [errors.UpdaterError]
+    while todo:
+        cls = todo.pop()
+        kinds |= cls.kinds
+        todo.extend(cls.__subclasses__())
+    return frozenset(kinds)
+
+
+class Metrics:
+    """What the daemon counts. Thread-safe (prometheus-client locks each value)."""
+
+    def __init__(self, states: Iterable[str] = STATES, kinds: frozenset[str] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.states = tuple(states)
+        self.kinds = error_kinds() if kinds is None else kinds
+        r = self.registry
+        self._state = Gauge(
+            "updater_state",
+            "1 for the agent's current state, 0 for the others",
+            ["state"],
+            registry=r,
+        )
+        for s in self.states:
+            self._state.labels(state=s).set(0)
+        self._state_changed = Gauge(
+            "updater_last_state_change_timestamp_seconds",
+            "Unix time of the last state change",
+            registry=r,
+        )
+        self._last_check = Gauge(
+            "updater_last_check_timestamp_seconds",
+            "Unix time of the last successful update check (0: none yet)",
+            registry=r,
+        )
+        self._checks = Counter(
+            "updater_checks", "Update checks finished, successful or not", registry=r
+        )
+        self._check_failures = Counter(
+            "updater_check_failures",
+            "Update checks that failed, by error kind",
+            ["kind"],
+            registry=r,
+        )
+        self._errors = Counter(
+            "updater_errors",
+            "Errors of any step (failed checks included), by kind",
+            ["kind"],
+            registry=r,
+        )
+        self._installs = Counter("updater_installs", "Updates installed into a slot", registry=r)
+        self._install_bytes = Counter(
+            "updater_installed_bytes", "Raw image bytes written by installs", registry=r
+        )
+        self._install_seconds = Counter(
+            "updater_install_seconds", "Seconds spent in successful installs", registry=r
+        )
+        self._rollbacks = Counter(
+            "updater_rollbacks",
+            "Boots that came back on the old slot after an update",
+            registry=r,
+        )
+        self._rollback_version = Gauge(
+            "updater_last_rollback_info",
+            "The version of the last update rolled back",
+            ["version"],
+            registry=r,
+        )
+        self._reboots_requested = Counter(
+            "updater_reboots_requested", "Reboots the agent asked for", registry=r
+        )
+        self._reboots_refused = Counter(
+            "updater_reboots_refused", "Reboots refused (inhibitors, logind errors)", registry=r
+        )
+
+    # ---- what the daemon calls ---------------------------------------------------------------
+
+    def state_changed(self, state: str, when: float) -> None:
+        if state not in self.states:
+            raise ValueError(f"unknown state {state!r}")
+        for s in self.states:
+            self._state.labels(state=s).set(1 if s == state else 0)
+        self._state_changed.set(when)
+
+    def checked(self, when: float) -> None:
+        """A check finished successfully at ``when`` (unix seconds)."""
+        self._checks.inc()
+        self._last_check.set(when)
+
+    def check_failed(self, kind: str) -> None:
+        """A check failed; counted in the errors too (do not also call ``error``)."""
+        k = self._bounded(kind)
+        self._checks.inc()
+        self._check_failures.labels(kind=k).inc()
+        self._errors.labels(kind=k).inc()
+
+    def error(self, kind: str) -> None:
+        """Any other failed step (download, install, reboot, state, health)."""
+        self._errors.labels(kind=self._bounded(kind)).inc()
+
+    def installed(self, raw_bytes: int, seconds: float) -> None:
+        self._installs.inc()
+        self._install_bytes.inc(raw_bytes)
+        self._install_seconds.inc(seconds)
+
+    def rollback(self, version: str) -> None:
+        self._rollbacks.inc()
+        self._rollback_version.clear()  # one series: the latest
+        self._rollback_version.labels(version=version).set(1)
+
+    def reboot_requested(self) -> None:
+        self._reboots_requested.inc()
+
+    def reboot_refused(self) -> None:
+        self._reboots_refused.inc()
+
+    # ---- exposition ----------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The Prometheus text format, as served."""
+        return generate_latest(self.registry)
+
+    def serve(self, listen: str) -> MetricsServer:
+        """Serve ``/metrics`` on ``listen`` (see :func:`parse_listen`) from a thread."""
+        return MetricsServer(self.registry, parse_listen(listen))
+
+    def _bounded(self, kind: str) -> str:
+        return kind if kind in self.kinds else OTHER_KIND
+
+
+# ---- where to listen ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    family: Literal["tcp", "unix"]
+    host: str = ""  # tcp: a loopback IP literal
+    port: int = 0  # tcp: 0 picks a free port
+    path: Path | None = None  # unix
+
+    def __str__(self) -> str:
+        if self.family == "unix":
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_HINT = 'use "127.0.0.1:PORT", "[::1]:PORT" or "unix:/run/updater/metrics.sock"'
+
+
+def parse_listen(listen: str, *, key: str | None = None) -> ListenAddress:
+    """``127.0.0.1:9464``, ``[::1]:9464`` or ``unix:/abs/path``; anything that is
+    not loopback is refused (ConfigError ``invalid``; ``key`` names the setting)."""
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(
+            "invalid", f"metrics listen address {listen!r}: {why}", key=key, hint=_HINT
+        )
+
+    if listen.startswith("unix:"):
+        path = Path(listen[len("unix:") :])
+        if not path.is_absolute() or path.name in ("", ".", ".."):
+            raise bad("a Unix socket needs an absolute file path")
+        if len(os.fsencode(path)) >= 108:  # sun_path
+            raise bad("the socket path is too long")
+        return ListenAddress("unix", path=path)
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host:
+        raise bad("expected HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise bad("write an IPv6 address in brackets")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise bad("the host must be a loopback IP address, not a name") from None
+    if not ip.is_loopback:
+        raise bad("only loopback addresses are allowed")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise bad("the port must be a number from 0 to 65535")
+    return ListenAddress("tcp", host=str(ip), port=int(port_text))
+
+
+# ---- the HTTP server ---------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    timeout = _REQUEST_TIMEOUT_S
+    server_version = "updater-metrics"
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/":
+            self._reply(200, b"updater metrics: /metrics\n", "text/plain; charset=utf-8")
+            return
+        if path != "/metrics":
+            self._reply(404, b"not found; try /metrics\n", "text/plain; charset=utf-8")
+            return
+        registry: CollectorRegistry = getattr(self.server, "registry")  # noqa: B009
+        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+        self._reply(200, encoder(registry), content_type)
+
+    def _reply(self, code: int, body: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def address_string(self) -> str:
+        return self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every few seconds is not worth a log line
+
+
+class _TCPServer(ThreadingHTTPServer):
+    daemon_threads = False
+    block_on_close = True  # server_close() joins the request threads
+
+    def __init__(self, address: ListenAddress, registry: CollectorRegistry) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        self.registry = registry
+        super().__init__((address.host, address.port), _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would resolve the host's name (getfqdn): not needed.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self, path: Path, registry: CollectorRegistry) -> None:
+        self.path = path
+        self.registry = registry
+        self.inode = 0
+        super().__init__(str(path), _Handler)
+
+    def server_bind(self) -> None:
+        # Bind under a temporary name, set the mode, then rename over the final
+        # name: no moment with a wrong mode, and a stale socket is replaced atomically.
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        self.socket.bind(str(tmp))
+        try:
+            os.chmod(tmp, _SOCKET_MODE)
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.inode = os.stat(self.path).st_ino
+
+
+def _check_unix_path(path: Path) -> None:
+    """Refuse to clobber a file that is not a socket, or a live socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(
+            "invalid",
+            f"metrics socket {path} exists and is not a socket",
+            hint="remove it or choose another path",
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        log.info("metrics_stale_socket_replaced", path=str(path))
+        return
+    finally:
+        probe.close()
+    raise RefusedError(
+        "busy",
+        f"another process serves metrics on {path}",
+        hint="stop it, or choose another metrics address",
+    )
+
+
+class MetricsServer:
+    """A running ``/metrics`` endpoint; ``close()`` stops it and removes its socket."""
+
+    def __init__(self, registry: CollectorRegistry, address: ListenAddress) -> None:
+        self._server: _TCPServer | _UnixServer
+        if address.family == "unix":
+            assert address.path is not None
+            address.path.parent.mkdir(parents=True, exist_ok=True)
+            _check_unix_path(address.path)
+            self._server = _UnixServer(address.path, registry)
+            self.address = address
+        else:
+            self._server = _TCPServer(address, registry)
+            host, port = self._server.server_address[:2]
+            self.address = ListenAddress("tcp", host=str(host), port=int(port))
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
+        self._closed = False
+        self._thread.start()
+        log.info("metrics_serving", address=str(self.address))
+
+    def _serve(self) -> None:
+        # Wait on the listening socket and a wake-up pipe: no idle polling, and
+        # close() returns at once.
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._server.socket, selectors.EVENT_READ, "accept")
+            sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "wake":
+                        return
+                    try:
+                        self._server.handle_request()
+                    except Exception as exc:  # one bad connection must not stop serving
+                        log.warning("metrics_request_failed", error=str(exc))
+
+    @property
+    def url(self) -> str:
+        """``http://HOST:PORT/metrics`` (TCP) or the socket path's ``unix:`` form."""
+        if self.address.family == "unix":
+            return str(self.address)
+        return f"http://{self.address}/metrics"
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        os.write(self._wake_w, b"x")
+        self._thread.join()
+        self._server.server_close()  # joins request threads
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if isinstance(self._server, _UnixServer):
+            path = self._server.path
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(path).st_ino == self._server.inode:  # still ours
+                    path.unlink()
+        log.info("metrics_stopped", address=str(self.address))
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
