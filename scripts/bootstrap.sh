@@ -13,15 +13,13 @@ declare -A tools=(
   [sfdisk]=fdisk [cgpt]=cgpt [sgdisk]=gdisk [gpg]=gnupg [gpgconf]=gnupg
   [zstd]=zstd [xz]=xz-utils [curl]=curl [openssl]=openssl
   [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [losetup]=mount [partx]=util-linux
-  [pkg-config]=pkg-config [dbus-daemon]=dbus [mformat]=mtools
+  [dbus-daemon]=dbus [mformat]=mtools [systemd-analyze]=systemd
 )
 missing=()
 for cmd in "${!tools[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 \
     || missing+=("${tools[$cmd]}")
 done
-# systemd-python builds against libsystemd
-pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
 if ((${#missing[@]})); then
   pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

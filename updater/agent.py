@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
 import random
 import threading
 from collections.abc import Awaitable, Callable
@@ -54,6 +56,8 @@ class Metrics(Protocol):
     def state_changed(self, state: str, when: float) -> None: ...
 
     def checked(self, when: float) -> None: ...
+
+    def check_failed(self, kind: str) -> None: ...
 
     def error(self, kind: str) -> None: ...
 
@@ -117,6 +121,13 @@ def run_blocking(fn: Callable[[], T]) -> Awaitable[T]:
 
     threading.Thread(target=work, name="agent-work", daemon=True).start()
     return future
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the system (glibc's malloc_trim)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def status_text(st: AgentStatus) -> str:
@@ -349,8 +360,6 @@ class Agent:
                     error=error.message,
                     failures=self._m.failures,
                 )
-                if self.metrics is not None:
-                    self.metrics.error(error.kind)
                 await self._dispatch(mc.ErrorReported())
 
     def _start_work(self, coro: Awaitable[None]) -> None:
@@ -359,12 +368,19 @@ class Agent:
                 await coro
             except Exception:
                 log.exception("agent_work_crashed")
+            finally:
+                release_memory()  # an idle agent should not keep an install's heap
 
         self._work = asyncio.create_task(guarded())
 
     async def _fail(self, exc: UpdaterError) -> None:
         if isinstance(exc, Cancelled) or self._stopping:
             return  # stopping: the state is persisted as it is and resumes at start
+        if self.metrics is not None:
+            if self._m.state == mc.S.CHECKING_FOR_UPDATE:
+                self.metrics.check_failed(exc.kind)  # counts in errors_total too
+            else:
+                self.metrics.error(exc.kind)
         await self._dispatch(mc.Failed(mc.ErrorInfo(exc.kind, exc.message)))
 
     async def _do_check(self) -> None:
