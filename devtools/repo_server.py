@@ -60,6 +60,7 @@ class _Shared:
     closing: threading.Event = field(default_factory=threading.Event)
     idle: threading.Condition = field(default_factory=threading.Condition)
     in_flight: int = 0  # requests being answered (recorded only when done)
+    begun: list[str] = field(default_factory=list)  # paths of every request, as it arrives
 
 
 def etag_of(st: os.stat_result) -> str:
@@ -93,6 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
         shared = self.server.shared
         with shared.idle:
             shared.in_flight += 1
+            shared.begun.append(unquote(urlsplit(self.path).path))
         try:
             self._get()
         finally:
@@ -237,6 +239,12 @@ class RepoServer:
             shared.idle.wait_for(lambda: shared.in_flight == 0, timeout=5)
         with self._server.shared.lock:
             return list(self._server.shared.requests)
+
+    @property
+    def begun(self) -> list[str]:
+        """The path of every request received, answered or not (a hung one too)."""
+        with self._server.shared.idle:
+            return list(self._server.shared.begun)
 
     def fault(self, path: str, fault: Fault) -> None:
         self._server.shared.faults[path] = fault
