@@ -11,6 +11,7 @@ import pytest
 from devtools.gpgkeys import SigningKey
 from updater.errors import VerificationError
 from updater.gpg import GnupgVerifier, sign_detached
+from updater.run import run
 
 
 def signed(tmp_path: Path, key: SigningKey, data: bytes) -> bytes:
@@ -80,6 +81,9 @@ def test_private_home_is_removed(
     sig = signed(tmp_path, release_key, b"hello")
     GnupgVerifier([release_key.public_key]).verify(b"hello", sig)
     assert list((tmp_path / "tmp").iterdir()) == []
+    # no gpg-agent was started for it (one would outlive a process killed mid-check)
+    agents = run(["pgrep", "-f", f"gpg-agent --homedir {tmp_path / 'tmp'}"], check=False)
+    assert agents.returncode == 1, agents.text
 
 
 def test_sign_with_unknown_key_fails(tmp_path: Path, release_key: SigningKey) -> None:

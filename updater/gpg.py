@@ -81,7 +81,11 @@ class GnupgVerifier:
 
     def verify(self, data: bytes, signature: bytes) -> SignatureVerdict:
         with private_home() as home:
-            gpg = gnupg.GPG(gpgbinary=self._gpg_binary, gnupghome=str(home))
+            # Verifying needs no gpg-agent: never start one, so that a process
+            # killed mid-check (SIGKILL skips the cleanup) leaves none behind.
+            gpg = gnupg.GPG(
+                gpgbinary=self._gpg_binary, gnupghome=str(home), options=["--no-autostart"]
+            )
             trusted = self._import(gpg)
             sig_path = home / "detached.asc"
             sig_path.write_bytes(signature)
