@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import updater.gpg
 from devtools.gpgkeys import SigningKey
 from updater.errors import VerificationError
 from updater.gpg import GnupgVerifier, sign_detached
@@ -81,9 +82,20 @@ def test_private_home_is_removed(
     sig = signed(tmp_path, release_key, b"hello")
     GnupgVerifier([release_key.public_key]).verify(b"hello", sig)
     assert list((tmp_path / "tmp").iterdir()) == []
-    # no gpg-agent was started for it (one would outlive a process killed mid-check)
-    agents = run(["pgrep", "-f", f"gpg-agent --homedir {tmp_path / 'tmp'}"], check=False)
-    assert agents.returncode == 1, agents.text
+
+
+def test_no_gpg_agent_is_started(
+    tmp_path: Path, release_key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check killed by SIGKILL skips its cleanup: nothing may be left running then."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    sig = signed(tmp_path, release_key, b"hello")
+    skipped: list[list[str]] = []
+    monkeypatch.setattr(updater.gpg, "run", lambda argv, **kw: skipped.append(list(argv)))
+    GnupgVerifier([release_key.public_key]).verify(b"hello", sig)
+    assert skipped and skipped[0][0] == "gpgconf"  # the cleanup that a kill would skip
+    agents = run(["pgrep", "-f", f"gpg-agent --homedir {tmp_path}/updater-gpg-"], check=False)
+    assert agents.returncode == 1, f"a gpg-agent was started: {agents.text}"
 
 
 def test_sign_with_unknown_key_fails(tmp_path: Path, release_key: SigningKey) -> None:
