@@ -14,6 +14,7 @@ declare -A tools=(
   [zstd]=zstd [xz]=xz-utils [curl]=curl [openssl]=openssl
   [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [losetup]=mount [partx]=util-linux
   [dbus-daemon]=dbus [mformat]=mtools [systemd-analyze]=systemd
+  [etcd]=etcd-server [etcdctl]=etcd-client
 )
 missing=()
 for cmd in "${!tools[@]}"; do
