@@ -2,25 +2,42 @@
 
 Zincati's shape: two questions. ``can_finalize()`` is asked before every
 reboot; ``report_steady()`` once the booted slot is marked good (a lock
-strategy releases what it holds there). Errors mean "no": a strategy that
-cannot answer fails closed and the caller counts it.
+strategy releases what it holds there). An exception means "no": the caller
+fails closed (no reboot) and counts it.
+
+Maintenance windows combine with any strategy (:class:`Windowed`, and built
+into :class:`LockStrategy`, which checks the window before asking for the lock
+and again once it is granted: locksmith checked only once and so rebooted
+outside its window).
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Protocol
+
+import structlog
+
+from policies.lock import RebootLock
+from updater.clock import Clock
+
+log = structlog.get_logger(__name__)
 
 
 class RebootStrategy(Protocol):
     name: str
 
     def can_finalize(self) -> bool:
-        """True if a reboot may happen now (False on any doubt)."""
+        """True if a reboot may happen now (False, or an exception, on any doubt)."""
         ...
 
     def report_steady(self) -> None:
         """The host booted well and is steady: release anything held for the reboot."""
         ...
+
+
+class WindowCheck(Protocol):
+    def is_open(self, now: datetime) -> bool: ...
 
 
 class Immediate:
@@ -45,6 +62,61 @@ class Off:
 
     def report_steady(self) -> None:
         return None
+
+
+class Windowed:
+    """Any strategy, but only inside the maintenance windows."""
+
+    def __init__(self, inner: RebootStrategy, windows: WindowCheck, clock: Clock) -> None:
+        self.inner = inner
+        self.windows = windows
+        self.clock = clock
+        self.name = f"{inner.name}+windows"
+
+    def can_finalize(self) -> bool:
+        if not self.windows.is_open(self.clock.now()):
+            log.info("reboot_window_closed", strategy=self.inner.name)
+            return False
+        return self.inner.can_finalize()
+
+    def report_steady(self) -> None:
+        self.inner.report_steady()
+
+
+class LockStrategy:
+    """Reboot while holding a slot of the cluster lock, inside the windows if any."""
+
+    name = "lock"
+
+    def __init__(
+        self, lock: RebootLock, holder: str, clock: Clock, windows: WindowCheck | None = None
+    ) -> None:
+        self.lock = lock
+        self.holder = holder
+        self.clock = clock
+        self.windows = windows
+
+    def _window_open(self) -> bool:
+        return self.windows is None or self.windows.is_open(self.clock.now())
+
+    def can_finalize(self) -> bool:
+        if not self._window_open():
+            log.info("reboot_window_closed", strategy=self.name)
+            return False
+        if not self.lock.acquire(self.holder):  # LockError propagates: fail closed
+            log.info("reboot_lock_not_granted", lock=self.lock.name, holder=self.holder)
+            return False
+        if not self._window_open():
+            # The window closed while we waited for the lock: give the slot back.
+            log.info("reboot_window_closed_after_lock", lock=self.lock.name)
+            self.lock.release(self.holder)
+            return False
+        log.info("reboot_lock_granted", lock=self.lock.name, holder=self.holder)
+        return True
+
+    def report_steady(self) -> None:
+        self.lock.release(self.holder)
+        log.info("reboot_lock_released", lock=self.lock.name, holder=self.holder)
 
 
 STRATEGIES: dict[str, type[Immediate] | type[Off]] = {"immediate": Immediate, "off": Off}

@@ -26,6 +26,7 @@ class ExitCode(enum.IntEnum):
     REFUSED = 7
     STATE = 8
     HEALTH = 9
+    LOCK = 10
     INTERRUPTED = 130
 
 
@@ -144,6 +145,21 @@ class HealthError(UpdaterError):
 
     exit_code = ExitCode.HEALTH
     kinds = frozenset({"check_failed", "check_timeout", "unit_inactive"})
+
+
+class LockError(UpdaterError):
+    """The cluster reboot lock could not be asked or answered nonsense: fail closed."""
+
+    exit_code = ExitCode.LOCK
+    kinds = frozenset(
+        {
+            "unavailable",  # no endpoint answered (connection, timeout, 5xx)
+            "malformed",  # the semaphore (or a server's answer) cannot be read
+            "conflict",  # gave up after too many concurrent changes
+            "refused",  # the lock service said no with an error (FleetLock kind/value)
+            "invalid",  # a bad group, id or slot count
+        }
+    )
 
 
 class Cancelled(UpdaterError):
