@@ -29,6 +29,7 @@ from updater import machine as mc
 from updater.agentapi import AgentStatus, StatusListener
 from updater.clock import Clock
 from updater.errors import Cancelled, RefusedError, UpdaterError
+from updater.health import HealthReport
 from updater.install import Progress
 from updater.rebooter import Rebooter
 from updater.update import CheckResult, Updater
@@ -84,6 +85,12 @@ async def wait_any(timeout: float | None, *events: asyncio.Event) -> None:
     finally:
         for t in tasks:
             t.cancel()
+
+
+class Hooks(Protocol):
+    async def run(self) -> HealthReport:
+        """Run the pre-reboot hooks (updater.health runs a directory of executables)."""
+        ...
 
 
 class Blesser(Protocol):
@@ -178,6 +185,8 @@ class Agent:
         timing: mc.Timing | None = None,
         rng: random.Random | None = None,
         waiter: Waiter = wait_any,
+        pre_reboot: Hooks | None = None,
+        release_after_s: float = 900.0,
     ) -> None:
         self.updater = updater
         self.strategy = strategy
@@ -189,6 +198,8 @@ class Agent:
         self.timing = timing or mc.Timing()
         self.rng = rng or random.SystemRandom()
         self.waiter = waiter
+        self.pre_reboot = pre_reboot
+        self.release_after_s = release_after_s
         self._m = mc.Machine()
         self._booted = _Booted()
         self._listeners: list[StatusListener] = []
@@ -199,6 +210,8 @@ class Agent:
         self._check: CheckResult | None = None
         self._stopping = False
         self._last_status: AgentStatus | None = None
+        self._steady_task: asyncio.Task[None] | None = None
+        self._refused_since: float | None = None  # monotonic time of the first refusal
 
     # ---- AgentControl ---------------------------------------------------------------------------
 
@@ -295,6 +308,8 @@ class Agent:
 
     async def _shutdown(self) -> None:
         self._stopping = True
+        if self._steady_task is not None:
+            self._steady_task.cancel()
         self.notifier.stopping()
         self._cancel.set()
         if self._work is not None and not self._work.done():
@@ -323,10 +338,8 @@ class Agent:
         )
 
     def _steady(self) -> None:
-        try:
-            self.strategy.report_steady()
-        except Exception as exc:  # fail closed: nothing to release is no harm
-            log.error("report_steady_failed", error=str(exc))
+        if self._steady_task is None or self._steady_task.done():
+            self._steady_task = asyncio.create_task(self._report_steady())
 
     # ---- events and actions ---------------------------------------------------------------------
 
@@ -444,16 +457,32 @@ class Agent:
         self._publish()
 
     async def _finalize(self, force: bool) -> None:
+        """Policy (unless forced), pre-reboot hooks, then logind. Fails closed."""
         if not force:
             try:
-                allowed = self.strategy.can_finalize()
+                allowed = await run_blocking(self.strategy.can_finalize)
             except Exception as exc:  # fail closed, and count it
-                log.error("reboot_policy_failed", strategy=self.strategy.name, error=str(exc))
+                kind = exc.kind if isinstance(exc, UpdaterError) else "policy"
+                log.error(
+                    "reboot_policy_failed",
+                    strategy=self.strategy.name,
+                    error_kind=kind,
+                    error=str(exc),
+                )
                 if self.metrics is not None:
-                    self.metrics.error("policy")
+                    self.metrics.error(kind)
                 allowed = False
             if not allowed:
                 log.info("reboot_deferred", strategy=self.strategy.name, staged=self._m.staged)
+                return
+        if self.pre_reboot is not None:
+            report = await self.pre_reboot.run()
+            if not report.ok:
+                failed = [r.name for r in report.failures]
+                log.error("pre_reboot_hooks_failed", failed=failed, staged=self._m.staged)
+                if self.metrics is not None:
+                    self.metrics.error("pre_reboot_failed")
+                await self._release("pre_reboot_failed")
                 return
         log.info("reboot_requested", staged=self._m.staged, forced=force)
         if self.metrics is not None:
@@ -461,14 +490,56 @@ class Agent:
         try:
             await self.rebooter.reboot()
         except RefusedError as exc:
-            log.warning("reboot_refused", error=exc.message, refusals=self._m.reboot_refusals + 1)
+            now = self.clock.monotonic()
+            if self._refused_since is None:
+                self._refused_since = now
+            log.warning(
+                "reboot_refused",
+                error=exc.message,
+                refusals=self._m.reboot_refusals + 1,
+                refused_for_s=round(now - self._refused_since, 1),
+            )
             if self.metrics is not None:
                 self.metrics.reboot_refused()
+            if now - self._refused_since >= self.release_after_s:
+                # Someone keeps blocking the reboot: let another host have the slot.
+                await self._release("reboot_refused_too_long")
+                self._refused_since = None
             await self._dispatch(mc.RebootRefused(mc.ErrorInfo(exc.kind, exc.message)))
             if force:
                 raise
             return
+        self._refused_since = None
         await self._dispatch(mc.RebootStarted())
+
+    async def _release(self, why: str) -> None:
+        """Give back what the strategy holds for a reboot that is not happening now."""
+        try:
+            await run_blocking(self.strategy.report_steady)
+            log.info("reboot_lock_given_back", reason=why)
+        except Exception as exc:
+            log.error("reboot_lock_release_failed", reason=why, error=str(exc))
+
+    async def _report_steady(self) -> None:
+        """Report steady (release any slot this host holds) until it is acknowledged."""
+        delay = self.timing.retry_base_s / 60.0  # seconds: 1 s with the defaults
+        while not self._stopping:
+            try:
+                await run_blocking(self.strategy.report_steady)
+                log.info("reported_steady", strategy=self.strategy.name)
+                return
+            except Exception as exc:
+                kind = exc.kind if isinstance(exc, UpdaterError) else "policy"
+                log.warning(
+                    "report_steady_failed",
+                    error_kind=kind,
+                    error=str(exc),
+                    retry_in_s=round(delay, 1),
+                )
+                if self.metrics is not None:
+                    self.metrics.error(kind)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.timing.retry_cap_s)
 
     # ---- publishing -----------------------------------------------------------------------------
 
