@@ -83,7 +83,24 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ('[agent]\nlog = "syslog"\n', "agent.log", "invalid"),
         ("[agent]\nretry_base_s = 100\nretry_cap_s = 10\n", "agent.retry_cap_s", "invalid"),
         ("[agent]\njitter = 0.9\n", "agent.jitter", "invalid"),
-        ('[reboot]\nstrategy = "lock"\n', "reboot.strategy", "invalid"),
+        ('[reboot]\nstrategy = "locksmith"\n', "reboot.strategy", "invalid"),
+        ('[reboot]\nlock = "zookeeper"\n', "reboot.lock", "invalid"),
+        ('[reboot]\ngroup = "a b"\n', "reboot.group", "invalid"),
+        ('[reboot]\nwindow_start = "Thu 04:00"\n', "reboot.window_start", "invalid"),
+        (
+            '[reboot]\nwindow_start = "Thu 4"\nwindow_length = "1h"\n',
+            "reboot.window_start",
+            "invalid",
+        ),
+        (
+            '[[reboot.window]]\ndays = ["Caturday"]\nstart_time = "04:00"\nlength_minutes = 60\n',
+            "reboot.window[0].days",
+            "invalid",
+        ),
+        ('[etcd]\nendpoints = ["ftp://x"]\n', "etcd.endpoints", "invalid"),
+        ('[etcd]\ncert_file = "/c.pem"\n', "etcd.cert_file", "invalid"),
+        ('[etcd]\nusername = "root"\n', "etcd.username", "invalid"),
+        ('[fleetlock]\nurl = "nope"\n', "fleetlock.url", "invalid"),
         ('[health]\nunits = ["a/b"]\n', "health.units", "invalid"),
         ('[metrics]\nlisten = "0.0.0.0:9464"\n', "metrics.listen", "invalid"),
     ],
@@ -126,6 +143,24 @@ def test_unknown_keys_warn_but_do_not_fail(tmp_path: Path) -> None:
     events = {(e["event"], e.get("key", e.get("section"))) for e in logs}
     assert ("config_key_unknown", "source.future_key") in events
     assert ("config_section_unknown", "fleet") in events
+
+
+def test_windows_add_up_across_dropins(tmp_path: Path) -> None:
+    usr, run, etc = dirs(tmp_path)
+    w = '[[reboot.window]]\ndays = ["{day}"]\nstart_time = "04:00"\nlength_minutes = 60\n'
+    (usr / "10-vendor.toml").write_text(w.format(day="Mon"))
+    (etc / "50-site.toml").write_text(w.format(day="Thu") + '[reboot]\ntime_zone = "UTC"\n')
+    cfg = config.load(dirs=(usr, run, etc))
+    windows = config.reboot_windows(cfg.reboot)
+    assert windows is not None and len(windows.windows) == 2
+    assert cfg.reboot.windows_file == f"{usr / '10-vendor.toml'}, {etc / '50-site.toml'}"
+
+
+def test_locksmith_window_form(tmp_path: Path) -> None:
+    f = tmp_path / "one.toml"
+    f.write_text('[reboot]\nwindow_start = "Thu 04:00"\nwindow_length = "1h30m"\n')
+    windows = config.reboot_windows(config.load(f).reboot)
+    assert windows is not None and str(windows.windows[0]).startswith("Thu 04:00")
 
 
 def test_single_config_file(tmp_path: Path) -> None:

@@ -22,7 +22,10 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from updater.errors import ConfigError
+from policies.fleetlock import FleetLock
+from policies.lock import GROUP_RE
+from policies.windows import Windows, parse_windows
+from updater.errors import ConfigError, LockError
 from updater.log import LogMode
 from updater.manifest import valid_channel
 
@@ -78,8 +81,38 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class RebootConfig:
-    strategy: str = "immediate"  # immediate | off
+    strategy: str = "immediate"  # immediate | off | lock
     retry_s: float = 300.0  # ask the policy / logind again after this
+    lock: str = "etcd"  # with strategy = "lock": etcd | fleetlock | none
+    group: str = "default"  # hosts that share the lock's slots
+    release_after_s: float = 900.0  # give the slot back when logind refuses this long
+    pre_reboot_dir: Path = Path("/etc/updater/pre-reboot.d")
+    pre_reboot_timeout_s: float = 60.0
+    time_zone: str = "UTC"  # of the windows: an IANA name, "UTC" or "localtime"
+    windows: tuple[Mapping[str, Any], ...] = ()  # raw [[reboot.window]] tables
+    window_start: str | None = None  # locksmith's form: "Thu 04:00"
+    window_length: str | None = None  # locksmith's form: "1h30m"
+    windows_file: str | None = None  # where the windows were set, for errors
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    slots: int = 1  # total_slots of a semaphore this host creates
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    timeout_s: float = 5.0
+    publish_status: bool = True  # keep this host's status under updater/v1/hosts/
+
+
+@dataclass(frozen=True)
+class FleetLockConfig:
+    url: str | None = None  # ${group} is replaced by [reboot] group
+    ca_file: Path | None = None
+    timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +134,8 @@ class Config:
     install: InstallConfig = field(default_factory=InstallConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     reboot: RebootConfig = field(default_factory=RebootConfig)
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    fleetlock: FleetLockConfig = field(default_factory=FleetLockConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     files: tuple[Path, ...] = ()  # where it came from, in merge order
@@ -154,8 +189,18 @@ def merge(files: Sequence[Path]) -> dict[str, dict[str, _Value]]:
                 )
             dest = merged.setdefault(section, {})
             for key, value in table.items():
-                dest[key] = _Value(value, str(path))
+                before = dest.get(key)
+                if _is_table_array(value) and before is not None and _is_table_array(before.value):
+                    # [[arrays of tables]] (maintenance windows) add up across drop-ins,
+                    # as Zincati's do; every other key is replaced by a later file
+                    dest[key] = _Value([*before.value, *value], f"{before.file}, {path}")
+                else:
+                    dest[key] = _Value(value, str(path))
     return merged
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 # --- merged -> validated -----------------------------------------------------
@@ -233,6 +278,13 @@ class _Section:
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
             raise self.error(key, "must be a string or a list of strings")
         return tuple(value)
+
+    def raw(self, key: str) -> _Value | None:
+        return self._get(key)
+
+    def file_of(self, key: str) -> str | None:
+        v = self.values.get(key)
+        return v.file if v else None
 
     def warn_unknown(self) -> None:
         for key in sorted(set(self.values) - self.used):
@@ -329,10 +381,109 @@ def _agent(s: _Section) -> AgentConfig:
 def _reboot(s: _Section) -> RebootConfig:
     d = RebootConfig()
     strategy = s.str_("strategy", d.strategy) or d.strategy
-    if strategy not in ("immediate", "off"):
-        raise s.error("strategy", f"unknown strategy {strategy!r}", hint="immediate or off")
-    return RebootConfig(
-        strategy=strategy, retry_s=s.number("retry_s", d.retry_s, minimum=1, maximum=86400)
+    if strategy not in ("immediate", "off", "lock"):
+        raise s.error("strategy", f"unknown strategy {strategy!r}", hint="immediate, off or lock")
+    lock = s.str_("lock", d.lock) or d.lock
+    if lock not in ("etcd", "fleetlock", "none"):
+        raise s.error("lock", f"unknown lock {lock!r}", hint="etcd, fleetlock or none")
+    group = s.str_("group", d.group) or d.group
+    if not GROUP_RE.fullmatch(group):
+        raise s.error("group", f"invalid group {group!r}", hint="letters, digits, '.' and '-'")
+    raw = s.raw("window")
+    windows: tuple[Mapping[str, Any], ...] = ()
+    windows_file = None
+    if raw is not None:
+        if not isinstance(raw.value, list) or not all(isinstance(w, dict) for w in raw.value):
+            raise s.error("window", "must be [[reboot.window]] tables")
+        windows, windows_file = tuple(raw.value), raw.file
+    start, length = s.str_("window_start", None), s.str_("window_length", None)
+    if (start is None) != (length is None):
+        present, missing = (
+            ("window_length", "window_start")
+            if start is None
+            else ("window_start", "window_length")
+        )
+        raise s.error(present, f"needs {missing} too (locksmith's window form)")
+    if start is not None:
+        windows_file = windows_file or s.file_of("window_start")
+    config = RebootConfig(
+        strategy=strategy,
+        retry_s=s.number("retry_s", d.retry_s, minimum=1, maximum=86400),
+        lock=lock,
+        group=group,
+        release_after_s=s.number(
+            "release_after_s", d.release_after_s, minimum=0, maximum=7 * 86400
+        ),
+        pre_reboot_dir=s.path("pre_reboot_dir", d.pre_reboot_dir) or d.pre_reboot_dir,
+        pre_reboot_timeout_s=s.number(
+            "pre_reboot_timeout_s", d.pre_reboot_timeout_s, minimum=0.1, maximum=3600
+        ),
+        time_zone=s.str_("time_zone", d.time_zone) or d.time_zone,
+        windows=windows,
+        window_start=start,
+        window_length=length,
+        windows_file=windows_file,
+    )
+    reboot_windows(config)  # validated here, at start, with file and key
+    return config
+
+
+def reboot_windows(config: RebootConfig) -> Windows | None:
+    """The maintenance windows of ``[reboot]``, or None when none are configured."""
+    if not config.windows and config.window_start is None:
+        return None
+    return parse_windows(
+        list(config.windows),
+        config.time_zone,
+        window_start=config.window_start,
+        window_length=config.window_length,
+        file=config.windows_file,
+        key="reboot.window",
+    )
+
+
+def _etcd(s: _Section) -> EtcdConfig:
+    d = EtcdConfig()
+    endpoints = s.str_list("endpoints", d.endpoints) or d.endpoints
+    for url in endpoints:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise s.error("endpoints", f"{url!r} is not an http:// or https:// URL")
+    cert, key = s.path("cert_file", None), s.path("key_file", None)
+    if (cert is None) != (key is None):
+        present, missing = ("key_file", "cert_file") if cert is None else ("cert_file", "key_file")
+        raise s.error(present, f"needs {missing} too")
+    username, password = s.str_("username", None), s.path("password_file", None)
+    if (username is None) != (password is None):
+        present, missing = (
+            ("password_file", "username") if username is None else ("username", "password_file")
+        )
+        raise s.error(present, f"needs {missing} too")
+    return EtcdConfig(
+        endpoints=endpoints,
+        slots=s.int_("slots", d.slots, minimum=1, maximum=10000),
+        ca_file=s.path("ca_file", None),
+        cert_file=cert,
+        key_file=key,
+        username=username,
+        password_file=password,
+        timeout_s=s.number("timeout_s", d.timeout_s, minimum=0.1, maximum=300),
+        publish_status=s.bool_("publish_status", d.publish_status),
+    )
+
+
+def _fleetlock(s: _Section) -> FleetLockConfig:
+    d = FleetLockConfig()
+    url = s.str_("url", None)
+    if url is not None:
+        try:
+            FleetLock(url, "default").close()  # the client's own checks, at start
+        except LockError as exc:
+            raise s.error("url", exc.message) from None
+    return FleetLockConfig(
+        url=url,
+        ca_file=s.path("ca_file", None),
+        timeout_s=s.number("timeout_s", d.timeout_s, minimum=0.1, maximum=300),
     )
 
 
@@ -370,6 +521,8 @@ _SECTIONS = {
     "install": _install,
     "agent": _agent,
     "reboot": _reboot,
+    "etcd": _etcd,
+    "fleetlock": _fleetlock,
     "health": _health,
     "metrics": _metrics,
 }
@@ -381,6 +534,14 @@ def validate(merged: Mapping[str, Mapping[str, _Value]], files: Sequence[Path]) 
         section = _Section(name, merged.get(name, {}))
         parts[name] = build(section)
         section.warn_unknown()
+    reboot = parts["reboot"]
+    if reboot.strategy == "lock" and reboot.lock == "fleetlock" and parts["fleetlock"].url is None:
+        raise ConfigError(
+            "missing",
+            "the fleetlock lock needs a server",
+            key="fleetlock.url",
+            hint='set [fleetlock] url, or [reboot] lock = "etcd"',
+        )
     for name in sorted(set(merged) - set(_SECTIONS)):
         files_of = sorted({v.file for v in merged[name].values()})
         log.warning("config_section_unknown", section=name, files=files_of)
