@@ -9,17 +9,19 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from policies.identity import host_id
 from updater import compose, config, release
 from updater.agent import status_text
 from updater.agentapi import AgentStatus
 from updater.clock import SystemClock
 from updater.dbus_api import read_status
-from updater.errors import ConfigError, UpdaterError
+from updater.errors import ConfigError, RefusedError, UpdaterError
 from updater.install import WriteResult
 from updater.log import configure
 from updater.manifest import Compression, format_time
@@ -166,6 +168,65 @@ def cmd_rollback(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> i
     return 0
 
 
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    s = int(seconds)
+    return (
+        f"{s // 86400}d{s % 86400 // 3600}h"
+        if s >= 86400
+        else (f"{s // 3600}h{s % 3600 // 60}m" if s >= 3600 else f"{s // 60}m{s % 60}s")
+    )
+
+
+def cmd_lock(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    lock = compose.etcd_lock(cfg, args.group)
+    now = time.time()
+    action = args.lock_action
+    if action == "status":
+        st = lock.status()
+        if args.json:
+            _emit_json(out, None if st is None else st.as_dict(now))
+            return 0
+        if st is None:
+            out.write(f"Group {lock.group}: no semaphore yet ({lock.key})\n")
+            return 0
+        out.write(
+            f"Group {st.group}: {len(st.holders)} of {st.total_slots} slots held "
+            f"({st.free_slots} free)\n"
+        )
+        for h in st.holders:
+            out.write(f"  {h.id}  held for {_age(h.age_s(now))}\n")
+        if len(st.holders) > st.total_slots:
+            out.write("  (more holders than slots: no one new gets a slot until below)\n")
+        return 0
+    holder = args.id or host_id()
+    if action == "lock":
+        if not lock.acquire(holder):
+            raise RefusedError(
+                "no_free_slot",
+                f"every slot of group {lock.group} is held",
+                hint="updatectl lock status shows the holders and their ages",
+            )
+        result: dict[str, object] = {"locked": holder, "group": lock.group}
+    elif action == "unlock":
+        result = {"unlocked": holder, "group": lock.group, "was_holder": lock.unlock(holder)}
+    elif action == "set-max":
+        result = {
+            "group": lock.group,
+            "total_slots": args.slots,
+            "previous": lock.set_max(args.slots),
+        }
+    else:  # repair
+        lock.repair(args.slots, force=args.force)
+        result = {"group": lock.group, "repaired": True, "total_slots": args.slots}
+    if args.json:
+        _emit_json(out, result)
+    else:
+        out.write(", ".join(f"{k}={v}" for k, v in result.items()) + "\n")
+    return 0
+
+
 def cmd_release(args: argparse.Namespace, cfg: config.Config | None, out: TextIO) -> int:
     passphrase = None
     if args.passphrase_file is not None:
@@ -242,6 +303,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="log destination (default: [agent] log, auto)",
     )
     add("rollback", cmd_rollback, "boot the other slot next, if it holds a verified install")
+    lk = sub.add_parser(
+        "lock",
+        help="the cluster reboot lock (etcd)",
+        description="inspect and administer the etcd reboot semaphore",
+    )
+    lk.set_defaults(func=cmd_lock)
+    lsub = lk.add_subparsers(dest="lock_action", required=True, metavar="ACTION")
+
+    def lock_action(name: str, help_: str) -> argparse.ArgumentParser:
+        la = lsub.add_parser(name, help=help_, description=help_)
+        la.add_argument("--group", help="lock group (default: [reboot] group)")
+        la.add_argument("--json", action="store_true", help="print JSON")
+        return la
+
+    lock_action("status", "slots, holders and how long each has held its slot")
+    lock_action("lock", "take a slot for ID (default: this host)").add_argument("id", nargs="?")
+    lock_action("unlock", "free ID's slot, e.g. of a dead host (default: this host)").add_argument(
+        "id", nargs="?"
+    )
+    lock_action("set-max", "change the number of slots in place").add_argument("slots", type=int)
+    lock_action("repair", "overwrite a malformed semaphore with an empty one").add_argument(
+        "slots", type=int
+    )
+
     r = add("release", cmd_release, "publish a signed release into a repository directory")
     r.add_argument("--image", type=Path, required=True, help="the raw image file")
     r.add_argument("--version", required=True, help="release version (UAPI format)")

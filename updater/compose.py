@@ -14,12 +14,16 @@ from dbus_fast.errors import DBusError
 from partitions import booted
 from partitions.bootcontrol import Slot
 from partitions.gptprio import GptPrioBootControl
-from policies.strategy import STRATEGIES
+from policies.etcdlock import EtcdLock, EtcdSettings
+from policies.fleetlock import FleetLock
+from policies.identity import host_id
+from policies.lock import NoLock, RebootLock
+from policies.strategy import STRATEGIES, LockStrategy, RebootStrategy, Windowed
 from updater import dbus_api
 from updater.agent import Agent
 from updater.blessing import bless
-from updater.clock import SystemClock
-from updater.config import Config
+from updater.clock import Clock, SystemClock
+from updater.config import Config, reboot_windows
 from updater.errors import ConfigError
 from updater.gpg import GnupgVerifier
 from updater.health import HealthChecker, SystemdUnits
@@ -111,6 +115,56 @@ def rebooter(bus: MessageBus | None) -> Rebooter:
     return LogindRebooter(bus) if bus is not None else UnavailableRebooter("no system bus")
 
 
+def etcd_settings(config: Config) -> EtcdSettings:
+    e = config.etcd
+    password = None
+    if e.password_file is not None:
+        try:
+            password = e.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                "unreadable",
+                exc.strerror or str(exc),
+                file=str(e.password_file),
+                key="etcd.password_file",
+            ) from None
+    return EtcdSettings(
+        endpoints=e.endpoints,
+        ca_file=e.ca_file,
+        cert_file=e.cert_file,
+        key_file=e.key_file,
+        username=e.username,
+        password=password,
+        timeout_s=e.timeout_s,
+    )
+
+
+def etcd_lock(config: Config, group: str | None = None) -> EtcdLock:
+    """The etcd semaphore of ``group`` (default: [reboot] group), for `updatectl lock`."""
+    return EtcdLock.from_settings(
+        etcd_settings(config), group or config.reboot.group, config.etcd.slots
+    )
+
+
+def reboot_lock(config: Config) -> RebootLock:
+    r = config.reboot
+    if r.lock == "fleetlock":
+        f = config.fleetlock
+        assert f.url is not None  # config validation requires it
+        return FleetLock(f.url, r.group, timeout_s=f.timeout_s, ca_file=f.ca_file)
+    if r.lock == "etcd":
+        return etcd_lock(config)
+    return NoLock()
+
+
+def reboot_strategy(config: Config, clock: Clock) -> RebootStrategy:
+    windows = reboot_windows(config.reboot)
+    if config.reboot.strategy == "lock":
+        return LockStrategy(reboot_lock(config), host_id(), clock, windows)
+    base = STRATEGIES[config.reboot.strategy]()
+    return base if windows is None else Windowed(base, windows, clock)
+
+
 async def mark_good(config: Config) -> Slot:
     """`updatectl mark-good`: health checks, then bless (or give up) the booted slot."""
     up = updater(config)
@@ -132,13 +186,15 @@ async def run_agent(config: Config) -> None:
     reboot = rebooter(bus)
     agent = Agent(
         updater=up,
-        strategy=STRATEGIES[config.reboot.strategy](),
+        strategy=reboot_strategy(config, up.clock),
         rebooter=reboot,
         bless=lambda: bless(up, checks, reboot),
         clock=up.clock,
         notifier=Notifier(),
         metrics=metrics,
         timing=timing(config),
+        pre_reboot=HealthChecker(config.reboot.pre_reboot_dir, config.reboot.pre_reboot_timeout_s),
+        release_after_s=config.reboot.release_after_s,
     )
     service = None
     if bus is not None and config.agent.dbus:

@@ -129,7 +129,14 @@ class RefusedError(UpdaterError):
 
     exit_code = ExitCode.REFUSED
     kinds = frozenset(
-        {"rollback_refused", "booted_not_good", "busy", "nothing_staged", "reboot_refused"}
+        {
+            "rollback_refused",
+            "booted_not_good",
+            "busy",
+            "nothing_staged",
+            "reboot_refused",
+            "no_free_slot",
+        }
     )
 
 
