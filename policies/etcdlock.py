@@ -77,13 +77,15 @@ def holder_key(group: str, holder: str) -> str:
 def check_holder(holder: str) -> str:
     """A holder id: 1..256 printable characters (ours are 32 hex digits)."""
     if not (0 < len(holder) <= MAX_HOLDER_LEN) or not holder.isprintable():
-        raise LockError("invalid", f"invalid holder id {holder!r}: use 1-256 printable characters")
+        raise LockError(
+            "bad_argument", f"invalid holder id {holder!r}: use 1-256 printable characters"
+        )
     return holder
 
 
 def check_slots(slots: int) -> int:
     if isinstance(slots, bool) or not isinstance(slots, int) or not 0 <= slots <= MAX_SLOTS:
-        raise LockError("invalid", f"invalid slot count {slots!r}: use a whole number >= 0")
+        raise LockError("bad_argument", f"invalid slot count {slots!r}: use a whole number >= 0")
     return slots
 
 
@@ -688,7 +690,7 @@ class EtcdLock:
     def unlock(self, holder: str) -> bool:
         """Take ``holder``'s slot away (a dead host's); True if it held one."""
         if not holder:
-            raise LockError("invalid", "empty holder id")
+            raise LockError("bad_argument", "empty holder id")
         return self._remove(holder, event="etcd_lock_unlocked")
 
     def set_max(self, slots: int) -> int | None:
@@ -735,7 +737,7 @@ class EtcdLock:
                     pass
                 else:
                     raise LockError(
-                        "invalid",
+                        "bad_argument",
                         f"etcd key {self.key} is well-formed: nothing to repair",
                         hint="use set-max and unlock, or repair with force",
                     )

@@ -198,13 +198,15 @@ class FleetLock:
         url = base_url.replace(GROUP_PLACEHOLDER, group).rstrip("/")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise LockError("invalid", f"FleetLock base_url {base_url!r} is not an http(s) URL")
+            raise LockError(
+                "bad_argument", f"FleetLock base_url {base_url!r} is not an http(s) URL"
+            )
         if parts.query or parts.fragment:
             raise LockError(
-                "invalid", f"FleetLock base_url {base_url!r} must not have a query or fragment"
+                "bad_argument", f"FleetLock base_url {base_url!r} must not have a query or fragment"
             )
         if timeout_s <= 0:
-            raise LockError("invalid", f"timeout_s must be positive, not {timeout_s}")
+            raise LockError("bad_argument", f"timeout_s must be positive, not {timeout_s}")
         self.base_url = url
         self.timeout_s = timeout_s
         self.full_kinds = full_kinds
@@ -258,7 +260,7 @@ class FleetLock:
 
     def _call(self, endpoint: str, holder: str) -> Verdict:
         if not holder:
-            raise LockError("invalid", "FleetLock client id must be a non-empty string")
+            raise LockError("bad_argument", "FleetLock client id must be a non-empty string")
         body = json.dumps({"client_params": {"id": holder, "group": self.group}})
         deadline = time.monotonic() + self.timeout_s
         try:

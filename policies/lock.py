@@ -18,7 +18,7 @@ GROUP_RE = re.compile(r"^[a-zA-Z0-9.-]+$")
 
 def check_group(group: str) -> str:
     if not GROUP_RE.fullmatch(group):
-        raise LockError("invalid", f"invalid group {group!r}: use [a-zA-Z0-9.-]+")
+        raise LockError("bad_argument", f"invalid group {group!r}: use [a-zA-Z0-9.-]+")
     return group
 
 

@@ -27,6 +27,11 @@ log = structlog.get_logger(__name__)
 class RebootStrategy(Protocol):
     name: str
 
+    @property
+    def holding(self) -> bool | None:
+        """Holds a cluster-lock slot now; None when no lock is involved."""
+        ...
+
     def can_finalize(self) -> bool:
         """True if a reboot may happen now (False, or an exception, on any doubt)."""
         ...
@@ -44,6 +49,7 @@ class Immediate:
     """Reboot as soon as an update is staged (single machines, test fleets)."""
 
     name = "immediate"
+    holding: bool | None = None
 
     def can_finalize(self) -> bool:
         return True
@@ -56,6 +62,7 @@ class Off:
     """Stage updates only; an admin (or another tool, e.g. kured) reboots."""
 
     name = "off"
+    holding: bool | None = None
 
     def can_finalize(self) -> bool:
         return False
@@ -72,6 +79,10 @@ class Windowed:
         self.windows = windows
         self.clock = clock
         self.name = f"{inner.name}+windows"
+
+    @property
+    def holding(self) -> bool | None:
+        return self.inner.holding
 
     def can_finalize(self) -> bool:
         if not self.windows.is_open(self.clock.now()):
@@ -95,6 +106,7 @@ class LockStrategy:
         self.holder = holder
         self.clock = clock
         self.windows = windows
+        self.holding: bool | None = None  # unknown until the lock was first asked
 
     def _window_open(self) -> bool:
         return self.windows is None or self.windows.is_open(self.clock.now())
@@ -105,17 +117,21 @@ class LockStrategy:
             return False
         if not self.lock.acquire(self.holder):  # LockError propagates: fail closed
             log.info("reboot_lock_not_granted", lock=self.lock.name, holder=self.holder)
+            self.holding = False
             return False
+        self.holding = True
         if not self._window_open():
             # The window closed while we waited for the lock: give the slot back.
             log.info("reboot_window_closed_after_lock", lock=self.lock.name)
             self.lock.release(self.holder)
+            self.holding = False
             return False
         log.info("reboot_lock_granted", lock=self.lock.name, holder=self.holder)
         return True
 
     def report_steady(self) -> None:
         self.lock.release(self.holder)
+        self.holding = False
         log.info("reboot_lock_released", lock=self.lock.name, holder=self.holder)
 
 

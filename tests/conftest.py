@@ -7,10 +7,14 @@ import io
 import itertools
 import json
 import os
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -190,9 +194,8 @@ class CliResult:
     out: str
     err: str
 
-    def json(self) -> dict[str, object]:
-        doc: dict[str, object] = json.loads(self.out)
-        return doc
+    def json(self) -> Any:
+        return json.loads(self.out)
 
 
 def updatectl(host: Host | None, *args: str) -> CliResult:
@@ -203,3 +206,40 @@ def updatectl(host: Host | None, *args: str) -> CliResult:
         code = cli.main(argv, out=out, err=err)
         return CliResult(code, out.getvalue(), err.getvalue())
     return CliResult(2, out.getvalue(), err.getvalue())
+
+
+class NotifySocket:
+    """What systemd's end of NOTIFY_SOCKET sees, read as it arrives."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[str] = []
+        self._closing = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._closing.is_set():
+            try:
+                self.messages.append(self.sock.recv(65536).decode())
+            except TimeoutError:
+                continue
+
+    def drain(self) -> list[str]:
+        time.sleep(0.2)
+        return list(self.messages)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._reader.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    n = NotifySocket(tmp_path / "notify.sock")
+    yield n
+    n.close()

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +19,7 @@ from devtools.host import Host
 from devtools.repo_server import Fault
 from partitions.bootcontrol import Slot
 from policies.strategy import Immediate, Off, RebootStrategy
-from tests.conftest import Repo
+from tests.conftest import NotifySocket, Repo
 from updater import compose, config
 from updater.agent import Agent, wait_any
 from updater.agentapi import AgentStatus
@@ -51,43 +49,6 @@ class RecordingRebooter:
         self.calls.append(time.monotonic())
         if self.refuse:
             raise RefusedError("reboot_refused", "a shutdown inhibitor is held")
-
-
-class NotifySocket:
-    """What systemd's end of NOTIFY_SOCKET sees, read as it arrives."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.messages: list[str] = []
-        self._closing = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while not self._closing.is_set():
-            try:
-                self.messages.append(self.sock.recv(65536).decode())
-            except TimeoutError:
-                continue
-
-    def drain(self) -> list[str]:
-        time.sleep(0.2)
-        return list(self.messages)
-
-    def close(self) -> None:
-        self._closing.set()
-        self._reader.join()
-        self.sock.close()
-
-
-@pytest.fixture
-def notify(tmp_path: Path) -> Iterator[NotifySocket]:
-    n = NotifySocket(tmp_path / "notify.sock")
-    yield n
-    n.close()
 
 
 class VirtualClock:

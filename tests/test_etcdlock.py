@@ -249,7 +249,7 @@ def test_repair_overwrites_only_a_malformed_semaphore(client: EtcdClient, group:
     assert lock.acquire("a")
     with pytest.raises(LockError) as err:
         lock.repair(3)
-    assert err.value.kind == "invalid"
+    assert err.value.kind == "bad_argument"
     assert raw(client, key) == b'{"total_slots":2,"holders":["a"]}'
 
     client.txn([], [{"request_put": {"key": _b64(key), "value": _b64(b"{garbage")}}])
@@ -305,7 +305,7 @@ def test_set_max_up_admits_more_and_creates_when_missing(client: EtcdClient, gro
     assert lock.set_max(3) == 3
     with pytest.raises(LockError) as err:
         lock.set_max(-1)
-    assert err.value.kind == "invalid"
+    assert err.value.kind == "bad_argument"
 
 
 def test_set_max_zero_pauses_the_group(client: EtcdClient, group: str) -> None:
@@ -400,7 +400,7 @@ def test_encoding_matches_go() -> None:
 def test_group_is_validated(client: EtcdClient, bad: str) -> None:
     with pytest.raises(LockError) as err:
         EtcdLock(client, bad, 1)
-    assert err.value.kind == "invalid"
+    assert err.value.kind == "bad_argument"
 
 
 def test_groups_are_separate(client: EtcdClient, group: str) -> None:
@@ -416,7 +416,7 @@ def test_holder_is_validated(client: EtcdClient, group: str, bad: str) -> None:
     lock = make_lock(client, group)
     with pytest.raises(LockError) as err:
         lock.acquire(bad)
-    assert err.value.kind == "invalid"
+    assert err.value.kind == "bad_argument"
 
 
 def test_holder_ids_are_escaped_in_keys(client: EtcdClient, group: str) -> None:
@@ -432,7 +432,7 @@ def test_holder_ids_are_escaped_in_keys(client: EtcdClient, group: str) -> None:
 def test_slots_are_validated(client: EtcdClient, group: str, slots: int) -> None:
     with pytest.raises(LockError) as err:
         EtcdLock(client, group, slots)
-    assert err.value.kind == "invalid"
+    assert err.value.kind == "bad_argument"
 
 
 @pytest.mark.parametrize(

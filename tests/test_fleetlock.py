@@ -361,13 +361,13 @@ def test_an_injected_session_is_used(server: FleetLockServer) -> None:
 def test_bad_settings_are_invalid(base_url: str, group: str) -> None:
     with pytest.raises(LockError) as err:
         FleetLock(base_url, group)
-    assert err.value.kind == "invalid"
+    assert err.value.kind == "bad_argument"
 
 
 def test_empty_id_and_timeout_are_invalid(server: FleetLockServer) -> None:
     with pytest.raises(LockError) as err:
         client(server).acquire("")
-    assert err.value.kind == "invalid"
+    assert err.value.kind == "bad_argument"
     with pytest.raises(LockError):
         FleetLock(server.base_url, "default", timeout_s=0)
     assert server.requests == []

@@ -19,7 +19,8 @@ def install(host: Host, repo: Repo, version: str, image: Path) -> None:
 
 
 def status(host: Host) -> dict[str, object]:
-    return updatectl(host, "status", "--json").json()
+    doc: dict[str, object] = updatectl(host, "status", "--json").json()
+    return doc
 
 
 def test_status_of_a_fresh_host(host: Host) -> None:

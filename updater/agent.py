@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import gc
 import random
 import threading
@@ -85,6 +86,12 @@ async def wait_any(timeout: float | None, *events: asyncio.Event) -> None:
     finally:
         for t in tasks:
             t.cancel()
+
+
+class FleetReporter(Protocol):
+    def report(self, status: AgentStatus, lock_held: bool | None) -> None:
+        """Publish this host's status for the fleet (blocking; run in a thread)."""
+        ...
 
 
 class Hooks(Protocol):
@@ -187,6 +194,7 @@ class Agent:
         waiter: Waiter = wait_any,
         pre_reboot: Hooks | None = None,
         release_after_s: float = 900.0,
+        fleet: FleetReporter | None = None,
     ) -> None:
         self.updater = updater
         self.strategy = strategy
@@ -200,6 +208,9 @@ class Agent:
         self.waiter = waiter
         self.pre_reboot = pre_reboot
         self.release_after_s = release_after_s
+        self.fleet = fleet
+        self._fleet_task: asyncio.Task[None] | None = None
+        self._fleet_reported: tuple[AgentStatus, bool | None] | None = None
         self._m = mc.Machine()
         self._booted = _Booted()
         self._listeners: list[StatusListener] = []
@@ -472,6 +483,7 @@ class Agent:
                 if self.metrics is not None:
                     self.metrics.error(kind)
                 allowed = False
+            self._report_to_fleet()  # lock held or not: the fleet shows who waits
             if not allowed:
                 log.info("reboot_deferred", strategy=self.strategy.name, staged=self._m.staged)
                 return
@@ -511,6 +523,28 @@ class Agent:
             return
         self._refused_since = None
         await self._dispatch(mc.RebootStarted())
+
+    def _report_to_fleet(self) -> None:
+        """Refresh the fleet record when something a dashboard shows changed."""
+        if self.fleet is None or self._stopping:
+            return
+        if self._fleet_task is None or self._fleet_task.done():
+            self._fleet_task = asyncio.create_task(self._fleet_report())
+
+    async def _fleet_report(self) -> None:
+        assert self.fleet is not None
+        fleet = self.fleet
+        while not self._stopping:
+            # progress alone is not fleet news: it would write etcd every percent
+            current = (replace(self.status(), progress=0.0), self.strategy.holding)
+            if current == self._fleet_reported:
+                return
+            try:
+                await run_blocking(functools.partial(fleet.report, *current))
+            except Exception as exc:
+                log.warning("fleet_status_not_published", error=str(exc))
+                return  # the next change or poll tries again
+            self._fleet_reported = current
 
     async def _release(self, why: str) -> None:
         """Give back what the strategy holds for a reboot that is not happening now."""
@@ -566,6 +600,7 @@ class Agent:
             if self.metrics is not None:
                 self.metrics.state_changed(st.state, self.clock.now().timestamp())
         self.notifier.status(status_text(st))
+        self._report_to_fleet()
         for listener in list(self._listeners):
             try:
                 listener(st)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from policies.fleet import fleet_status
 from policies.identity import host_id
 from updater import compose, config, release
 from updater.agent import status_text
@@ -200,7 +201,7 @@ def cmd_lock(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         if len(st.holders) > st.total_slots:
             out.write("  (more holders than slots: no one new gets a slot until below)\n")
         return 0
-    holder = args.id or host_id()
+    holder = (args.id or host_id()) if action in ("lock", "unlock") else ""
     if action == "lock":
         if not lock.acquire(holder):
             raise RefusedError(
@@ -224,6 +225,40 @@ def cmd_lock(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         _emit_json(out, result)
     else:
         out.write(", ".join(f"{k}={v}" for k, v in result.items()) + "\n")
+    return 0
+
+
+def cmd_fleet(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    lock = compose.etcd_lock(cfg, args.group)
+    now = time.time()
+    summary = fleet_status(lock.client, lock.status(), now)
+    if args.json:
+        _emit_json(out, summary.as_dict())
+        return 0
+    out.write(f"Hosts: {summary.hosts}")
+    if summary.total_slots is not None:
+        out.write(
+            f"; group {lock.group}: {len(summary.holders)} of {summary.total_slots} "
+            "reboot slots held"
+        )
+    out.write("\n")
+    out.write("Booted versions:\n")
+    for version, n in summary.versions.items():
+        out.write(f"  {version:20} {n} host{'s' if n != 1 else ''}\n")
+    if summary.staged:
+        out.write("Staged, waiting to reboot:\n")
+        for version, n in summary.staged.items():
+            out.write(f"  {version:20} {n}\n")
+    if summary.holders:
+        out.write("Holding a reboot slot:\n")
+        for h in summary.holders:
+            out.write(f"  {h.hostname or h.id:30} for {_age(h.age_s)}\n")
+    if summary.waiting:
+        out.write(f"Waiting for the lock: {', '.join(summary.waiting)}\n")
+    if summary.errors:
+        out.write("Last check or install failed:\n")
+        for name, kind in summary.errors:
+            out.write(f"  {name:30} {kind}\n")
     return 0
 
 
@@ -323,9 +358,24 @@ def build_parser() -> argparse.ArgumentParser:
         "id", nargs="?"
     )
     lock_action("set-max", "change the number of slots in place").add_argument("slots", type=int)
-    lock_action("repair", "overwrite a malformed semaphore with an empty one").add_argument(
-        "slots", type=int
+    rp = lock_action("repair", "replace a malformed semaphore with an empty one of N slots")
+    rp.add_argument("slots", type=int)
+    rp.add_argument(
+        "--force",
+        action="store_true",
+        help="also replace a well-formed one (its holders lose their slots)",
     )
+
+    fl = sub.add_parser(
+        "fleet",
+        help="the fleet's update status (etcd)",
+        description="hosts per version, lock holders, waiting hosts, errors",
+    )
+    fsub = fl.add_subparsers(dest="fleet_action", required=True, metavar="ACTION")
+    fs = fsub.add_parser("status", help="the fleet as the agents report it in etcd")
+    fs.add_argument("--group", help="lock group (default: [reboot] group)")
+    fs.add_argument("--json", action="store_true", help="print JSON")
+    fs.set_defaults(func=cmd_fleet)
 
     r = add("release", cmd_release, "publish a signed release into a repository directory")
     r.add_argument("--image", type=Path, required=True, help="the raw image file")

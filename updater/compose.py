@@ -14,7 +14,8 @@ from dbus_fast.errors import DBusError
 from partitions import booted
 from partitions.bootcontrol import Slot
 from partitions.gptprio import GptPrioBootControl
-from policies.etcdlock import EtcdLock, EtcdSettings
+from policies.etcdlock import EtcdClient, EtcdLock, EtcdSettings
+from policies.fleet import FleetPublisher
 from policies.fleetlock import FleetLock
 from policies.identity import host_id
 from policies.lock import NoLock, RebootLock
@@ -25,6 +26,7 @@ from updater.blessing import bless
 from updater.clock import Clock, SystemClock
 from updater.config import Config, reboot_windows
 from updater.errors import ConfigError
+from updater.fleetreport import EtcdFleetReporter
 from updater.gpg import GnupgVerifier
 from updater.health import HealthChecker, SystemdUnits
 from updater.install import ProgressFn
@@ -165,6 +167,17 @@ def reboot_strategy(config: Config, clock: Clock) -> RebootStrategy:
     return base if windows is None else Windowed(base, windows, clock)
 
 
+def fleet_reporter(config: Config) -> EtcdFleetReporter | None:
+    """With the etcd lock (and [etcd] publish_status), this host's fleet record."""
+    if not (config.reboot.strategy == "lock" and config.reboot.lock == "etcd"):
+        return None
+    if not config.etcd.publish_status:
+        return None
+    ttl = 3 * config.agent.poll_interval_s
+    publisher = FleetPublisher(EtcdClient(etcd_settings(config)), host_id(), ttl)
+    return EtcdFleetReporter(publisher, host_id(), config.reboot.group)
+
+
 async def mark_good(config: Config) -> Slot:
     """`updatectl mark-good`: health checks, then bless (or give up) the booted slot."""
     up = updater(config)
@@ -195,6 +208,7 @@ async def run_agent(config: Config) -> None:
         timing=timing(config),
         pre_reboot=HealthChecker(config.reboot.pre_reboot_dir, config.reboot.pre_reboot_timeout_s),
         release_after_s=config.reboot.release_after_s,
+        fleet=fleet_reporter(config),
     )
     service = None
     if bus is not None and config.agent.dbus:

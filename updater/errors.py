@@ -164,7 +164,7 @@ class LockError(UpdaterError):
             "malformed",  # the semaphore (or a server's answer) cannot be read
             "conflict",  # gave up after too many concurrent changes
             "refused",  # the lock service said no with an error (FleetLock kind/value)
-            "invalid",  # a bad group, id or slot count
+            "bad_argument",  # a bad group, id or slot count
         }
     )
 

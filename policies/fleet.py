@@ -1,0 +1,162 @@
+"""Fleet status in etcd: every agent keeps ``updater/v1/hosts/<id>`` current.
+
+The record lives under a lease of about three poll intervals, refreshed on
+every change and every poll: a host that dies or is removed disappears by
+itself, no one has to clean up. `updatectl fleet status` reads them all,
+together with the reboot semaphore, and shows what a fleet dashboard needs:
+hosts per version, who waits for the lock, who holds it and for how long, who
+reported errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import structlog
+
+from policies.etcdlock import EtcdClient, SemaphoreStatus
+
+log = structlog.get_logger(__name__)
+
+HOSTS_PREFIX = "updater/v1/hosts/"
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    id: str
+    hostname: str
+    group: str
+    booted_slot: str
+    booted_version: str
+    state: str
+    staged_version: str
+    last_check: int  # unix seconds, 0 never
+    last_error_kind: str
+    lock_held: bool | None  # None: this host does not use a cluster lock
+    updated: float  # unix seconds of this record
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> HostRecord:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+        fields: dict[str, Any] = {f: doc.get(f) for f in cls.__dataclass_fields__}
+        for name in (
+            "id",
+            "hostname",
+            "group",
+            "booted_slot",
+            "booted_version",
+            "state",
+            "staged_version",
+            "last_error_kind",
+        ):
+            if not isinstance(fields[name], str):
+                raise ValueError(f"{name} must be a string")
+        if not isinstance(fields["last_check"], int) or not isinstance(
+            fields["updated"], int | float
+        ):
+            raise ValueError("last_check and updated must be numbers")
+        if fields["lock_held"] is not None and not isinstance(fields["lock_held"], bool):
+            raise ValueError("lock_held must be a boolean or null")
+        return cls(**fields)
+
+
+def _b64(data: str | bytes) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+class FleetPublisher:
+    """Keeps one host's record in etcd under a lease (blocking; call from a thread)."""
+
+    def __init__(self, client: EtcdClient, host_id: str, ttl_s: float) -> None:
+        self.client = client
+        self.key = HOSTS_PREFIX + host_id
+        self.ttl_s = max(2, math.ceil(ttl_s))
+        self._lease: str | None = None
+
+    def publish(self, record: HostRecord) -> None:
+        """Write ``record`` and renew its lease (a new lease when the old one expired)."""
+        if self._lease is not None:
+            answer = self.client.call("lease/keepalive", {"ID": self._lease})
+            ttl = answer.get("result", {}).get("TTL")
+            if not ttl or int(ttl) <= 0:
+                log.info("fleet_lease_expired", lease=self._lease)
+                self._lease = None
+        if self._lease is None:
+            self._lease = str(self.client.call("lease/grant", {"TTL": self.ttl_s})["ID"])
+        self.client.call(
+            "kv/put", {"key": _b64(self.key), "value": _b64(record.encode()), "lease": self._lease}
+        )
+
+
+def read_hosts(client: EtcdClient) -> list[HostRecord]:
+    """Every host's record; unreadable ones are logged and skipped."""
+    hosts = []
+    for kv in client.range_prefix(HOSTS_PREFIX):
+        try:
+            hosts.append(HostRecord.decode(kv.value))
+        except (ValueError, TypeError) as exc:
+            log.warning("fleet_record_unreadable", key=kv.key, error=str(exc))
+    return sorted(hosts, key=lambda h: (h.hostname, h.id))
+
+
+@dataclass(frozen=True)
+class Holding:
+    id: str
+    hostname: str | None  # None: not in the fleet records (an airlock host, or gone)
+    age_s: float | None
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    hosts: int
+    versions: dict[str, int]  # booted version -> hosts
+    staged: dict[str, int]  # staged version -> hosts waiting to reboot into it
+    waiting: tuple[str, ...] = ()  # hostnames with an update staged, without the lock
+    holders: tuple[Holding, ...] = ()
+    total_slots: int | None = None
+    errors: tuple[tuple[str, str], ...] = ()  # (hostname, last error kind)
+    states: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(
+    hosts: list[HostRecord], semaphore: SemaphoreStatus | None, now: float
+) -> FleetSummary:
+    """What a fleet dashboard shows. Pure."""
+    names = {h.id: h.hostname for h in hosts}
+    holders = (
+        ()
+        if semaphore is None
+        else tuple(Holding(h.id, names.get(h.id), h.age_s(now)) for h in semaphore.holders)
+    )
+    held = {h.id for h in holders}
+    return FleetSummary(
+        hosts=len(hosts),
+        versions=dict(sorted(Counter(h.booted_version or "?" for h in hosts).items())),
+        staged=dict(sorted(Counter(h.staged_version for h in hosts if h.staged_version).items())),
+        waiting=tuple(
+            h.hostname
+            for h in hosts
+            if h.state == "UPDATED_NEED_REBOOT" and h.id not in held and h.lock_held is not None
+        ),
+        holders=holders,
+        total_slots=None if semaphore is None else semaphore.total_slots,
+        errors=tuple((h.hostname, h.last_error_kind) for h in hosts if h.last_error_kind),
+        states=dict(sorted(Counter(h.state for h in hosts).items())),
+    )
+
+
+def fleet_status(client: EtcdClient, semaphore: SemaphoreStatus | None, now: float) -> FleetSummary:
+    return summarize(read_hosts(client), semaphore, now)

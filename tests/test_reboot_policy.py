@@ -1,0 +1,289 @@
+"""The reboot policy wired into the agent, on real etcd and a FleetLock server:
+hosts take turns for the slots, never reboot without the lock, give it back
+once steady; the lock admin CLI; fleet status with leases."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools.etcd import EtcdNode
+from devtools.fleetlock_server import Fault as FleetFault
+from devtools.fleetlock_server import FleetLockServer
+from devtools.host import Host, provision
+from policies.etcdlock import (
+    EtcdClient,
+    EtcdLock,
+    EtcdSettings,
+    Holder,
+    SemaphoreStatus,
+    semaphore_key,
+)
+from policies.fleet import FleetPublisher, HostRecord, read_hosts, summarize
+from policies.fleetlock import FleetLock
+from policies.strategy import LockStrategy
+from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, updatectl
+from tests.test_agent import Harness, running, until
+from updater.clock import SystemClock
+from updater.fleetreport import EtcdFleetReporter
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdNode]:
+    with EtcdNode() as node:
+        yield node
+
+
+@pytest.fixture
+def group(request: pytest.FixtureRequest) -> str:
+    return "g-" + str(request.node.name).replace("_", "-")[:40].strip("-").replace(
+        "[", "."
+    ).replace("]", "")
+
+
+def client(etcd: EtcdNode) -> EtcdClient:
+    return EtcdClient(EtcdSettings(endpoints=(etcd.endpoint,)))
+
+
+def lock_config(host: Host, etcd: EtcdNode, group: str, slots: int = 1) -> None:
+    host.config.write_text(
+        host.config.read_text()
+        + f"""
+[reboot]
+strategy = "lock"
+lock = "etcd"
+group = "{group}"
+retry_s = 1
+
+[etcd]
+endpoints = ["{etcd.endpoint}"]
+slots = {slots}
+"""
+    )
+
+
+def second_host(tmp_path: Path, usr_images: dict[str, Path], repo: Repo) -> Host:
+    return provision(
+        tmp_path / "host2",
+        slot_size=HOST_SLOT_SIZE,
+        first_image=usr_images["1.0.0"],
+        first_version="1.0.0",
+        repo_url=repo.url,
+        keyring=repo.key.public_key,
+    )
+
+
+# ---- two hosts, one slot ----------------------------------------------------------------------
+
+
+def test_two_hosts_take_turns_for_one_slot(
+    etcd: EtcdNode,
+    group: str,
+    host: Host,
+    repo: Repo,
+    usr_images: dict[str, Path],
+    tmp_path: Path,
+    notify: NotifySocket,
+) -> None:
+    repo.publish("1.1.0", usr_images["1.1.0"])
+    hosts = {"aaaa": host, "bbbb": second_host(tmp_path, usr_images, repo)}
+
+    def harness(hid: str) -> Harness:
+        strategy = LockStrategy(EtcdLock(client(etcd), group, 1), hid, clock=SystemClock())
+        h = Harness(hosts[hid], notify, strategy)
+        reporter = EtcdFleetReporter(FleetPublisher(client(etcd), hid, 60), hid, group)
+        reporter.hostname = f"node-{hid}"
+        h.agent.fleet = reporter
+        return h
+
+    sem = EtcdLock(client(etcd), group, 1)
+    agents = {hid: harness(hid) for hid in hosts}
+
+    async def scenario() -> None:
+        tasks = {hid: asyncio.create_task(h.agent.run(h.stop)) for hid, h in agents.items()}
+        await until(lambda: any(h.rebooter.calls for h in agents.values()))
+        await asyncio.sleep(1.0)  # several retries of the other host
+        first = next(hid for hid, h in agents.items() if h.rebooter.calls)
+        second = next(hid for hid in agents if hid != first)
+        assert agents[second].rebooter.calls == []  # never without the lock
+        st = sem.status()
+        assert st is not None and [x.id for x in st.holders] == [first]
+        summary = summarize(read_hosts(client(etcd)), st, time.time())
+        assert summary.waiting == (f"node-{second}",)
+        assert [x.hostname for x in summary.holders] == [f"node-{first}"]
+
+        # the first host reboots into its update and comes back healthy
+        agents[first].stop.set()
+        await tasks[first]
+        assert hosts[first].reboot() == "USR-B"
+        agents[first] = harness(first)
+        tasks[first] = asyncio.create_task(agents[first].agent.run(agents[first].stop))
+        await until(lambda: bool(agents[first].statuses))
+        assert agents[second].rebooter.calls == []  # still held across the reboot
+        await agents[first].agent.mark_good()  # steady: the slot is released ...
+        await until(lambda: bool(agents[second].rebooter.calls))  # ... and taken over
+        st = sem.status()
+        assert st is not None and [x.id for x in st.holders] == [second]
+        for h in agents.values():
+            h.stop.set()
+        await asyncio.gather(*tasks.values())
+
+    asyncio.run(scenario())
+
+
+def test_lock_unavailable_never_reboots(
+    host: Host, repo: Repo, usr_images: dict[str, Path], notify: NotifySocket
+) -> None:
+    """etcd unreachable when the lock is needed: retry with backoff, never reboot."""
+    repo.publish("1.1.0", usr_images["1.1.0"])
+    dead = EtcdClient(EtcdSettings(endpoints=("http://127.0.0.1:9",), timeout_s=0.3))
+    h = Harness(host, notify, LockStrategy(EtcdLock(dead, "g", 1), "aaaa", clock=_clock()))
+
+    async def scenario() -> None:
+        async with running(h):
+            await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
+            await asyncio.sleep(1.5)
+
+    asyncio.run(scenario())
+    assert h.rebooter.calls == []
+    assert h.agent.status().state == "UPDATED_NEED_REBOOT"
+
+
+def test_fleetlock_server_decides(
+    host: Host, repo: Repo, usr_images: dict[str, Path], notify: NotifySocket
+) -> None:
+    repo.publish("1.1.0", usr_images["1.1.0"])
+    with FleetLockServer(slots=1) as server:
+        server.add_fault(FleetFault.server_error())
+        lock = FleetLock(server.base_url, "workers", timeout_s=2)
+        h = Harness(host, notify, LockStrategy(lock, "aaaa", clock=_clock()))
+
+        async def scenario() -> None:
+            async with running(h):
+                await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
+                await asyncio.sleep(1.0)
+                assert h.rebooter.calls == []  # a 500 is "no"
+                server.clear_faults()
+                await until(lambda: len(h.rebooter.calls) == 1)
+
+        asyncio.run(scenario())
+        assert server.holders("workers") == ["aaaa"]
+        pre = [r for r in server.requests if r.path.endswith("/v1/pre-reboot")]
+        assert pre and all(r.headers.get("fleet-lock-protocol") == "true" for r in pre)
+
+
+def _clock() -> SystemClock:
+    return SystemClock()
+
+
+# ---- the lock admin CLI ------------------------------------------------------------------------
+
+
+def test_lock_cli(etcd: EtcdNode, group: str, host: Host) -> None:
+    lock_config(host, etcd, group, slots=1)
+    st = updatectl(host, "lock", "status", "--json")
+    assert st.code == 0 and st.json() is None  # no semaphore yet
+    assert updatectl(host, "lock", "lock", "host-1").code == 0
+    busy = updatectl(host, "lock", "lock", "host-2", "--json")
+    assert busy.code == 7 and busy.json()["error"]["kind"] == "no_free_slot"
+    doc = updatectl(host, "lock", "status", "--json").json()
+    assert doc["total_slots"] == 1 and [h["id"] for h in doc["holders"]] == ["host-1"]
+    assert doc["holders"][0]["age_s"] >= 0
+    text = updatectl(host, "lock", "status").out
+    assert f"Group {group}: 1 of 1 slots held (0 free)" in text and "host-1  held for" in text
+
+    assert updatectl(host, "lock", "set-max", "2").code == 0
+    assert updatectl(host, "lock", "lock", "host-2").code == 0
+    assert updatectl(host, "lock", "set-max", "1").code == 0  # holders keep their slots
+    doc = updatectl(host, "lock", "status", "--json").json()
+    assert doc["total_slots"] == 1 and len(doc["holders"]) == 2
+    assert "more holders than slots" in updatectl(host, "lock", "status").out
+    assert updatectl(host, "lock", "lock", "host-3").code == 7  # no one new until below
+    assert updatectl(host, "lock", "unlock", "host-1").code == 0  # a dead holder freed
+    assert updatectl(host, "lock", "lock", "host-3").code == 7  # still 1 held of 1
+    assert updatectl(host, "lock", "unlock", "host-2").code == 0
+    assert updatectl(host, "lock", "lock", "host-3").code == 0
+
+
+def test_malformed_semaphore_is_never_overwritten(etcd: EtcdNode, group: str, host: Host) -> None:
+    lock_config(host, etcd, group)
+    key = semaphore_key(group)
+    etcd.etcdctl("put", key, '{"total_slots": "two", "holders": []}')
+    for args in (("lock", "status"), ("lock", "lock", "h"), ("lock", "set-max", "3")):
+        r = updatectl(host, *args, "--json")
+        assert r.code == 10 and r.json()["error"]["kind"] == "malformed", args
+        assert key in r.err
+    assert "two" in etcd.etcdctl("get", key, "--print-value-only")
+    assert updatectl(host, "lock", "repair", "2").code == 0  # the explicit repair
+    assert updatectl(host, "lock", "status", "--json").json()["total_slots"] == 2
+
+
+# ---- fleet status ------------------------------------------------------------------------------
+
+
+def record(hid: str, **kw: object) -> HostRecord:
+    base = dict(
+        id=hid,
+        hostname=f"node-{hid}",
+        group="g",
+        booted_slot="USR-A",
+        booted_version="1.0.0",
+        state="IDLE",
+        staged_version="",
+        last_check=1,
+        last_error_kind="",
+        lock_held=False,
+        updated=1.0,
+    )
+    base.update(kw)
+    return HostRecord(**base)  # type: ignore[arg-type]
+
+
+def test_fleet_records_live_under_a_lease(etcd: EtcdNode) -> None:
+    c = client(etcd)
+    pub = FleetPublisher(c, "lease-test", ttl_s=2)
+    pub.publish(record("lease-test"))
+    assert [h.id for h in read_hosts(c) if h.id == "lease-test"] == ["lease-test"]
+    pub.publish(record("lease-test", state="CHECKING_FOR_UPDATE"))  # renewed, updated
+    assert [h.state for h in read_hosts(c) if h.id == "lease-test"] == ["CHECKING_FOR_UPDATE"]
+    time.sleep(3.5)  # the host stops: its record goes by itself
+    assert [h for h in read_hosts(c) if h.id == "lease-test"] == []
+    pub.publish(record("lease-test"))  # and comes back with a fresh lease
+    assert [h.id for h in read_hosts(c) if h.id == "lease-test"] == ["lease-test"]
+
+
+def test_summarize() -> None:
+    hosts = [
+        record("a", booted_version="1.1.0"),
+        record("b", state="UPDATED_NEED_REBOOT", staged_version="1.1.0"),
+        record("c", state="UPDATED_NEED_REBOOT", staged_version="1.1.0", lock_held=True),
+        record("d", last_error_kind="hash_mismatch"),
+    ]
+    sem = SemaphoreStatus("g", "k", 1, (Holder("c", 100.0), Holder("zz", None)), 5)
+    s = summarize(hosts, sem, now=160.0)
+    assert s.hosts == 4 and s.versions == {"1.0.0": 3, "1.1.0": 1}
+    assert s.staged == {"1.1.0": 2} and s.waiting == ("node-b",)
+    assert [(h.hostname, h.age_s) for h in s.holders] == [("node-c", 60.0), (None, None)]
+    assert s.errors == (("node-d", "hash_mismatch"),)
+
+
+def test_fleet_status_cli(etcd: EtcdNode, group: str, host: Host) -> None:
+    lock_config(host, etcd, group)
+    c = client(etcd)
+    FleetPublisher(c, "cli-a", 60).publish(record("cli-a", group=group))
+    FleetPublisher(c, "cli-b", 60).publish(
+        record("cli-b", group=group, booted_version="1.1.0", last_error_kind="timeout")
+    )
+    assert updatectl(host, "lock", "lock", "cli-a").code == 0
+    doc = updatectl(host, "fleet", "status", "--json").json()
+    assert doc["versions"]["1.1.0"] >= 1 and doc["total_slots"] == 1
+    assert [h["hostname"] for h in doc["holders"]] == ["node-cli-a"]
+    text = updatectl(host, "fleet", "status").out
+    assert "Holding a reboot slot:" in text and "node-cli-a" in text
+    assert "node-cli-b" in text and "timeout" in text
+    json.dumps(doc)

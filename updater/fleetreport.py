@@ -1,0 +1,36 @@
+"""Publishes the agent's status as its fleet record in etcd (policies.fleet)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from policies.fleet import FleetPublisher, HostRecord
+from updater.agentapi import AgentStatus
+
+
+class EtcdFleetReporter:
+    """The agent's FleetReporter port over etcd; blocking, called from a thread."""
+
+    def __init__(self, publisher: FleetPublisher, host_id: str, group: str) -> None:
+        self.publisher = publisher
+        self.host_id = host_id
+        self.group = group
+        self.hostname = socket.gethostname()
+
+    def report(self, status: AgentStatus, lock_held: bool | None) -> None:
+        self.publisher.publish(
+            HostRecord(
+                id=self.host_id,
+                hostname=self.hostname,
+                group=self.group,
+                booted_slot=status.booted_slot,
+                booted_version=status.booted_version,
+                state=status.state,
+                staged_version=status.staged_version,
+                last_check=status.last_check_time,
+                last_error_kind=status.last_error_kind,
+                lock_held=lock_held,
+                updated=time.time(),
+            )
+        )
