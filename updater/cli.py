@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from policies.fleet import fleet_status
 from policies.identity import host_id
 from updater import compose, config, release
 from updater.agent import status_text
@@ -229,6 +228,8 @@ def cmd_lock(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
 
 
 def cmd_fleet(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    from policies.fleet import fleet_status  # noqa: PLC0415 - etcd only when asked for
+
     lock = compose.etcd_lock(cfg, args.group)
     now = time.time()
     summary = fleet_status(lock.client, lock.status(), now)

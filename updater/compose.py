@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from dbus_fast import BusType
@@ -14,8 +15,6 @@ from dbus_fast.errors import DBusError
 from partitions import booted
 from partitions.bootcontrol import Slot
 from partitions.gptprio import GptPrioBootControl
-from policies.etcdlock import EtcdClient, EtcdLock, EtcdSettings
-from policies.fleet import FleetPublisher
 from policies.fleetlock import FleetLock
 from policies.identity import host_id
 from policies.lock import NoLock, RebootLock
@@ -26,7 +25,6 @@ from updater.blessing import bless
 from updater.clock import Clock, SystemClock
 from updater.config import Config, reboot_windows
 from updater.errors import ConfigError
-from updater.fleetreport import EtcdFleetReporter
 from updater.gpg import GnupgVerifier
 from updater.health import HealthChecker, SystemdUnits
 from updater.install import ProgressFn
@@ -38,6 +36,13 @@ from updater.source import HttpCache, StaticSource
 from updater.state import StateStore
 from updater.transport import HttpSettings, HttpTransport, SchemeTransport
 from updater.update import Updater
+
+if TYPE_CHECKING:
+    from policies.etcdlock import EtcdLock, EtcdSettings
+    from updater.fleetreport import EtcdFleetReporter
+
+# The etcd client (etcd3gw and what it pulls in, ~5 MiB resident) is imported
+# only by the functions that need it: an agent without the etcd lock stays small.
 
 log = structlog.get_logger(__name__)
 
@@ -118,6 +123,8 @@ def rebooter(bus: MessageBus | None) -> Rebooter:
 
 
 def etcd_settings(config: Config) -> EtcdSettings:
+    from policies.etcdlock import EtcdSettings
+
     e = config.etcd
     password = None
     if e.password_file is not None:
@@ -143,6 +150,8 @@ def etcd_settings(config: Config) -> EtcdSettings:
 
 def etcd_lock(config: Config, group: str | None = None) -> EtcdLock:
     """The etcd semaphore of ``group`` (default: [reboot] group), for `updatectl lock`."""
+    from policies.etcdlock import EtcdLock
+
     return EtcdLock.from_settings(
         etcd_settings(config), group or config.reboot.group, config.etcd.slots
     )
@@ -173,6 +182,10 @@ def fleet_reporter(config: Config) -> EtcdFleetReporter | None:
         return None
     if not config.etcd.publish_status:
         return None
+    from policies.etcdlock import EtcdClient
+    from policies.fleet import FleetPublisher
+    from updater.fleetreport import EtcdFleetReporter
+
     ttl = 3 * config.agent.poll_interval_s
     publisher = FleetPublisher(EtcdClient(etcd_settings(config)), host_id(), ttl)
     return EtcdFleetReporter(publisher, host_id(), config.reboot.group)

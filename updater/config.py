@@ -17,17 +17,19 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import structlog
 
 from policies.fleetlock import FleetLock
 from policies.lock import GROUP_RE
-from policies.windows import Windows, parse_windows
 from updater.errors import ConfigError, LockError
 from updater.log import LogMode
 from updater.manifest import valid_channel
+
+if TYPE_CHECKING:
+    from policies.windows import Windows
 
 log = structlog.get_logger(__name__)
 
@@ -432,6 +434,8 @@ def reboot_windows(config: RebootConfig) -> Windows | None:
     """The maintenance windows of ``[reboot]``, or None when none are configured."""
     if not config.windows and config.window_start is None:
         return None
+    from policies.windows import parse_windows  # noqa: PLC0415 - only when windows are set
+
     return parse_windows(
         list(config.windows),
         config.time_zone,
