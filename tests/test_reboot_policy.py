@@ -151,7 +151,9 @@ def test_lock_unavailable_never_reboots(
 
     asyncio.run(scenario())
     assert h.rebooter.calls == []
-    assert h.agent.status().state == "UPDATED_NEED_REBOOT"
+    st = h.agent.status()
+    assert st.state == "UPDATED_NEED_REBOOT" and st.last_error_kind == "unavailable"
+    assert h.agent._m.reboot_refusals >= 1  # counted: the retries back off
 
 
 def test_fleetlock_server_decides(

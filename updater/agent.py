@@ -482,6 +482,8 @@ class Agent:
                 )
                 if self.metrics is not None:
                     self.metrics.error(kind)
+                # counted as a refusal: the next attempt backs off (up to the cap)
+                await self._dispatch(mc.RebootRefused(mc.ErrorInfo(kind, str(exc))))
                 allowed = False
             self._report_to_fleet()  # lock held or not: the fleet shows who waits
             if not allowed:
