@@ -423,16 +423,21 @@ class Agent:
             self.metrics.checked(self.clock.now().timestamp())
         self._check = result
         m = result.manifest
-        if result.staged:
+        if m is not None and result.staged:
             await self._dispatch(mc.AlreadyStaged(m.version))
-        elif result.update_available:
-            await self._dispatch(mc.UpdateFound(mc.Offer(m.version, m.image.size)))
+        elif m is not None and result.update_available:
+            await self._dispatch(
+                mc.UpdateFound(mc.Offer(m.version, m.image.size), result.interval_s)
+            )
         else:
-            await self._dispatch(mc.NoUpdate())
+            if result.deferred is not None:
+                log.info("update_deferred_by_server", reason=result.deferred)
+            await self._dispatch(mc.NoUpdate(result.interval_s))
 
     async def _do_install(self, offer: mc.Offer) -> None:
         check = self._check
-        assert check is not None and check.manifest.version == offer.version
+        assert check is not None and check.manifest is not None
+        assert check.manifest.version == offer.version
         loop = asyncio.get_running_loop()
         last: list[str] = [""]
 

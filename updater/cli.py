@@ -34,20 +34,25 @@ def _emit_json(out: TextIO, doc: Any) -> None:
 
 
 def _check_doc(result: CheckResult) -> dict[str, Any]:
-    m = result.manifest
-    return {
+    doc: dict[str, Any] = {
         "update_available": result.update_available,
         "staged": result.staged,
         "booted": result.booted.label,
         "booted_version": result.booted_version,
         "target": result.target.label,
-        "version": m.version,
-        "channel": m.channel,
-        "expires": format_time(m.expires),
-        "size": m.image.size,
-        "raw_size": m.image.raw_size,
-        "compression": m.image.compression.value,
+        "deferred": result.deferred,
     }
+    m = result.manifest
+    if m is not None:
+        doc.update(
+            version=m.version,
+            channel=m.channel,
+            expires=format_time(m.expires),
+            size=m.image.size,
+            raw_size=m.image.raw_size,
+            compression=m.image.compression.value,
+        )
+    return doc
 
 
 def cmd_check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
@@ -68,7 +73,11 @@ def cmd_check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         _emit_json(out, doc)
         return 0
     m = result.manifest
-    if not result.update_available:
+    if result.deferred is not None:
+        out.write(f"The update server holds an update back for now: {result.deferred}.\n")
+    elif m is None:
+        out.write(f"Up to date: the server offers nothing newer than {result.booted_version}.\n")
+    elif not result.update_available:
         out.write(f"Up to date: {result.booted_version} is the newest on {m.channel}.\n")
     elif result.staged:
         out.write(f"{m.version} is already installed in {result.target.label}: reboot to apply.\n")

@@ -98,6 +98,7 @@ class VerificationError(UpdaterError):
             "size_mismatch",
             "hash_mismatch",
             "decompress_failed",
+            "source_mismatch",  # an Omaha answer disagrees with the signed manifest
         }
     )
 

@@ -29,14 +29,45 @@ MAX_SIGNATURE_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
+class ImageClaim:
+    """What an update server (Omaha) says of the image; must match the signed manifest."""
+
+    url: str  # where the server says the image is
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class SignedDocument:
     url: str
     body: bytes
     signature: bytes | None  # None: the server has no signature file
+    claim: ImageClaim | None = None  # an Omaha server's own size/hash/URL
+    interval_s: float | None = None  # the server's poll interval, if it gave one
+
+
+@dataclass(frozen=True)
+class NoOffer:
+    """The server has nothing newer for this host."""
+
+    interval_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """The server holds the update back (its rollout policy); not an error."""
+
+    reason: str
+    interval_s: float | None = None
+
+
+SourceAnswer = SignedDocument | NoOffer | Deferred
 
 
 class UpdateSource(Protocol):
-    def fetch(self) -> SignedDocument: ...
+    def fetch(self) -> SourceAnswer:
+        """Ask for the channel's release: a signed manifest, nothing, or a deferral."""
+        ...
 
     def image_url(self, manifest: Manifest) -> str: ...
 

@@ -20,14 +20,14 @@ import structlog
 from partitions.bootcontrol import BootControl, Slot, SlotFlags, SlotStatus
 from updater import download, osrelease
 from updater.clock import Clock
-from updater.errors import DiskError, RefusedError, UpdaterError
+from updater.errors import DiskError, RefusedError, UpdaterError, VerificationError
 from updater.fsutil import atomic_write
 from updater.gpg import SignatureChecker
 from updater.install import Progress, ProgressFn, WriteResult, write_image
 from updater.lock import exclusive, is_held
 from updater.manifest import Manifest
 from updater.slotio import SlotDevice
-from updater.source import UpdateSource
+from updater.source import Deferred, ImageClaim, NoOffer, UpdateSource
 from updater.state import Pending, SlotRecord, State, StateStore, now_iso
 from updater.transport import Transport
 from updater.verify import Expectations, is_newer, verify_manifest
@@ -108,6 +108,23 @@ def detect_rollback(state: State, other: SlotStatus) -> str | None:
     return rec.version
 
 
+def check_claim(claim: ImageClaim, manifest: Manifest, image_url: str) -> None:
+    """An update server's size, hash and URL must be the signed manifest's own."""
+    mismatches = []
+    if claim.size != manifest.image.size:
+        mismatches.append(f"size {claim.size} != {manifest.image.size}")
+    if claim.sha256 != manifest.image.sha256:
+        mismatches.append(f"sha256 {claim.sha256} != {manifest.image.sha256}")
+    if claim.url != image_url:
+        mismatches.append(f"url {claim.url} != {image_url}")
+    if mismatches:
+        raise VerificationError(
+            "source_mismatch",
+            "the update server's answer disagrees with the signed manifest: "
+            + "; ".join(mismatches),
+        )
+
+
 # --- results -----------------------------------------------------------------
 
 
@@ -116,10 +133,12 @@ class CheckResult:
     booted: Slot
     booted_version: str | None
     target: Slot
-    manifest: Manifest
+    manifest: Manifest | None  # None: the server offered nothing (or deferred it)
     update_available: bool
     staged: bool  # already installed into the target and boots next
     failed_before: bool = False  # this version rolled back on this host: not again
+    deferred: str | None = None  # the server holds an update back (its rollout policy)
+    interval_s: float | None = None  # the server's poll interval, if it gave one
 
 
 @dataclass(frozen=True)
@@ -204,6 +223,21 @@ class Updater:
         state = self.store.load()
         booted_version = self._booted_version(state, booted.slot)
         doc = self.source.fetch()
+        if isinstance(doc, NoOffer | Deferred):
+            deferred = doc.reason if isinstance(doc, Deferred) else None
+            log.info(
+                "update_checked", available=False, booted_version=booted_version, deferred=deferred
+            )
+            return CheckResult(
+                booted.slot,
+                booted_version,
+                target.slot,
+                None,
+                False,
+                False,
+                deferred=deferred,
+                interval_s=doc.interval_s,
+            )
         verdict = None if doc.signature is None else self.verifier.verify(doc.body, doc.signature)
         manifest = verify_manifest(
             doc.body,
@@ -217,6 +251,8 @@ class Updater:
                 now=self.clock.now(),
             ),
         )
+        if doc.claim is not None:
+            check_claim(doc.claim, manifest, self.source.image_url(manifest))
         failed_before = manifest.version in state.failed_versions
         available = is_newer(manifest, booted_version) and not failed_before
         staged = available and is_staged(state, target, self.boot.primary(), manifest.version)
@@ -229,7 +265,14 @@ class Updater:
             failed_before=failed_before,
         )
         return CheckResult(
-            booted.slot, booted_version, target.slot, manifest, available, staged, failed_before
+            booted.slot,
+            booted_version,
+            target.slot,
+            manifest,
+            available,
+            staged,
+            failed_before,
+            interval_s=doc.interval_s,
         )
 
     def note_rollback(self) -> str | None:
@@ -258,7 +301,7 @@ class Updater:
         """Install a checked update into the other slot; None if there is nothing to do."""
         if self.source is None or self.transport is None:
             raise RuntimeError("install needs a source and a transport")
-        if not check.update_available or check.staged:
+        if not check.update_available or check.staged or check.manifest is None:
             return None
         with exclusive(self.store.state_dir):
             booted, target = self._slots()
@@ -269,9 +312,8 @@ class Updater:
                     "would overwrite the only known-good slot",
                     hint="run `updatectl mark-good` once the system is healthy",
                 )
-            return self._install_locked(
-                check.manifest, booted, target, cancel, progress or self.progress
-            )
+            manifest = check.manifest
+            return self._install_locked(manifest, booted, target, cancel, progress or self.progress)
 
     def _install_locked(
         self,
