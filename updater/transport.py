@@ -84,7 +84,7 @@ def _http_error(url: str, status: int) -> DownloadError:
     return DownloadError("http_status", f"HTTP {status} for {url}", status=status)
 
 
-def _wrap(url: str, exc: BaseException) -> DownloadError:
+def wrap_error(url: str, exc: BaseException) -> DownloadError:
     if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
         return DownloadError("timeout", f"{url}: timed out ({exc})")
     if isinstance(exc, requests.exceptions.SSLError):
@@ -98,7 +98,7 @@ def _wrap(url: str, exc: BaseException) -> DownloadError:
     return DownloadError("connection", f"{url}: {exc}")
 
 
-_FOREIGN = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+FOREIGN_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
 class _HttpStream:
@@ -113,8 +113,8 @@ class _HttpStream:
     def read(self, n: int) -> bytes:
         try:
             data: bytes = self._response.raw.read(n, decode_content=False)
-        except _FOREIGN as exc:
-            raise _wrap(self._url, exc) from exc
+        except FOREIGN_ERRORS as exc:
+            raise wrap_error(self._url, exc) from exc
         return data
 
     def readinto(self, buf: memoryview) -> int:
@@ -124,8 +124,8 @@ class _HttpStream:
                 n: int = self._response.raw.readinto(buf)
             else:
                 n = body.readinto(buf)
-        except (*_FOREIGN, http.client.HTTPException) as exc:
-            raise _wrap(self._url, exc) from exc
+        except (*FOREIGN_ERRORS, http.client.HTTPException) as exc:
+            raise wrap_error(self._url, exc) from exc
         return n
 
     def close(self) -> None:
@@ -198,8 +198,8 @@ class HttpTransport:
                 if len(body) > max_bytes:
                     raise DownloadError("too_much_data", f"{url}: more than {max_bytes} bytes")
                 return FetchResult(body, resp.headers.get("ETag"))
-        except _FOREIGN as exc:
-            raise _wrap(url, exc) from exc
+        except FOREIGN_ERRORS as exc:
+            raise wrap_error(url, exc) from exc
 
     def open_stream(self, url: str, *, start: int = 0, if_range: str | None = None) -> ByteStream:
         headers: dict[str, str] = {}
@@ -211,8 +211,8 @@ class HttpTransport:
             resp = self.session.get(
                 url, headers=headers, timeout=self._timeout, stream=True, verify=self._verify
             )
-        except _FOREIGN as exc:
-            raise _wrap(url, exc) from exc
+        except FOREIGN_ERRORS as exc:
+            raise wrap_error(url, exc) from exc
         if resp.status_code == 206 and start:
             content_range = resp.headers.get("Content-Range", "")
             if not content_range.startswith(f"bytes {start}-"):
