@@ -19,20 +19,23 @@ from policies.fleetlock import FleetLock
 from policies.identity import host_id
 from policies.lock import NoLock, RebootLock
 from policies.strategy import STRATEGIES, LockStrategy, RebootStrategy, Windowed
-from updater import dbus_api
+from updater import dbus_api, flatcar
 from updater.agent import Agent
 from updater.blessing import bless
 from updater.clock import Clock, SystemClock
 from updater.config import Config, reboot_windows
 from updater.errors import ConfigError
+from updater.flatcar import DISABLED
 from updater.gpg import GnupgVerifier
 from updater.health import HealthChecker, SystemdUnits
 from updater.install import ProgressFn
 from updater.machine import Timing
 from updater.metrics import Metrics
+from updater.omaha_client import OmahaClient, host_context
+from updater.omaha_source import DisabledSource, EventQueue, OmahaSource
 from updater.rebooter import LogindRebooter, Rebooter, UnavailableRebooter
 from updater.sdnotify import Notifier
-from updater.source import HttpCache, StaticSource
+from updater.source import HttpCache, SignedFetcher, StaticSource, UpdateSource
 from updater.state import StateStore
 from updater.transport import HttpSettings, HttpTransport, SchemeTransport
 from updater.update import Updater
@@ -47,6 +50,64 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
+def omaha_settings(config: Config) -> tuple[str | None, str]:
+    """The Omaha server and group: [omaha], else Flatcar's update.conf, else [source] channel."""
+    server, group = config.omaha.server, config.omaha.group
+    if config.omaha.flatcar_conf and (server is None or group is None):
+        fc = flatcar.read()
+        server = server or fc.server
+        group = group or fc.group
+        if fc.files:
+            log.info(
+                "flatcar_update_conf_read",
+                files=[str(f) for f in fc.files],
+                server=server,
+                group=group,
+            )
+    return server, group or config.source.channel
+
+
+def expected_channel(config: Config) -> str:
+    """The channel a manifest must name: the Omaha group, or [source] channel."""
+    return omaha_settings(config)[1] if config.source.kind == "omaha" else config.source.channel
+
+
+def update_source(
+    config: Config, transport: SchemeTransport, http: HttpTransport, *, need_source: bool
+) -> UpdateSource | None:
+    cache = HttpCache(config.agent.state_dir / "cache")
+    if config.source.kind == "omaha":
+        server, group = omaha_settings(config)
+        if server == DISABLED:
+            return DisabledSource()
+        if server is None:
+            if not need_source:
+                return None
+            raise ConfigError(
+                "missing",
+                "no Omaha server is configured",
+                key="omaha.server",
+                hint="set [omaha] server, or SERVER= in /etc/flatcar/update.conf",
+            )
+        app_id = config.omaha.app_id
+        return OmahaSource(
+            OmahaClient(server, transport=http),
+            lambda version: host_context(app_id, version, group),
+            SignedFetcher(transport, cache),
+            EventQueue(config.agent.state_dir / "omaha-events.json"),
+        )
+    if config.source.url is not None:
+        return StaticSource(config.source.url, config.source.channel, transport, cache)
+    if need_source:
+        raise ConfigError(
+            "missing",
+            "no release repository is configured",
+            key="source.url",
+            hint="set [source] url in a file under /etc/updater/config.d/",
+        )
+    return None
+
+
 def disk_of(config: Config) -> Path:
     return config.disk.device or booted.booted_disk()
 
@@ -59,28 +120,17 @@ def updater(
     config: Config, *, progress: ProgressFn | None = None, need_source: bool = False
 ) -> Updater:
     src = config.source
-    transport = SchemeTransport(
-        http=HttpTransport(
-            HttpSettings(src.connect_timeout_s, src.read_timeout_s, src.retries, src.ca_file)
-        )
+    http = HttpTransport(
+        HttpSettings(src.connect_timeout_s, src.read_timeout_s, src.retries, src.ca_file)
     )
-    source = None
-    if src.url is not None:
-        cache = HttpCache(config.agent.state_dir / "cache")
-        source = StaticSource(src.url, src.channel, transport, cache)
-    elif need_source:
-        raise ConfigError(
-            "missing",
-            "no release repository is configured",
-            key="source.url",
-            hint="set [source] url in a file under /etc/updater/config.d/",
-        )
+    transport = SchemeTransport(http=http)
+    source = update_source(config, transport, http, need_source=need_source)
     return Updater(
         boot=boot_control(config),
         store=StateStore(config.agent.state_dir),
         clock=SystemClock(),
         os_release=config.agent.os_release,
-        channel=src.channel,
+        channel=expected_channel(config),
         source=source,
         verifier=GnupgVerifier(src.keyring),
         transport=transport,

@@ -13,6 +13,7 @@ with a configuration written for a newer one.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,15 @@ class SourceConfig:
     read_timeout_s: float = 30.0
     retries: int = 3  # urllib3 retries for connection errors and 5xx
     resume_attempts: int = 5  # Range resumes after a dropped download
+    kind: str = "static"  # static (a release repository) | omaha (an update server)
+
+
+@dataclass(frozen=True)
+class OmahaConfig:
+    server: str | None = None  # e.g. https://nebraska.example.com/v1/update/
+    app_id: str = "{3c1f8a7e-5d2b-4b8e-9f61-0a7c2e4d9b13}"  # the app in Nebraska
+    group: str | None = None  # Omaha track; unset: Flatcar's GROUP=, else [source] channel
+    flatcar_conf: bool = True  # read SERVER=/GROUP= from update.conf when unset
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,7 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
+    omaha: OmahaConfig = field(default_factory=OmahaConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
     install: InstallConfig = field(default_factory=InstallConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
@@ -312,6 +323,9 @@ def _source(s: _Section) -> SourceConfig:
             if not k.startswith("/"):
                 raise s.error("keyring", f"must be absolute paths, not {k!r}")
         keyring = tuple(Path(k) for k in keyring_strs)
+    kind = s.str_("kind", d.kind) or d.kind
+    if kind not in ("static", "omaha"):
+        raise s.error("kind", f"unknown source {kind!r}", hint="static or omaha")
     return SourceConfig(
         url=url,
         channel=channel,
@@ -323,6 +337,37 @@ def _source(s: _Section) -> SourceConfig:
         read_timeout_s=s.number("read_timeout_s", d.read_timeout_s, minimum=0.1, maximum=3600),
         retries=s.int_("retries", d.retries, minimum=0, maximum=20),
         resume_attempts=s.int_("resume_attempts", d.resume_attempts, minimum=0, maximum=100),
+        kind=kind,
+    )
+
+
+_APP_ID_RE = re.compile(
+    r"^\{?[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\}?$"
+)
+
+
+def _omaha(s: _Section) -> OmahaConfig:
+    d = OmahaConfig()
+    server = s.str_("server", None)
+    if server is not None and server != "disabled":
+        parts = urlsplit(server)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise s.error(
+                "server",
+                f"{server!r} is not an http:// or https:// URL",
+                hint='or "disabled" to turn update checks off',
+            )
+    app_id = s.str_("app_id", d.app_id) or d.app_id
+    if not _APP_ID_RE.fullmatch(app_id):
+        raise s.error("app_id", f"{app_id!r} is not an app id (a UUID, in braces or not)")
+    group = s.str_("group", None)
+    if group is not None and not valid_channel(group):
+        raise s.error("group", f"invalid group {group!r}")
+    return OmahaConfig(
+        server=server,
+        app_id=app_id,
+        group=group,
+        flatcar_conf=s.bool_("flatcar_conf", d.flatcar_conf),
     )
 
 
@@ -521,6 +566,7 @@ def _metrics(s: _Section) -> MetricsConfig:
 
 _SECTIONS = {
     "source": _source,
+    "omaha": _omaha,
     "disk": _disk,
     "install": _install,
     "agent": _agent,

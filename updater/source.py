@@ -13,12 +13,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import structlog
 
-from updater.errors import DownloadError, VerificationError
+from updater.errors import DownloadError, UpdaterError, VerificationError
 from updater.fsutil import atomic_write
 from updater.manifest import MAX_MANIFEST_BYTES, Manifest
 from updater.transport import Transport
@@ -35,6 +35,7 @@ class ImageClaim:
     url: str  # where the server says the image is
     size: int
     sha256: str
+    version: str | None = None  # the version the server offers
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,38 @@ class Deferred:
 
 SourceAnswer = SignedDocument | NoOffer | Deferred
 
+Happened = Literal[
+    "download_started",  # the image download begins
+    "download_finished",  # every byte arrived and matched
+    "staged",  # installed and made the next boot
+    "rebooted",  # the first check after booting the new version
+    "rolled_back",  # came back on the old slot: the new version failed
+    "failed",  # a check or an install failed
+    "deferred",  # the server held the update back
+]
+
+
+@dataclass(frozen=True)
+class Happening:
+    """Something an update server may want to hear of (Omaha's events)."""
+
+    what: Happened
+    version: str | None = None
+    previous_version: str | None = None
+    error: UpdaterError | None = None
+    during_check: bool = False
+
 
 class UpdateSource(Protocol):
-    def fetch(self) -> SourceAnswer:
+    def fetch(self, current_version: str | None) -> SourceAnswer:
         """Ask for the channel's release: a signed manifest, nothing, or a deferral."""
         ...
 
     def image_url(self, manifest: Manifest) -> str: ...
+
+    def report(self, happening: Happening) -> None:
+        """Tell the server (best effort: kept and retried, never raises)."""
+        ...
 
 
 class HttpCache:
@@ -99,12 +125,10 @@ class HttpCache:
         atomic_write(path, json.dumps(doc).encode(), mode=0o600)
 
 
-class StaticSource:
-    def __init__(
-        self, base_url: str, channel: str, transport: Transport, cache: HttpCache | None = None
-    ) -> None:
-        self.manifest_url = base_url.rstrip("/") + f"/{channel}/release.json"
-        self.signature_url = self.manifest_url + ".asc"
+class SignedFetcher:
+    """Fetches a manifest and its detached signature, conditionally (ETag cache)."""
+
+    def __init__(self, transport: Transport, cache: HttpCache | None = None) -> None:
         self._transport = transport
         self._cache = cache
 
@@ -119,31 +143,52 @@ class StaticSource:
             self._cache.put(url, result.etag, result.body)
         return result.body
 
-    def fetch(self) -> SignedDocument:
+    def fetch(self, manifest_url: str, signature_url: str) -> SignedDocument:
         try:
-            body = self._get(self.manifest_url, MAX_MANIFEST_BYTES)
+            body = self._get(manifest_url, MAX_MANIFEST_BYTES)
         except DownloadError as exc:
             if exc.kind == "too_much_data":
                 raise VerificationError(
                     "manifest_too_large",
-                    f"{self.manifest_url} is larger than {MAX_MANIFEST_BYTES} bytes",
+                    f"{manifest_url} is larger than {MAX_MANIFEST_BYTES} bytes",
                 ) from None
             raise
         try:
-            signature: bytes | None = self._get(self.signature_url, MAX_SIGNATURE_BYTES)
+            signature: bytes | None = self._get(signature_url, MAX_SIGNATURE_BYTES)
         except DownloadError as exc:
             if exc.status not in (404, 410):
                 raise
             signature = None
-        return SignedDocument(self.manifest_url, body, signature)
+        return SignedDocument(manifest_url, body, signature)
+
+
+def resolve_image_url(manifest_url: str, manifest: Manifest) -> str:
+    """The image's URL, relative to the manifest's; it may not change scheme family."""
+    url = urljoin(manifest_url, manifest.image.url)
+    web = {"http", "https"}
+    ours, theirs = urlsplit(manifest_url).scheme, urlsplit(url).scheme
+    if not (ours == theirs or {ours, theirs} <= web):
+        raise VerificationError(
+            "manifest_malformed", f"image URL {url} leaves the repository's scheme ({ours})"
+        )
+    return url
+
+
+class StaticSource:
+    """The static release repository: ``<url>/<channel>/release.json`` + ``.asc``."""
+
+    def __init__(
+        self, base_url: str, channel: str, transport: Transport, cache: HttpCache | None = None
+    ) -> None:
+        self.manifest_url = base_url.rstrip("/") + f"/{channel}/release.json"
+        self.signature_url = self.manifest_url + ".asc"
+        self._fetcher = SignedFetcher(transport, cache)
+
+    def report(self, happening: Happening) -> None:
+        return None  # a static repository listens to nobody
+
+    def fetch(self, current_version: str | None = None) -> SignedDocument:
+        return self._fetcher.fetch(self.manifest_url, self.signature_url)
 
     def image_url(self, manifest: Manifest) -> str:
-        url = urljoin(self.manifest_url, manifest.image.url)
-        web = {"http", "https"}
-        ours, theirs = urlsplit(self.manifest_url).scheme, urlsplit(url).scheme
-        if not (ours == theirs or {ours, theirs} <= web):
-            raise VerificationError(
-                "manifest_malformed",
-                f"image URL {url} leaves the repository's scheme ({ours})",
-            )
-        return url
+        return resolve_image_url(self.manifest_url, manifest)

@@ -55,12 +55,21 @@ class Pending:
 
 
 @dataclass(frozen=True)
+class BootReport:
+    """Staged ``version`` (replacing ``previous_version``): tell the server how its boot went."""
+
+    version: str
+    previous_version: str
+
+
+@dataclass(frozen=True)
 class State:
     highest_version: str | None = None  # highest version this host ever accepted
     slots: Mapping[str, SlotRecord] = field(default_factory=dict)
     pending: Pending | None = None
     failed_versions: tuple[str, ...] = ()  # came back on the old slot: never again
     agent: Mapping[str, Any] | None = None  # the daemon's state machine (updater.machine)
+    boot_report: BootReport | None = None  # a staged version whose outcome is still untold
 
     def with_slot(self, part_uuid: str, record: SlotRecord) -> State:
         return replace(self, slots={**self.slots, part_uuid: record})
@@ -138,12 +147,21 @@ def _from_json(doc: Any) -> State:
     if not isinstance(failed, list) or not all(isinstance(v, str) for v in failed):
         raise _Invalid("failed_versions must be a list of strings")
     agent = doc.get("agent")
+    raw_report = doc.get("boot_report")
+    boot_report = None
+    if raw_report is not None:
+        if not isinstance(raw_report, dict) or not all(
+            isinstance(raw_report.get(k), str) for k in ("version", "previous_version")
+        ):
+            raise _Invalid("boot_report needs version and previous_version")
+        boot_report = BootReport(raw_report["version"], raw_report["previous_version"])
     return State(
         highest_version=_opt_str(doc, "highest_version"),
         slots=slots,
         pending=pending,
         failed_versions=tuple(failed),
         agent=agent if isinstance(agent, dict) else None,
+        boot_report=boot_report,
     )
 
 
@@ -172,6 +190,12 @@ def _to_json(state: State) -> dict[str, Any]:
         },
         "failed_versions": list(state.failed_versions),
         "agent": None if state.agent is None else dict(state.agent),
+        "boot_report": None
+        if state.boot_report is None
+        else {
+            "version": state.boot_report.version,
+            "previous_version": state.boot_report.previous_version,
+        },
     }
 
 

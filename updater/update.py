@@ -18,17 +18,24 @@ from typing import Literal
 import structlog
 
 from partitions.bootcontrol import BootControl, Slot, SlotFlags, SlotStatus
-from updater import download, osrelease
+from updater import download, osrelease, versions
 from updater.clock import Clock
-from updater.errors import DiskError, RefusedError, UpdaterError, VerificationError
+from updater.errors import (
+    Cancelled,
+    DiskError,
+    RefusedError,
+    UpdaterError,
+    VerificationError,
+)
 from updater.fsutil import atomic_write
 from updater.gpg import SignatureChecker
 from updater.install import Progress, ProgressFn, WriteResult, write_image
 from updater.lock import exclusive, is_held
 from updater.manifest import Manifest
+from updater.omaha import OmahaError
 from updater.slotio import SlotDevice
-from updater.source import Deferred, ImageClaim, NoOffer, UpdateSource
-from updater.state import Pending, SlotRecord, State, StateStore, now_iso
+from updater.source import Deferred, Happening, ImageClaim, NoOffer, UpdateSource
+from updater.state import BootReport, Pending, SlotRecord, State, StateStore, now_iso
 from updater.transport import Transport
 from updater.verify import Expectations, is_newer, verify_manifest
 
@@ -117,6 +124,8 @@ def check_claim(claim: ImageClaim, manifest: Manifest, image_url: str) -> None:
         mismatches.append(f"sha256 {claim.sha256} != {manifest.image.sha256}")
     if claim.url != image_url:
         mismatches.append(f"url {claim.url} != {image_url}")
+    if claim.version is not None and claim.version != manifest.version:
+        mismatches.append(f"version {claim.version} != {manifest.version}")
     if mismatches:
         raise VerificationError(
             "source_mismatch",
@@ -222,9 +231,39 @@ class Updater:
         self.note_rollback()
         state = self.store.load()
         booted_version = self._booted_version(state, booted.slot)
-        doc = self.source.fetch()
+        if booted.flags.successful:  # a trial boot has not succeeded yet
+            self._report_boot(state, booted_version)
+        try:
+            return self._check(booted, target, state, booted_version)
+        except (VerificationError, OmahaError) as exc:
+            # the server answered, but not acceptably: it should hear of it
+            self.source.report(
+                Happening("failed", version=booted_version, error=exc, during_check=True)
+            )
+            raise
+
+    def _report_boot(self, state: State, booted_version: str | None) -> None:
+        """The first check after the staged version booted (and was blessed) reports it."""
+        report = state.boot_report
+        if report is None or booted_version is None or self.source is None:
+            return
+        if versions.compare(booted_version, report.version) == 0:
+            self.source.report(
+                Happening(
+                    "rebooted", version=report.version, previous_version=report.previous_version
+                )
+            )
+            self.store.update(lambda st: replace(st, boot_report=None))
+
+    def _check(
+        self, booted: SlotStatus, target: SlotStatus, state: State, booted_version: str | None
+    ) -> CheckResult:
+        assert self.source is not None and self.verifier is not None
+        doc = self.source.fetch(booted_version)
         if isinstance(doc, NoOffer | Deferred):
             deferred = doc.reason if isinstance(doc, Deferred) else None
+            if deferred is not None:
+                self.source.report(Happening("deferred", version=booted_version))
             log.info(
                 "update_checked", available=False, booted_version=booted_version, deferred=deferred
             )
@@ -290,6 +329,9 @@ class Updater:
             )
         )
         log.error("rollback_detected", failed_version=version, slot=other.slot.label)
+        if self.source is not None:
+            self.source.report(Happening("rolled_back", version=version))
+            self.store.update(lambda st: replace(st, boot_report=None))
         return version
 
     def install(
@@ -348,7 +390,8 @@ class Updater:
         self.store.update(begin)
 
         # 2-5. Stream, hash, decompress, hash, write, fsync, compare, read back.
-        assert self.transport is not None
+        assert self.transport is not None and self.source is not None
+        self.source.report(Happening("download_started", version=m.version))
         try:
             with self.open_slot(slot) as device:
                 result = write_image(
@@ -375,7 +418,10 @@ class Updater:
                 error=exc.message,
             )
             self.store.update(lambda st: replace(st, pending=None))
+            if not isinstance(exc, Cancelled):
+                self.source.report(Happening("failed", version=m.version, error=exc))
             raise
+        self.source.report(Happening("download_finished", version=m.version))
 
         # 6. Only now may the target boot: once, on trial.
         if progress is not None:
@@ -389,7 +435,15 @@ class Updater:
             result.raw_sha256,
             now_iso(self.clock.now()),
         )
-        self.store.update(lambda st: replace(st.with_slot(uuid, record), pending=None))
+        previous = self._booted_version(self.store.load(), booted.slot) or ""
+        self.store.update(
+            lambda st: replace(
+                st.with_slot(uuid, record),
+                pending=None,
+                boot_report=BootReport(m.version, previous),
+            )
+        )
+        self.source.report(Happening("staged", version=m.version, previous_version=previous))
         self._write_reboot_sentinel(m.version)
         log.info(
             "update_staged", version=m.version, slot=slot.label, seconds=round(result.seconds, 3)
