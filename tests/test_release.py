@@ -65,9 +65,17 @@ def test_release_layout(
     signature = (repo / "stable" / "release.json.asc").read_bytes()
     assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()) == [
         f"images/2.0.1/usr.img{suffix}",
+        f"images/2.0.1/usr.img{suffix}.json",  # beside the package, for Omaha
+        f"images/2.0.1/usr.img{suffix}.json.asc",
         "stable/release.json",
         "stable/release.json.asc",
     ]
+    beside = repo / "images" / "2.0.1" / f"usr.img{suffix}.json"
+    omaha_manifest = parse(beside.read_bytes())
+    assert omaha_manifest.image.url == f"usr.img{suffix}"  # relative to itself
+    assert omaha_manifest.image.sha256 == parse(manifest_bytes).image.sha256
+    beside_sig = beside.with_name(beside.name + ".asc").read_bytes()
+    assert GnupgVerifier([release_key.public_key]).verify(beside.read_bytes(), beside_sig).valid
 
     doc = json.loads(manifest_bytes)
     assert set(doc) == {"schema", "channel", "version", "created", "expires", "image"}

@@ -5,6 +5,9 @@ Layout written (DESIGN.md, "Release repository")::
     <repo>/<channel>/release.json       manifest, schema 1
     <repo>/<channel>/release.json.asc   detached armored OpenPGP signature
     <repo>/images/<version>/<name>      the image, maybe compressed
+    <repo>/images/<version>/<name>.json the same manifest, image URL relative to it,
+    <repo>/images/<version>/<name>.json.asc   and its signature (for an Omaha
+                                        server whose package codebase is that directory)
 
 Every file is written to a temporary name first and renamed into place, the
 image before the manifest that names it. A client that polls in the instant
@@ -21,7 +24,7 @@ import lzma
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
@@ -121,6 +124,24 @@ def _compress(
     return raw_size, raw_hash.hexdigest(), out.size, out.hash.hexdigest()
 
 
+def _write_signed(req: ReleaseRequest, path: Path, body: bytes) -> None:
+    """``path`` and ``path.asc``, the signature renamed into place first."""
+    staging = Path(tempfile.mkdtemp(prefix=".release-", dir=path.parent))
+    try:
+        (staging / "doc").write_bytes(body)
+        sign_detached(
+            staging / "doc",
+            staging / "doc.asc",
+            gnupghome=req.gnupghome,
+            key_id=req.key_id,
+            passphrase=req.passphrase,
+        )
+        atomic_write(path.with_name(path.name + ".asc"), (staging / "doc.asc").read_bytes())
+        atomic_write(path, body)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def publish(req: ReleaseRequest, now: datetime) -> Published:
     if not versions.is_valid(req.version):
         raise ConfigError(
@@ -169,21 +190,11 @@ def publish(req: ReleaseRequest, now: datetime) -> Published:
     channel_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = channel_dir / "release.json"
     signature_path = channel_dir / "release.json.asc"
-    staging = Path(tempfile.mkdtemp(prefix=".release-", dir=channel_dir))
-    try:
-        body = serialize(manifest)
-        (staging / "release.json").write_bytes(body)
-        sign_detached(
-            staging / "release.json",
-            staging / "release.json.asc",
-            gnupghome=req.gnupghome,
-            key_id=req.key_id,
-            passphrase=req.passphrase,
-        )
-        atomic_write(signature_path, (staging / "release.json.asc").read_bytes())
-        atomic_write(manifest_path, body)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # Beside the image, for an Omaha server whose codebase is images/<version>/:
+    # the same manifest with the image URL relative to it.
+    beside = replace(manifest, image=replace(manifest.image, url=name))
+    _write_signed(req, image_dir / f"{name}.json", serialize(beside))
+    _write_signed(req, manifest_path, serialize(manifest))
     log.info(
         "release_published",
         version=req.version,
