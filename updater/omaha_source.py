@@ -113,7 +113,8 @@ class OmahaSource:
         self._queue = queue
         self._offer: UpdateOffer | None = None
         self._version = "0.0.0"  # the running version, as of the last check
-        self._deferral: str | None = None  # the last deferral reported (once each)
+        # the version whose deferral was last reported: once each, across restarts
+        self._deferral_file = queue.path.with_name("omaha-deferred")
 
     def fetch(self, current_version: str | None) -> SourceAnswer:
         self._version = current_version or "0.0.0"
@@ -123,7 +124,7 @@ class OmahaSource:
         self._queue.delivered(len(events))
         match response:
             case NoUpdate(poll_interval_s=interval):
-                self._deferral = None
+                self._deferral_file.unlink(missing_ok=True)
                 return NoOffer(interval)
             case OmahaDeferred(reason=reason, poll_interval_s=interval):
                 return Deferred(reason, interval)
@@ -141,9 +142,13 @@ class OmahaSource:
 
     def report(self, happening: Happening) -> None:
         if happening.what == "deferred":
-            if self._deferral == happening.version:
-                return  # once per held-back version, not every poll
-            self._deferral = happening.version
+            said = happening.version or ""
+            try:
+                if self._deferral_file.read_text() == said:
+                    return  # once per held-back version, not every poll
+            except OSError:
+                pass
+            atomic_write(self._deferral_file, said.encode())
         events = self._queue.add(omaha_event(happening))
         try:
             self.client.report(self._context(self._version), events)
