@@ -51,9 +51,11 @@ def image_gets(repo: Repo) -> int:
 
 
 def test_noupdate(host: Host, repo: Repo, omaha: OmahaServer) -> None:
+    omaha.state.poll_interval_s = 1800
     r = updatectl(host, "check", "--json")
     assert r.code == 0, r.err
     assert r.json()["update_available"] is False
+    assert r.json()["poll_interval_s"] == 1800  # the agent's next poll (machine.next_delay)
     seen = omaha.requests[-1]
     assert seen.has_updatecheck and seen.has_ping
     app = seen.app

@@ -41,6 +41,7 @@ def _check_doc(result: CheckResult) -> dict[str, Any]:
         "booted_version": result.booted_version,
         "target": result.target.label,
         "deferred": result.deferred,
+        "poll_interval_s": result.interval_s,
     }
     m = result.manifest
     if m is not None:
