@@ -15,11 +15,22 @@ declare -A tools=(
   [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [losetup]=mount [partx]=util-linux
   [dbus-daemon]=dbus [mformat]=mtools [systemd-analyze]=systemd
   [etcd]=etcd-server [etcdctl]=etcd-client
+  [qemu-system-x86_64]=qemu-system-x86 [grub-editenv]=grub2-common [busybox]=busybox-static
+  [cpio]=cpio [mcopy]=mtools
 )
 missing=()
 for cmd in "${!tools[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 \
     || missing+=("${tools[$cmd]}")
+done
+# files rather than commands: firmware and bootloaders for the QEMU boot tests
+declare -A files=(
+  [/usr/share/OVMF/OVMF_CODE_4M.fd]=ovmf
+  [/usr/lib/systemd/boot/efi/systemd-bootx64.efi]=systemd-boot-efi
+  [/usr/lib/grub/i386-pc/boot.img]=grub-pc-bin
+)
+for f in "${!files[@]}"; do
+  [ -e "$f" ] || missing+=("${files[$f]}")
 done
 if ((${#missing[@]})); then
   pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
