@@ -228,6 +228,15 @@ class NotifySocket:
             except TimeoutError:
                 continue
 
+    def assignments(self, key: str) -> list[str]:
+        """The values of every ``KEY=`` sent so far, in order."""
+        return [
+            line[len(key) + 1 :]
+            for message in list(self.messages)
+            for line in message.split("\n")
+            if line.startswith(key + "=")
+        ]
+
     def drain(self) -> list[str]:
         time.sleep(0.2)
         return list(self.messages)

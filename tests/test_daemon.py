@@ -30,47 +30,13 @@ from devtools.diskimage import cgpt_flags
 from devtools.fake_logind import FakeLogindProcess
 from devtools.host import Host
 from partitions.bootcontrol import SlotFlags
-from tests.conftest import Repo
+from tests.conftest import NotifySocket, Repo
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "dist" / "dbus-1" / "system.d" / "org.updater.Agent1.conf"
 UPDATECTL = str(Path(sys.executable).with_name("updatectl"))
 
 pytestmark = pytest.mark.root  # only root may own the agent's bus name (our policy)
-
-
-class Notify:
-    """systemd's end of NOTIFY_SOCKET."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.messages: list[str] = []
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._closing.is_set():
-            try:
-                self.messages.append(self.sock.recv(65536).decode())
-            except TimeoutError:
-                continue
-
-    def assignments(self, key: str) -> list[str]:
-        out = []
-        for m in list(self.messages):
-            for line in m.split("\n"):
-                if line.startswith(key + "="):
-                    out.append(line[len(key) + 1 :])
-        return out
-
-    def close(self) -> None:
-        self._closing.set()
-        self._thread.join()
-        self.sock.close()
 
 
 class Signals:
@@ -222,7 +188,7 @@ listen = "unix:{metrics}"
         PrivateBus(policy_files=(POLICY,)) as bus,
         FakeLogindProcess(bus.address, tmp_path / "logind.jsonl") as logind,
     ):
-        notify = Notify(tmp_path / "notify.sock")
+        notify = NotifySocket(tmp_path / "notify.sock")
         signals = Signals(bus.address)
         daemons: list[Daemon] = []
         try:
