@@ -28,6 +28,7 @@ declare -A files=(
   [/usr/share/OVMF/OVMF_CODE_4M.fd]=ovmf
   [/usr/lib/systemd/boot/efi/systemd-bootx64.efi]=systemd-boot-efi
   [/usr/lib/grub/i386-pc/boot.img]=grub-pc-bin
+  [/usr/bin/python3.11]=python3.11-minimal  # the D-Bus policy test's non-root client
 )
 for f in "${!files[@]}"; do
   [ -e "$f" ] || missing+=("${files[$f]}")

@@ -11,6 +11,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 
 import dbus_fast
 import pytest
+import structlog
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from structlog.testing import capture_logs
@@ -726,14 +728,37 @@ def system_user() -> Iterator[str]:
         subprocess.run(["userdel", name], check=False, capture_output=True)
 
 
-def user_env(extra: dict[str, str]) -> dict[str, str]:
-    site_packages = Path(dbus_fast.__file__).resolve().parent.parent
+@contextlib.contextmanager
+def world_readable_code() -> Iterator[Path]:
+    """Our client's imports, copied where any user can read them.
+
+    The checkout and the virtualenv may sit where only root can reach (a
+    0700 temp dir in CI, ~root); the test user needs the code, not the place.
+    """
+    top = Path(tempfile.mkdtemp(prefix="updater-user-code-"))
+    try:
+        for package in (
+            ROOT / "updater",
+            Path(dbus_fast.__file__).parent,
+            Path(structlog.__file__).parent,
+        ):
+            shutil.copytree(
+                package, top / package.name, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        for path in [top, *top.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def user_env(extra: dict[str, str], code: Path) -> dict[str, str]:
     return {
         "PATH": "/usr/bin:/bin",
         "HOME": "/",
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(site_packages)]),
+        "PYTHONPATH": str(code),
         **extra,
     }
 
@@ -769,8 +794,8 @@ def python_for(user: str, env: dict[str, str]) -> str | None:
 def test_policy_anyone_reads_only_root_acts(bus: PrivateBus) -> None:
     agent = RecordingAgent(dataclasses.replace(INITIAL, state="UPDATED_NEED_REBOOT"))
 
-    with system_user() as user:
-        env = user_env(bus.env())
+    with system_user() as user, world_readable_code() as code:
+        env = user_env(bus.env(), code)
         python = python_for(user, env)
         if python is None:
             pytest.skip(f"no python interpreter that user {user} can run imports dbus-fast")
