@@ -29,6 +29,7 @@ test: setup
 bench: setup
 	$(PY) -m bench.install_throughput
 	$(PY) -m bench.idle_agent
+	$(PY) -m bench.fleet_rollout
 
 clean:
 	rm -rf $(VENV) demo-run bench-run .mypy_cache .ruff_cache .pytest_cache

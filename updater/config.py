@@ -94,7 +94,7 @@ class AgentConfig:
 @dataclass(frozen=True)
 class RebootConfig:
     strategy: str = "immediate"  # immediate | off | lock
-    retry_s: float = 300.0  # ask the policy / logind again after this
+    retry_s: float = 60.0  # ask the policy (the lock: one etcd read) / logind again after this
     lock: str = "etcd"  # with strategy = "lock": etcd | fleetlock | none
     group: str = "default"  # hosts that share the lock's slots
     release_after_s: float = 900.0  # give the slot back when logind refuses this long

@@ -121,7 +121,17 @@ class DiskError(UpdaterError):
 
     exit_code = ExitCode.DISK
     kinds = frozenset(
-        {"gpt_invalid", "slot_not_found", "booted_unknown", "io", "not_a_disk", "readback_mismatch"}
+        {
+            "gpt_invalid",
+            "slot_not_found",
+            "booted_unknown",
+            "io",
+            "not_a_disk",
+            "readback_mismatch",
+            "esp_invalid",  # the ESP/boot filesystem lacks what the backend needs, or defeats it
+            "boot_entry_invalid",  # a boot loader entry is malformed, duplicate or for no slot
+            "grubenv_invalid",  # the GRUB environment block is missing, corrupt or inconsistent
+        }
     )
 
 
@@ -137,6 +147,7 @@ class RefusedError(UpdaterError):
             "nothing_staged",
             "reboot_refused",
             "no_free_slot",
+            "last_bootable_slot",  # the change would leave the boot loader nothing to boot
         }
     )
 

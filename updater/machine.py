@@ -307,7 +307,7 @@ class Timing:
     jitter: float = 0.1  # +- this fraction of every delay
     retry_base_s: float = 60.0  # first retry after a failure
     retry_cap_s: float = 3600.0  # backoff never waits longer than this
-    reboot_retry_s: float = 300.0  # ask the reboot policy again after this
+    reboot_retry_s: float = 60.0  # ask the reboot policy again after this
     min_interval_s: float = 60.0  # a server-given interval is never shorter
 
 

@@ -171,6 +171,9 @@ ERROR_CODES: Final[Mapping[str, ErrorCode]] = {
     "slot_not_found": _E.INSTALL_DEVICE_OPEN_ERROR,
     "booted_unknown": _E.INSTALL_DEVICE_OPEN_ERROR,
     "not_a_disk": _E.INSTALL_DEVICE_OPEN_ERROR,
+    "esp_invalid": _E.INSTALL_DEVICE_OPEN_ERROR,
+    "boot_entry_invalid": _E.INSTALL_DEVICE_OPEN_ERROR,
+    "grubenv_invalid": _E.INSTALL_DEVICE_OPEN_ERROR,
     "readback_mismatch": _E.NEW_ROOTFS_VERIFICATION_ERROR,
     # OmahaError
     "empty_response": _E.OMAHA_REQUEST_EMPTY_RESPONSE_ERROR,
@@ -205,6 +208,7 @@ ERROR_CODES: Final[Mapping[str, ErrorCode]] = {
             "nothing_staged",
             "reboot_refused",
             "no_free_slot",
+            "last_bootable_slot",
             "unwritable",
             "newer_schema",
             "unavailable",
@@ -251,7 +255,8 @@ def error_code_for(kind: str) -> int:
     unsupported_url
     io                                          kActionCodeDownloadWriteError           14
     gpt_invalid, slot_not_found,                kActionCodeInstallDeviceOpenError        7
-    booted_unknown, not_a_disk
+    booted_unknown, not_a_disk, esp_invalid,
+    boot_entry_invalid, grubenv_invalid
     readback_mismatch                           kActionCodeNewRootfsVerificationError   15
     empty_response                              kActionCodeOmahaRequestEmptyResponse-   30
                                                 Error
