@@ -2,13 +2,18 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo demo-vm test lint typecheck unit bench clean
 
 setup:
 	@bash scripts/bootstrap.sh
 
 demo: setup
 	$(PY) -m devtools.demo
+
+# The same A/B cycle booted for real: QEMU, OVMF + systemd-boot, Debian's cloud
+# kernel (downloaded once into ~/.cache/updater-vm). LOADER=grub: SeaBIOS + GRUB.
+demo-vm: setup
+	$(PY) -m devtools.vm_demo --loader $(or $(LOADER),systemd-boot)
 
 lint: setup
 	$(VENV)/bin/ruff check .
