@@ -64,7 +64,7 @@ from partitions import booted as booted_mod
 from partitions import bootsource, gpt, gptprio
 from partitions.bootcontrol import Slot, SlotFlags, SlotStatus
 from partitions.filestore import FileStore, clean_path, describe
-from updater.errors import DiskError
+from updater.errors import DiskError, RefusedError
 
 log = structlog.get_logger(__name__)
 
@@ -453,11 +453,27 @@ def plan_mark_good(
     return ops, _with(state, slot.label, new)
 
 
-def plan_mark_bad(state: EspState, slot: Slot) -> tuple[list[Op], EspState]:
-    """Counter to ``+0-<done>`` (a good entry: ``+0-0``); never deleted. No entry: nothing."""
+def plan_mark_bad(
+    state: EspState, slot: Slot, locate: Callable[[str], str] = str
+) -> tuple[list[Op], EspState]:
+    """Counter to ``+0-<done>`` (a good entry: ``+0-0``); never deleted. No entry: nothing.
+
+    Refused (``last_bootable_slot``) when no other slot would keep an entry
+    systemd-boot can boot: it would then boot the first bad entry anyway, which
+    may well be the broken one.
+    """
     entry = state.ours.get(slot.label)
     if entry is None or entry.name.bad:
         return [], state
+    others = [e for e in state.entries if e.ours and e.label != slot.label]
+    if not any(e.visible and not e.name.bad for e in others):
+        raise RefusedError(
+            "last_bootable_slot",
+            f"{locate(entry_path(entry.name.name))}: marking {slot.label} bad would leave "
+            "no slot entry systemd-boot can boot "
+            f"({', '.join(sorted(e.name.name for e in others)) or 'no other entry'})",
+            hint="mark another slot good (or make it primary) first",
+        )
     new = replace(entry, name=entry.name.renamed(0, entry.name.done or 0))
     ops: list[Op] = [Rename(entry_path(entry.name.name), entry_path(new.name.name))]
     return ops, _with(state, slot.label, new)
@@ -780,7 +796,11 @@ class SdBootControl:
         self._apply("slot_marked_good", slot, lambda st, s: plan_mark_good(st, s, self.entry))
 
     def mark_bad(self, slot: Slot) -> None:
-        self._apply("slot_marked_bad", slot, plan_mark_bad)
+        self._apply(
+            "slot_marked_bad",
+            slot,
+            lambda st, s: plan_mark_bad(st, s, lambda p: describe(self.store, p)),
+        )
 
     def make_primary(self, slot: Slot) -> None:
         self._apply(

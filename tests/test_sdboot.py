@@ -31,7 +31,7 @@ from partitions.sdboot import (
     parse_entry_name,
     parse_entry_text,
 )
-from updater.errors import DiskError
+from updater.errors import DiskError, RefusedError
 from updater.run import run
 
 MiB = 1024 * 1024
@@ -378,13 +378,30 @@ def test_plan_mark_good_without_an_entry_writes_a_good_one_above_the_others() ->
     ],
 )
 def test_plan_mark_bad(name: str, after: str | None) -> None:
-    state = EspState((ours(name, 2, "USR-B"),))
+    state = EspState((ours("updater-USR-A.conf", 1, "USR-A"), ours(name, 2, "USR-B")))
     ops, _ = sdboot.plan_mark_bad(state, B_SLOT)
     expected = (
         [] if after is None else [Rename(f"loader/entries/{name}", f"loader/entries/{after}")]
     )
     assert ops == expected
     assert sdboot.plan_mark_bad(EspState(), B_SLOT)[0] == []  # no entry: nothing to do
+
+
+@pytest.mark.parametrize(
+    "a_entry",
+    [
+        None,  # no other entry at all
+        "updater-USR-A+0-1.conf",  # the other one is bad
+    ],
+)
+def test_plan_mark_bad_of_the_last_bootable_entry_is_refused(a_entry: str | None) -> None:
+    entries = [ours("updater-USR-B.conf", 2, "USR-B")]
+    if a_entry is not None:
+        entries.insert(0, ours(a_entry, 1, "USR-A"))
+    with pytest.raises(RefusedError) as err:
+        sdboot.plan_mark_bad(EspState(tuple(entries)), B_SLOT)
+    assert err.value.kind == "last_bootable_slot"
+    assert "loader/entries/updater-USR-B.conf" in err.value.message
 
 
 # ---- the backend ----------------------------------------------------------------------------
@@ -673,6 +690,29 @@ def test_an_entry_for_an_unknown_slot(esp: Esp) -> None:
         err = refused(esp, verb)
         assert err.kind == "boot_entry_invalid"
         assert "loader/entries/updater-USR-C+1-0.conf" in err.message and "USR-C" in err.message
+
+
+def test_both_slots_bad_is_refused(esp: Esp) -> None:
+    """Marking the last bootable entry bad is refused; nothing is renamed."""
+    a, b = control_slots(esp)
+    esp.put("updater-USR-A+0-1.conf", entry_text(a))
+    esp.put("updater-USR-B.conf", entry_text(b, 2))
+    control = esp.control()
+    before = (esp.store.list(""), esp.snapshot())
+    with pytest.raises(RefusedError) as err:
+        control.mark_bad(b)
+    assert err.value.kind == "last_bootable_slot"
+    assert "loader/entries/updater-USR-B.conf" in err.value.message
+    assert (esp.store.list(""), esp.snapshot()) == before
+    control.mark_bad(a)  # already bad: nothing to do, no error
+    assert (esp.store.list(""), esp.snapshot()) == before
+    # An ESP where both are bad already reads fine: nothing is bootable; a good mark repairs it.
+    esp.store.remove("loader/entries/updater-USR-B.conf")
+    esp.put("updater-USR-B+0-3.conf", entry_text(b, 2))
+    assert control.primary() is None
+    assert [s.flags for s in control.slots()] == [BAD, BAD]
+    control.mark_good(b)
+    assert control.primary() == b
 
 
 def test_an_entry_whose_partuuid_is_not_the_slots(esp: Esp) -> None:
