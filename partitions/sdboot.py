@@ -65,6 +65,7 @@ from partitions import bootsource, gpt, gptprio
 from partitions.bootcontrol import Slot, SlotFlags, SlotStatus
 from partitions.filestore import FileStore, clean_path, describe
 from updater.errors import DiskError, RefusedError
+from updater.versions import compare as compare_versions
 
 log = structlog.get_logger(__name__)
 
@@ -81,76 +82,12 @@ _PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]+")  # the spec's file-name characters, 
 _LABEL_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _KEY_SEP = re.compile(r"[ \t]+")
 _COUNTER_RE = re.compile(r"\+(\d+)(?:-(\d+))?$")
-_VERSION_CHARS = frozenset(string.ascii_letters + string.digits + "-.~^")
 _PLACEHOLDERS = frozenset({"label", "partuuid"})
 _BAD = SlotFlags(priority=0, tries=0, successful=False)
-
-# ---- pure: the UAPI version comparison ------------------------------------------------------
-
-
-def compare_versions(a: str, b: str) -> int:
-    """-1, 0 or 1 as ``a`` sorts below, equal to or above ``b``.
-
-    The UAPI Version Format Specification's comparison, as systemd-boot 252
-    does it for ``version`` (``strverscmp_improved``): characters other than
-    letters, digits and ``-.~^`` are skipped; a ``~`` sorts below anything,
-    even the end of the other string; then the longer string is newer; then a
-    ``-``, ``^`` or ``.`` sorts below anything but the same mark; a digit run
-    sorts above a letter run, digit runs compare as numbers, letter runs letter
-    by letter (``A`` < ``a``), a longer run higher. Where the specification's
-    text and systemd 252 differ ("~" against an empty string, "0" against "a"),
-    this follows systemd 252, the systemd-boot that reads the entries here.
-    """
-    i = j = 0
-    while True:
-        while i < len(a) and a[i] not in _VERSION_CHARS:
-            i += 1
-        while j < len(b) and b[j] not in _VERSION_CHARS:
-            j += 1
-        ca, cb = a[i : i + 1], b[j : j + 1]
-        if "~" in (ca, cb):
-            if ca != cb:
-                return -1 if ca == "~" else 1
-            i, j = i + 1, j + 1
-            ca, cb = a[i : i + 1], b[j : j + 1]
-        if not ca or not cb:
-            return _cmp(bool(ca), bool(cb))
-        for mark in "-^.":
-            if mark in (ca, cb):
-                if ca != cb:
-                    return -1 if ca == mark else 1
-                i, j = i + 1, j + 1
-                ca, cb = a[i : i + 1], b[j : j + 1]
-        if _is_digit(ca) or _is_digit(cb):
-            # a number sorts above letters (systemd 252; the spec would read "a" as 0)
-            r = _cmp(_is_digit(ca), _is_digit(cb))
-            ei, ej = _run(a, i, _is_digit), _run(b, j, _is_digit)
-            r = r or _cmp(int(a[i:ei] or "0"), int(b[j:ej] or "0"))
-        else:
-            ei, ej = _run(a, i, _is_ascii_letter), _run(b, j, _is_ascii_letter)
-            r = _cmp(a[i:ei], b[j:ej])  # letter by letter; a longer run compares higher
-        if r:
-            return r
-        i, j = ei, ej
 
 
 def _cmp(x: Any, y: Any) -> int:
     return int(x > y) - int(x < y)
-
-
-def _is_ascii_letter(ch: str) -> bool:
-    return ch != "" and ch in string.ascii_letters
-
-
-def _is_digit(ch: str) -> bool:
-    return ch != "" and ch in string.digits
-
-
-def _run(text: str, start: int, pred: Callable[[str], bool]) -> int:
-    end = start
-    while end < len(text) and pred(text[end]):
-        end += 1
-    return end
 
 
 # ---- pure: entry names, text and order ------------------------------------------------------

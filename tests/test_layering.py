@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("updater", "partitions", "policies")
-LEAVES = {"updater.errors", "updater.run", "updater.clock", "updater.fsutil"}
+LEAVES = {"updater.errors", "updater.run", "updater.clock", "updater.fsutil", "updater.versions"}
 
 
 def modules() -> dict[str, Path]:

@@ -9,7 +9,9 @@ position, so ``1.0~rc1 < 1.0``), ``-`` separates version from release,
 ``^`` marks a patched release (``1.0 < 1.0^1 < 1.0.1``), ``.`` separates point
 releases. Characters outside ``[A-Za-z0-9.~^-]`` are ignored. Semver
 pre-releases written ``1.0.0-rc1`` are *newer* than ``1.0.0`` under these
-rules; publish them as ``1.0.0~rc1``.
+rules; publish them as ``1.0.0~rc1``. Where the specification's text and
+systemd 252 differ (``~`` against the empty string), this follows systemd,
+checked against ``systemd-analyze compare-versions`` in the tests.
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ def _cmp(x: int | str, y: int | str) -> int:
 
 def compare(a: str, b: str) -> int:
     """Return -1, 0 or 1 as ``a`` is older than, equal to or newer than ``b``."""
-    if not a or not b:
-        return _cmp(a, b)
     i = j = 0
     la, lb = len(a), len(b)
     while True:
