@@ -90,8 +90,10 @@ def write_config(
     repo_url: str | None,
     keyring: Path | None,
     channel: str = "stable",
+    disk: str = "",
     extra: str = "",
 ) -> None:
+    """The agent's config for ``host``; ``disk``: more ``[disk]`` keys, ``extra``: sections."""
     lines = ["[source]"]
     if repo_url is not None:
         lines.append(f'url = "{repo_url}"')
@@ -103,6 +105,7 @@ def write_config(
         "[disk]",
         f'device = "{host.disk}"',
         f'kernel_cmdline = "{host.cmdline}"',
+        disk,
         "",
         "[agent]",
         f'state_dir = "{host.state_dir}"',

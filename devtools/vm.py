@@ -50,9 +50,11 @@ from devtools.diskimage import (
 )
 from devtools.espimage import EFI_SYSTEM_TYPE, ESP_LABEL, format_fat
 from devtools.host import Host, write_config, write_into
+from partitions.bootcontrol import BootControl
 from partitions.filestore import MtoolsStore
-from partitions.grubenv import GrubEnvControl, new_env_block
-from partitions.sdboot import EntryTemplate, SdBootControl
+from partitions.grubenv import new_env_block
+from partitions.sdboot import EntryTemplate
+from updater import compose, config
 from updater.errors import CommandError
 from updater.run import Runner, run
 
@@ -748,6 +750,30 @@ SDBOOT_ENTRY = EntryTemplate(
 GRUBENV_PATH = "grub/grubenv"  # beside grub.cfg: the fragment's ${prefix}/grubenv
 
 
+def backend_config(loader: Loader, efivars: Path) -> tuple[str, str]:
+    """The agent's settings for a machine booted by ``loader``: ([disk] keys, sections).
+
+    The ESP is the disk image's ``EFI-SYSTEM`` partition, edited with mtools,
+    as an image builder would; ``efivars`` is a private directory, never this
+    machine's own LoaderEntry* variables.
+    """
+    if loader == "systemd-boot":
+        initrd = ", ".join(f'"{i}"' for i in SDBOOT_ENTRY.initrd)
+        return (
+            f'backend = "systemd-boot"\nesp_partition = "{ESP_LABEL}"\n',
+            "[systemd-boot]\n"
+            f'title = "{SDBOOT_ENTRY.title}"\n'
+            f'linux = "{SDBOOT_ENTRY.linux}"\n'
+            f"initrd = [{initrd}]\n"
+            f'options = "{SDBOOT_ENTRY.options}"\n'
+            f'efivars = "{efivars}"\n',
+        )
+    return (
+        f'backend = "grub-env"\nesp_partition = "{ESP_LABEL}"\n',
+        f'[grub-env]\npath = "{GRUBENV_PATH}"\n',
+    )
+
+
 @dataclass(frozen=True)
 class VmHost:
     """A disk image that QEMU boots, and what the agent on that machine would see.
@@ -755,8 +781,10 @@ class VmHost:
     ``host`` holds the agent's side (config, state dir, os-release); its
     ``cmdline`` file is rewritten after every boot with what the guest printed
     as its /proc/cmdline, and its ``os_release`` with the version the guest read
-    from the booted slot. (Host's own ``reboot``/``boot_control`` are gpt-prio's:
-    use :meth:`power_cycle` and :meth:`boot_control` here.)
+    from the booted slot. Its config names the boot loader's backend, so
+    ``updatectl`` on it drives that backend. (Host's own ``reboot`` and
+    ``boot_control`` are gpt-prio's: use :meth:`power_cycle` and
+    :meth:`boot_control` here.)
     """
 
     disk: VmDisk
@@ -766,22 +794,9 @@ class VmHost:
     def esp(self) -> MtoolsStore:
         return MtoolsStore(self.disk.path, self.disk.esp.offset)
 
-    def boot_control(self) -> SdBootControl | GrubEnvControl:
-        """The backend the disk's boot loader reads, as the agent on that machine builds it."""
-        labels = self.disk.slot_labels
-        if self.disk.loader == "systemd-boot":
-            # A private efivars directory: never this machine's own LoaderEntry* variables.
-            return SdBootControl(
-                self.esp,
-                self.disk.path,
-                labels,
-                self.host.cmdline,
-                entry=SDBOOT_ENTRY,
-                efivars=self.host.root / "efivars",
-            )
-        return GrubEnvControl(
-            self.esp, self.disk.path, labels, self.host.cmdline, env_path=GRUBENV_PATH
-        )
+    def boot_control(self) -> BootControl:
+        """The backend the disk's boot loader reads, built as the agent builds it."""
+        return compose.boot_control(config.load(self.host.config))
 
     def power_cycle(self, *, timeout_s: float = 60.0, serial_log: Path | None = None) -> BootLog:
         """Boot once; hand the agent the guest's /proc/cmdline and os-release version."""
@@ -850,7 +865,15 @@ def provision_vm_host(
         state_dir=root / "state",
         config=root / "updater.toml",
     )
-    write_config(host, repo_url=repo_url, keyring=keyring, extra=extra_config)
+    (root / "efivars").mkdir(exist_ok=True)
+    disk_keys, sections = backend_config(loader, root / "efivars")
+    write_config(
+        host,
+        repo_url=repo_url,
+        keyring=keyring,
+        disk=disk_keys,
+        extra=sections + "\n" + extra_config,
+    )
     machine = VmHost(disk, host)
     if loader == "grub":
         machine.esp.write(GRUBENV_PATH, new_env_block())

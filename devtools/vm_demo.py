@@ -30,7 +30,7 @@ from devtools.fake_logind import FakeLogindProcess
 from devtools.fsimage import make_usr_image
 from devtools.gpgkeys import SigningKey, signing_key
 from devtools.repo_server import RepoServer
-from updater import cli, compose
+from updater import cli
 from updater.log import configure
 
 SLOT_SIZE = 32 * 1024 * 1024  # bytes
@@ -94,17 +94,6 @@ class Demo:
         note(f"the guest mounted {booted.label} and read version {booted.version}")
         self.show_boot_state()
         return booted
-
-
-@contextlib.contextmanager
-def agent_backend(machine: vm.VmHost) -> Iterator[None]:
-    """updatectl drives this machine's boot loader backend.
-
-    Until ``[disk] backend`` is part of the configuration, the composition root
-    is told which backend to build here; everything else is the normal path.
-    """
-    with mock.patch.object(compose, "boot_control", lambda _cfg: machine.boot_control()):
-        yield
 
 
 @contextlib.contextmanager
@@ -182,44 +171,43 @@ def run_demo(work: Path, loader: vm.Loader) -> None:
             for line in entry.splitlines():
                 note(f"  {line}")
         demo = Demo(work, loader, machine)
-        with agent_backend(machine):
-            demo.boot()
-            say("Healthy: updater-mark-good.service runs `updatectl mark-good` on every boot")
-            demo.updatectl("mark-good")
-            demo.updatectl("status")
+        demo.boot()
+        say("Healthy: updater-mark-good.service runs `updatectl mark-good` on every boot")
+        demo.updatectl("mark-good")
+        demo.updatectl("status")
 
-            release(demo, repo, key, "1.1.0", images["1.1.0"])
-            say("The agent installs it into USR-B and makes it the next boot, on trial")
-            demo.updatectl("check", "--install")
-            demo.show_boot_state()
-            demo.boot()
-            demo.updatectl("status")
-            say("Nobody blesses 1.1.0 (it hangs before mark-good): power-cycle")
-            demo.boot()
-            demo.updatectl("mark-good")
-            say("The agent notices the rollback and never offers 1.1.0 again")
-            demo.updatectl("check")
+        release(demo, repo, key, "1.1.0", images["1.1.0"])
+        say("The agent installs it into USR-B and makes it the next boot, on trial")
+        demo.updatectl("check", "--install")
+        demo.show_boot_state()
+        demo.boot()
+        demo.updatectl("status")
+        say("Nobody blesses 1.1.0 (it hangs before mark-good): power-cycle")
+        demo.boot()
+        demo.updatectl("mark-good")
+        say("The agent notices the rollback and never offers 1.1.0 again")
+        demo.updatectl("check")
 
-            release(demo, repo, key, "1.1.1", images["1.1.1"])
-            demo.updatectl("check", "--install")
-            demo.boot()
-            say("1.1.1 is healthy: mark-good keeps it")
-            demo.updatectl("mark-good")
-            demo.boot()
-            demo.updatectl("mark-good")
-            demo.updatectl("status")
+        release(demo, repo, key, "1.1.1", images["1.1.1"])
+        demo.updatectl("check", "--install")
+        demo.boot()
+        say("1.1.1 is healthy: mark-good keeps it")
+        demo.updatectl("mark-good")
+        demo.boot()
+        demo.updatectl("mark-good")
+        demo.updatectl("status")
 
-            release(demo, repo, key, "1.2.0", images["1.2.0"])
-            demo.updatectl("check", "--install")
-            demo.boot()
-            say("1.2.0's health check fails: mark-good marks it bad and asks for a reboot")
-            demo.updatectl("mark-good")
-            note(f"logind was asked to reboot {len(logind.reboots())} time(s) (a fake one)")
-            demo.boot()
-            say("Back on USR-B with 1.1.1, healthy; 1.2.0 is never offered again")
-            demo.updatectl("mark-good")
-            demo.updatectl("check")
-            demo.updatectl("status")
+        release(demo, repo, key, "1.2.0", images["1.2.0"])
+        demo.updatectl("check", "--install")
+        demo.boot()
+        say("1.2.0's health check fails: mark-good marks it bad and asks for a reboot")
+        demo.updatectl("mark-good")
+        note(f"logind was asked to reboot {len(logind.reboots())} time(s) (a fake one)")
+        demo.boot()
+        say("Back on USR-B with 1.1.1, healthy; 1.2.0 is never offered again")
+        demo.updatectl("mark-good")
+        demo.updatectl("check")
+        demo.updatectl("status")
     say(f"Done in {time.monotonic() - t0:.0f}s, {demo.boots} boots. Everything is under {work}")
 
 

@@ -26,7 +26,7 @@ import contextlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -377,6 +377,23 @@ def _host_file(data: bytes) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(name)
+
+
+# ---- finding the boot files ------------------------------------------------------------------
+
+
+def find_mounted(candidates: Sequence[Path], marker: str) -> Path:
+    """The first of ``candidates`` (mount points) holding ``marker`` (``loader/entries``)."""
+    for root in candidates:
+        if (root / clean_path(marker)).exists():
+            return root
+    raise DiskError(
+        "esp_invalid",
+        f"none of {', '.join(str(c) for c in candidates)} holds {clean_path(marker)}: "
+        "the ESP (or /boot) is not mounted, or the boot loader is not installed",
+        hint="mount it, or set [disk] esp to its mount point (or esp_partition to its "
+        "GPT partition name)",
+    )
 
 
 # ---- finding the FAT partition --------------------------------------------------------------

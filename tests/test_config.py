@@ -76,6 +76,23 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ('[disk]\nslots = ["A", "A"]\n', "disk.slots", "invalid"),
         ('[disk]\nbackend = "uboot"\n', "disk.backend", "invalid"),
         ('[disk]\ndevice = "sda"\n', "disk.device", "invalid"),
+        ('[disk]\nesp = "boot/efi"\n', "disk.esp", "invalid"),
+        ('[disk]\nesp = "/efi"\nesp_partition = "ESP"\n', "disk.esp_partition", "invalid"),
+        ("[systemd-boot]\ntries = 0\n", "systemd-boot.tries", "invalid"),
+        ("[systemd-boot]\ntries = 16\n", "systemd-boot.tries", "invalid"),
+        ('[systemd-boot]\noptions = "root=/dev/sda2 ro"\n', "systemd-boot.options", "invalid"),
+        ('[systemd-boot]\noptions = "root={partuuid}"\n', "systemd-boot.options", "invalid"),
+        ('[systemd-boot]\ntitle = "OS {slot}"\n', "systemd-boot.title", "invalid"),
+        ('[systemd-boot]\nlinux = "/../vmlinuz"\n', "systemd-boot.linux", "invalid"),
+        ('[systemd-boot]\ninitrd = ["/i*.img"]\n', "systemd-boot.initrd", "invalid"),
+        ('[systemd-boot]\nprefix = "my+os"\n', "systemd-boot.prefix", "invalid"),
+        ('[systemd-boot]\nsort_key = "a b"\n', "systemd-boot.sort_key", "invalid"),
+        ('[systemd-boot]\nefivars = "sys"\n', "systemd-boot.efivars", "invalid"),
+        ('[grub-env]\npath = "grub/../grubenv"\n', "grub-env.path", "invalid"),
+        ('[grub-env]\npath = "/"\n', "grub-env.path", "invalid"),
+        ('[grub-env]\nnames = ["A"]\n', "grub-env.names", "invalid"),
+        ('[grub-env]\nnames = ["A", "A"]\n', "grub-env.names", "invalid"),
+        ('[grub-env]\nnames = ["A", "B-2"]\n', "grub-env.names", "invalid"),
         ('[install]\nreadback = "yes"\n', "install.readback", "invalid"),
         ("[install]\nchunk_size = 100000\n", "install.chunk_size", "invalid"),
         ('[agent]\nstate_dir = "var/lib"\n', "agent.state_dir", "invalid"),
@@ -177,3 +194,43 @@ def test_empty_reboot_sentinel_disables_it(tmp_path: Path) -> None:
     f = tmp_path / "one.toml"
     f.write_text('[agent]\nreboot_sentinel = ""\n')
     assert config.load(f).agent.reboot_sentinel is None
+
+
+def test_boot_loader_backends(tmp_path: Path) -> None:
+    usr, run, etc = dirs(tmp_path)
+    cfg = config.load(dirs=(usr, run, etc))
+    assert (cfg.disk.backend, cfg.disk.esp, cfg.disk.esp_partition) == ("gpt-prio", None, None)
+    assert cfg.systemd_boot == config.SystemdBootConfig()
+    assert config.entry_template(cfg.systemd_boot).options == "mount.usr=PARTUUID={partuuid} ro"
+    (etc / "50-boot.toml").write_text(
+        '[disk]\nbackend = "systemd-boot"\nesp = "/boot/efi"\n'
+        "[systemd-boot]\ntries = 3\n"
+        'title = "Fleet OS ({label})"\n'
+        'linux = "/fleet/{label}/vmlinuz"\n'
+        'initrd = "/fleet/{label}/initrd"\n'
+        'options = "root=PARTUUID={partuuid} rw quiet"\n'
+        'efivars = "/run/efivars"\n'
+        '[grub-env]\npath = "/boot/grub/grubenv"\nnames = ["a", "b"]\n'
+    )
+    cfg = config.load(dirs=(usr, run, etc))
+    assert (cfg.disk.backend, cfg.disk.esp) == ("systemd-boot", Path("/boot/efi"))
+    sd = cfg.systemd_boot
+    assert (sd.tries, sd.linux, sd.initrd) == (
+        3,
+        "/fleet/{label}/vmlinuz",
+        ("/fleet/{label}/initrd",),
+    )
+    assert sd.efivars == Path("/run/efivars")
+    template = config.entry_template(sd)
+    assert (template.title, template.options) == ("Fleet OS ({label})", sd.options)
+    assert (cfg.grub_env.path, cfg.grub_env.names) == ("boot/grub/grubenv", ("a", "b"))
+    (etc / "50-boot.toml").write_text(
+        '[disk]\nbackend = "grub-env"\nesp_partition = "EFI-SYSTEM"\n[systemd-boot]\ninitrd = []\n'
+    )
+    cfg = config.load(dirs=(usr, run, etc))
+    assert (cfg.disk.backend, cfg.disk.esp, cfg.disk.esp_partition) == (
+        "grub-env",
+        None,
+        "EFI-SYSTEM",
+    )
+    assert cfg.systemd_boot.initrd == ()  # an entry without an initrd

@@ -27,7 +27,6 @@ from devtools.fake_logind import FakeLogindProcess
 from devtools.fsimage import make_usr_image
 from devtools.gpgkeys import SigningKey
 from tests.conftest import HOST_SLOT_SIZE, USR_IMAGE_SIZE, CliResult, Repo, updatectl
-from updater import compose
 from updater.errors import ExitCode
 
 # ---- the pieces, without QEMU -------------------------------------------------------------------
@@ -172,7 +171,6 @@ def machine_factory(
     usr_images: dict[str, Path],
     vm_kernel: vm.Kernel,
     vm_initramfs: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> Callable[[vm.Loader], Machine]:
     def make(loader: vm.Loader) -> Machine:
         checks = tmp_path / "health.d"
@@ -189,8 +187,6 @@ def machine_factory(
             keyring=release_key.public_key,
             extra_config=f'[health]\nchecks_dir = "{checks}"\n',
         )
-        # TODO(lead): [disk] backend = "systemd-boot" | "grub-env" in the config
-        monkeypatch.setattr(compose, "boot_control", lambda _cfg: vmhost.boot_control())
         logs = tmp_path / "serial"
         logs.mkdir()
         return Machine(vmhost, logs, checks)

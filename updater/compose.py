@@ -13,8 +13,11 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusError
 
 from partitions import booted
-from partitions.bootcontrol import Slot
+from partitions.bootcontrol import BootControl, Slot
+from partitions.filestore import DirStore, FileStore, MtoolsStore, fat_partition, find_mounted
 from partitions.gptprio import GptPrioBootControl
+from partitions.grubenv import GrubEnvControl
+from partitions.sdboot import ENTRIES_DIR, SdBootControl
 from policies.fleetlock import FleetLock
 from policies.identity import host_id
 from policies.lock import NoLock, RebootLock
@@ -23,7 +26,7 @@ from updater import dbus_api, flatcar
 from updater.agent import Agent
 from updater.blessing import bless
 from updater.clock import Clock, SystemClock
-from updater.config import Config, reboot_windows
+from updater.config import ESP_CANDIDATES, Config, entry_template, reboot_windows
 from updater.errors import ConfigError
 from updater.flatcar import DISABLED
 from updater.gpg import GnupgVerifier
@@ -112,8 +115,47 @@ def disk_of(config: Config) -> Path:
     return config.disk.device or booted.booted_disk()
 
 
-def boot_control(config: Config) -> GptPrioBootControl:
-    return GptPrioBootControl(disk_of(config), config.disk.slots, config.disk.kernel_cmdline)
+def boot_control(config: Config) -> BootControl:
+    """The backend of ``[disk] backend``, over the disk and (for a boot loader's files) the ESP."""
+    d = config.disk
+    disk = disk_of(config)
+    if d.backend == "systemd-boot":
+        sd = config.systemd_boot
+        return SdBootControl(
+            boot_files(config, disk, ENTRIES_DIR),
+            disk,
+            d.slots,
+            d.kernel_cmdline,
+            entry=entry_template(sd),
+            tries=sd.tries,
+            efivars=sd.efivars,
+        )
+    if d.backend == "grub-env":
+        g = config.grub_env
+        return GrubEnvControl(
+            boot_files(config, disk, g.path),
+            disk,
+            d.slots,
+            d.kernel_cmdline,
+            env_path=g.path,
+            names=g.names,
+        )
+    return GptPrioBootControl(disk, d.slots, d.kernel_cmdline)
+
+
+def boot_files(config: Config, disk: Path, marker: str) -> FileStore:
+    """Where the boot loader's files are: [disk] esp_partition (mtools), esp, or found.
+
+    ``marker`` (``loader/entries``, the grubenv) picks the mounted directory
+    when neither is set: the first of /efi, /boot/efi, /boot that holds it.
+    """
+    d = config.disk
+    if d.esp_partition is not None:
+        offset, _size = fat_partition(disk, d.esp_partition)
+        return MtoolsStore(disk, offset)
+    if d.esp is not None:
+        return DirStore(d.esp)
+    return DirStore(find_mounted(ESP_CANDIDATES, marker))
 
 
 def updater(

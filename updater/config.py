@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from partitions.filestore import clean_path
+from partitions.sdboot import MAX_TRIES, EntryTemplate
 from policies.fleetlock import FleetLock
 from policies.lock import GROUP_RE
 from updater.errors import ConfigError, LockError
@@ -67,7 +69,35 @@ class DiskConfig:
     device: Path | None = None  # None: the disk holding the booted root
     slots: tuple[str, str] = ("USR-A", "USR-B")
     kernel_cmdline: Path = Path("/proc/cmdline")
-    backend: str = "gpt-prio"
+    backend: str = "gpt-prio"  # gpt-prio | systemd-boot | grub-env
+    # Where systemd-boot's entries or the grubenv live: a mounted directory ...
+    esp: Path | None = None  # None: the first of ESP_CANDIDATES that has the backend's files
+    # ... or the GPT partition of that name on `device`, edited with mtools (image files)
+    esp_partition: str | None = None
+
+
+BACKENDS = ("gpt-prio", "systemd-boot", "grub-env")
+ESP_CANDIDATES = (Path("/efi"), Path("/boot/efi"), Path("/boot"))
+
+
+@dataclass(frozen=True)
+class SystemdBootConfig:
+    """The Boot Loader Spec entry written per slot; ``{label}``, ``{partuuid}`` filled in."""
+
+    tries: int = 1  # boot attempts of a new slot before systemd-boot gives up on it
+    title: str = "{label}"
+    linux: str = "/vmlinuz"  # on the ESP; e.g. "/{label}/vmlinuz" for a kernel per slot
+    initrd: tuple[str, ...] = ("/initrd.img",)
+    options: str = "mount.usr=PARTUUID={partuuid} ro"
+    sort_key: str = "updater"
+    prefix: str = "updater"  # entries are loader/entries/<prefix>-<label>[+L-D].conf
+    efivars: Path = Path("/sys/firmware/efi/efivars")
+
+
+@dataclass(frozen=True)
+class GrubEnvConfig:
+    path: str = "grub/grubenv"  # the environment block, relative to [disk] esp
+    names: tuple[str, str] = ("A", "B")  # the slots' names in ORDER, A_OK, ...: as [disk] slots
 
 
 @dataclass(frozen=True)
@@ -144,6 +174,8 @@ class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     omaha: OmahaConfig = field(default_factory=OmahaConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
+    systemd_boot: SystemdBootConfig = field(default_factory=SystemdBootConfig)
+    grub_env: GrubEnvConfig = field(default_factory=GrubEnvConfig)
     install: InstallConfig = field(default_factory=InstallConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     reboot: RebootConfig = field(default_factory=RebootConfig)
@@ -377,14 +409,95 @@ def _disk(s: _Section) -> DiskConfig:
     if len(labels) != 2 or labels[0] == labels[1] or not all(labels):
         raise s.error("slots", "must name exactly two different partition labels")
     backend = s.str_("backend", d.backend) or d.backend
-    if backend != "gpt-prio":
-        raise s.error("backend", f"unknown backend {backend!r}", hint="supported: gpt-prio")
+    if backend not in BACKENDS:
+        raise s.error(
+            "backend", f"unknown backend {backend!r}", hint=f"one of {', '.join(BACKENDS)}"
+        )
+    esp = s.path("esp", d.esp)
+    esp_partition = s.str_("esp_partition", d.esp_partition) or None
+    if esp is not None and esp_partition is not None:
+        raise s.error(
+            "esp_partition",
+            "set [disk] esp (a mounted directory) or esp_partition (a partition edited "
+            "with mtools), not both",
+        )
     return DiskConfig(
         device=s.path("device", d.device),
         slots=(labels[0], labels[1]),
         kernel_cmdline=s.path("kernel_cmdline", d.kernel_cmdline) or d.kernel_cmdline,
         backend=backend,
+        esp=esp,
+        esp_partition=esp_partition,
     )
+
+
+def _systemd_boot(s: _Section) -> SystemdBootConfig:
+    d = SystemdBootConfig()
+    c = SystemdBootConfig(
+        tries=s.int_("tries", d.tries, minimum=1, maximum=MAX_TRIES),
+        title=s.str_("title", d.title) or d.title,
+        linux=s.str_("linux", d.linux) or d.linux,
+        initrd=s.str_list("initrd", d.initrd) or (),
+        options=s.str_("options", d.options) or d.options,
+        sort_key=s.str_("sort_key", d.sort_key) or d.sort_key,
+        prefix=s.str_("prefix", d.prefix) or d.prefix,
+        efivars=s.path("efivars", d.efivars) or d.efivars,
+    )
+    try:
+        entry_template(c)
+    except ValueError as exc:
+        raise s.error(_template_key(str(exc), c), str(exc)) from exc
+    return c
+
+
+def _template_key(message: str, c: SystemdBootConfig) -> str:
+    """Which [systemd-boot] key an EntryTemplate complaint is about."""
+    if message.startswith("entry path "):
+        return "linux" if repr(c.linux) in message else "initrd"
+    for key, start in (
+        ("prefix", "entry prefix "),
+        ("sort_key", "sort-key "),
+        ("linux", "the entry needs a linux"),
+        ("title", "entry title "),
+        ("linux", "entry linux "),
+        ("initrd", "entry initrd "),
+    ):
+        if message.startswith(start):
+            return key
+    return "options"
+
+
+def entry_template(c: SystemdBootConfig) -> EntryTemplate:
+    """The systemd-boot entry these settings describe (raises ValueError if they are bad)."""
+    return EntryTemplate(
+        title=c.title,
+        linux=c.linux,
+        initrd=c.initrd,
+        options=c.options,
+        sort_key=c.sort_key,
+        prefix=c.prefix,
+    )
+
+
+_GRUB_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
+
+
+def _grub_env(s: _Section) -> GrubEnvConfig:
+    d = GrubEnvConfig()
+    path = s.str_("path", d.path) or d.path
+    try:
+        clean = clean_path(path)
+    except ValueError as exc:
+        raise s.error("path", str(exc)) from exc
+    if not clean:
+        raise s.error("path", "must name a file, e.g. grub/grubenv")
+    names = s.str_list("names", d.names) or d.names
+    if len(names) != 2 or names[0] == names[1]:
+        raise s.error("names", "must be two different names, one per slot in [disk] slots")
+    for name in names:
+        if not _GRUB_NAME_RE.fullmatch(name):
+            raise s.error("names", f"{name!r}: GRUB variable names are letters, digits and '_'")
+    return GrubEnvConfig(path=clean, names=(names[0], names[1]))
 
 
 def _install(s: _Section) -> InstallConfig:
@@ -568,6 +681,8 @@ _SECTIONS = {
     "source": _source,
     "omaha": _omaha,
     "disk": _disk,
+    "systemd-boot": _systemd_boot,
+    "grub-env": _grub_env,
     "install": _install,
     "agent": _agent,
     "reboot": _reboot,
@@ -582,7 +697,7 @@ def validate(merged: Mapping[str, Mapping[str, _Value]], files: Sequence[Path]) 
     parts: dict[str, Any] = {}
     for name, build in _SECTIONS.items():
         section = _Section(name, merged.get(name, {}))
-        parts[name] = build(section)
+        parts[name.replace("-", "_")] = build(section)
         section.warn_unknown()
     reboot = parts["reboot"]
     if reboot.strategy == "lock" and reboot.lock == "fleetlock" and parts["fleetlock"].url is None:
