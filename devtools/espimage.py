@@ -14,7 +14,7 @@ from pathlib import Path
 from uuid import UUID
 
 from devtools.diskimage import DEFAULT_LABELS, DiskLayout, PartitionSpec, make_disk_image
-from partitions.filestore import MTOOLS_ENV, MtoolsStore
+from partitions.filestore import MTOOLS_ENV, DirStore, FileStore, MtoolsStore
 from updater.run import Runner, run
 
 EFI_SYSTEM_TYPE = UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
@@ -64,6 +64,19 @@ def make_esp_disk(
     )
     esp = layout.by_label(esp_label)
     return EspDisk(layout, format_fat(path, esp.offset, esp.size, runner=runner))
+
+
+def esp_store(disk: EspDisk, medium: str, mount_point: Path) -> FileStore:
+    """The ESP of a test: ``mtools`` (inside the image) or ``dir`` (``mount_point``, made empty).
+
+    The same backend code runs over both; a test parametrized over them shows it.
+    """
+    if medium == "mtools":
+        return disk.esp
+    if medium != "dir":
+        raise ValueError(f"medium {medium!r}: mtools or dir")
+    mount_point.mkdir()
+    return DirStore(mount_point)
 
 
 def fsck_fat(image: Path, offset: int, size: int, *, runner: Runner = run) -> tuple[int, str]:

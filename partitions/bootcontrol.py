@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Protocol
 from uuid import UUID
 
+from updater.errors import DiskError
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -65,3 +67,18 @@ class BootControl(Protocol):
     def make_primary(self, slot: Slot) -> None:
         """Boot this slot next, once, on trial (highest priority, tries 1, not successful)."""
         ...
+
+
+def same_slot(a: Slot, b: Slot) -> bool:
+    """The same partition: number and PARTUUID (labels can be renamed)."""
+    return a.index == b.index and a.part_uuid == b.part_uuid
+
+
+def not_a_slot_of(disk: Path, slot: Slot) -> DiskError:
+    """A verb was handed a slot that is not (any more) one of ``disk``'s."""
+    return DiskError(
+        "slot_not_found",
+        f"{disk}: slot {slot.label} (partition {slot.index}, {slot.part_uuid}) "
+        "is not one of this disk's slots",
+        hint="the disk was repartitioned? restart the agent",
+    )

@@ -16,7 +16,7 @@ import structlog
 
 from partitions import booted as booted_mod
 from partitions import gpt
-from partitions.bootcontrol import Slot, SlotFlags, SlotStatus
+from partitions.bootcontrol import Slot, SlotFlags, SlotStatus, not_a_slot_of, same_slot
 from updater.errors import DiskError
 
 log = structlog.get_logger(__name__)
@@ -218,9 +218,9 @@ class GptPrioBootControl:
 
     def flags(self, slot: Slot) -> SlotFlags:
         for status in self.slots():
-            if _same(status.slot, slot):
+            if same_slot(status.slot, slot):
                 return status.flags
-        raise self._not_ours(slot)
+        raise not_a_slot_of(self.disk, slot)
 
     def booted(self) -> Slot:
         return booted_mod.booted_slot(
@@ -263,8 +263,8 @@ class GptPrioBootControl:
         def attributes(table: gpt.GptTable) -> dict[int, int]:
             statuses = self._statuses(table)
             for target in targets:
-                if not any(_same(s.slot, target) for s in statuses):
-                    raise self._not_ours(target)
+                if not any(same_slot(s.slot, target) for s in statuses):
+                    raise not_a_slot_of(self.disk, target)
             before = {s.slot.index: s.flags for s in statuses}
             delta = changed(before, decide(before))
             labels = {s.slot.index: s.slot.label for s in statuses}
@@ -273,18 +273,6 @@ class GptPrioBootControl:
 
         gpt.update_attributes(self.disk, attributes)
         log.info(event, disk=str(self.disk), slots=[t.label for t in targets], changed=written)
-
-    def _not_ours(self, slot: Slot) -> DiskError:
-        return DiskError(
-            "slot_not_found",
-            f"{self.disk}: slot {slot.label} (partition {slot.index}, {slot.part_uuid}) "
-            "is not one of this disk's slots",
-            hint="the disk was repartitioned? restart the agent",
-        )
-
-
-def _same(a: Slot, b: Slot) -> bool:
-    return a.index == b.index and a.part_uuid == b.part_uuid
 
 
 def _flags_text(f: SlotFlags) -> str:

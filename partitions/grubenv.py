@@ -46,7 +46,7 @@ import structlog
 
 from partitions import booted as booted_mod
 from partitions import bootsource, gpt, gptprio
-from partitions.bootcontrol import Slot, SlotFlags, SlotStatus
+from partitions.bootcontrol import Slot, SlotFlags, SlotStatus, not_a_slot_of, same_slot
 from partitions.filestore import FileStore, describe
 from updater.errors import CommandError, DiskError, RefusedError
 from updater.run import Runner, run
@@ -354,9 +354,9 @@ class GrubEnvControl:
 
     def flags(self, slot: Slot) -> SlotFlags:
         for status in self.slots():
-            if _same(status.slot, slot):
+            if same_slot(status.slot, slot):
                 return status.flags
-        raise self._not_ours(slot)
+        raise not_a_slot_of(self.disk, slot)
 
     def primary(self) -> Slot | None:
         slots = self._slots()
@@ -404,9 +404,9 @@ class GrubEnvControl:
         self, event: str, slot: Slot, decide: Callable[[GrubState, str], dict[str, str]]
     ) -> None:
         slots = self._slots()
-        target = next((s for s in slots if _same(s, slot)), None)
+        target = next((s for s in slots if same_slot(s, slot)), None)
         if target is None:
-            raise self._not_ours(slot)
+            raise not_a_slot_of(self.disk, slot)
         before_bytes = self._read_block()
         variables = self._parse(before_bytes)
         wanted = decide(self._state(variables), self._name_of[target.label])
@@ -451,15 +451,3 @@ class GrubEnvControl:
                 hint="too many variables for 1024 bytes?",
             ) from exc
         return edited
-
-    def _not_ours(self, slot: Slot) -> DiskError:
-        return DiskError(
-            "slot_not_found",
-            f"{self.disk}: slot {slot.label} (partition {slot.index}, {slot.part_uuid}) "
-            "is not one of this disk's slots",
-            hint="the disk was repartitioned? restart the agent",
-        )
-
-
-def _same(a: Slot, b: Slot) -> bool:
-    return a.index == b.index and a.part_uuid == b.part_uuid

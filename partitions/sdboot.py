@@ -62,7 +62,7 @@ import structlog
 
 from partitions import booted as booted_mod
 from partitions import bootsource, gpt, gptprio
-from partitions.bootcontrol import Slot, SlotFlags, SlotStatus
+from partitions.bootcontrol import Slot, SlotFlags, SlotStatus, not_a_slot_of, same_slot
 from partitions.filestore import FileStore, clean_path, describe
 from updater.errors import DiskError, RefusedError
 from updater.versions import compare as compare_versions
@@ -684,9 +684,9 @@ class SdBootControl:
 
     def flags(self, slot: Slot) -> SlotFlags:
         for status in self.slots():
-            if _same(status.slot, slot):
+            if same_slot(status.slot, slot):
                 return status.flags
-        raise self._not_ours(slot)
+        raise not_a_slot_of(self.disk, slot)
 
     def primary(self) -> Slot | None:
         slots = self._slots()
@@ -755,9 +755,9 @@ class SdBootControl:
         plan: Callable[[EspState, Slot], tuple[list[Op], EspState]],
     ) -> None:
         slots = self._slots()
-        target = next((s for s in slots if _same(s, slot)), None)
+        target = next((s for s in slots if same_slot(s, slot)), None)
         if target is None:
-            raise self._not_ours(slot)
+            raise not_a_slot_of(self.disk, slot)
         state = self.read_state(slots)
         ops, after = plan(state, target)
         if any(isinstance(op, Write) for op in ops):
@@ -796,18 +796,6 @@ class SdBootControl:
             self.store.rename(op.src, op.dst)
         else:
             self.store.remove(op.path)
-
-    def _not_ours(self, slot: Slot) -> DiskError:
-        return DiskError(
-            "slot_not_found",
-            f"{self.disk}: slot {slot.label} (partition {slot.index}, {slot.part_uuid}) "
-            "is not one of this disk's slots",
-            hint="the disk was repartitioned? restart the agent",
-        )
-
-
-def _same(a: Slot, b: Slot) -> bool:
-    return a.index == b.index and a.part_uuid == b.part_uuid
 
 
 def _efivar_text(path: Path) -> str | None:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from devtools.diskimage import cgpt_flags
-from devtools.espimage import make_esp_disk
+from devtools.espimage import esp_store, make_esp_disk
 from partitions.bootcontrol import BootControl, Slot, SlotFlags, SlotStatus
-from partitions.filestore import DirStore, FileStore
+from partitions.filestore import FileStore
 from partitions.gptprio import GptPrioBootControl
 from partitions.grubenv import GrubEnvControl, new_env_block
 from partitions.sdboot import EntryTemplate, SdBootControl, parse_entry_name
@@ -106,10 +106,7 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
     cmdline = tmp_path / "cmdline"
     proc, sys_, dev = tmp_path / "proc", tmp_path / "sys", tmp_path
     kind, _, medium = str(request.param).partition("/")
-    store: FileStore = disk.esp
-    if medium == "dir":
-        (tmp_path / "esp").mkdir()
-        store = DirStore(tmp_path / "esp")
+    store = esp_store(disk, medium or "mtools", tmp_path / "esp")
     if kind == "gpt-prio":
         control: BootControl = GptPrioBootControl(
             disk.path, kernel_cmdline=cmdline, proc_root=proc, sys_root=sys_, dev_root=dev

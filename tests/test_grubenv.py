@@ -12,7 +12,7 @@ from uuid import UUID
 import pytest
 from structlog.testing import capture_logs
 
-from devtools.espimage import format_fat, make_esp_disk
+from devtools.espimage import esp_store, format_fat, make_esp_disk
 from partitions import grubenv
 from partitions.bootcontrol import BootControl, Slot, SlotFlags
 from partitions.filestore import DirStore, FileStore
@@ -279,19 +279,13 @@ class Env:
 @pytest.fixture(params=["dir", "mtools"])
 def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
     disk = make_esp_disk(tmp_path / "disk.img", slot_size=MiB)
-    if request.param == "dir":
-        (tmp_path / "mnt").mkdir()
-        store: FileStore = DirStore(tmp_path / "mnt")
-    else:
-        store = disk.esp
-    yield Env(store, disk.path, tmp_path)
+    yield Env(esp_store(disk, request.param, tmp_path / "mnt"), disk.path, tmp_path)
 
 
 @pytest.fixture
 def dir_env(tmp_path: Path) -> Env:
     disk = make_esp_disk(tmp_path / "disk.img", slot_size=MiB)
-    (tmp_path / "mnt").mkdir()
-    return Env(DirStore(tmp_path / "mnt"), disk.path, tmp_path)
+    return Env(esp_store(disk, "dir", tmp_path / "mnt"), disk.path, tmp_path)
 
 
 def slots(control: GrubEnvControl) -> tuple[Slot, Slot]:

@@ -11,7 +11,7 @@ from uuid import UUID
 import pytest
 from structlog.testing import capture_logs
 
-from devtools.espimage import make_esp_disk
+from devtools.espimage import esp_store, make_esp_disk
 from partitions import sdboot
 from partitions.bootcontrol import BootControl, Slot, SlotFlags
 from partitions.filestore import DirStore, FileStore, MtoolsStore
@@ -371,20 +371,13 @@ class Esp:
 @pytest.fixture(params=["dir", "mtools"])
 def esp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Esp]:
     disk = make_esp_disk(tmp_path / "disk.img", slot_size=MiB)
-    if request.param == "dir":
-        root = tmp_path / "mnt"
-        root.mkdir()
-        store: FileStore = DirStore(root)
-    else:
-        store = disk.esp
-    yield Esp(store, disk.path, tmp_path)
+    yield Esp(esp_store(disk, request.param, tmp_path / "mnt"), disk.path, tmp_path)
 
 
 @pytest.fixture
 def dir_esp(tmp_path: Path) -> Esp:
     disk = make_esp_disk(tmp_path / "disk.img", slot_size=MiB)
-    (tmp_path / "mnt").mkdir()
-    return Esp(DirStore(tmp_path / "mnt"), disk.path, tmp_path)
+    return Esp(esp_store(disk, "dir", tmp_path / "mnt"), disk.path, tmp_path)
 
 
 def slots(control: SdBootControl) -> tuple[Slot, Slot]:
