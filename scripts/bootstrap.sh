@@ -46,6 +46,14 @@ if ((${#missing[@]})); then
   fi
 fi
 
+# The QEMU boot tests download Debian's cloud kernel (apt-get download): apt
+# needs its package lists, which a slimmed image may have deleted.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+    && ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+  echo "bootstrap: fetching the package lists (for the cloud kernel)" >&2
+  apt-get update -qq >/dev/null || apt-get update
+fi
+
 stamp="$VENV/.installed-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
