@@ -20,9 +20,10 @@ from partitions.filestore import FileStore
 from partitions.gptprio import GptPrioBootControl
 from partitions.grubenv import GrubEnvControl, new_env_block
 from partitions.sdboot import EntryTemplate, SdBootControl, parse_entry_name
+from updater.clock import SystemClock
 from updater.run import run
-from updater.state import SlotRecord, State
-from updater.update import detect_rollback, host_state, is_staged
+from updater.state import SlotRecord, State, StateStore
+from updater.update import Updater, detect_rollback, host_state, is_staged
 
 MiB = 1024 * 1024
 ENTRY = EntryTemplate(
@@ -240,3 +241,31 @@ def test_health_check_failure_marks_the_trial_slot_bad(rig: Rig) -> None:
     control.mark_good(a)
     assert detect_rollback(records(rig, "bad"), rig.status("USR-B")) == "1.1.0"
     assert control.primary() == a and control.booted() == a
+
+
+def test_a_failed_health_check_never_gives_up_the_known_good_slot(rig: Rig, tmp_path: Path) -> None:
+    """B was blessed, A holds the release before it: a plain reboot of B whose checks
+    fail keeps B (there is nothing newer to give up), whatever the boot loader."""
+    os_release = tmp_path / "os-release"
+    os_release.write_text("IMAGE_VERSION=1.0.0\n")
+    updater = Updater(
+        boot=rig.control,
+        store=StateStore(tmp_path / "state"),
+        clock=SystemClock(),
+        os_release=os_release,
+    )
+    control = rig.control
+    a, b = rig.slot("USR-A"), rig.slot("USR-B")
+    updater.mark_good()  # A, 1.0.0
+    control.make_primary(b)  # (its install)
+    rig.boots(b)
+    os_release.write_text("IMAGE_VERSION=1.1.0\n")
+    assert updater.mark_good() == b
+    assert rig.flags("USR-A").bootable  # the release before, to roll back to by hand
+    rig.boots(control.primary() or a)  # a plain reboot
+    assert control.booted() == b
+    assert updater.mark_booted_bad() is None  # the health checks failed
+    assert control.primary() == b
+    assert rig.flags("USR-B").bootable and rig.flags("USR-A").bootable
+    rig.boots(control.primary() or a)  # and the next boot is B again
+    assert control.booted() == b

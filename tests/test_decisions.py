@@ -12,6 +12,7 @@ from partitions.bootcontrol import Slot, SlotFlags, SlotStatus
 from updater.state import Pending, SlotRecord, State
 from updater.update import (
     detect_rollback,
+    health_failure_action,
     host_state,
     is_staged,
     rollback_refusal,
@@ -122,3 +123,26 @@ def test_rollback_refusal(
 ) -> None:
     why = rollback_refusal(record, other, primary)
     assert (why is None) if refused is None else (why is not None and refused in why)
+
+
+ON_TRIAL_AGAIN = SlotFlags(0, 0, False)  # grub-env: a blessed slot after a plain reboot (TRY=1)
+
+
+@pytest.mark.parametrize(
+    ("booted", "record", "other", "action"),
+    [
+        (GOOD, OLD_GOOD, BAD, "keep"),  # the known-good slot: nothing to fall back to
+        (GOOD, OLD_GOOD, GOOD, "keep"),  # ... nor a reason to: the other is older
+        (GOOD, None, GOOD, "keep"),  # provisioned, never recorded: the loader's word
+        (ON_TRIAL_AGAIN, OLD_GOOD, GOOD, "keep"),  # every boot a trial: the record's word
+        (TRIAL, INSTALLED, GOOD, "give_up"),  # a new install's trial boot
+        (BAD, INSTALLED, GOOD, "give_up"),  # its one try already spent (systemd-boot)
+        (TRIAL, None, GOOD, "give_up"),
+        (TRIAL, INSTALLED, BAD, "no_fallback"),
+        (TRIAL, SlotRecord("USR-A", "bad", "1.0.0"), BAD, "no_fallback"),
+    ],
+)
+def test_health_failure_action(
+    booted: SlotFlags, record: SlotRecord | None, other: SlotFlags, action: str
+) -> None:
+    assert health_failure_action(SlotStatus(A, booted), record, SlotStatus(B, other)) == action

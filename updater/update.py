@@ -96,6 +96,28 @@ def rollback_refusal(
     return None
 
 
+HealthFailureAction = Literal["give_up", "keep", "no_fallback"]
+
+
+def health_failure_action(
+    booted: SlotStatus, record: SlotRecord | None, other: SlotStatus
+) -> HealthFailureAction:
+    """What a failed health check does to the booted slot.
+
+    ``keep``: it is the known-good slot, blessed before with what it holds now
+    (the boot loader says so, or this agent's record does: RAUC's GRUB puts
+    every boot on trial), so it stays the slot that boots; there is no newer
+    install to give up, and falling back would downgrade. ``give_up``: a trial
+    boot of a new install, and the other slot can boot: mark it bad.
+    ``no_fallback``: a trial boot, but nothing else can boot.
+    """
+    if booted.flags.successful or (record is not None and record.condition == "good"):
+        return "keep"
+    if not other.flags.bootable:
+        return "no_fallback"
+    return "give_up"
+
+
 def detect_rollback(state: State, other: SlotStatus) -> str | None:
     """The version whose trial boot failed, if the host came back on the old slot.
 
@@ -485,22 +507,34 @@ class Updater:
     def mark_booted_bad(self) -> Slot | None:
         """Failed health checks on a trial boot: never boot this slot again.
 
-        Returns the slot, or None when the booted slot is not on trial (it is
-        the known-good one: marking it bad would leave nothing to fall back to).
+        Returns the slot, or None when it is not given up (see
+        :func:`health_failure_action`): the known-good slot keeps booting (a
+        boot loader that puts every boot on trial is told so again), and a
+        trial slot with nothing to fall back to is left as it is.
         """
         with exclusive(self.store.state_dir):
             booted, other = self._slots()
-            if booted.flags.successful or not other.flags.bootable:
+            uuid = str(booted.slot.part_uuid)
+            rec = self.store.load().slots.get(uuid)
+            action = health_failure_action(booted, rec, other)
+            if action == "keep":
+                if not booted.flags.successful:
+                    self.boot.mark_good(booted.slot)  # e.g. grub-env: TRY=0 again
+                log.error(
+                    "health_failed_known_good",
+                    slot=booted.slot.label,
+                    version=rec.version if rec else None,
+                )
+                return None
+            if action == "no_fallback":
                 log.error(
                     "health_failed_no_fallback",
                     slot=booted.slot.label,
-                    successful=booted.flags.successful,
+                    other=other.slot.label,
                     other_bootable=other.flags.bootable,
                 )
                 return None
             self.boot.mark_bad(booted.slot)
-            uuid = str(booted.slot.part_uuid)
-            rec = self.store.load().slots.get(uuid)
             if rec is not None:
                 # The version joins failed_versions when the old slot has booted
                 # again and the agent reports the rollback (note_rollback).
