@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from devtools.loopback import LoopbackServer
+
 GROUP_RE = re.compile(r"[a-zA-Z0-9.-]+")
 ENDPOINTS = ("pre-reboot", "steady-state")
 MAX_REQUEST = 64 * 1024  # bytes
@@ -275,7 +277,7 @@ class _Server(ThreadingHTTPServer):
     state: _State
 
 
-class FleetLockServer:
+class FleetLockServer(LoopbackServer[_Server]):
     """``with FleetLockServer(slots=1) as srv: srv.base_url`` on 127.0.0.1:<free port>.
 
     ``base_path`` prefixes the endpoints and may contain ``${group}``, which then
@@ -286,21 +288,15 @@ class FleetLockServer:
     def __init__(
         self, slots: int = 1, *, base_path: str = "", tls: ssl.SSLContext | None = None
     ) -> None:
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.state = _State(default_slots=slots, base_path=base_path)
-        self._scheme = "http"
-        if tls is not None:
-            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
-            self._scheme = "https"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-        )
+        server = _Server(("127.0.0.1", 0), _Handler)
+        server.state = _State(default_slots=slots, base_path=base_path)
+        # closing ends hangs and trickles
+        super().__init__(server, tls=tls, poll_interval=0.01, closing=server.state.closing)
 
     @property
     def url(self) -> str:
         """Scheme, host and port, without the base path."""
-        host, port = self._server.server_address[:2]
-        return f"{self._scheme}://{host!s}:{port}"
+        return self.origin
 
     @property
     def base_url(self) -> str:
@@ -332,26 +328,6 @@ class FleetLockServer:
     def clear_faults(self) -> None:
         with self._server.state.lock:
             self._server.state.faults.clear()
-
-    def start(self) -> FleetLockServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.state.closing.set()  # ends hangs and trickles
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> FleetLockServer:
-        try:
-            return self.start()
-        except BaseException:
-            self._server.server_close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main() -> None:

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
+from devtools.loopback import LoopbackServer
+
 
 @dataclass
 class Fault:
@@ -212,24 +214,17 @@ class _Server(ThreadingHTTPServer):
     shared: _Shared
 
 
-class RepoServer:
+class RepoServer(LoopbackServer[_Server]):
     """``with RepoServer(root) as srv: srv.url`` — serves ``root`` on 127.0.0.1:<free port>."""
 
     def __init__(self, root: Path, tls: ssl.SSLContext | None = None) -> None:
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.shared = _Shared(root)
-        self._scheme = "http"
-        if tls is not None:
-            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
-            self._scheme = "https"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        server = _Server(("127.0.0.1", 0), _Handler)
+        server.shared = _Shared(root)
+        super().__init__(server, tls=tls, closing=server.shared.closing)
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"{self._scheme}://{host!s}:{port}"
+        return self.origin
 
     @property
     def requests(self) -> list[Request]:
@@ -251,22 +246,6 @@ class RepoServer:
 
     def clear_faults(self) -> None:
         self._server.shared.faults.clear()
-
-    def start(self) -> RepoServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shared.closing.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> RepoServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import defusedxml.ElementTree
 
+from devtools.loopback import LoopbackServer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -383,7 +385,7 @@ class _Server(ThreadingHTTPServer):
     state: _State
 
 
-class OmahaServer:
+class OmahaServer(LoopbackServer[_Server]):
     def __init__(
         self,
         *,
@@ -393,16 +395,13 @@ class OmahaServer:
         poll_interval_s: int | None = None,
         xxe_target: Path = Path("/etc/hostname"),
     ) -> None:
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.state = _State(release, answer, deferral, poll_interval_s, xxe_target)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        server = _Server(("127.0.0.1", 0), _Handler)
+        server.state = _State(release, answer, deferral, poll_interval_s, xxe_target)
+        super().__init__(server)
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}/v1/update/"
+        return f"{self.origin}/v1/update/"
 
     @property
     def state(self) -> _State:
@@ -430,18 +429,3 @@ class OmahaServer:
 
     def events(self) -> list[SeenEvent]:
         return [e for r in self.requests for e in r.events]
-
-    def start(self) -> OmahaServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> OmahaServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
