@@ -31,9 +31,8 @@ from devtools.fake_logind import FakeLogindProcess
 from devtools.host import Host
 from partitions.bootcontrol import SlotFlags
 from tests.conftest import NotifySocket, Repo
+from tests.dbus_support import POLICY
 
-ROOT = Path(__file__).resolve().parent.parent
-POLICY = ROOT / "dist" / "dbus-1" / "system.d" / "org.updater.Agent1.conf"
 UPDATECTL = str(Path(sys.executable).with_name("updatectl"))
 
 pytestmark = pytest.mark.root  # only root may own the agent's bus name (our policy)

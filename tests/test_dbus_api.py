@@ -13,18 +13,19 @@ import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import dbus_fast
 import pytest
 import structlog
-from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from structlog.testing import capture_logs
 
 from devtools.dbusdaemon import PrivateBus
+from tests.dbus_support import POLICY, connect, run
 from updater import dbus_api, errors
 from updater.agentapi import STATES, AgentStatus, StatusListener
 from updater.dbus_api import (
@@ -40,14 +41,12 @@ from updater.dbus_api import (
 from updater.errors import HealthError, RefusedError, UpdaterError
 
 ROOT = Path(__file__).resolve().parent.parent
-POLICY = ROOT / "dist" / "dbus-1" / "system.d" / "org.updater.Agent1.conf"
 PROPS = "org.freedesktop.DBus.Properties"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
 
 pytestmark = pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="needs dbus-daemon")
 
-T = TypeVar("T")
 
 INITIAL = AgentStatus(
     state="IDLE",
@@ -115,21 +114,10 @@ class RecordingAgent:
         await self._act("reset_status")
 
 
-def run(coro: Awaitable[T]) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, 30)
-
-    return asyncio.run(bounded())
-
-
 @pytest.fixture(scope="module")
 def bus() -> Iterator[PrivateBus]:
     with PrivateBus(policy_files=(POLICY,)) as b:
         yield b
-
-
-async def connect(address: str) -> MessageBus:
-    return await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
 
 
 @contextlib.asynccontextmanager

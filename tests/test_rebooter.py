@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from dbus_fast import BusType
-from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusUInt64
 from dbus_fast.service import ServiceInterface, dbus_method
 from structlog.testing import capture_logs
@@ -19,32 +17,17 @@ from structlog.testing import capture_logs
 from devtools import fake_logind
 from devtools.dbusdaemon import PrivateBus
 from devtools.fake_logind import FakeLogind, FakeLogindProcess, Flavour
+from tests.dbus_support import POLICY, connect, run
 from updater.errors import RefusedError
 from updater.rebooter import Inhibitor, LogindRebooter, Rebooter, parse_inhibitors
 
-ROOT = Path(__file__).resolve().parent.parent
-POLICY = ROOT / "dist" / "dbus-1" / "system.d" / "org.updater.Agent1.conf"
-
 pytestmark = pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="needs dbus-daemon")
-
-T = TypeVar("T")
-
-
-def run(coro: Awaitable[T]) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, 30)
-
-    return asyncio.run(bounded())
 
 
 @pytest.fixture(scope="module")
 def bus() -> Iterator[PrivateBus]:
     with PrivateBus(policy_files=(POLICY,)) as b:
         yield b
-
-
-async def connect(address: str) -> MessageBus:
-    return await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
 
 
 @contextlib.asynccontextmanager
