@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -72,6 +73,14 @@ class BootControl(Protocol):
 def same_slot(a: Slot, b: Slot) -> bool:
     """The same partition: number and PARTUUID (labels can be renamed)."""
     return a.index == b.index and a.part_uuid == b.part_uuid
+
+
+def flags_of(statuses: Iterable[SlotStatus], slot: Slot, disk: Path) -> SlotFlags:
+    """``slot``'s flags among ``statuses`` (a backend's ``slots()``), or slot_not_found."""
+    for status in statuses:
+        if same_slot(status.slot, slot):
+            return status.flags
+    raise not_a_slot_of(disk, slot)
 
 
 def not_a_slot_of(disk: Path, slot: Slot) -> DiskError:

@@ -16,7 +16,7 @@ import structlog
 
 from partitions import booted as booted_mod
 from partitions import gpt
-from partitions.bootcontrol import Slot, SlotFlags, SlotStatus, not_a_slot_of, same_slot
+from partitions.bootcontrol import Slot, SlotFlags, SlotStatus, flags_of, not_a_slot_of, same_slot
 from updater.errors import DiskError
 
 log = structlog.get_logger(__name__)
@@ -217,10 +217,7 @@ class GptPrioBootControl:
         return self._statuses(gpt.read_table(self.disk))
 
     def flags(self, slot: Slot) -> SlotFlags:
-        for status in self.slots():
-            if same_slot(status.slot, slot):
-                return status.flags
-        raise not_a_slot_of(self.disk, slot)
+        return flags_of(self.slots(), slot, self.disk)
 
     def booted(self) -> Slot:
         return booted_mod.booted_slot(

@@ -46,7 +46,7 @@ import structlog
 
 from partitions import booted as booted_mod
 from partitions import bootsource, gpt, gptprio
-from partitions.bootcontrol import Slot, SlotFlags, SlotStatus, not_a_slot_of, same_slot
+from partitions.bootcontrol import Slot, SlotFlags, SlotStatus, flags_of, not_a_slot_of, same_slot
 from partitions.filestore import FileStore, describe
 from updater.errors import CommandError, DiskError, RefusedError
 from updater.run import Runner, run
@@ -353,10 +353,7 @@ class GrubEnvControl:
         return tuple(SlotStatus(s, flags[self._name_of[s.label]]) for s in slots)
 
     def flags(self, slot: Slot) -> SlotFlags:
-        for status in self.slots():
-            if same_slot(status.slot, slot):
-                return status.flags
-        raise not_a_slot_of(self.disk, slot)
+        return flags_of(self.slots(), slot, self.disk)
 
     def primary(self) -> Slot | None:
         slots = self._slots()

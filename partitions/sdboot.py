@@ -62,7 +62,7 @@ import structlog
 
 from partitions import booted as booted_mod
 from partitions import bootsource, gpt, gptprio
-from partitions.bootcontrol import Slot, SlotFlags, SlotStatus, not_a_slot_of, same_slot
+from partitions.bootcontrol import Slot, SlotFlags, SlotStatus, flags_of, not_a_slot_of, same_slot
 from partitions.filestore import FileStore, clean_path, describe
 from updater.errors import DiskError, RefusedError
 from updater.versions import compare as compare_versions
@@ -683,10 +683,7 @@ class SdBootControl:
         return tuple(SlotStatus(s, flags[s.label]) for s in slots)
 
     def flags(self, slot: Slot) -> SlotFlags:
-        for status in self.slots():
-            if same_slot(status.slot, slot):
-                return status.flags
-        raise not_a_slot_of(self.disk, slot)
+        return flags_of(self.slots(), slot, self.disk)
 
     def primary(self) -> Slot | None:
         slots = self._slots()
