@@ -7,9 +7,10 @@ update_engine reads ``/usr/share/flatcar/update.conf`` (the vendor's) and
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
+
+from updater import osrelease
 
 FILES = (Path("/usr/share/flatcar/update.conf"), Path("/etc/flatcar/update.conf"))
 DISABLED = "disabled"
@@ -27,18 +28,7 @@ class FlatcarSettings:
 
 
 def parse(text: str) -> dict[str, str]:
-    values: dict[str, str] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        try:
-            words = shlex.split(value, comments=True)
-        except ValueError:
-            continue
-        values[key.strip()] = words[0] if words else ""
-    return values
+    return osrelease.parse(text, inline_comments=True)
 
 
 def read(files: tuple[Path, ...] = FILES) -> FlatcarSettings:

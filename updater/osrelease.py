@@ -6,7 +6,12 @@ import shlex
 from pathlib import Path
 
 
-def parse(text: str) -> dict[str, str]:
+def parse(text: str, *, inline_comments: bool = False) -> dict[str, str]:
+    """Shell-style ``KEY=value`` lines (os-release(5), Flatcar's update.conf).
+
+    ``inline_comments``: a ``#`` after the value starts a comment, as update.conf
+    allows; os-release has whole-line comments only.
+    """
     fields: dict[str, str] = {}
     for raw in text.splitlines():
         line = raw.strip()
@@ -14,7 +19,7 @@ def parse(text: str) -> dict[str, str]:
             continue
         key, _, value = line.partition("=")
         try:
-            words = shlex.split(value)
+            words = shlex.split(value, comments=inline_comments)
         except ValueError:
             continue
         fields[key.strip()] = words[0] if words else ""
