@@ -66,7 +66,7 @@ def install(job: ChildJob) -> ChildResult:
     started = time.monotonic()
     with SlotDevice(Path(job.device), 0, job.raw_size) as device:
         write_image(
-            download.stream(HttpTransport(), job.url, size=job.size, chunk_size=job.chunk_size),
+            download.Download(HttpTransport(), job.url, size=job.size, chunk_size=job.chunk_size),
             image,
             device,
             chunk_size=job.chunk_size,

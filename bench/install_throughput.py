@@ -3,7 +3,7 @@
 A random image is served over loopback HTTP by :class:`devtools.repo_server.RepoServer`
 (sendfile) and written to a loop block device with fsync, in turns by
 
-- ours: the real install path, ``updater.download.stream`` into
+- ours: the real install path, ``updater.download.Download`` into
   ``updater.install.write_image`` onto a ``SlotDevice``, in a fresh Python
   process per run (so each run's peak RSS is its own);
 - the baseline: ``curl -s URL | tee >(openssl dgst -sha256 >/dev/null) | dd

@@ -45,7 +45,7 @@ def fetch_all(
     size: int = len(DATA),
     resume_attempts: int = 5,
 ) -> bytes:
-    chunks = download.stream(
+    chunks = download.Download(
         transport, url, size=size, backoff_s=0.01, resume_attempts=resume_attempts
     )
     return b"".join(chunks)

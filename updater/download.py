@@ -168,25 +168,3 @@ class Download(Iterator[bytes]):
 
 def _drop_front(chunk: bytes, n: int) -> bytes:
     return chunk[n:]
-
-
-def stream(
-    transport: Transport,
-    url: str,
-    *,
-    size: int,
-    chunk_size: int = 1024 * 1024,
-    resume_attempts: int = 5,
-    backoff_s: float = 0.5,
-    sleep: Callable[[float], None] = time.sleep,
-) -> Download:
-    """Yield the ``size`` bytes at ``url`` in order, resuming where a transfer broke."""
-    return Download(
-        transport,
-        url,
-        size=size,
-        chunk_size=chunk_size,
-        resume_attempts=resume_attempts,
-        backoff_s=backoff_s,
-        sleep=sleep,
-    )

@@ -417,7 +417,7 @@ class Updater:
         try:
             with self.open_slot(slot) as device:
                 result = write_image(
-                    download.stream(
+                    download.Download(
                         self.transport,
                         url,
                         size=m.image.size,
