@@ -134,6 +134,16 @@ async def until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def run_until(h: Harness, cond: Callable[[], bool]) -> None:
+    """Run the agent until ``cond`` holds, then stop it."""
+
+    async def go() -> None:
+        async with running(h):
+            await until(cond)
+
+    asyncio.run(go())
+
+
 def image_gets(repo: Repo) -> int:
     return len([r for r in repo.server.requests if "/images/" in r.path])
 
@@ -144,11 +154,7 @@ def test_installs_and_reboots(
     repo.publish("1.1.0", usr_images["1.1.0"])
     h = Harness(host, notify, Immediate())
 
-    async def scenario() -> None:
-        async with running(h):
-            await until(lambda: len(h.rebooter.calls) >= 1)
-
-    asyncio.run(scenario())
+    run_until(h, lambda: len(h.rebooter.calls) >= 1)
     assert h.states == [
         "IDLE",
         "CHECKING_FOR_UPDATE",
@@ -260,11 +266,7 @@ def test_stop_during_install_then_resume(
     repo.server.clear_faults()
     h2 = Harness(host, notify, Off())
 
-    async def resume() -> None:
-        async with running(h2):
-            await until(lambda: h2.agent.status().state == "UPDATED_NEED_REBOOT")
-
-    asyncio.run(resume())
+    run_until(h2, lambda: h2.agent.status().state == "UPDATED_NEED_REBOOT")
     assert h2.states[:2] == ["IDLE", "CHECKING_FOR_UPDATE"]
     raw = usr_images["1.1.0"].read_bytes()
     assert host.slot_bytes("USR-B", len(raw)) == raw
@@ -276,11 +278,7 @@ def test_staged_update_survives_a_restart(
     repo.publish("1.1.0", usr_images["1.1.0"])
     h = Harness(host, notify, Off())
 
-    async def stage() -> None:
-        async with running(h):
-            await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
-
-    asyncio.run(stage())
+    run_until(h, lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
     h2 = Harness(host, notify, Off())
 
     async def restart() -> None:
@@ -299,21 +297,13 @@ def test_rollback_detected_and_that_version_refused(
     repo.publish("1.1.0", usr_images["1.1.0"])
     h = Harness(host, notify, Off())
 
-    async def stage() -> None:
-        async with running(h):
-            await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
-
-    asyncio.run(stage())
+    run_until(h, lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
     assert host.reboot() == "USR-B"  # the trial boot ...
     assert host.reboot() == "USR-A"  # ... never blessed: the firmware falls back
     (host.root / "reboot-required").write_text("")  # a stale sentinel from before
     h2 = Harness(host, notify, Off())
 
-    async def after_fallback() -> None:
-        async with running(h2):
-            await until(lambda: h2.agent.status().last_check_time > 0)
-
-    asyncio.run(after_fallback())
+    run_until(h2, lambda: h2.agent.status().last_check_time > 0)
     saved = json.loads((host.state_dir / "state.json").read_text())
     assert saved["failed_versions"] == ["1.1.0"]
     assert h2.agent.status().state == "IDLE"  # 1.1.0 is not offered again
@@ -323,11 +313,7 @@ def test_rollback_detected_and_that_version_refused(
     repo.publish("1.2.0", usr_images["1.2.0"])  # a newer one installs
     h3 = Harness(host, notify, Off())
 
-    async def newer() -> None:
-        async with running(h3):
-            await until(lambda: h3.agent.status().state == "UPDATED_NEED_REBOOT")
-
-    asyncio.run(newer())
+    run_until(h3, lambda: h3.agent.status().state == "UPDATED_NEED_REBOOT")
     assert h3.agent.status().staged_version == "1.2.0"
 
 
@@ -337,11 +323,7 @@ def test_trial_boot_is_not_updated_until_blessed(
     repo.publish("1.1.0", usr_images["1.1.0"])
     h = Harness(host, notify, Off())
 
-    async def stage() -> None:
-        async with running(h):
-            await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
-
-    asyncio.run(stage())
+    run_until(h, lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
     assert host.reboot() == "USR-B"
     repo.publish("1.2.0", usr_images["1.2.0"])
     h2 = Harness(host, notify, Off())
