@@ -78,23 +78,24 @@ HOST_SLOT_SIZE = 16 * 1024 * 1024
 USR_IMAGE_SIZE = 8 * 1024 * 1024
 
 
-@pytest.fixture(scope="session")
-def release_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
-    home = tmp_path_factory.mktemp("gpg-release")
+def _throwaway_key(factory: pytest.TempPathFactory, name: str, uid: str) -> Iterator[SigningKey]:
+    """A fresh key in its own GNUPGHOME; its gpg-agent is killed afterwards, pass or fail."""
+    home = factory.mktemp(f"gpg-{name}")
     try:
-        yield create_key(home, "updater release <release@localhost>")
+        yield create_key(home, uid)
     finally:
         kill_agents(home)
+
+
+@pytest.fixture(scope="session")
+def release_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
+    yield from _throwaway_key(tmp_path_factory, "release", "updater release <release@localhost>")
 
 
 @pytest.fixture(scope="session")
 def rogue_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
     """A well-formed key that no host trusts."""
-    home = tmp_path_factory.mktemp("gpg-rogue")
-    try:
-        yield create_key(home, "mallory <mallory@localhost>")
-    finally:
-        kill_agents(home)
+    yield from _throwaway_key(tmp_path_factory, "rogue", "mallory <mallory@localhost>")
 
 
 @pytest.fixture(scope="session")
