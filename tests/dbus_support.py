@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-from dbus_fast import BusType
+from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,3 +29,18 @@ def run(coro: Awaitable[T]) -> T:
 async def connect(address: str) -> MessageBus:
     """A connection to the bus at ``address``, as a system-bus client."""
     return await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+
+
+async def add_match(bus: MessageBus, rule: str) -> None:
+    """Ask the bus daemon to route messages matching ``rule`` to ``bus`` (AddMatch)."""
+    reply = await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="AddMatch",
+            signature="s",
+            body=[rule],
+        )
+    )
+    assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import BusType, Message, MessageType
-from dbus_fast.aio import MessageBus
+from dbus_fast import Message, MessageType
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.dbusdaemon import PrivateBus
@@ -31,7 +30,7 @@ from devtools.fake_logind import FakeLogindProcess
 from devtools.host import Host
 from partitions.bootcontrol import SlotFlags
 from tests.conftest import NotifySocket, Repo
-from tests.dbus_support import POLICY
+from tests.dbus_support import POLICY, add_match, connect
 
 UPDATECTL = str(Path(sys.executable).with_name("updatectl"))
 
@@ -56,7 +55,7 @@ class Signals:
         self._loop.run_until_complete(self._main())
 
     async def _main(self) -> None:
-        bus = await MessageBus(bus_address=self.address, bus_type=BusType.SYSTEM).connect()
+        bus = await connect(self.address)
         self._stop = asyncio.Event()
 
         def handler(msg: Message) -> None:
@@ -73,16 +72,7 @@ class Signals:
             "type='signal',interface='org.freedesktop.DBus.Properties'",
             "type='signal',interface='com.coreos.update1.Manager'",
         ):
-            await bus.call(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus",
-                    member="AddMatch",
-                    signature="s",
-                    body=[rule],
-                )
-            )
+            await add_match(bus, rule)
         self._ready.set()
         await self._stop.wait()
         bus.disconnect()
@@ -94,7 +84,7 @@ class Signals:
 
 
 async def dbus_call(address: str, dest: str, path: str, iface: str, member: str) -> Any:
-    bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+    bus = await connect(address)
     try:
         reply = await bus.call(Message(destination=dest, path=path, interface=iface, member=member))
         assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply

@@ -25,7 +25,7 @@ from dbus_fast.aio import MessageBus
 from structlog.testing import capture_logs
 
 from devtools.dbusdaemon import PrivateBus
-from tests.dbus_support import POLICY, connect, run
+from tests.dbus_support import POLICY, add_match, connect, run
 from updater import dbus_api, errors
 from updater.agentapi import STATES, AgentStatus, StatusListener
 from updater.dbus_api import (
@@ -183,17 +183,7 @@ class Signals:
             f"type='signal',path='{OBJECT_PATH}',interface='{PROPS}'",
             f"type='signal',path='{COREOS_OBJECT_PATH}',interface='{COREOS_INTERFACE}'",
         ):
-            reply = await client.call(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus",
-                    member="AddMatch",
-                    signature="s",
-                    body=[rule],
-                )
-            )
-            assert reply.message_type == MessageType.METHOD_RETURN
+            await add_match(client, rule)
         return signals
 
     def _handle(self, msg: Message) -> None:
