@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import signal
 import statistics
@@ -56,7 +55,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.install_throughput import cpu_model, ram_gib
+from bench.install_throughput import host_description
 from devtools.etcd import ETCD, EtcdNode
 from policies.etcdlock import EtcdClient, EtcdLock, EtcdSettings, Semaphore, semaphore_key
 from updater.config import AgentConfig, RebootConfig
@@ -513,14 +512,7 @@ def machine() -> dict[str, str]:
         etcd = run([ETCD, "--version"]).text.splitlines()[0]
     except Exception:  # a description only: never fail the benchmark over it
         etcd = "?"
-    return {
-        "cpu": cpu_model(),
-        "cores": str(os.cpu_count()),
-        "ram": f"{ram_gib():.1f} GiB",
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "etcd": etcd,
-    }
+    return {**host_description(), "etcd": etcd}
 
 
 # ---- orchestration -----------------------------------------------------------------------------

@@ -223,14 +223,21 @@ def disk_backing(path: Path) -> str:
     return f"{fstype} on {source}{extra}"
 
 
-def machine(workdir: Path, device: Path) -> dict[str, str]:
-    dio = _read(f"/sys/block/{device.name}/loop/dio", "?")
+def host_description() -> dict[str, str]:
+    """CPU, cores, RAM, kernel, Python: what every benchmark records of its machine."""
     return {
         "cpu": cpu_model(),
         "cores": str(os.cpu_count()),
         "ram": f"{ram_gib():.1f} GiB",
         "kernel": platform.release(),
         "python": platform.python_version(),
+    }
+
+
+def machine(workdir: Path, device: Path) -> dict[str, str]:
+    dio = _read(f"/sys/block/{device.name}/loop/dio", "?")
+    return {
+        **host_description(),
         "disk": disk_backing(workdir),
         "target": f"{device} (loop, direct-io {'on' if dio == '1' else 'off'}) over a file",
     }
