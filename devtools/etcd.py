@@ -37,6 +37,7 @@ from types import TracebackType
 
 import requests
 
+from devtools.tls import TLSFiles, make_tls
 from updater.run import run
 
 ETCD = "etcd"
@@ -53,63 +54,6 @@ START_ATTEMPTS = 5
 
 class EtcdStartError(RuntimeError):
     """etcd did not come up; the message carries the end of its log."""
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    """PEM files of a throwaway CA, a server certificate for 127.0.0.1 and a client one."""
-
-    ca_cert: Path
-    ca_key: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def make_tls(directory: Path, client_cn: str = "root") -> TLSFiles:
-    """A CA and two certificates it signed, with EC P-256 keys (fast to make)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    files = TLSFiles(
-        ca_cert=directory / "ca.pem",
-        ca_key=directory / "ca-key.pem",
-        server_cert=directory / "server.pem",
-        server_key=directory / "server-key.pem",
-        client_cert=directory / "client.pem",
-        client_key=directory / "client-key.pem",
-    )
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run(
-        [
-            "openssl", "req", "-x509", *ec, "-days", "2",
-            "-subj", "/CN=updater test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-            "-keyout", str(files.ca_key), "-out", str(files.ca_cert),
-        ]
-    )  # fmt: skip
-    for cert, key, cn, ext in (
-        (
-            files.server_cert,
-            files.server_key,
-            "etcd",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
-        ),
-        (files.client_cert, files.client_key, client_cn, "extendedKeyUsage=clientAuth\n"),
-    ):
-        csr = cert.with_suffix(".csr")
-        extfile = cert.with_suffix(".ext")
-        extfile.write_text(ext)
-        run(["openssl", "req", "-new", *ec, "-subj", f"/CN={cn}",
-             "-keyout", str(key), "-out", str(csr)])  # fmt: skip
-        run(
-            [
-                "openssl", "x509", "-req", "-in", str(csr), "-days", "2",
-                "-CA", str(files.ca_cert), "-CAkey", str(files.ca_key), "-CAcreateserial",
-                "-extfile", str(extfile), "-out", str(cert),
-            ]
-        )  # fmt: skip
-    return files
 
 
 def free_port() -> int:

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 from structlog.testing import capture_logs
 
 from devtools.fleetlock_server import Fault, FleetLockServer
+from devtools.tls import TLSFiles, make_tls
 from policies.fleetlock import MAX_BODY, PRE_REBOOT, STEADY_STATE, FleetLock, FleetLockError, judge
 from policies.lock import RebootLock
 from updater.errors import LockError
@@ -416,28 +414,16 @@ def test_judge(
 
 
 @pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("fleetlock-tls")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "ext.cnf"]
-    for argv in (
-        ["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=CA"],
-        ["req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1"],
-        ["x509", "-req", "-in", "srv.csr", *sign, "-out", "srv.pem", "-days", "2"],
-    ):
-        subprocess.run(
-            ["openssl", *argv], cwd=d, check=True, capture_output=True, stdin=subprocess.DEVNULL
-        )
-    return {"ca": d / "ca.pem", "cert": d / "srv.pem", "key": d / "srv.key"}
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    return make_tls(tmp_path_factory.mktemp("fleetlock-tls"))
 
 
-def test_https_with_a_ca_file(tls_files: dict[str, Path]) -> None:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(tls_files["cert"], tls_files["key"])
-    with FleetLockServer(slots=1, tls=ctx) as srv:
+def test_https_with_a_ca_file(tls_files: TLSFiles) -> None:
+    with FleetLockServer(slots=1, tls=tls_files.server_context()) as srv:
         assert srv.base_url.startswith("https://")
-        assert FleetLock(srv.base_url, "default", ca_file=tls_files["ca"], timeout_s=5).acquire("a")
+        assert FleetLock(srv.base_url, "default", ca_file=tls_files.ca_cert, timeout_s=5).acquire(
+            "a"
+        )
         with pytest.raises(FleetLockError) as err:  # the system's CAs do not know this one
             FleetLock(srv.base_url, "default", timeout_s=5).acquire("b")
         assert (err.value.kind, err.value.protocol_kind) == ("unavailable", "tls_failed")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,10 +13,10 @@ import pytest
 
 from devtools.host import Host, write_config
 from devtools.repo_server import Fault, RepoServer
+from devtools.tls import TLSFiles, make_tls
 from tests.conftest import Repo, updatectl
 from updater import download
 from updater.errors import DownloadError
-from updater.run import run
 from updater.transport import FileTransport, HttpSettings, HttpTransport, SchemeTransport
 
 DATA = os.urandom(3 * 1024 * 1024 + 17)
@@ -154,78 +153,13 @@ def test_file_transport(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("tls")
-    ca_key, ca, key, csr, cert = (
-        d / n for n in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem")
-    )
-    run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            str(ca_key),
-            "-out",
-            str(ca),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test CA",
-        ]
-    )
-    run(
-        [
-            "openssl",
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(csr),
-            "-subj",
-            "/CN=127.0.0.1",
-        ]
-    )
-    ext = d / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    run(
-        [
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            str(csr),
-            "-CA",
-            str(ca),
-            "-CAkey",
-            str(ca_key),
-            "-CAcreateserial",
-            "-out",
-            str(cert),
-            "-days",
-            "2",
-            "-extfile",
-            str(ext),
-        ]
-    )
-    return {"ca": ca, "cert": cert, "key": key}
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    return make_tls(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
-def tls_repo(tmp_path: Path, repo: Repo, tls_files: dict[str, Path]) -> Iterator[RepoServer]:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(tls_files["cert"], tls_files["key"])
-    with RepoServer(repo.root, tls=ctx) as srv:
+def tls_repo(tmp_path: Path, repo: Repo, tls_files: TLSFiles) -> Iterator[RepoServer]:
+    with RepoServer(repo.root, tls=tls_files.server_context()) as srv:
         yield srv
 
 
@@ -234,7 +168,7 @@ def test_https_cycle_with_a_private_ca(
     repo: Repo,
     tls_repo: RepoServer,
     usr_images: dict[str, Path],
-    tls_files: dict[str, Path],
+    tls_files: TLSFiles,
 ) -> None:
     repo.publish("1.1.0", usr_images["1.1.0"])
     assert tls_repo.url.startswith("https://")
@@ -242,7 +176,9 @@ def test_https_cycle_with_a_private_ca(
     refused = updatectl(host, "check", "--json")
     assert refused.code == 5 and "TLS" in refused.err  # the system store does not know our CA
     host.config.write_text(
-        host.config.read_text().replace("[source]\n", f'[source]\nca_file = "{tls_files["ca"]}"\n')
+        host.config.read_text().replace(
+            "[source]\n", f'[source]\nca_file = "{tls_files.ca_cert}"\n'
+        )
     )
     r = updatectl(host, "check", "--install", "--json")
     assert r.code == 0, r.err
