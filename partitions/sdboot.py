@@ -275,6 +275,14 @@ def primary_label(state: EspState) -> str | None:
 # ---- pure: the template and the plans -------------------------------------------------------
 
 
+class EntryTemplateError(ValueError):
+    """A bad entry template; ``field`` names the setting (title, linux, initrd, ...)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class EntryTemplate:
     """How a slot's entry reads; ``{label}`` and ``{partuuid}`` are filled in per slot."""
@@ -288,35 +296,40 @@ class EntryTemplate:
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.fullmatch(self.prefix):
-            raise ValueError(f"entry prefix {self.prefix!r}: use letters, digits, '_', '.', '-'")
+            raise EntryTemplateError(
+                "prefix", f"entry prefix {self.prefix!r}: use letters, digits, '_', '.', '-'"
+            )
         if not self.sort_key or any(c.isspace() for c in self.sort_key):
-            raise ValueError(f"sort-key {self.sort_key!r}: one word, not empty")
+            raise EntryTemplateError("sort_key", f"sort-key {self.sort_key!r}: one word, not empty")
         if not self.linux.strip():
-            raise ValueError("the entry needs a linux path")
+            raise EntryTemplateError("linux", "the entry needs a linux path")
         for name, text in self._texts():
             if "\n" in text or "\r" in text:
-                raise ValueError(f"entry {name} {text!r}: one line only")
+                raise EntryTemplateError(name, f"entry {name} {text!r}: one line only")
             used = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
             if used - _PLACEHOLDERS:
-                raise ValueError(
+                raise EntryTemplateError(
+                    name,
                     f"entry {name} {text!r}: unknown placeholder(s) "
-                    f"{sorted(used - _PLACEHOLDERS)}; known: {sorted(_PLACEHOLDERS)}"
+                    f"{sorted(used - _PLACEHOLDERS)}; known: {sorted(_PLACEHOLDERS)}",
                 )
-        for path in (self.linux, *self.initrd):
+        for name, path in (("linux", self.linux), *(("initrd", i) for i in self.initrd)):
             try:
                 clean_path(path.format(label="X", partuuid=UUID(int=1)))
             except ValueError as exc:
-                raise ValueError(f"entry path {path!r}: {exc}") from exc
+                raise EntryTemplateError(name, f"entry path {path!r}: {exc}") from exc
         if "{partuuid}" not in self.options:
-            raise ValueError(
+            raise EntryTemplateError(
+                "options",
                 f"entry options {self.options!r} must name the slot with {{partuuid}}, "
-                "e.g. mount.usr=PARTUUID={partuuid}"
+                "e.g. mount.usr=PARTUUID={partuuid}",
             )
         probe = self.options.format(label="X", partuuid=UUID(int=1))
         if not booted_mod.partition_refs(probe):
-            raise ValueError(
+            raise EntryTemplateError(
+                "options",
                 f"entry options {self.options!r}: name the slot as "
-                f"{'/'.join(booted_mod.CMDLINE_KEYS)}=PARTUUID={{partuuid}}"
+                f"{'/'.join(booted_mod.CMDLINE_KEYS)}=PARTUUID={{partuuid}}",
             )
 
     def _texts(self) -> list[tuple[str, str]]:

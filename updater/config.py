@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from partitions.filestore import clean_path
-from partitions.sdboot import MAX_TRIES, EntryTemplate
+from partitions.sdboot import MAX_TRIES, EntryTemplate, EntryTemplateError
 from policies.fleetlock import FleetLock
 from policies.lock import GROUP_RE
 from updater.errors import ConfigError, LockError
@@ -445,30 +445,13 @@ def _systemd_boot(s: _Section) -> SystemdBootConfig:
     )
     try:
         entry_template(c)
-    except ValueError as exc:
-        raise s.error(_template_key(str(exc), c), str(exc)) from exc
+    except EntryTemplateError as exc:
+        raise s.error(exc.field, str(exc)) from exc
     return c
 
 
-def _template_key(message: str, c: SystemdBootConfig) -> str:
-    """Which [systemd-boot] key an EntryTemplate complaint is about."""
-    if message.startswith("entry path "):
-        return "linux" if repr(c.linux) in message else "initrd"
-    for key, start in (
-        ("prefix", "entry prefix "),
-        ("sort_key", "sort-key "),
-        ("linux", "the entry needs a linux"),
-        ("title", "entry title "),
-        ("linux", "entry linux "),
-        ("initrd", "entry initrd "),
-    ):
-        if message.startswith(start):
-            return key
-    return "options"
-
-
 def entry_template(c: SystemdBootConfig) -> EntryTemplate:
-    """The systemd-boot entry these settings describe (raises ValueError if they are bad)."""
+    """The systemd-boot entry these settings describe (EntryTemplateError if they are bad)."""
     return EntryTemplate(
         title=c.title,
         linux=c.linux,
