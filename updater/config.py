@@ -24,7 +24,14 @@ from urllib.parse import urlsplit
 import structlog
 
 from partitions.filestore import clean_path
-from partitions.sdboot import MAX_TRIES, EntryTemplate, EntryTemplateError
+from partitions.grubenv import DEFAULT_ENV_PATH, DEFAULT_NAMES
+from partitions.sdboot import (
+    DEFAULT_EFIVARS,
+    DEFAULT_TRIES,
+    MAX_TRIES,
+    EntryTemplate,
+    EntryTemplateError,
+)
 from policies.fleetlock import FleetLock
 from policies.lock import GROUP_RE
 from updater.errors import ConfigError, LockError
@@ -84,20 +91,20 @@ ESP_CANDIDATES = (Path("/efi"), Path("/boot/efi"), Path("/boot"))
 class SystemdBootConfig:
     """The Boot Loader Spec entry written per slot; ``{label}``, ``{partuuid}`` filled in."""
 
-    tries: int = 1  # boot attempts of a new slot before systemd-boot gives up on it
+    tries: int = DEFAULT_TRIES  # boot attempts of a new slot before systemd-boot gives up on it
     title: str = "{label}"
     linux: str = "/vmlinuz"  # on the ESP; e.g. "/{label}/vmlinuz" for a kernel per slot
     initrd: tuple[str, ...] = ("/initrd.img",)
     options: str = "mount.usr=PARTUUID={partuuid} ro"
     sort_key: str = "updater"
     prefix: str = "updater"  # entries are loader/entries/<prefix>-<label>[+L-D].conf
-    efivars: Path = Path("/sys/firmware/efi/efivars")
+    efivars: Path = DEFAULT_EFIVARS
 
 
 @dataclass(frozen=True)
 class GrubEnvConfig:
-    path: str = "grub/grubenv"  # the environment block, relative to [disk] esp
-    names: tuple[str, str] = ("A", "B")  # the slots' names in ORDER, A_OK, ...: as [disk] slots
+    path: str = DEFAULT_ENV_PATH  # the environment block, relative to [disk] esp
+    names: tuple[str, str] = DEFAULT_NAMES  # the slots' names in ORDER, A_OK, ...: as [disk] slots
 
 
 @dataclass(frozen=True)
