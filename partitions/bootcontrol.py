@@ -10,6 +10,15 @@ from uuid import UUID
 
 from updater.errors import DiskError
 
+MAX_TRIES = 15  # what SlotFlags.tries can carry (gpt-prio's 4 bits)
+
+# The boot loader backends' defaults, kept here (in the small port module) so the
+# configuration can name them without loading the backends themselves.
+SDBOOT_TRIES = 1  # boots a new slot's entry gets
+SDBOOT_EFIVARS = Path("/sys/firmware/efi/efivars")
+GRUBENV_PATH = "grub/grubenv"  # relative to the file system holding it
+GRUBENV_NAMES = ("A", "B")  # RAUC's slot names in ORDER, A_OK, ...
+
 
 @dataclass(frozen=True)
 class Slot:

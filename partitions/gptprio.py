@@ -16,7 +16,15 @@ import structlog
 
 from partitions import booted as booted_mod
 from partitions import gpt
-from partitions.bootcontrol import Slot, SlotFlags, SlotStatus, flags_of, not_a_slot_of, same_slot
+from partitions.bootcontrol import (
+    MAX_TRIES,
+    Slot,
+    SlotFlags,
+    SlotStatus,
+    flags_of,
+    not_a_slot_of,
+    same_slot,
+)
 from updater.errors import DiskError
 
 log = structlog.get_logger(__name__)
@@ -26,7 +34,6 @@ PRIORITY_SHIFT = 48
 TRIES_SHIFT = 52
 SUCCESSFUL_SHIFT = 56
 MAX_PRIORITY = 15
-MAX_TRIES = 15
 _NIBBLE = 0xF
 _FLAGS_MASK = (_NIBBLE << PRIORITY_SHIFT) | (_NIBBLE << TRIES_SHIFT) | (1 << SUCCESSFUL_SHIFT)
 

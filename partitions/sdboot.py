@@ -62,7 +62,17 @@ import structlog
 
 from partitions import booted as booted_mod
 from partitions import bootsource, gpt, gptprio
-from partitions.bootcontrol import Slot, SlotFlags, SlotStatus, flags_of, not_a_slot_of, same_slot
+from partitions.bootcontrol import (
+    MAX_TRIES,
+    SDBOOT_EFIVARS,
+    SDBOOT_TRIES,
+    Slot,
+    SlotFlags,
+    SlotStatus,
+    flags_of,
+    not_a_slot_of,
+    same_slot,
+)
 from partitions.filestore import FileStore, clean_path, describe
 from updater.errors import DiskError, RefusedError
 from updater.versions import compare as compare_versions
@@ -72,9 +82,8 @@ log = structlog.get_logger(__name__)
 LOADER_VENDOR_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"  # systemd's Boot Loader Interface
 ENTRIES_DIR = "loader/entries"
 LOADER_CONF = "loader/loader.conf"
-DEFAULT_EFIVARS = Path("/sys/firmware/efi/efivars")
-DEFAULT_TRIES = 1
-MAX_TRIES = 15  # what SlotFlags can carry
+DEFAULT_EFIVARS = SDBOOT_EFIVARS
+DEFAULT_TRIES = SDBOOT_TRIES
 ENTRY_SUFFIX = ".conf"
 NEW_SUFFIX = ".new"  # our own temporary entry names: ".<entry>.conf.new"
 

@@ -14,10 +14,7 @@ from dbus_fast.errors import DBusError
 
 from partitions import booted
 from partitions.bootcontrol import BootControl, Slot
-from partitions.filestore import DirStore, FileStore, MtoolsStore, fat_partition, find_mounted
 from partitions.gptprio import GptPrioBootControl
-from partitions.grubenv import GrubEnvControl
-from partitions.sdboot import ENTRIES_DIR, SdBootControl
 from policies.fleetlock import FleetLock
 from policies.identity import host_id
 from policies.lock import NoLock, RebootLock
@@ -44,6 +41,7 @@ from updater.transport import HttpSettings, HttpTransport, SchemeTransport
 from updater.update import Updater
 
 if TYPE_CHECKING:
+    from partitions.filestore import FileStore
     from policies.etcdlock import EtcdLock, EtcdSettings
     from updater.fleetreport import EtcdFleetReporter
 
@@ -119,7 +117,10 @@ def boot_control(config: Config) -> BootControl:
     """The backend of ``[disk] backend``, over the disk and (for a boot loader's files) the ESP."""
     d = config.disk
     disk = disk_of(config)
+    # Only the configured backend is loaded: the idle agent stays small.
     if d.backend == "systemd-boot":
+        from partitions.sdboot import ENTRIES_DIR, SdBootControl
+
         sd = config.systemd_boot
         return SdBootControl(
             boot_files(config, disk, ENTRIES_DIR),
@@ -131,6 +132,8 @@ def boot_control(config: Config) -> BootControl:
             efivars=sd.efivars,
         )
     if d.backend == "grub-env":
+        from partitions.grubenv import GrubEnvControl
+
         g = config.grub_env
         return GrubEnvControl(
             boot_files(config, disk, g.path),
@@ -149,6 +152,8 @@ def boot_files(config: Config, disk: Path, marker: str) -> FileStore:
     ``marker`` (``loader/entries``, the grubenv) picks the mounted directory
     when neither is set: the first of /efi, /boot/efi, /boot that holds it.
     """
+    from partitions.filestore import DirStore, MtoolsStore, fat_partition, find_mounted
+
     d = config.disk
     if d.esp_partition is not None:
         offset, _size = fat_partition(disk, d.esp_partition)

@@ -23,14 +23,12 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from partitions.filestore import clean_path
-from partitions.grubenv import DEFAULT_ENV_PATH, DEFAULT_NAMES
-from partitions.sdboot import (
-    DEFAULT_EFIVARS,
-    DEFAULT_TRIES,
+from partitions.bootcontrol import (
+    GRUBENV_NAMES,
+    GRUBENV_PATH,
     MAX_TRIES,
-    EntryTemplate,
-    EntryTemplateError,
+    SDBOOT_EFIVARS,
+    SDBOOT_TRIES,
 )
 from policies.fleetlock import FleetLock
 from policies.lock import GROUP_RE
@@ -39,6 +37,7 @@ from updater.log import LogMode
 from updater.manifest import valid_channel
 
 if TYPE_CHECKING:
+    from partitions.sdboot import EntryTemplate
     from policies.windows import Windows
 
 log = structlog.get_logger(__name__)
@@ -91,20 +90,20 @@ ESP_CANDIDATES = (Path("/efi"), Path("/boot/efi"), Path("/boot"))
 class SystemdBootConfig:
     """The Boot Loader Spec entry written per slot; ``{label}``, ``{partuuid}`` filled in."""
 
-    tries: int = DEFAULT_TRIES  # boot attempts of a new slot before systemd-boot gives up on it
+    tries: int = SDBOOT_TRIES  # boot attempts of a new slot before systemd-boot gives up on it
     title: str = "{label}"
     linux: str = "/vmlinuz"  # on the ESP; e.g. "/{label}/vmlinuz" for a kernel per slot
     initrd: tuple[str, ...] = ("/initrd.img",)
     options: str = "mount.usr=PARTUUID={partuuid} ro"
     sort_key: str = "updater"
     prefix: str = "updater"  # entries are loader/entries/<prefix>-<label>[+L-D].conf
-    efivars: Path = DEFAULT_EFIVARS
+    efivars: Path = SDBOOT_EFIVARS
 
 
 @dataclass(frozen=True)
 class GrubEnvConfig:
-    path: str = DEFAULT_ENV_PATH  # the environment block, relative to [disk] esp
-    names: tuple[str, str] = DEFAULT_NAMES  # the slots' names in ORDER, A_OK, ...: as [disk] slots
+    path: str = GRUBENV_PATH  # the environment block, relative to [disk] esp
+    names: tuple[str, str] = GRUBENV_NAMES  # the slots' names in ORDER, A_OK, ...: as [disk] slots
 
 
 @dataclass(frozen=True)
@@ -450,15 +449,20 @@ def _systemd_boot(s: _Section) -> SystemdBootConfig:
         prefix=s.str_("prefix", d.prefix) or d.prefix,
         efivars=s.path("efivars", d.efivars) or d.efivars,
     )
-    try:
-        entry_template(c)
-    except EntryTemplateError as exc:
-        raise s.error(exc.field, str(exc)) from exc
+    if s.values:  # the defaults make a valid entry (tested); the backend loads only if set
+        from partitions.sdboot import EntryTemplateError  # noqa: PLC0415 - only when set
+
+        try:
+            entry_template(c)
+        except EntryTemplateError as exc:
+            raise s.error(exc.field, str(exc)) from exc
     return c
 
 
 def entry_template(c: SystemdBootConfig) -> EntryTemplate:
     """The systemd-boot entry these settings describe (EntryTemplateError if they are bad)."""
+    from partitions.sdboot import EntryTemplate  # noqa: PLC0415 - only when set
+
     return EntryTemplate(
         title=c.title,
         linux=c.linux,
@@ -474,13 +478,17 @@ _GRUB_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 
 def _grub_env(s: _Section) -> GrubEnvConfig:
     d = GrubEnvConfig()
-    path = s.str_("path", d.path) or d.path
-    try:
-        clean = clean_path(path)
-    except ValueError as exc:
-        raise s.error("path", str(exc)) from exc
-    if not clean:
-        raise s.error("path", "must name a file, e.g. grub/grubenv")
+    clean = d.path
+    path = s.str_("path", None)
+    if path is not None:
+        from partitions.filestore import clean_path  # noqa: PLC0415 - only when set
+
+        try:
+            clean = clean_path(path)
+        except ValueError as exc:
+            raise s.error("path", str(exc)) from exc
+        if not clean:
+            raise s.error("path", "must name a file, e.g. grub/grubenv")
     names = s.str_list("names", d.names) or d.names
     if len(names) != 2 or names[0] == names[1]:
         raise s.error("names", "must be two different names, one per slot in [disk] slots")
