@@ -29,7 +29,13 @@ from tests.omaha_server import (
     parse_request,
 )
 from updater import errors
-from updater.errors import ConfigError, DownloadError, UpdaterError, VerificationError
+from updater.errors import (
+    ConfigError,
+    DownloadError,
+    OmahaError,
+    UpdaterError,
+    VerificationError,
+)
 from updater.omaha import (
     ERROR_CODES,
     FLATCAR_APP_ID,
@@ -39,7 +45,6 @@ from updater.omaha import (
     EventResult,
     EventType,
     NoUpdate,
-    OmahaError,
     OmahaEvent,
     OmahaRequestContext,
     UpdateOffer,

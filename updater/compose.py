@@ -19,20 +19,17 @@ from policies.fleetlock import FleetLock
 from policies.identity import host_id
 from policies.lock import NoLock, RebootLock
 from policies.strategy import STRATEGIES, LockStrategy, RebootStrategy, Windowed
-from updater import dbus_api, flatcar
+from updater import dbus_api
 from updater.agent import Agent
 from updater.blessing import bless
 from updater.clock import Clock, SystemClock
 from updater.config import ESP_CANDIDATES, Config, entry_template, reboot_windows
 from updater.errors import ConfigError
-from updater.flatcar import DISABLED
 from updater.gpg import GnupgVerifier
 from updater.health import HealthChecker, SystemdUnits
 from updater.install import ProgressFn
 from updater.machine import Timing
 from updater.metrics import Metrics
-from updater.omaha_client import OmahaClient, host_context
-from updater.omaha_source import DisabledSource, EventQueue, OmahaSource
 from updater.rebooter import LogindRebooter, Rebooter, UnavailableRebooter
 from updater.sdnotify import Notifier
 from updater.source import HttpCache, SignedFetcher, StaticSource, UpdateSource
@@ -55,6 +52,8 @@ def omaha_settings(config: Config) -> tuple[str | None, str]:
     """The Omaha server and group: [omaha], else Flatcar's update.conf, else [source] channel."""
     server, group = config.omaha.server, config.omaha.group
     if config.omaha.flatcar_conf and (server is None or group is None):
+        from updater import flatcar
+
         fc = flatcar.read()
         server = server or fc.server
         group = group or fc.group
@@ -78,6 +77,11 @@ def update_source(
 ) -> UpdateSource | None:
     cache = HttpCache(config.agent.state_dir / "cache")
     if config.source.kind == "omaha":
+        # Omaha (its XML, its error codes) is loaded only for an Omaha source.
+        from updater.flatcar import DISABLED
+        from updater.omaha_client import OmahaClient, host_context
+        from updater.omaha_source import DisabledSource, EventQueue, OmahaSource
+
         server, group = omaha_settings(config)
         if server == DISABLED:
             return DisabledSource()

@@ -48,7 +48,7 @@ import defusedxml
 import defusedxml.ElementTree
 
 from updater import __version__, versions
-from updater.errors import ConfigError, ExitCode, UpdaterError
+from updater.errors import ConfigError, OmahaError, UpdaterError
 
 PROTOCOL: Final = "3.0"
 FLATCAR_APP_ID: Final = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}"  # update_engine's kAppId
@@ -58,32 +58,6 @@ UPDATER_VERSION: Final = f"updater-{__version__}"
 # Where the signed manifest of a package lives: beside it, under the same codebase.
 MANIFEST_SUFFIX: Final = ".json"
 SIGNATURE_SUFFIX: Final = ".json.asc"
-
-
-class OmahaError(UpdaterError):
-    """The Omaha server's answer cannot be used (the server's fault).
-
-    Its exit code is the download one: like a transport failure, the agent
-    retries at the next poll. Each kind maps to an update_engine error code
-    (:data:`ERROR_CODES`) for the failure event.
-    """
-
-    exit_code = ExitCode.DOWNLOAD
-    kinds = frozenset(
-        {
-            "too_large",  # more than MAX_RESPONSE_BYTES
-            "empty_response",
-            "xml_parse",  # not well-formed XML
-            "xml_forbidden",  # a DTD, entity or external reference (bomb, XXE)
-            "invalid_response",  # well-formed, but not an answer to our update check
-            "unknown_status",  # app or updatecheck status we do not know
-            "size_invalid",  # package size missing, not a number, or <= 0
-            "missing_codebase",  # no urls/url, or an empty codebase
-            "package_url",  # codebase or package name would leave http(s) or the codebase
-            "hash_missing",  # neither a postinstall sha256 nor a hash_sha256
-            "hash_invalid",  # not a SHA-256, or the two hashes disagree
-        }
-    )
 
 
 # -- error codes ------------------------------------------------------------------------------

@@ -27,10 +27,9 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import structlog
 
-from updater.errors import ConfigError, DownloadError
+from updater.errors import ConfigError, DownloadError, OmahaError
 from updater.omaha import (
     MAX_RESPONSE_BYTES,
-    OmahaError,
     OmahaEvent,
     OmahaRequestContext,
     OmahaResponse,

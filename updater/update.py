@@ -23,6 +23,7 @@ from updater.clock import Clock
 from updater.errors import (
     Cancelled,
     DiskError,
+    OmahaError,
     RefusedError,
     UpdaterError,
     VerificationError,
@@ -32,7 +33,6 @@ from updater.gpg import SignatureChecker
 from updater.install import Progress, ProgressFn, WriteResult, write_image
 from updater.lock import exclusive, is_held
 from updater.manifest import Manifest
-from updater.omaha import OmahaError
 from updater.slotio import SlotDevice
 from updater.source import Deferred, Happening, ImageClaim, NoOffer, UpdateSource
 from updater.state import BootReport, Pending, SlotRecord, State, StateStore, now_iso
