@@ -23,10 +23,10 @@ import socket
 import ssl
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
-from devtools.loopback import LoopbackServer
+from devtools.loopback import LoopbackHTTPServer, LoopbackServer
 
 GROUP_RE = re.compile(r"[a-zA-Z0-9.-]+")
 ENDPOINTS = ("pre-reboot", "steady-state")
@@ -270,10 +270,8 @@ def _error(status: int, kind: str, value: str) -> tuple[int, bytes]:
     return status, json.dumps({"kind": kind, "value": value}).encode()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(LoopbackHTTPServer):
     request_queue_size = 128  # the default 5 makes a crowd of clients wait for SYN retries
-    allow_reuse_address = True
     state: _State
 
 

@@ -8,9 +8,25 @@ hangs and trickles short; then shutdown, the socket closed, the thread joined).
 from __future__ import annotations
 
 import ssl
+import sys
 import threading
 from http.server import ThreadingHTTPServer
 from typing import Generic, Self, TypeVar
+
+
+class LoopbackHTTPServer(ThreadingHTTPServer):
+    """A threading server for tests: its threads die with the process, its port can be
+    reused at once, and a client that hangs up mid-answer (an agent cancelled during a
+    download) is no error worth a traceback."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
 
 S = TypeVar("S", bound=ThreadingHTTPServer)
 

@@ -18,12 +18,12 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-from devtools.loopback import LoopbackServer
+from devtools.loopback import LoopbackHTTPServer, LoopbackServer
 
 
 @dataclass
@@ -208,9 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
         return sent
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Server(LoopbackHTTPServer):
     shared: _Shared
 
 

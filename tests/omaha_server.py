@@ -25,12 +25,12 @@ import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import defusedxml.ElementTree
 
-from devtools.loopback import LoopbackServer
+from devtools.loopback import LoopbackHTTPServer, LoopbackServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -379,9 +379,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return 302, self._send(302, b"", {"Location": target})
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Server(LoopbackHTTPServer):
     state: _State
 
 
