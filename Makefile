@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-vm test lint typecheck unit bench clean
+.PHONY: setup demo demo-vm test lint typecheck unit fuzz bench clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -30,6 +30,11 @@ test: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q
+
+# The parsers' property-based fuzzing, with many more examples than make test
+# (HYPOTHESIS_PROFILE=fuzz: tests/fuzzing.py). Minutes, not seconds.
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q -m fuzz -p no:cacheprovider
 
 bench: setup
 	$(PY) -m bench.install_throughput

@@ -8,31 +8,19 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-# command -> Debian package that provides it
-declare -A tools=(
-  [sfdisk]=fdisk [cgpt]=cgpt [sgdisk]=gdisk [gpg]=gnupg [gpgconf]=gnupg
-  [zstd]=zstd [xz]=xz-utils [curl]=curl [openssl]=openssl
-  [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [losetup]=mount [partx]=util-linux
-  [dbus-daemon]=dbus [mformat]=mtools [systemd-analyze]=systemd
-  [etcd]=etcd-server [etcdctl]=etcd-client
-  [qemu-system-x86_64]=qemu-system-x86 [grub-editenv]=grub2-common [busybox]=busybox-static
-  [cpio]=cpio [mcopy]=mtools
-)
+# Every command and file the code, tests, demos and benchmarks use, with the
+# Debian package that provides it: scripts/tools.list (tests/test_tools.py
+# keeps it complete).
 missing=()
-for cmd in "${!tools[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 \
-    || missing+=("${tools[$cmd]}")
-done
-# files rather than commands: firmware and bootloaders for the QEMU boot tests
-declare -A files=(
-  [/usr/share/OVMF/OVMF_CODE_4M.fd]=ovmf
-  [/usr/lib/systemd/boot/efi/systemd-bootx64.efi]=systemd-boot-efi
-  [/usr/lib/grub/i386-pc/boot.img]=grub-pc-bin
-  [/usr/bin/python3.11]=python3.11-minimal  # the D-Bus policy test's non-root client
-)
-for f in "${!files[@]}"; do
-  [ -e "$f" ] || missing+=("${files[$f]}")
-done
+while read -r what pkg _; do
+  case "$what" in ''|'#'*) continue ;; esac
+  if [[ $what == /* ]]; then
+    [ -e "$what" ] || missing+=("$pkg")
+  else
+    command -v "$what" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$what" >/dev/null 2>&1 \
+      || missing+=("$pkg")
+  fi
+done < scripts/tools.list
 if ((${#missing[@]})); then
   pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

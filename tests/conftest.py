@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,11 +20,13 @@ from typing import Any
 import pytest
 import structlog
 
+import tests.fuzzing  # noqa: F401  (registers and loads the hypothesis profile)
 from devtools.diskimage import DEFAULT_LABELS, DiskLayout, PartitionSpec, make_disk_image
 from devtools.fsimage import make_usr_image
 from devtools.gpgkeys import SigningKey, create_key, kill_agents
 from devtools.host import Host, provision
 from devtools.repo_server import RepoServer
+from tests.toolslist import listed
 from updater import cli
 from updater.clock import SystemClock
 from updater.gpg import sign_detached
@@ -35,7 +38,49 @@ SLOT_SIZE = 4 * 1024 * 1024  # bytes; images are sparse, so size costs nothing
 MakeImage = Callable[..., DiskLayout]
 
 
+# ---- every program the session starts has an install step (scripts/tools.list) -----------
+
+_SPAWNED: dict[str, str] = {}  # program -> the test that started it first
+_CURRENT_TEST = ["<collection>"]
+
+
+def _record_spawn(event: str, args: tuple[Any, ...]) -> None:
+    if event != "subprocess.Popen":
+        return
+    executable, argv = args[0], args[1]
+    program = executable or (argv[0] if isinstance(argv, (list, tuple)) and argv else argv)
+    if isinstance(program, (str, bytes, os.PathLike)):
+        _SPAWNED.setdefault(os.fsdecode(program), _CURRENT_TEST[0])
+
+
+sys.addaudithook(_record_spawn)
+
+
+def _unlisted_spawns() -> dict[str, str]:
+    """Programs started from a system directory that scripts/tools.list does not name."""
+    commands, files = listed()
+    known = commands | {Path(f).name for f in files}
+    out = {}
+    for program, test in _SPAWNED.items():
+        if "/" in program and not program.startswith(("/usr/", "/bin/", "/sbin/")):
+            continue  # a script a test wrote, the venv's python or updatectl
+        if Path(program).name not in known and program != sys.executable:
+            out[program] = test
+    return out
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    unlisted = _unlisted_spawns()
+    if unlisted:
+        sys.stderr.write(
+            "\nERROR: the tests started programs that scripts/tools.list does not install:\n"
+            + "".join(f"  {p}  (first by {t})\n" for p, t in sorted(unlisted.items()))
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    _CURRENT_TEST[0] = item.nodeid
     if item.get_closest_marker("root") is not None and os.geteuid() != 0:
         pytest.skip("needs root (loop devices)")
 
