@@ -8,7 +8,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("updater", "partitions", "policies")
-LEAVES = {"updater.errors", "updater.run", "updater.clock", "updater.fsutil", "updater.versions"}
+LEAVES = {
+    "updater.errors",
+    "updater.run",
+    "updater.clock",
+    "updater.fsutil",
+    "updater.versions",
+    "updater.urls",
+}
 
 
 def modules() -> dict[str, Path]:
