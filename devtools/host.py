@@ -5,10 +5,11 @@ firmware emulation, plus the agent's config, state dir and keyring."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from devtools.diskimage import DiskLayout, make_disk_image
+from devtools.diskimage import DiskLayout, PartitionSpec, make_disk_image
 from partitions.bootcontrol import SlotFlags
 from partitions.firmware import boot_disk_image
 from partitions.gptprio import GptPrioBootControl
@@ -59,11 +60,15 @@ def provision(
     keyring: Path | None = None,
     channel: str = "stable",
     extra_config: str = "",
+    extra_partitions: Sequence[PartitionSpec] = (),
 ) -> Host:
-    """Lay out a host under ``root`` whose slot A holds ``first_image`` and boots."""
+    """Lay out a host under ``root`` whose slot A holds ``first_image`` and boots.
+
+    ``extra_partitions`` follow the two slots on the disk, empty.
+    """
     root.mkdir(parents=True, exist_ok=True)
     disk = root / "disk.img"
-    layout = make_disk_image(disk, slot_size, LABELS)
+    layout = make_disk_image(disk, slot_size, LABELS, extra_partitions)
     write_into(disk, layout.by_label("USR-A").offset, first_image)
     cmdline = root / "cmdline"
     control = GptPrioBootControl(disk, LABELS, cmdline)

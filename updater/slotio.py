@@ -61,8 +61,14 @@ def _aligned(view: memoryview) -> bool:
 class SlotDevice:
     """An open slot for sequential writing, then syncing and reading back."""
 
-    def __init__(self, path: Path, offset: int, size: int, *, direct: bool = True) -> None:
+    def __init__(
+        self, path: Path, offset: int, size: int, *, direct: bool = True, sync: bool = True
+    ) -> None:
+        """``sync=False`` leaves out every flush to the device: a defect on purpose,
+        for tests/test_powercut.py to show that it catches one. Nothing else
+        passes it, and no configuration reaches it."""
         self.path = path
+        self._flush = sync
         self.offset = offset
         self.size = size
         try:
@@ -169,14 +175,18 @@ class SlotDevice:
     def _sync_and_drop(self) -> None:
         """Bound the dirty pages of buffered writes: flush them, then forget them."""
         self._unsynced = 0
-        try:
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            raise _io_error(self.path, "fsync", exc) from None
+        if self._flush:
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                raise _io_error(self.path, "fsync", exc) from None
         with contextlib.suppress(OSError):  # only advice
             os.posix_fadvise(self._fd, self.offset, self.written, _DROP_CACHE)
 
     def sync(self) -> None:
+        """Make every byte written so far durable (a flush of the device's cache too)."""
+        if not self._flush:
+            return
         try:
             os.fsync(self._fd)
         except OSError as exc:
