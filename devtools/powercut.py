@@ -9,18 +9,20 @@ request is logged in the order the disk saw it.
 
 What this kernel does with such a file (measured, nbdfuse 1.14, FUSE without
 writeback caching): every ``write(2)``, buffered or ``O_DIRECT`` (opening with
-``O_DIRECT`` works), reaches the disk as an NBD write when the call is made:
-FUSE caches reads, not writes; ``fsync``/``fdatasync`` become an NBD flush,
-even with nothing dirty; FUA is never sent. A loop device on the file (for a
-file system on one of its partitions) turns the file system's cache flushes
-into flushes of the file, so an ext4 journal commit is a flush in the log too.
+``O_DIRECT`` works), reaches the disk as an NBD write when the call is made
+(FUSE passes writes through, it does not hold them back); ``fsync`` and
+``fdatasync`` become an NBD flush, even with nothing dirty; FUA is never
+sent. A loop device on the file (for a file system on one of its partitions)
+turns the file system's cache flushes into flushes of the file, so an ext4
+journal commit is a flush in the log too.
 
 The model of the disk (that of any disk with a volatile write cache, and of
 NBD itself): a write is durable once a flush that started after it completed,
 or at once when it came with FUA. At a cut, everything before the last
 completed flush is on the media; of the writes after it, any subset may be,
 in any order, and each may be torn between sectors (:data:`SECTOR` bytes are
-written whole). :func:`cut_plans` chooses the cut points and the subsets.
+written whole, as a 4 KiB-sector disk does). :func:`cut_points` and
+:func:`cut_plans` choose the cuts.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ from updater.run import minimal_env, run
 log = structlog.get_logger(__name__)
 
 PLUGIN = Path(nbdrecord.__file__).resolve()
-SECTOR = 512  # bytes a disk writes whole; anything larger may be torn by a cut
+# Bytes a disk writes whole: the physical sector of current disks (4Kn and 512e
+# alike). A cut may tear a larger write at these boundaries. (At 512 bytes,
+# ext4's own superblock tears on a file system with 1 KiB blocks and the
+# kernel refuses to mount it: a limit of ext4 on such disks, not of ours.)
+SECTOR = 4096
 READY_TIMEOUT_S = 15.0
 
 
@@ -190,7 +196,8 @@ def make_ext4(image: Path, offset: int, size: int, label: str) -> None:
         fs = Path(tmp) / "fs.img"
         with fs.open("wb") as fh:
             fh.truncate(size)
-        run(["mkfs.ext4", "-q", "-F", "-L", label, "-E", "root_owner=0:0", str(fs)])
+        # 4 KiB blocks, as on any /var of real size (mkfs picks 1 KiB for a small one)
+        run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", label, "-E", "root_owner=0:0", str(fs)])
         with image.open("r+b") as out, fs.open("rb") as src:
             out.seek(offset)
             shutil.copyfileobj(src, out)
@@ -287,14 +294,17 @@ class Rebuilder:
                 self._disk[offset : offset + len(old)] = old
 
 
-def cut_points(rec: Recording, rng: random.Random, sampled_writes: int) -> list[int]:
+def cut_points(rec: Recording, rng: random.Random, sampled_writes: int | None = None) -> list[int]:
     """Every flush boundary (just before a flush completes and just after), the
-    start and the end, and ``sampled_writes`` points right after a random write."""
+    start and the end, and right after each write (``sampled_writes`` of them,
+    chosen at random; None: all)."""
     points = {0, len(rec.ops)}
     for i in rec.flush_indices():
         points.update((i, i + 1))
     writes = [op.index + 1 for op in rec.ops if op.kind == WRITE]
-    points.update(rng.sample(writes, min(sampled_writes, len(writes))))
+    if sampled_writes is not None:
+        writes = rng.sample(writes, min(sampled_writes, len(writes)))
+    points.update(writes)
     return sorted(points)
 
 
