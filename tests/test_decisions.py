@@ -16,6 +16,7 @@ from updater.update import (
     host_state,
     is_staged,
     rollback_refusal,
+    settle_booted_install,
     slot_version,
 )
 
@@ -78,6 +79,8 @@ def test_is_staged(
         (state(), SlotStatus(A, GOOD), A, False, "idle"),
         (state(), SlotStatus(A, GOOD), A, True, "installing"),
         (state(pending=True), SlotStatus(A, GOOD), A, False, "install_interrupted"),
+        # a power cut after the install made B the next boot, before "installed" was saved
+        (state(b=HALF, pending=True), SlotStatus(B, TRIAL), B, False, "trial_boot"),
         (state(b=INSTALLED), SlotStatus(A, GOOD), B, False, "update_staged"),
         (state(b=INSTALLED), SlotStatus(B, BAD), A, False, "trial_boot"),
         (state(b=INSTALLED), SlotStatus(B, TRIAL), B, True, "installing"),
@@ -87,6 +90,16 @@ def test_host_state(
     st: State, booted: SlotStatus, primary: Slot | None, busy: bool, expected: str
 ) -> None:
     assert host_state(st, booted, primary, busy) == expected
+
+
+@pytest.mark.parametrize(
+    ("booted", "settled"),
+    [(A, False), (B, True)],  # only the slot that booted completed its install
+)
+def test_settle_booted_install(booted: Slot, settled: bool) -> None:
+    st = state(b=HALF, pending=True)
+    assert (settle_booted_install(st, booted).pending is None) is settled
+    assert settle_booted_install(state(), booted) == state()
 
 
 @pytest.mark.parametrize(

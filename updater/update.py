@@ -74,13 +74,25 @@ def is_staged(state: State, target: SlotStatus, primary: Slot | None, version: s
 def host_state(state: State, booted: SlotStatus, primary: Slot | None, busy: bool) -> HostState:
     if busy:
         return "installing"
-    if state.pending is not None:
+    if state.pending is not None and state.pending.part_uuid != str(booted.slot.part_uuid):
         return "install_interrupted"
     if not booted.flags.successful:
         return "trial_boot"
     if primary is not None and primary.part_uuid != booted.slot.part_uuid:
         return "update_staged"
     return "idle"
+
+
+def settle_booted_install(state: State, booted: Slot) -> State:
+    """Drop the pending mark of an install into the slot that booted: it was complete.
+
+    The firmware boots an install's target only once the install made it the
+    next boot, which follows the verified, flushed write; a power cut between
+    that and saving "installed" leaves the mark (and the slot "installing").
+    """
+    if state.pending is None or state.pending.part_uuid != str(booted.part_uuid):
+        return state
+    return replace(state, pending=None)
 
 
 def rollback_refusal(
@@ -539,7 +551,9 @@ class Updater:
                 # The version joins failed_versions when the old slot has booted
                 # again and the agent reports the rollback (note_rollback).
                 bad = replace(rec, condition="bad", updated=now_iso(self.clock.now()))
-                self.store.update(lambda st: st.with_slot(uuid, bad))
+                self.store.update(
+                    lambda st: settle_booted_install(st, booted.slot).with_slot(uuid, bad)
+                )
             log.error("marked_bad", slot=booted.slot.label, version=rec.version if rec else None)
             return booted.slot
 
@@ -584,6 +598,7 @@ class Updater:
 
             def blessed(st: State) -> State:
                 rec = st.slots.get(uuid) or SlotRecord(booted.slot.label, "good", version)
+                st = settle_booted_install(st, booted.slot)
                 return st.with_slot(uuid, replace(rec, condition="good", updated=when))
 
             self.store.update(blessed)
