@@ -63,14 +63,17 @@ from partitions.firmware import NoBootableSlotError, boot_disk_image
 from partitions.gptprio import GptPrioBootControl
 from tests.conftest import HOST_SLOT_SIZE, Repo, updatectl
 from updater import slotio, update
+from updater import state as state_module
 from updater.clock import SystemClock
 from updater.errors import UpdaterError
+from updater.fsutil import atomic_write
 from updater.state import StateStore
 from updater.update import Updater
 
 STATE_SIZE = 8 * 1024 * 1024  # bytes: the STATE partition, ext4, holding the state dir
 SUBSETS = 8  # random subsets of the writes in flight per cut point
 SEED = 20261205
+NEW = "1.1.0"  # the version installed
 
 
 def sha(data: bytes | bytearray | memoryview) -> str:
@@ -125,6 +128,8 @@ def record_install(host: Host, work: Path) -> Recording:
 class StateView:
     problem: str | None
     b_installed: tuple[int, str] | None = None  # raw_size, raw_sha256 the record gives USR-B
+    b_version: str | None = None  # the version the record of USR-B names, in any condition
+    highest: str | None = None
 
 
 class Checker:
@@ -176,7 +181,15 @@ class Checker:
         st = self.read_state(cut, disk)
         if st.problem is not None:
             out.append(st.problem)
-        elif st.b_installed is not None:
+            return out
+        if booted == "USR-B" and (st.b_version, st.highest) != (NEW, NEW):
+            # a failed trial would go unnoticed (no rollback recorded, the version
+            # tried again), and the rollback floor would be lower than what booted
+            out.append(
+                f"USR-B boots, and the state file knows nothing of it (record of "
+                f"{st.b_version}, highest version {st.highest})"
+            )
+        if st.b_installed is not None:
             size, want = st.b_installed
             if self.b_hash(cut, disk, size) != want:
                 out.append("the state file calls USR-B installed, and it holds something else")
@@ -229,11 +242,12 @@ class Checker:
         if any(e["event"] == "state_corrupt_set_aside" for e in logs):
             return StateView("state.json is not whole: the agent sets it aside")
         rec = state.slots.get(str(self.b.part_uuid))
+        version = rec.version if rec is not None else None
         if rec is not None and rec.condition == "installed":
             if rec.raw_size is None or rec.raw_sha256 is None:
                 return StateView("USR-B is installed without a size and hash")
-            return StateView(None, (rec.raw_size, rec.raw_sha256))
-        return StateView(None)
+            return StateView(None, (rec.raw_size, rec.raw_sha256), version, state.highest_version)
+        return StateView(None, None, version, state.highest_version)
 
 
 @dataclass
@@ -381,6 +395,35 @@ def test_a_missing_flush_is_caught(
     )
     print(
         f"\nwithout the slot's flush: {rec.writes} writes, {rec.flushes} flushes; "
+        f"{len(result.violations)} of {result.checked} distinct disks violate, e.g. "
+        f"{result.violations[0]}"
+    )
+
+
+@pytest.mark.root
+def test_a_missing_state_flush_is_caught(
+    state_host: Host,
+    repo: Repo,
+    usr_images: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same for the state file: saved without fsync (ext4 still orders the
+    rename behind the data, so it is never torn), it is not on the disk yet
+    when the new slot already boots."""
+    host = state_host
+    repo.publish(NEW, usr_images[NEW])
+    raw = usr_images[NEW].read_bytes()
+    monkeypatch.setattr(state_module, "atomic_write", functools.partial(atomic_write, sync=False))
+    rec = record_install(host, tmp_path / "rec")
+
+    checker = Checker(host, rec, raw, tmp_path / "check")
+    result = sweep(rec, checker, random.Random(SEED), 0, SUBSETS)
+    assert any("the state file knows nothing of it" in v for v in result.violations), (
+        f"{result.checked} disks checked, no violation found: {result.violations}"
+    )
+    print(
+        f"\nwithout the state file's fsync: {rec.writes} writes, {rec.flushes} flushes; "
         f"{len(result.violations)} of {result.checked} distinct disks violate, e.g. "
         f"{result.violations[0]}"
     )
