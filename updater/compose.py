@@ -172,7 +172,14 @@ def updater(
 ) -> Updater:
     src = config.source
     http = HttpTransport(
-        HttpSettings(src.connect_timeout_s, src.read_timeout_s, src.retries, src.ca_file)
+        HttpSettings(
+            src.connect_timeout_s,
+            src.read_timeout_s,
+            src.retries,
+            src.ca_file,
+            min_speed_bytes_s=src.min_speed_bytes_s,
+            min_speed_window_s=src.min_speed_window_s,
+        )
     )
     transport = SchemeTransport(http=http)
     source = update_source(config, transport, http, need_source=need_source)
