@@ -208,7 +208,7 @@ class _HttpStream:
                 n = len(data)
                 buf[:n] = data
             else:
-                n = body.readinto1(buf)
+                n = _readinto_once(body, buf)
         except (*FOREIGN_ERRORS, http.client.HTTPException) as exc:
             raise wrap_error(self._url, exc) from exc
         self._floor.note(n, started)
@@ -296,6 +296,24 @@ def _adapter(retry: Retry, head_timeout_s: float | None) -> HTTPAdapter:
             self.poolmanager.pool_classes_by_scheme = {"http": HttpPool, "https": HttpsPool}
 
     return Adapter(max_retries=retry)
+
+
+def _readinto_once(body: http.client.HTTPResponse, buf: memoryview) -> int:
+    """http.client's ``readinto`` with at most one socket read, straight into ``buf``.
+
+    Its own ``readinto`` waits until the buffer is full; its ``readinto1`` (read1,
+    then a copy) allocates a bytes object per read. With a Content-Length this
+    reads from the socket file into ``buf`` and keeps the response's count of what
+    is left, as its ``readinto`` does; anything else takes the documented path.
+    """
+    fp, length = body.fp, body.length
+    if body.chunked or length is None or fp is None:
+        return body.readinto1(buf)
+    if length <= 0:
+        return 0
+    n = fp.readinto1(buf[: min(len(buf), length)])
+    body.length = length - n
+    return n
 
 
 class HttpTransport:
