@@ -30,7 +30,7 @@ from updater import compose, config
 from updater import machine as mc
 from updater.agent import Agent, Hooks, wait_any
 from updater.agentapi import AgentStatus
-from updater.errors import RefusedError
+from updater.errors import RefusedError, UpdaterError
 from updater.health import HealthReport
 from updater.lock import is_held
 from updater.machine import Timing
@@ -705,3 +705,23 @@ def test_a_crashing_event_report_does_not_stop_the_update(
     assert len(crashed) == len(calls) and crashed[0]["error_kind"] == "internal"
     assert cgpt_flags(host.disk, 2).priority == 2
     assert not [e for e in logs if e["event"] == "agent_work_crashed"]
+
+
+def test_a_forced_reboot_that_crashes_answers_the_caller_and_is_counted(
+    host: Host, repo: Repo, usr_images: dict[str, Path], notify: NotifySocket
+) -> None:
+    repo.publish("1.1.0", usr_images["1.1.0"])
+    h = Harness(host, notify, Off())
+    calls = inject(h, "reboot", RuntimeError("logind went away"))
+
+    async def scenario() -> None:
+        async with running(h):
+            await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
+            with pytest.raises(UpdaterError) as err:
+                await h.agent.reboot_now()
+            assert err.value.kind == "internal" and "logind went away" in err.value.message
+
+    asyncio.run(scenario())
+    assert calls == ["call"]
+    assert h.agent.status().state == "UPDATED_NEED_REBOOT"
+    assert h.agent._m.reboot_refusals == 1 and h.agent.status().last_error_kind == "internal"

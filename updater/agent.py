@@ -542,6 +542,8 @@ class Agent:
         except Exception as exc:
             error = await self._recover(exc, "finalize")
             await self._release("finalize_crashed")
+            if force and error is exc:
+                raise
             if force:
                 raise error from exc
 
