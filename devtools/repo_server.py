@@ -42,6 +42,11 @@ class Fault:
     body: bytes | None = None  # serve these bytes instead of the file
     delay_s: float = 0.0  # wait before answering
     chunk_delay_s: float = 0.0  # pause after each 64 KiB of body (a slow link)
+    # Trickle: one byte every trickle_s seconds, each well under any read timeout.
+    trickle_s: float = 0.0  # > 0: the body trickles from file offset trickle_after on
+    trickle_after: int = 0
+    trickle_head: bool = False  # ... and the status line and headers trickle too
+    trickle_times: int | None = None  # on this many requests (None: always)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,29 @@ class _Handler(BaseHTTPRequestHandler):
                 Request(self.command, self.path, dict(self.headers.items()), status, sent)
             )
 
+    def flush_headers(self) -> None:
+        fault: Fault | None = getattr(self, "_fault", None)
+        if fault is None or not fault.trickle_head or not getattr(self, "_trickling", False):
+            super().flush_headers()
+            return
+        head = b"".join(getattr(self, "_headers_buffer", []))
+        self._headers_buffer: list[bytes] = []
+        self._trickle(memoryview(head), fault.trickle_s)
+
+    def _trickle(self, data: memoryview, every_s: float) -> int:
+        """Send ``data`` one byte at a time; the count sent (less if the client left)."""
+        closing = self.server.shared.closing
+        sent = 0
+        for i in range(len(data)):
+            if closing.wait(every_s):
+                break
+            try:
+                sent += self.connection.send(data[i : i + 1])
+            except OSError:
+                self.close_connection = True
+                break
+        return sent
+
     def _simple(self, status: int) -> None:
         self.send_response(status)
         self.send_header("Content-Length", "0")
@@ -108,6 +136,13 @@ class _Handler(BaseHTTPRequestHandler):
         shared = self.server.shared
         path = unquote(urlsplit(self.path).path)
         fault = shared.faults.get(path, Fault())
+        self._fault = fault
+        self._trickling = False
+        if fault.trickle_s and (fault.trickle_times is None or fault.trickle_times > 0):
+            self._trickling = True
+            if fault.trickle_times is not None:
+                with shared.lock:
+                    fault.trickle_times -= 1
         if fault.delay_s:
             time.sleep(fault.delay_s)
         if fault.status is not None and (fault.status_times is None or fault.status_times > 0):
@@ -170,6 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
             and fault.stall_after is None
             and not fault.extra_bytes
             and not fault.chunk_delay_s
+            and not self._trickling
         )
         if simple:
             sent: int = self.connection.sendfile(fh, offset=start, count=size - start)
@@ -193,11 +229,16 @@ class _Handler(BaseHTTPRequestHandler):
             limit = max(0, (fault.stall_after or 0) - start)
         sent = 0
         view = memoryview(body)[: min(limit, len(body))]
+        trickle_at = len(view)
+        if self._trickling:
+            trickle_at = min(len(view), max(0, fault.trickle_after - start))
         try:
-            while sent < len(view):
-                sent += self.connection.send(view[sent : sent + 65536])
+            while sent < trickle_at:
+                sent += self.connection.send(view[sent : min(sent + 65536, trickle_at)])
                 if fault.chunk_delay_s:
                     time.sleep(fault.chunk_delay_s)
+            if sent < len(view):
+                sent += self._trickle(view[sent:], fault.trickle_s)
             if stall:
                 shared.closing.wait(fault.stall_s)
             if drop or stall:

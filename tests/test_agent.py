@@ -5,14 +5,19 @@ recorded by a Rebooter that implements the real port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from devtools.diskimage import cgpt_flags
 from devtools.host import Host
@@ -20,11 +25,16 @@ from devtools.repo_server import Fault
 from partitions.bootcontrol import Slot
 from policies.strategy import Immediate, Off, RebootStrategy
 from tests.conftest import NotifySocket, Repo
+from tests.omaha_server import Answer, OmahaServer, Release
 from updater import compose, config
-from updater.agent import Agent, wait_any
+from updater import machine as mc
+from updater.agent import Agent, Hooks, wait_any
 from updater.agentapi import AgentStatus
-from updater.errors import RefusedError
+from updater.errors import RefusedError, UpdaterError
+from updater.health import HealthReport
+from updater.lock import is_held
 from updater.machine import Timing
+from updater.metrics import Metrics
 from updater.sdnotify import Notifier
 
 FAST = Timing(
@@ -81,6 +91,8 @@ class Harness:
         strategy: RebootStrategy,
         timing: Timing = FAST,
         clock: VirtualClock | None = None,
+        metrics: Metrics | None = None,
+        pre_reboot: Hooks | None = None,
     ) -> None:
         self.cfg = config.load(host.config)
         self.updater = compose.updater(self.cfg)
@@ -102,6 +114,8 @@ class Harness:
             clock=kw.pop("clock", self.updater.clock),  # type: ignore[arg-type]
             notifier=Notifier(env={"NOTIFY_SOCKET": str(notify.path)}),
             timing=timing,
+            metrics=metrics,
+            pre_reboot=pre_reboot,
             **kw,  # type: ignore[arg-type]
         )
         self.agent.subscribe(self.statuses.append)
@@ -400,3 +414,314 @@ def test_corrupt_state_file_is_set_aside(host: Host, repo: Repo, notify: NotifyS
     assert list(host.state_dir.glob("state.json.corrupt-*"))
     assert (cgpt_flags(host.disk, 1), cgpt_flags(host.disk, 2), host.slot_bytes("USR-A")) == before
     assert h.agent.status().last_error_kind == "http_status"
+
+
+# ---- a unit of work that crashes: the agent never wedges --------------------------------------
+#
+# An exception that is not one of ours (a bug, a library breaking its contract)
+# raised from any step of the agent's work must end as a failed check: state
+# back to IDLE, the error recorded as `internal` and counted, the next try backed
+# off exactly like a typed failure. Measured before the fix: one request, then
+# nothing (the state stuck in CHECKING_FOR_UPDATE, which counts as busy).
+
+WINDOW_S = 3 * 3600.0  # virtual seconds the agent runs
+CRASH_TIMING = Timing(
+    poll_interval_s=3600,
+    first_check_delay_s=60,
+    jitter=0.0,
+    retry_base_s=60,
+    retry_cap_s=3600,
+    reboot_retry_s=60,
+)
+
+
+class WindowClock(VirtualClock):
+    """Virtual time up to ``end``; past it the agent is parked until told to stop."""
+
+    def __init__(self, window_s: float) -> None:
+        super().__init__()
+        self.end = self.t + window_s
+        self.parked = False  # waiting for a timer past the end: no work under way
+        self.reached_end = False
+
+    async def wait(self, timeout: float | None, *events: asyncio.Event) -> None:
+        if (
+            timeout is not None
+            and self.t + timeout > self.end
+            and not any(e.is_set() for e in events)
+        ):
+            self.parked = self.reached_end = True
+            await wait_any(None, *events)
+            self.parked = False
+            return
+        await super().wait(timeout, *events)
+
+
+def scheduled_checks(timing: Timing, window_s: float) -> int:
+    """How many checks a run of typed failures makes in ``window_s`` (the pure schedule)."""
+    m = mc.Machine()
+    t, n = mc.first_delay(m, timing, 0.0), 0
+    while t <= window_s:
+        n += 1
+        m, _ = mc.step(m, mc.Tick(), t)
+        m, _ = mc.step(m, mc.Failed(mc.ErrorInfo("timeout", "")), t)
+        m, _ = mc.step(m, mc.ErrorReported(), t)
+        delay = mc.next_delay(m, timing, 0.0)
+        assert delay is not None
+        t += delay
+    return n
+
+
+def scheduled_reboots(timing: Timing, window_s: float) -> int:
+    """How many reboot attempts a run of refusals makes in ``window_s`` after staging."""
+    m = mc.Machine(state=mc.S.UPDATED_NEED_REBOOT, staged="1.1.0")
+    t, n = 0.0, 0
+    while t <= window_s:
+        n += 1
+        m, _ = mc.step(m, mc.RebootRefused(mc.ErrorInfo("reboot_refused", "")), t)
+        delay = mc.next_delay(m, timing, 0.0)
+        assert delay is not None
+        t += delay
+    return n
+
+
+def raiser(
+    exc: BaseException, calls: list[str], then: Callable[..., Any] | None = None
+) -> Callable[..., Any]:
+    """A port's method that counts its call, maybe does the real thing first, then raises."""
+
+    def method(*args: Any, **kwargs: Any) -> Any:
+        calls.append("call")
+        if then is not None:
+            then(*args, **kwargs)
+        raise exc
+
+    return method
+
+
+def async_raiser(exc: BaseException, calls: list[str]) -> Callable[..., Any]:
+    async def method(*args: Any, **kwargs: Any) -> Any:
+        calls.append("call")
+        raise exc
+
+    return method
+
+
+class NoHooks:
+    async def run(self) -> HealthReport:
+        return HealthReport(True, ())
+
+
+def samples(metrics: Metrics) -> dict[str, float]:
+    out = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def inject(h: Harness, where: str, exc: BaseException) -> list[str]:
+    """Make the step ``where`` of the agent's work raise ``exc``; the list of its calls."""
+    calls: list[str] = []
+    up = h.updater
+    match where:
+        case "check":  # the manifest is fetched, then the source breaks
+            up.source.fetch = raiser(exc, calls, then=up.source.fetch)  # type: ignore[union-attr,method-assign]
+        case "verify":
+            up.verifier.verify = raiser(exc, calls)  # type: ignore[union-attr,method-assign]
+        case "download":
+            up.transport.open_stream = raiser(exc, calls)  # type: ignore[union-attr,method-assign]
+        case "install":
+            up.open_slot = raiser(exc, calls)
+        case "make_primary":  # after the image is written and verified
+            up.boot.make_primary = raiser(exc, calls)  # type: ignore[method-assign]
+        case "error_report":  # a typed failure, then counting it breaks
+            assert h.agent.metrics is not None
+            h.agent.metrics.check_failed = raiser(exc, calls)  # type: ignore[method-assign]
+            h.agent.metrics.error = raiser(exc, calls)  # type: ignore[method-assign]
+        case "policy":
+            h.agent.strategy.can_finalize = raiser(exc, calls)  # type: ignore[method-assign]
+        case "pre_reboot":
+            assert h.agent.pre_reboot is not None
+            h.agent.pre_reboot.run = async_raiser(exc, calls)  # type: ignore[method-assign]
+        case "reboot":
+            h.agent.rebooter.reboot = async_raiser(exc, calls)  # type: ignore[method-assign]
+        case _:
+            raise AssertionError(where)
+    return calls
+
+
+def run_window(h: Harness, clock: WindowClock) -> asyncio.Task[None] | None:
+    """Run the agent through the window; stop it once it is parked past the end."""
+    outcome: list[asyncio.Task[None]] = []
+
+    async def window() -> None:
+        task = asyncio.create_task(h.agent.run(h.stop))
+        outcome.append(task)
+        deadline = time.monotonic() + 10
+        while not (clock.parked or task.done()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        h.stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(task), 10)
+
+    asyncio.run(window())
+    return outcome[0] if outcome else None
+
+
+CHECK_STEPS = ["check", "verify", "download", "install", "make_primary", "error_report"]
+REBOOT_STEPS = ["policy", "pre_reboot", "reboot"]
+CRASHES = [
+    RuntimeError("boom"),
+    KeyError("slot"),
+    RecursionError("maximum recursion depth exceeded"),
+    MemoryError(),
+    StopIteration(),  # cannot be set on an asyncio future: it must not lose the result
+    SystemExit(3),  # from a worker thread: ends that work, not the agent
+]
+
+
+def crash_cases() -> list[Any]:
+    cases = [pytest.param(w, RuntimeError("boom"), id=w) for w in CHECK_STEPS + REBOOT_STEPS]
+    cases += [pytest.param("check", e, id=f"check-{type(e).__name__}") for e in CRASHES[1:]]
+    cases += [pytest.param("download", e, id=f"download-{type(e).__name__}") for e in CRASHES[1:3]]
+    return cases
+
+
+@pytest.mark.parametrize(("where", "exc"), crash_cases())
+def test_a_crash_in_any_step_is_a_failed_check_and_polling_goes_on(
+    host: Host,
+    repo: Repo,
+    usr_images: dict[str, Path],
+    notify: NotifySocket,
+    where: str,
+    exc: BaseException,
+) -> None:
+    if where != "error_report":  # that one needs a typed failure: nothing published (404)
+        repo.publish("1.1.0", usr_images["1.1.0"])
+    clock = WindowClock(WINDOW_S)
+    metrics = Metrics()
+    h = Harness(
+        host,
+        notify,
+        Immediate(),
+        timing=CRASH_TIMING,
+        clock=clock,
+        metrics=metrics,
+        pre_reboot=NoHooks(),
+    )
+    calls = inject(h, where, exc)
+    task = run_window(h, clock)
+
+    assert task is not None and task.done()
+    assert task.exception() is None, f"the agent loop died: {task.exception()!r}"
+    checks = [p for p in repo.server.begun if p == "/stable/release.json"]
+    saved = json.loads((host.state_dir / "state.json").read_text())["agent"]
+    st = h.agent.status()
+    if where in REBOOT_STEPS:
+        # staged, and the reboot is asked again, backing off like a refusal
+        assert len(checks) == 1
+        assert (saved["state"], st.state) == ("UPDATED_NEED_REBOOT", "UPDATED_NEED_REBOOT")
+        assert len(calls) == scheduled_reboots(CRASH_TIMING, WINDOW_S - 60), calls
+        assert clock.reached_end, "the agent stopped asking for the reboot"
+        assert cgpt_flags(host.disk, 2).priority == 2  # the staged update is kept
+    else:
+        assert clock.reached_end, (
+            f"the agent wedged in {st.state} after {len(checks)} checks "
+            f"(persisted {saved['state']})"
+        )
+        # exactly the polls a typed failure gets: no tight loop, no silence
+        assert len(checks) == scheduled_checks(CRASH_TIMING, WINDOW_S)
+        assert saved["state"] == "IDLE" and saved["state"] not in mc.BUSY
+        assert saved["failures"] == len(checks)
+        assert not cgpt_flags(host.disk, 2).bootable
+        assert not is_held(host.state_dir)  # the host's update lock is released
+    # a strategy that fails says no (fail closed), counted under its own kind
+    kind = {"error_report": "http_status", "policy": "policy"}.get(where, "internal")
+    assert (st.last_error_kind, saved["last_error"]["kind"]) == (kind, kind)
+    if where != "error_report":
+        if kind == "internal":
+            assert type(exc).__name__ in st.last_error_message
+        counted = samples(metrics)
+        key = (
+            "updater_check_failures_total{kind=internal}"
+            if where in ("check", "verify")
+            else f"updater_errors_total{{kind={kind}}}"
+        )
+        assert counted.get(key, 0) >= 1, counted
+
+
+def test_a_busy_state_left_by_a_crashed_agent_is_recovered_at_start(
+    host: Host, repo: Repo, notify: NotifySocket
+) -> None:
+    """An older agent died mid-check (state persisted busy): the next one checks again."""
+    host.state_dir.mkdir(parents=True, exist_ok=True)
+    record = mc.to_dict(mc.Machine(state=mc.S.CHECKING_FOR_UPDATE, since=1.0, failures=1))
+    (host.state_dir / "state.json").write_text(json.dumps({"schema": 1, "agent": record}))
+    clock = WindowClock(WINDOW_S)
+    h = Harness(host, notify, Off(), timing=CRASH_TIMING, clock=clock)
+    task = run_window(h, clock)  # the empty repository answers 404: typed failures
+
+    assert task is not None and task.exception() is None
+    checks = [p for p in repo.server.begun if p == "/stable/release.json"]
+    assert len(checks) >= scheduled_checks(CRASH_TIMING, WINDOW_S) - 1
+    saved = json.loads((host.state_dir / "state.json").read_text())["agent"]
+    assert saved["state"] == "IDLE"
+
+
+@pytest.mark.parametrize("kind", ["static", "omaha"])
+def test_a_crashing_event_report_does_not_stop_the_update(
+    host: Host, repo: Repo, usr_images: dict[str, Path], notify: NotifySocket, kind: str
+) -> None:
+    """Reports are best effort (UpdateSource.report never raises): a source that breaks
+    that promise, as the Omaha client did on a redirect to a malformed URL, is logged and
+    the install goes on."""
+    published = repo.publish("1.1.0", usr_images["1.1.0"])
+    with contextlib.ExitStack() as stack:
+        if kind == "omaha":
+            data = published.image_path.read_bytes()
+            release = Release(
+                version="1.1.0",
+                codebase=f"{repo.url}/images/1.1.0/",
+                package=published.image_path.name,
+                size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+            )
+            server = stack.enter_context(OmahaServer(release=release, answer=Answer.UPDATE))
+            host.config.write_text(
+                host.config.read_text().replace("[source]\n", '[source]\nkind = "omaha"\n')
+                + f'\n[omaha]\nserver = "{server.url}"\ngroup = "stable"\nflatcar_conf = false\n'
+            )
+        h = Harness(host, notify, Off())
+        calls: list[str] = []
+        target: Any = h.updater.source.client if kind == "omaha" else h.updater.source  # type: ignore[union-attr]
+        target.report = raiser(ValueError("Invalid IPv6 URL"), calls)
+        with capture_logs() as logs:
+            run_until(h, lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
+
+    assert len(calls) >= 3  # download_started, download_finished, staged
+    crashed = [e for e in logs if e["event"] == "event_report_crashed"]
+    assert len(crashed) == len(calls) and crashed[0]["error_kind"] == "internal"
+    assert cgpt_flags(host.disk, 2).priority == 2
+    assert not [e for e in logs if e["event"] == "agent_work_crashed"]
+
+
+def test_a_forced_reboot_that_crashes_answers_the_caller_and_is_counted(
+    host: Host, repo: Repo, usr_images: dict[str, Path], notify: NotifySocket
+) -> None:
+    repo.publish("1.1.0", usr_images["1.1.0"])
+    h = Harness(host, notify, Off())
+    calls = inject(h, "reboot", RuntimeError("logind went away"))
+
+    async def scenario() -> None:
+        async with running(h):
+            await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
+            with pytest.raises(UpdaterError) as err:
+                await h.agent.reboot_now()
+            assert err.value.kind == "internal" and "logind went away" in err.value.message
+
+    asyncio.run(scenario())
+    assert calls == ["call"]
+    assert h.agent.status().state == "UPDATED_NEED_REBOOT"
+    assert h.agent._m.reboot_refusals == 1 and h.agent.status().last_error_kind == "internal"

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import zstandard
@@ -21,9 +24,11 @@ from devtools.repo_server import Fault
 from partitions.bootcontrol import SlotFlags
 from tests.conftest import Repo, updatectl
 from updater.errors import ExitCode
+from updater.lock import is_held
 from updater.manifest import Compression
 
 A, B = 1, 2  # GPT partition numbers of USR-A and USR-B
+T = TypeVar("T")
 
 
 def sha(data: bytes) -> str:
@@ -58,6 +63,28 @@ def assert_refused(host: Host, before: Snapshot, *, state_unchanged: bool = True
     if state_unchanged:
         assert after.state == before.state, "the agent state changed"
     assert host.reboot() == "USR-A"
+
+
+def within(seconds: float, fn: Callable[[], T]) -> T:
+    """``fn()``, which must return or raise within ``seconds`` (it runs in a thread,
+    abandoned if it hangs, so that a hang fails the test instead of holding it)."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    started = time.monotonic()
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {time.monotonic() - started:.1f} s"
+    if error:
+        raise error[0]
+    return result[0]
 
 
 def check_install(host: Host, *extra: str) -> tuple[int, dict[str, object]]:
@@ -345,6 +372,41 @@ def test_server_stops_sending(host: Host, repo: Repo, usr_images: dict[str, Path
     assert error_of(doc) == ("download", "timeout")
     assert elapsed < 15, f"the command hung for {elapsed:.1f}s"
     assert_refused(host, before, state_unchanged=False)
+
+
+@pytest.mark.parametrize("what", ["image", "manifest", "signature"])
+def test_a_trickling_server_ends_as_a_timeout(
+    host: Host, repo: Repo, usr_images: dict[str, Path], what: str
+) -> None:
+    """One byte every 0.1 s: each read is far under the read timeout, so before the
+    speed floor the install never ended and held the host's update lock for good."""
+    repo.publish("1.1.0", usr_images["1.1.0"], compression=Compression.NONE)
+    path, after = {
+        "image": (repo.image_path(), 1_000_000),
+        "manifest": ("/stable/release.json", 10),
+        "signature": ("/stable/release.json.asc", 10),
+    }[what]
+    repo.server.fault(path, Fault(trickle_s=0.1, trickle_after=after))
+    text = host.config.read_text().replace(
+        'channel = "stable"',
+        'channel = "stable"\nmin_speed_bytes_s = 1000\nmin_speed_window_s = 0.5\n'
+        "resume_attempts = 1\nretries = 0",
+    )
+    host.config.write_text(text)
+    before = Snapshot.take(host)
+    started = time.monotonic()
+    code, doc = within(30, lambda: check_install(host))
+    elapsed = time.monotonic() - started
+    assert code == ExitCode.DOWNLOAD
+    assert error_of(doc) == ("download", "timeout")
+    assert elapsed < 10, f"the command took {elapsed:.1f}s"
+    # nothing written (manifest) or the target left unbootable (image); lock released
+    assert_refused(host, before, state_unchanged=what != "image")
+    assert not is_held(host.state_dir)
+    assert updatectl(host, "status", "--json").json()["state"] == "idle"
+    if what == "image":
+        resumes = [r for r in repo.server.begun if r == path]
+        assert len(resumes) == 2  # abandoned, resumed once, abandoned: the typed timeout
 
 
 def test_zstd_bomb_is_refused_as_it_arrives(host: Host, repo: Repo, tmp_path: Path) -> None:

@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 import zstandard
 
-from devtools.diskimage import loop_device
+from devtools.diskimage import cgpt_flags, loop_device
 from devtools.host import Host, write_config
 from tests.conftest import Repo, updatectl
-from updater.errors import DiskError, VerificationError
+from updater import compose, config
+from updater.errors import DiskError, UpdaterError, VerificationError
 from updater.install import Progress, write_image
+from updater.lock import is_held
 from updater.manifest import Compression, ImageRef
 from updater.slotio import SlotDevice
 
@@ -192,3 +194,32 @@ def test_full_cycle_on_a_loop_block_device(
     raw = usr_images["1.1.0"].read_bytes()
     assert host.slot_bytes("USR-B", len(raw)) == raw
     assert host.reboot() == "USR-B"
+
+
+@pytest.mark.parametrize("where", ["download", "write"])
+def test_an_exception_not_ours_ends_the_install_like_a_typed_error(
+    host: Host, repo: Repo, usr_images: dict[str, Path], where: str
+) -> None:
+    """A bug or a library breaking its contract mid-install: the typed `internal` error,
+    nothing left pending, the target unbootable, the update lock released."""
+    repo.publish("1.1.0", usr_images["1.1.0"])
+    up = compose.updater(config.load(host.config))
+    check = up.check()
+    assert check.update_available
+    crash = RuntimeError("boom")
+
+    def raise_crash(*_args: object, **_kw: object) -> Any:
+        raise crash
+
+    if where == "download":
+        up.transport.open_stream = raise_crash  # type: ignore[union-attr,method-assign]
+    else:
+        up.open_slot = raise_crash
+    with pytest.raises(UpdaterError) as caught:
+        up.install(check)
+    assert (caught.value.kind, caught.value.__cause__) == ("internal", crash)
+    assert "RuntimeError: boom" in caught.value.message
+    assert up.store.load().pending is None
+    assert updatectl(host, "status", "--json").json()["state"] == "idle"
+    assert not cgpt_flags(host.disk, 2).bootable
+    assert not is_held(host.state_dir)

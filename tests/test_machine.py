@@ -33,6 +33,7 @@ from updater.machine import (
     Tick,
     Timing,
     UpdateFound,
+    WorkCrashed,
     first_delay,
     from_dict,
     next_delay,
@@ -203,6 +204,56 @@ def test_a_failing_server_never_makes_a_tight_loop() -> None:
         m, acts = step(m, Failed(ERR), now)
         m, _ = step(m, ErrorReported(), now)
     assert checks <= 35 and min(gaps) >= 54
+
+
+# ---- a unit of work that crashed ----------------------------------------------------------------
+
+CRASH = ErrorInfo("internal", "RuntimeError: boom")
+
+# start -> (end state, actions, failures, reboot refusals)
+CRASHES: list[tuple[Machine, S, tuple[object, ...], int, int]] = [
+    *[
+        (M(s, failures=2, progress=0.5), S.REPORTING_ERROR_EVENT, (ReportError(CRASH),), 3, 0)
+        for s in sorted(BUSY)
+    ],
+    # the error report itself crashed: the report is over, the failure already counted
+    (M(S.REPORTING_ERROR_EVENT, failures=2, last_error=ERR), S.IDLE, (), 2, 0),
+    (M(S.IDLE, failures=2), S.IDLE, (), 3, 0),
+    # a reboot attempt that crashed counts as refused: asked again, backing off
+    (M(S.UPDATED_NEED_REBOOT, staged="1.1.0", reboot_refusals=1), S.UPDATED_NEED_REBOOT, (), 0, 2),
+]
+
+
+@pytest.mark.parametrize(("start", "end", "actions", "failures", "refusals"), CRASHES)
+def test_crash_transition(
+    start: Machine, end: S, actions: tuple[object, ...], failures: int, refusals: int
+) -> None:
+    m, acts = step(start, WorkCrashed(CRASH), T)
+    assert (m.state, acts, m.failures, m.reboot_refusals) == (end, actions, failures, refusals)
+    assert m.last_error == CRASH and m.progress in (0.0, start.progress)
+    assert m.staged == start.staged
+
+
+@pytest.mark.parametrize("state", list(S))
+@pytest.mark.parametrize("failures", [0, 1, 7, 40])
+def test_a_crash_never_wedges(state: S, failures: int) -> None:
+    """From any state, a crash (and a crash of what it starts) leaves a timer set,
+    backed off as far as a typed failure would be."""
+    m = M(state, failures=failures, staged="1.1.0")
+    for _ in range(3):  # every action it returns crashes too
+        m, acts = step(m, WorkCrashed(CRASH), T)
+        if not acts:
+            break
+    assert m.state not in BUSY
+    delay = next_delay(m, TIMING, 0.0)
+    assert delay is not None and delay >= min(
+        TIMING.retry_base_s * 0.9, TIMING.reboot_retry_s * 0.9
+    )
+    typed, _ = step(M(S.CHECKING_FOR_UPDATE, failures=failures), Failed(ERR), T)
+    typed, _ = step(typed, ErrorReported(), T)
+    if state in BUSY:  # the same failure count, so the same backoff, as a typed error
+        assert (m.state, m.failures) == (typed.state, typed.failures)
+        assert next_delay(m, TIMING, 0.5) == next_delay(typed, TIMING, 0.5)
 
 
 # ---- persistence and restarts -----------------------------------------------------------------

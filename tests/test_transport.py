@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -15,11 +17,19 @@ from devtools.host import Host, write_config
 from devtools.repo_server import Fault, RepoServer
 from devtools.tls import TLSFiles, make_tls
 from tests.conftest import Repo, updatectl
-from updater import download
-from updater.errors import DownloadError
-from updater.transport import FileTransport, HttpSettings, HttpTransport, SchemeTransport
+from tests.test_cycle import within
+from updater import compose, config, download
+from updater.errors import ConfigError, DownloadError
+from updater.transport import (
+    FileTransport,
+    HttpSettings,
+    HttpTransport,
+    SchemeTransport,
+    SpeedFloor,
+)
 
 DATA = os.urandom(3 * 1024 * 1024 + 17)
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -33,7 +43,11 @@ def served(tmp_path: Path) -> Iterator[RepoServer]:
 def fast(**kw: float) -> HttpTransport:
     return HttpTransport(
         HttpSettings(
-            connect_timeout_s=2, read_timeout_s=kw.get("read", 2), retries=int(kw.get("retries", 2))
+            connect_timeout_s=2,
+            read_timeout_s=kw.get("read", 2),
+            retries=int(kw.get("retries", 2)),
+            min_speed_bytes_s=kw.get("min_speed", 1024),
+            min_speed_window_s=kw.get("window", 60),
         )
     )
 
@@ -195,3 +209,145 @@ def test_file_repository_cycle(host: Host, repo: Repo, usr_images: dict[str, Pat
     assert r.code == 0, r.err
     assert r.json()["installed"] is True
     assert repo.server.requests == []  # nothing went over HTTP
+
+
+# ---- a server that trickles ---------------------------------------------------------------------
+#
+# One byte every 0.1 s keeps every read far under the read timeout: before the
+# speed floor, such a transfer never ended (measured: a download of the 3 MiB
+# blob trickling from byte 1 MB on would have taken 25 days).
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# reads as (bytes, seconds the read waited); does the floor (100 B/s over 10 s) give up?
+FLOOR_CASES = [
+    ([(1, 2.0)] * 4, False),  # 8 s: not a whole window yet
+    ([(1, 2.0)] * 5, True),  # a trickle: 5 bytes in 10 s
+    ([(1000, 10.0)], False),  # exactly the floor
+    ([(999, 10.0)], True),
+    ([(5000, 1.0), (1, 9.0)], False),  # a fast start carries its window
+    ([(1000, 10.0), (1, 10.0)], True),  # each window on its own
+    ([(0, 10.0)], True),  # a read that returns nothing for a window
+    ([(10, 0.001)] * 20000, False),  # many quick reads: 20 s waiting, 200000 bytes
+]
+
+
+@pytest.mark.parametrize(("reads", "gives_up"), FLOOR_CASES)
+def test_speed_floor(reads: list[tuple[int, float]], gives_up: bool) -> None:
+    clock = FakeClock()
+    floor = SpeedFloor("http://x/blob", 100, 10.0, clock)
+    try:
+        for n, waited in reads:
+            started = clock()
+            clock.t += waited
+            floor.note(n, started)
+            clock.t += 60.0  # the consumer's own time between reads never counts
+    except DownloadError as exc:
+        assert gives_up and exc.kind == "timeout" and "100 bytes/s" in exc.message
+    else:
+        assert not gives_up
+
+
+def test_speed_floor_off() -> None:
+    clock = FakeClock()
+    floor = SpeedFloor("http://x/blob", 0, 10.0, clock)
+    clock.t += 3600
+    floor.note(0, 100.0)
+
+
+def test_a_trickling_download_is_abandoned_resumed_then_times_out(served: RepoServer) -> None:
+    served.fault("/blob", Fault(trickle_s=0.1, trickle_after=1_000_000))
+    t = fast(min_speed=100, window=0.5)
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as err:
+        within(20, lambda: fetch_all(t, served.url + "/blob", resume_attempts=2))
+    assert err.value.kind == "timeout" and "bytes/s" in err.value.message
+    assert time.monotonic() - started < 8
+    ranges = [r.headers.get("Range") for r in served.requests]
+    # the first transfer and two resumes, each from where the one before stood
+    assert len(ranges) == 3 and ranges.count(None) == 1
+    offsets = sorted(int(r[6:-1]) for r in ranges if r is not None)
+    assert 1_000_000 < offsets[0] < offsets[1] < 1_000_100
+
+
+def test_a_trickle_that_stops_is_resumed_to_the_end(served: RepoServer) -> None:
+    served.fault("/blob", Fault(trickle_s=0.1, trickle_after=1_000_000, trickle_times=1))
+    data = within(20, lambda: fetch_all(fast(min_speed=100, window=0.5), served.url + "/blob"))
+    assert data == DATA
+    assert sorted(r.status for r in served.requests) == [200, 206]
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault(trickle_s=0.1, trickle_after=100), Fault(trickle_s=0.1, trickle_head=True)],
+    ids=["body", "head"],
+)
+def test_a_trickling_small_fetch_times_out(served: RepoServer, fault: Fault) -> None:
+    """The manifest and its signature are held to the floor too, their headers included."""
+    served.fault("/blob", fault)
+    t = fast(min_speed=100, window=0.5, read=0.5, retries=0)
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as err:
+        within(20, lambda: t.get(served.url + "/blob", max_bytes=len(DATA)))
+    assert err.value.kind == "timeout"
+    assert time.monotonic() - started < 5
+
+
+def test_a_trickling_head_of_an_image_times_out(served: RepoServer) -> None:
+    served.fault("/blob", Fault(trickle_s=0.1, trickle_head=True))
+    t = fast(min_speed=100, window=0.5, read=0.5, retries=0)
+    with pytest.raises(DownloadError) as err:
+        within(20, lambda: fetch_all(t, served.url + "/blob", resume_attempts=1))
+    assert err.value.kind == "timeout"
+    assert len(served.begun) == 2
+
+
+def test_a_slow_link_above_the_floor_is_not_abandoned(served: RepoServer) -> None:
+    served.fault("/blob", Fault(chunk_delay_s=0.02))  # ~3 MB/s
+    t = fast(min_speed=100_000, window=0.3)
+    assert within(30, lambda: fetch_all(t, served.url + "/blob")) == DATA
+    assert len(served.requests) == 1
+
+
+def test_a_consumer_that_pauses_is_not_the_server_trickling(served: RepoServer) -> None:
+    t = fast(min_speed=100_000, window=0.3)
+    out = bytearray()
+    for chunk in download.Download(t, served.url + "/blob", size=len(DATA), chunk_size=1 << 20):
+        out += chunk
+        time.sleep(0.5)  # longer than the window, between reads
+    assert bytes(out) == DATA and len(served.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("min_speed_bytes_s = 0\nmin_speed_window_s = 0.5\n", True),  # 0: no floor
+        ("min_speed_bytes_s = 4096\n", True),
+        ("min_speed_bytes_s = -1\n", False),
+        ('min_speed_bytes_s = "1k"\n', False),
+        ("min_speed_bytes_s = nan\n", False),
+        ("min_speed_window_s = 0\n", False),
+        ("min_speed_window_s = inf\n", False),
+    ],
+)
+def test_speed_floor_config(host: Host, text: str, ok: bool) -> None:
+    host.config.write_text(
+        host.config.read_text().replace('channel = "stable"', 'channel = "stable"\n' + text)
+    )
+    if not ok:
+        with pytest.raises(ConfigError) as err:
+            config.load(host.config)
+        assert err.value.kind == "invalid" and "min_speed" in str(err.value.key)
+        return
+    cfg = config.load(host.config)
+    settings = compose.updater(cfg).transport._http.settings  # type: ignore[union-attr]
+    assert settings.min_speed_bytes_s == cfg.source.min_speed_bytes_s
+    assert settings.min_speed_window_s == cfg.source.min_speed_window_s
+    assert (settings.head_timeout_s is None) == (cfg.source.min_speed_bytes_s == 0)

@@ -29,7 +29,7 @@ from policies.strategy import RebootStrategy
 from updater import machine as mc
 from updater.agentapi import AgentStatus, StatusListener
 from updater.clock import Clock
-from updater.errors import Cancelled, RefusedError, UpdaterError
+from updater.errors import Cancelled, RefusedError, UpdaterError, internal_error
 from updater.health import HealthReport
 from updater.install import Progress
 from updater.rebooter import Rebooter
@@ -129,12 +129,27 @@ def run_blocking(fn: Callable[[], T]) -> Awaitable[T]:
             result: object = fn()
             ok = True
         except BaseException as exc:
-            result, ok = exc, False
+            result, ok = _awaitable_error(exc), False
         with contextlib.suppress(RuntimeError):  # the loop may be gone when we stop
             loop.call_soon_threadsafe(settle, ok, result)
 
     threading.Thread(target=work, name="agent-work", daemon=True).start()
     return future
+
+
+def _awaitable_error(exc: BaseException) -> BaseException:
+    """What the work's awaiter gets for ``exc``.
+
+    An asyncio future refuses StopIteration (the result would be lost and the
+    awaiter wait forever), and SystemExit, KeyboardInterrupt or GeneratorExit
+    raised in a worker thread end that work, not the agent: all of them arrive
+    as a RuntimeError that names them.
+    """
+    if isinstance(exc, Exception) and not isinstance(exc, StopIteration):
+        return exc
+    wrapped = RuntimeError(f"{type(exc).__name__} raised in a worker thread: {exc}")
+    wrapped.__cause__ = exc
+    return wrapped
 
 
 def release_memory() -> None:
@@ -282,7 +297,10 @@ class Agent:
                     break
                 if self._deadline is not None and self.clock.monotonic() >= self._deadline:
                     self._deadline = None
-                    await self._dispatch(mc.Tick())
+                    try:
+                        await self._dispatch(mc.Tick())
+                    except Exception as exc:
+                        await self._recover(exc, "tick")
         finally:
             await self._shutdown()
             watchdog.cancel()
@@ -372,9 +390,9 @@ class Agent:
     async def _execute(self, action: mc.Action) -> None:
         match action:
             case mc.Check():
-                self._start_work(self._do_check())
+                self._start_work(self._do_check(), "check")
             case mc.Install(offer=offer):
-                self._start_work(self._do_install(offer))
+                self._start_work(self._do_install(offer), "install")
             case mc.Finalize(force=force):
                 await self._finalize(force)
             case mc.ReportError(error=error):
@@ -386,25 +404,64 @@ class Agent:
                 )
                 await self._dispatch(mc.ErrorReported())
 
-    def _start_work(self, coro: Awaitable[None]) -> None:
+    def _start_work(self, coro: Awaitable[None], step: str) -> None:
         async def guarded() -> None:
             try:
                 await coro
-            except Exception:
-                log.exception("agent_work_crashed")
+            except Exception as exc:
+                await self._recover(exc, step)
             finally:
                 release_memory()  # an idle agent should not keep an install's heap
 
         self._work = asyncio.create_task(guarded())
 
+    async def _recover(self, exc: Exception, step: str) -> UpdaterError:
+        """End a unit of work that raised something it should not have as a failure.
+
+        Whatever the exception and wherever it left the machine, the machine
+        leaves the busy states (:class:`updater.machine.WorkCrashed`), the error
+        is recorded as ``internal`` and counted, and the next try is backed off
+        as after any failure. A crash of what the recovery itself starts (the
+        error report) is recovered the same way; the machine gets out of the
+        busy states within two steps, so this ends.
+        """
+        error = internal_error(exc, step)
+        log.error(
+            "agent_work_crashed",
+            step=step,
+            state=self._m.state.value,
+            error_kind=error.kind,
+            error=error.message,
+            exc_info=exc,
+        )
+        if self._stopping or isinstance(error, Cancelled):
+            return error  # stopping: the state is persisted as it is and resumes at start
+        self._count(error.kind)
+        info = mc.ErrorInfo(error.kind, error.message)
+        for _ in range(3):
+            try:
+                await self._dispatch(mc.WorkCrashed(info))
+                break
+            except Exception as again:
+                log.error("agent_recovery_crashed", step=step, exc_info=again)
+        return error
+
+    def _count(self, kind: str) -> None:
+        """Count a failure; a metrics port that breaks must not change what happens."""
+        if self.metrics is None:
+            return
+        try:
+            if self._m.state == mc.S.CHECKING_FOR_UPDATE:
+                self.metrics.check_failed(kind)  # counts in errors_total too
+            else:
+                self.metrics.error(kind)
+        except Exception:
+            log.exception("metrics_not_counted", error_kind=kind)
+
     async def _fail(self, exc: UpdaterError) -> None:
         if isinstance(exc, Cancelled) or self._stopping:
             return  # stopping: the state is persisted as it is and resumes at start
-        if self.metrics is not None:
-            if self._m.state == mc.S.CHECKING_FOR_UPDATE:
-                self.metrics.check_failed(exc.kind)  # counts in errors_total too
-            else:
-                self.metrics.error(exc.kind)
+        self._count(exc.kind)
         await self._dispatch(mc.Failed(mc.ErrorInfo(exc.kind, exc.message)))
 
     async def _do_check(self) -> None:
@@ -473,7 +530,24 @@ class Agent:
         self._publish()
 
     async def _finalize(self, force: bool) -> None:
-        """Policy (unless forced), pre-reboot hooks, then logind. Fails closed."""
+        """Policy (unless forced), pre-reboot hooks, then logind. Fails closed.
+
+        A crash of any of them is a failed reboot attempt (asked again later,
+        backing off) and gives back the cluster lock taken for it.
+        """
+        try:
+            await self._try_finalize(force)
+        except RefusedError:
+            raise  # a forced reboot that logind refused: the caller hears of it
+        except Exception as exc:
+            error = await self._recover(exc, "finalize")
+            await self._release("finalize_crashed")
+            if force and error is exc:
+                raise
+            if force:
+                raise error from exc
+
+    async def _try_finalize(self, force: bool) -> None:
         if not force:
             try:
                 allowed = await run_blocking(self.strategy.can_finalize)
@@ -590,6 +664,8 @@ class Agent:
             self.updater.store.update(lambda st: replace(st, agent=record))
         except UpdaterError as exc:
             log.error("state_not_saved", error_kind=exc.kind, error=exc.message)
+        except Exception as exc:  # the agent goes on; the state is saved at the next change
+            log.error("state_not_saved", error_kind="internal", error=str(exc), exc_info=exc)
 
     def _publish(self, force: bool = False) -> None:
         st = self.status()

@@ -172,7 +172,14 @@ def updater(
 ) -> Updater:
     src = config.source
     http = HttpTransport(
-        HttpSettings(src.connect_timeout_s, src.read_timeout_s, src.retries, src.ca_file)
+        HttpSettings(
+            src.connect_timeout_s,
+            src.read_timeout_s,
+            src.retries,
+            src.ca_file,
+            min_speed_bytes_s=src.min_speed_bytes_s,
+            min_speed_window_s=src.min_speed_window_s,
+        )
     )
     transport = SchemeTransport(http=http)
     source = update_source(config, transport, http, need_source=need_source)
@@ -292,15 +299,23 @@ def fleet_reporter(config: Config) -> EtcdFleetReporter | None:
     return EtcdFleetReporter(publisher, host_id(), config.reboot.group)
 
 
+class _RebooterOnDemand:
+    """A Rebooter that reaches the system bus only when a reboot is asked for:
+    `updatectl mark-good` needs one only to fall back from a failed trial boot, and
+    a healthy boot should not depend on (or warn about) a bus it does not use."""
+
+    async def reboot(self) -> None:
+        bus = await system_bus()
+        try:
+            await rebooter(bus).reboot()
+        finally:
+            if bus is not None:
+                bus.disconnect()
+
+
 async def mark_good(config: Config) -> Slot:
     """`updatectl mark-good`: health checks, then bless (or give up) the booted slot."""
-    up = updater(config)
-    bus = await system_bus()
-    try:
-        return await bless(up, health_checker(config), rebooter(bus))
-    finally:
-        if bus is not None:
-            bus.disconnect()
+    return await bless(updater(config), health_checker(config), _RebooterOnDemand())
 
 
 async def run_agent(config: Config) -> None:

@@ -60,6 +60,9 @@ class SourceConfig:
     retries: int = 3  # urllib3 retries for connection errors and 5xx
     resume_attempts: int = 5  # Range resumes after a dropped download
     kind: str = "static"  # static (a release repository) | omaha (an update server)
+    # A transfer slower than this on average over a window is abandoned (and resumed):
+    min_speed_bytes_s: float = 1024.0  # 0: no floor
+    min_speed_window_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -376,6 +379,12 @@ def _source(s: _Section) -> SourceConfig:
         retries=s.int_("retries", d.retries, minimum=0, maximum=20),
         resume_attempts=s.int_("resume_attempts", d.resume_attempts, minimum=0, maximum=100),
         kind=kind,
+        min_speed_bytes_s=s.number(
+            "min_speed_bytes_s", d.min_speed_bytes_s, minimum=0, maximum=1024**3
+        ),
+        min_speed_window_s=s.number(
+            "min_speed_window_s", d.min_speed_window_s, minimum=0.1, maximum=3600
+        ),
     )
 
 

@@ -227,3 +227,15 @@ class CommandError(UpdaterError):
         self.argv = argv
         self.returncode = returncode
         self.stderr = stderr
+
+
+def internal_error(exc: BaseException, during: str) -> UpdaterError:
+    """An exception that is not one of ours (a bug, a library breaking its contract),
+    as the ``internal`` error it is, so that it ends like any other failure."""
+    if isinstance(exc, UpdaterError):
+        return exc
+    text = str(exc)
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if len(detail) > 300:  # a message, not a dump: the traceback goes to the log
+        detail = detail[:297] + "..."
+    return UpdaterError("internal", f"{during} crashed: {detail}")

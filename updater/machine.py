@@ -123,6 +123,15 @@ class ErrorReported:
 
 
 @dataclass(frozen=True)
+class WorkCrashed:
+    """A unit of work (check, install, finalize, report) ended with an exception
+    that is not one of ours: a bug, or a library breaking its contract. Valid in
+    every state, so the agent can always get out of where the crash left it."""
+
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
 class RebootRefused:
     error: ErrorInfo
 
@@ -144,6 +153,7 @@ Event = (
     | Staged
     | Failed
     | ErrorReported
+    | WorkCrashed
     | RebootRefused
     | RebootStarted
 )
@@ -288,6 +298,8 @@ def step(m: Machine, event: Event, now: float) -> tuple[Machine, tuple[Action, .
         case ErrorReported():
             require(S.REPORTING_ERROR_EVENT)
             return _enter(m, S.IDLE, now), ()
+        case WorkCrashed(error=error):
+            return _crashed(m, error, now)
         case RebootRefused(error=error):
             require(S.UPDATED_NEED_REBOOT)
             return replace(m, reboot_refusals=m.reboot_refusals + 1, last_error=error), ()
@@ -295,6 +307,29 @@ def step(m: Machine, event: Event, now: float) -> tuple[Machine, tuple[Action, .
             require(S.UPDATED_NEED_REBOOT)
             return m, ()
     raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
+
+
+def _crashed(m: Machine, error: ErrorInfo, now: float) -> tuple[Machine, tuple[Action, ...]]:
+    """Whatever the state, a crash ends as a failure that is backed off, never a wedge.
+
+    Busy: a failed check or install (reported, then IDLE). Reporting an error:
+    the report is over. Staged: a failed reboot attempt, asked again later.
+    Idle: a failure, so the next check backs off.
+    """
+    if m.state in BUSY:
+        return _enter(
+            m,
+            S.REPORTING_ERROR_EVENT,
+            now,
+            failures=m.failures + 1,
+            last_error=error,
+            progress=0.0,
+        ), (ReportError(error),)
+    if m.state == S.REPORTING_ERROR_EVENT:
+        return _enter(m, S.IDLE, now, last_error=error), ()
+    if m.state == S.UPDATED_NEED_REBOOT:
+        return replace(m, reboot_refusals=m.reboot_refusals + 1, last_error=error), ()
+    return replace(m, failures=m.failures + 1, last_error=error), ()
 
 
 # ---- timing -----------------------------------------------------------------------------------

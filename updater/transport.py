@@ -3,24 +3,35 @@
 Every foreign exception is wrapped into :class:`DownloadError` with a bounded
 kind (python-tuf's FetcherInterface lesson), so callers never see a requests
 or OSError type. Timeouts: one for connecting, one for a stalled read (it
-fires when the server stops sending, mid-body included).
+fires when the server stops sending, mid-body included), and a speed floor
+(:class:`SpeedFloor`) for a server that trickles: one byte every few seconds
+keeps every read under the read timeout and a transfer going for ever. The
+response head (status line and headers) must arrive within the floor's window
+too (:class:`_HeadDeadline`). Both end as ``DownloadError("timeout")``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
 import os
+import socket
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 import requests
 import structlog
 import urllib3
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util.retry import Retry
 
 from updater import __version__
@@ -78,14 +89,76 @@ class HttpSettings:
     read_timeout_s: float = 30.0
     retries: int = 3  # connection errors and 5xx answers, with backoff
     ca_file: Path | None = None  # trust these CAs for https instead of the system's
+    min_speed_bytes_s: float = 1024.0  # slower than this on average (0: no floor) ...
+    min_speed_window_s: float = 60.0  # ... over this long: abandoned (and resumed)
+
+    @property
+    def head_timeout_s(self) -> float | None:
+        """How long the response head may take: one window, never less than the read
+        timeout (a server that thinks before it answers is not trickling)."""
+        if self.min_speed_bytes_s <= 0:
+            return None
+        return max(self.min_speed_window_s, self.read_timeout_s)
+
+
+class SpeedFloor:
+    """A transfer must average ``min_bytes_s`` over every ``window_s`` spent waiting
+    for it (curl's LOW_SPEED_LIMIT / LOW_SPEED_TIME; update_engine sets 1 byte/s for
+    90 s), else ``DownloadError("timeout")``. Only the time spent in reads counts: a
+    consumer that pauses (a slow disk, a full pipeline) is not the server's fault.
+    Decides from the numbers it is given (the clock is injected): no I/O.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        min_bytes_s: float,
+        window_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self.min_bytes_s = min_bytes_s
+        self.window_s = window_s
+        self.clock = clock
+        self._spent = 0.0  # seconds waited in reads, this window
+        self._got = 0  # bytes those reads returned
+
+    def note(self, n: int, started: float) -> None:
+        """A read that began at ``started`` (by ``clock``) returned ``n`` bytes."""
+        if self.min_bytes_s <= 0:
+            return
+        self._spent += max(0.0, self.clock() - started)
+        self._got += n
+        if self._spent < self.window_s:
+            return
+        if self._got < self.min_bytes_s * self._spent:
+            raise DownloadError(
+                "timeout",
+                f"{self.url}: {self._got} bytes in {self._spent:.1f} s, slower than the "
+                f"floor of {self.min_bytes_s:g} bytes/s",
+                hint="a server or link that trickles; [source] min_speed_bytes_s and "
+                "min_speed_window_s set the floor",
+            )
+        self._spent, self._got = 0.0, 0
 
 
 def _http_error(url: str, status: int) -> DownloadError:
     return DownloadError("http_status", f"HTTP {status} for {url}", status=status)
 
 
-def wrap_error(url: str, exc: BaseException) -> DownloadError:
+def _timed_out(exc: BaseException) -> bool:
     if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
+        return True
+    # urllib3 gives up on a read timeout it may not retry as MaxRetryError, which
+    # requests raises as a ConnectionError: the reason says what it was.
+    reason = exc.args[0] if isinstance(exc, requests.ConnectionError) and exc.args else None
+    if isinstance(reason, urllib3.exceptions.MaxRetryError):
+        return isinstance(reason.reason, urllib3.exceptions.ReadTimeoutError)
+    return False
+
+
+def wrap_error(url: str, exc: BaseException) -> DownloadError:
+    if _timed_out(exc):
         return DownloadError("timeout", f"{url}: timed out ({exc})")
     if isinstance(exc, requests.exceptions.SSLError):
         return DownloadError(
@@ -102,30 +175,43 @@ FOREIGN_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSErr
 
 
 class _HttpStream:
-    def __init__(self, url: str, response: requests.Response, start: int) -> None:
+    """A response body read with at most one socket read per call, so that the
+    speed floor sees every byte as it arrives (a read that waits for a full buffer
+    would sit for ever on a trickle)."""
+
+    def __init__(
+        self, url: str, response: requests.Response, start: int, floor: SpeedFloor
+    ) -> None:
         self._url = url
         self._response = response
+        self._floor = floor
         self.start = start
         length = response.headers.get("Content-Length")
         self.length = int(length) if length and length.isdigit() else None
         self.validator = response.headers.get("ETag")
 
     def read(self, n: int) -> bytes:
+        started = self._floor.clock()
         try:
-            data: bytes = self._response.raw.read(n, decode_content=False)
+            data: bytes = self._response.raw.read1(n, decode_content=False)
         except FOREIGN_ERRORS as exc:
             raise wrap_error(self._url, exc) from exc
+        self._floor.note(len(data), started)
         return data
 
     def readinto(self, buf: memoryview) -> int:
         body = _http_client_body(self._response)
+        started = self._floor.clock()
         try:
             if body is None:
-                n: int = self._response.raw.readinto(buf)
+                data = self._response.raw.read1(len(buf), decode_content=False)
+                n = len(data)
+                buf[:n] = data
             else:
-                n = body.readinto(buf)
+                n = _readinto_once(body, buf)
         except (*FOREIGN_ERRORS, http.client.HTTPException) as exc:
             raise wrap_error(self._url, exc) from exc
+        self._floor.note(n, started)
         return n
 
     def close(self) -> None:
@@ -133,10 +219,11 @@ class _HttpStream:
 
 
 def _http_client_body(response: requests.Response) -> http.client.HTTPResponse | None:
-    """The http.client response under urllib3's, to read the body without a copy.
+    """The http.client response under urllib3's, to read the body with less copying.
 
-    urllib3's own ``readinto`` reads into a new bytes object and copies that
-    into the buffer; http.client's reads from the socket straight into it.
+    urllib3's own ``readinto`` reads into a new bytes object through its own
+    buffering and copies that into the buffer; http.client's ``readinto1`` does
+    one socket read and one copy.
     ``_fp`` is private to urllib3, hence this one place and the fallback (None:
     use urllib3's documented methods). Reading past urllib3 loses nothing we
     rely on: the body is never decoded (we hash the bytes as served), and a
@@ -146,12 +233,120 @@ def _http_client_body(response: requests.Response) -> http.client.HTTPResponse |
     return fp if isinstance(fp, http.client.HTTPResponse) else None
 
 
+class _HeadDeadline:
+    """Mixed into urllib3's connections: the response head (status line and headers)
+    must be complete within ``head_timeout_s``, or the socket is shut down under the
+    reading thread and the read ends as a timeout. The read timeout alone fires only
+    on a server that stops, not on one that trickles its headers."""
+
+    head_timeout_s: float | None = None
+    sock: socket.socket | None
+
+    def getresponse(self) -> Any:
+        sock, limit = self.sock, self.head_timeout_s
+        if sock is None or limit is None:
+            return super().getresponse()  # type: ignore[misc]
+        fired = threading.Event()
+
+        def cut() -> None:
+            fired.set()
+            # socket.socket's own shutdown: an SSLSocket's would also drop its TLS state
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+        timer = threading.Timer(limit, cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            return super().getresponse()  # type: ignore[misc]
+        except Exception as exc:
+            if fired.is_set():  # urllib3 reports it as a read timeout
+                raise TimeoutError(f"no complete response head within {limit:g} s") from exc
+            raise
+        finally:
+            timer.cancel()
+
+
+def _adapter(retry: Retry, head_timeout_s: float | None) -> HTTPAdapter:
+    """requests' adapter, its connections holding the response head to a deadline.
+
+    The classes are made per transport because urllib3 builds connections from a
+    class, with no per-pool setting to carry the deadline. (Through a proxy,
+    requests uses urllib3's own ProxyManager: the head is then bounded only by the
+    read timeout.)
+    """
+
+    class Http(_HeadDeadline, HTTPConnection):
+        pass
+
+    class Https(_HeadDeadline, HTTPSConnection):
+        pass
+
+    Http.head_timeout_s = Https.head_timeout_s = head_timeout_s
+
+    class HttpPool(HTTPConnectionPool):
+        ConnectionCls = Http
+
+    class HttpsPool(HTTPSConnectionPool):
+        ConnectionCls = Https
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": HttpPool, "https": HttpsPool}
+
+    return Adapter(max_retries=retry)
+
+
+def _readinto_once(body: http.client.HTTPResponse, buf: memoryview) -> int:
+    """http.client's ``readinto`` with at most one socket read, straight into ``buf``.
+
+    Its own ``readinto`` waits until the buffer is full; its ``readinto1`` (read1,
+    then a copy) allocates a bytes object per read. With a Content-Length this
+    reads from the socket file into ``buf`` and keeps the response's count of what
+    is left, as its ``readinto`` does; anything else takes the documented path.
+    """
+    fp, length = body.fp, body.length
+    if body.chunked or length is None or fp is None:
+        return body.readinto1(buf)
+    if length <= 0:
+        return 0
+    n = fp.readinto1(buf[: min(len(buf), length)])
+    body.length = length - n
+    return n
+
+
 class HttpTransport:
     def __init__(
-        self, settings: HttpSettings | None = None, session: requests.Session | None = None
+        self,
+        settings: HttpSettings | None = None,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings or HttpSettings()
+        self.clock = clock
         self.session = session or self._session()
+
+    def speed_floor(self, url: str) -> SpeedFloor:
+        s = self.settings
+        return SpeedFloor(url, s.min_speed_bytes_s, s.min_speed_window_s, self.clock)
+
+    def read_capped(self, url: str, response: requests.Response, max_bytes: int) -> bytes:
+        """The body of ``response``, at most ``max_bytes + 1`` bytes (so that the
+        caller sees a body over the cap), held to the speed floor."""
+        floor = self.speed_floor(url)
+        out = bytearray()
+        try:
+            while len(out) <= max_bytes:
+                started = floor.clock()
+                piece = response.raw.read1(max_bytes + 1 - len(out), decode_content=False)
+                floor.note(len(piece), started)
+                if not piece:
+                    break
+                out += piece
+        except FOREIGN_ERRORS as exc:
+            raise wrap_error(url, exc) from exc
+        return bytes(out)
 
     def _session(self) -> requests.Session:
         retry = Retry(
@@ -167,8 +362,9 @@ class HttpTransport:
             raise_on_status=False,
         )
         session = requests.Session()
-        session.mount("http://", HTTPAdapter(max_retries=retry))
-        session.mount("https://", HTTPAdapter(max_retries=retry))
+        adapter = _adapter(retry, self.settings.head_timeout_s)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
         session.headers["User-Agent"] = USER_AGENT
         # No transparent decompression: we hash the bytes exactly as served.
         session.headers["Accept-Encoding"] = "identity"
@@ -194,7 +390,7 @@ class HttpTransport:
                     return FetchResult(None, etag)
                 if resp.status_code != 200:
                     raise _http_error(url, resp.status_code)
-                body = resp.raw.read(max_bytes + 1, decode_content=False)
+                body = self.read_capped(url, resp, max_bytes)
                 if len(body) > max_bytes:
                     raise DownloadError("too_much_data", f"{url}: more than {max_bytes} bytes")
                 return FetchResult(body, resp.headers.get("ETag"))
@@ -222,9 +418,9 @@ class HttpTransport:
                     f"{url}: asked for bytes {start}-, got {content_range!r}",
                     status=206,
                 )
-            return _HttpStream(url, resp, start)
+            return _HttpStream(url, resp, start, self.speed_floor(url))
         if resp.status_code == 200:
-            return _HttpStream(url, resp, 0)
+            return _HttpStream(url, resp, 0, self.speed_floor(url))
         resp.close()
         raise _http_error(url, resp.status_code)
 

@@ -25,8 +25,8 @@ from updater.errors import (
     DiskError,
     OmahaError,
     RefusedError,
-    UpdaterError,
     VerificationError,
+    internal_error,
 )
 from updater.fsutil import atomic_write
 from updater.gpg import SignatureChecker
@@ -271,9 +271,7 @@ class Updater:
             return self._check(booted, target, state, booted_version)
         except (VerificationError, OmahaError) as exc:
             # the server answered, but not acceptably: it should hear of it
-            self.source.report(
-                Happening("failed", version=booted_version, error=exc, during_check=True)
-            )
+            self._report(Happening("failed", version=booted_version, error=exc, during_check=True))
             raise
 
     def _report_boot(self, state: State, booted_version: str | None) -> None:
@@ -282,7 +280,7 @@ class Updater:
         if report is None or booted_version is None or self.source is None:
             return
         if versions.compare(booted_version, report.version) == 0:
-            self.source.report(
+            self._report(
                 Happening(
                     "rebooted", version=report.version, previous_version=report.previous_version
                 )
@@ -297,7 +295,7 @@ class Updater:
         if isinstance(doc, NoOffer | Deferred):
             deferred = doc.reason if isinstance(doc, Deferred) else None
             if deferred is not None:
-                self.source.report(Happening("deferred", version=booted_version))
+                self._report(Happening("deferred", version=booted_version))
             log.info(
                 "update_checked", available=False, booted_version=booted_version, deferred=deferred
             )
@@ -364,7 +362,7 @@ class Updater:
         )
         log.error("rollback_detected", failed_version=version, slot=other.slot.label)
         if self.source is not None:
-            self.source.report(Happening("rolled_back", version=version))
+            self._report(Happening("rolled_back", version=version))
             self.store.update(lambda st: replace(st, boot_report=None))
         return version
 
@@ -425,7 +423,7 @@ class Updater:
 
         # 2-5. Stream, hash, decompress, hash, write, fsync, compare, read back.
         assert self.transport is not None and self.source is not None
-        self.source.report(Happening("download_started", version=m.version))
+        self._report(Happening("download_started", version=m.version))
         try:
             with self.open_slot(slot) as device:
                 result = write_image(
@@ -443,19 +441,23 @@ class Updater:
                     progress=progress,
                     cancel=cancel,
                 )
-        except UpdaterError as exc:
+        except Exception as exc:
+            # any failure, ours or not, ends the same way: nothing pending, reported
+            error = internal_error(exc, "install")
             log.error(
                 "install_failed",
                 version=m.version,
                 slot=slot.label,
-                error_kind=exc.kind,
-                error=exc.message,
+                error_kind=error.kind,
+                error=error.message,
             )
             self.store.update(lambda st: replace(st, pending=None))
-            if not isinstance(exc, Cancelled):
-                self.source.report(Happening("failed", version=m.version, error=exc))
-            raise
-        self.source.report(Happening("download_finished", version=m.version))
+            if not isinstance(error, Cancelled):
+                self._report(Happening("failed", version=m.version, error=error))
+            if error is exc:
+                raise
+            raise error from exc
+        self._report(Happening("download_finished", version=m.version))
 
         # 6. Only now may the target boot: once, on trial.
         if progress is not None:
@@ -477,12 +479,30 @@ class Updater:
                 boot_report=BootReport(m.version, previous),
             )
         )
-        self.source.report(Happening("staged", version=m.version, previous_version=previous))
+        self._report(Happening("staged", version=m.version, previous_version=previous))
         self._write_reboot_sentinel(m.version)
         log.info(
             "update_staged", version=m.version, slot=slot.label, seconds=round(result.seconds, 3)
         )
         return result
+
+    def _report(self, happening: Happening) -> None:
+        """Tell the update server what happened. Best effort (``UpdateSource.report``
+        never raises): a source that breaks that promise is logged, and the check or
+        install it reports on goes on."""
+        if self.source is None:
+            return
+        try:
+            self.source.report(happening)
+        except Exception as exc:
+            log.error(
+                "event_report_crashed",
+                happened=happening.what,
+                version=happening.version,
+                error_kind="internal",
+                error=internal_error(exc, "report").message,
+                exc_info=exc,
+            )
 
     def _write_reboot_sentinel(self, version: str) -> None:
         """kured's /run/reboot-required, and .pkgs naming what needs it: the OS."""
