@@ -47,6 +47,7 @@ class Fault:
     trickle_after: int = 0
     trickle_head: bool = False  # ... and the status line and headers trickle too
     trickle_times: int | None = None  # on this many requests (None: always)
+    redirect_to: str | None = None  # answer 302 with this Location (any text, however broken)
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,13 @@ class _Handler(BaseHTTPRequestHandler):
                     fault.trickle_times -= 1
         if fault.delay_s:
             time.sleep(fault.delay_s)
+        if fault.redirect_to is not None:
+            self.send_response(302)
+            self.send_header("Location", fault.redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self._record(302, 0)
+            return
         if fault.status is not None and (fault.status_times is None or fault.status_times > 0):
             if fault.status_times is not None:
                 with shared.lock:

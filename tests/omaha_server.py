@@ -67,6 +67,9 @@ class Answer(enum.StrEnum):
     HTTP_ERROR = "http_error"  # 500
     REDIRECT_SAME = "redirect_same"  # 307 to this server's other path
     REDIRECT_AWAY = "redirect_away"  # 302 to another host name
+    REDIRECT_MALFORMED = "redirect_malformed"  # 302 to state.location, a broken URL
+    BAD_CODEBASE = "bad_codebase"  # the codebase a malformed URL (an unclosed IPv6 literal)
+    WRONG_PROTOCOL = "wrong_protocol"  # <response protocol="2.0">
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,7 @@ class _State:
     deferral: str
     poll_interval_s: int | None
     xxe_target: Path
+    location: str = "http://[::1/"  # where REDIRECT_MALFORMED points
     queued: list[Answer] = field(default_factory=list)
     seen: list[SeenRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -373,6 +377,16 @@ class _Handler(BaseHTTPRequestHandler):
                 return 500, self._send(500, b"")
             case Answer.REDIRECT_SAME:
                 return 307, self._send(307, b"", {"Location": "/v1/update/redirected"})
+            case Answer.BAD_CODEBASE:
+                doc = update()
+                _found(doc.find("app/updatecheck/urls/url")).set("codebase", "https://[::1/x/")
+                return 200, self._send(200, _bytes(doc))
+            case Answer.WRONG_PROTOCOL:
+                doc = update()
+                doc.set("protocol", "2.0")
+                return 200, self._send(200, _bytes(doc))
+            case Answer.REDIRECT_MALFORMED:
+                return 302, self._send(302, b"", {"Location": state.location})
             case Answer.REDIRECT_AWAY:
                 port = self.server.server_address[1]
                 target = f"http://localhost:{port}/v1/update/"

@@ -38,6 +38,7 @@ from updater.machine import (
     from_dict,
     next_delay,
     resume,
+    server_interval,
     step,
     to_dict,
 )
@@ -167,6 +168,9 @@ TIMING = Timing(
         (M(S.REPORTING_ERROR_EVENT, failures=1), 54, 66),
         (M(S.IDLE, server_interval_s=600.0), 540, 660),  # the server's interval
         (M(S.IDLE, server_interval_s=1.0), 54, 66),  # ... never below the floor
+        (M(S.IDLE, server_interval_s=999_999_999.0), 12960, 15840),  # ... nor above 4 h
+        (M(S.IDLE, server_interval_s=float("inf")), 12960, 15840),
+        (M(S.IDLE, server_interval_s=float("nan")), 3240, 3960),  # a broken state file
         (M(S.IDLE, server_interval_s=600.0, failures=3), 216, 264),  # failures first
         (M(S.UPDATED_NEED_REBOOT), 270, 330),
         (M(S.UPDATED_NEED_REBOOT, reboot_refusals=2), 1080, 1320),
@@ -177,6 +181,21 @@ def test_next_delay(machine: Machine, lo: float, hi: float) -> None:
     delays = [next_delay(machine, TIMING, r) for r in (0.0, 0.5, 0.999999)]
     assert all(d is not None and lo <= d <= hi for d in delays), delays
     assert delays[0] != delays[2]  # jittered
+
+
+@pytest.mark.parametrize(
+    ("poll", "asked", "used"),
+    [
+        (3600, 30, 60),
+        (3600, 1800, 1800),
+        (3600, 4 * 3600, 4 * 3600),
+        (3600, 999_999_999, 4 * 3600),  # update_engine's ceiling
+        (86400, 999_999_999, 86400),  # ... or the admin's own interval, if longer
+        (86400, 7200, 7200),
+    ],
+)
+def test_server_interval_is_bounded(poll: float, asked: float, used: float) -> None:
+    assert server_interval(asked, replace(TIMING, poll_interval_s=poll)) == used
 
 
 @pytest.mark.parametrize("state", sorted(BUSY))

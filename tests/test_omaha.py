@@ -11,12 +11,13 @@ import json
 import socket
 import tracemalloc
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import defusedxml.ElementTree
 import pytest
+from structlog.testing import capture_logs
 
 from tests.omaha_server import (
     FIXTURES,
@@ -55,7 +56,9 @@ from updater.omaha import (
     parse_response,
 )
 from updater.omaha_client import OmahaClient, host_context, read_boot_id, read_machine_id
-from updater.transport import HttpSettings, HttpTransport
+from updater.omaha_source import EventQueue, OmahaSource
+from updater.source import Happened, Happening, SignedFetcher
+from updater.transport import FileTransport, HttpSettings, HttpTransport
 
 APP = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}"
 MACHINE_ID = "abce671d61774703ac7be60715220bfe"
@@ -350,7 +353,15 @@ def test_poll_interval(attr: str, expected: int | None) -> None:
 
 @pytest.mark.parametrize(
     "reason",
-    ["error-maxUpdatesPerPeriodLimitReached", "error-onlyOfficeHours", "error-updatesDisabled"],
+    [
+        "error-maxUpdatesPerPeriodLimitReached",
+        "error-maxConcurrentUpdatesLimitReached",
+        "error-maxTimedOutUpdatesLimitReached",
+        "error-updatesDisabled",
+        "error-couldNotCheckUpdatesStats",
+        "error-updateInProgressOnInstance",
+        "error-onlyOfficeHours",
+    ],
 )
 def test_app_error_status_is_a_deferral(reason: str) -> None:
     data = (
@@ -358,10 +369,7 @@ def test_app_error_status_is_a_deferral(reason: str) -> None:
         f'<app appid="{APP}" status="{reason}"><updatecheck status="error-internal"/></app>'
         "</response>"
     ).encode()
-    deferred = parse_response(data, APP)
-    assert deferred == Deferred(reason)
-    assert isinstance(deferred, Deferred) and not deferred.misconfigured
-    assert Deferred("error-unknownApplicationOrGroup").misconfigured
+    assert parse_response(data, APP) == Deferred(reason)
 
 
 # -- responses: hostile and broken ----------------------------------------------------------
@@ -433,6 +441,59 @@ def test_hostile_response_is_a_typed_error(data: bytes, kind: str) -> None:
         parse_response(data, APP)
     assert err.value.kind == kind
     assert err.value.category == "download"
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        # URLs that urlsplit, .port or IDNA reject with ValueError/UnicodeError
+        (edit(CODEBASE, 'codebase="https://[::1/amd64-usr/"'), "package_url"),
+        (edit(CODEBASE, 'codebase="https://a.example:99999/"'), "package_url"),
+        (edit(CODEBASE, 'codebase="https://a.example:x/"'), "package_url"),
+        (edit(CODEBASE, 'codebase="https://a\uff0fb.example/"'), "package_url"),
+        (edit(CODEBASE, 'codebase="https://' + "a" * 64 + '.example/"'), "package_url"),
+        (edit(CODEBASE, 'codebase="https://\u00b2.example/"'), "package_url"),
+        (edit(CODEBASE, 'codebase="https://a.example\\evil/"'), "package_url"),
+        # an XML declaration naming a codec Python does not have (LookupError)
+        (b'<?xml version="1.0" encoding="x-no-such-codec"?><response/>', "xml_parse"),
+        (b'<?xml version="1.0" encoding="utf-16"?><response/>', "xml_parse"),
+        # only Omaha 3.0
+        (NOUPDATE.replace('protocol="3.0"', 'protocol="2.0"').encode(), "unsupported_protocol"),
+        (NOUPDATE.replace(' protocol="3.0"', "").encode(), "unsupported_protocol"),
+    ],
+)
+def test_hostile_response_found_by_review_is_a_typed_error(data: bytes, kind: str) -> None:
+    with pytest.raises(OmahaError) as err:
+        parse_response(data, APP)
+    assert err.value.kind == kind
+
+
+@pytest.mark.parametrize(
+    ("status", "hint"),
+    [
+        ("error-instanceRegistrationFailed", "semver"),
+        ("error-unknownApplicationOrGroup", "group"),
+        ("error-unknownApplication", "app_id"),
+        ("error-noPackageFound", "package"),
+        ("error-invalidAppId", "app_id"),
+        ("error-failedToRetrieveUpdatePackageInfo", "server"),
+        ("error-somethingNew", "server"),
+    ],
+)
+def test_a_refusal_by_the_server_is_an_error_not_a_deferral(status: str, hint: str) -> None:
+    data = (
+        f'<response protocol="3.0" server="nebraska"><daystart elapsed_seconds="0"/>'
+        f'<app appid="{APP}" status="{status}"><updatecheck status="error-internal"/></app>'
+        "</response>"
+    ).encode()
+    with pytest.raises(OmahaError) as err:
+        parse_response(data, APP, sent_version="1.0.0~rc1")
+    assert err.value.kind == "server_refused"
+    assert status in err.value.message
+    assert err.value.hint is not None and hint in err.value.hint
+    if status == "error-instanceRegistrationFailed":
+        assert "1.0.0~rc1" in err.value.hint
+    assert error_code_for_error(err.value, during_check=True) == ErrorCode.OMAHA_RESPONSE_INVALID
 
 
 def test_the_first_package_is_the_payload_even_when_extras_are_valid() -> None:
@@ -712,6 +773,20 @@ def test_redirect_to_another_host_is_refused(server: OmahaServer) -> None:
     assert len(server.requests) == 1
 
 
+@pytest.mark.parametrize(
+    "location",
+    ["http://[::1/v1/update/", "http://localhost:99999/", "http://a..b/", "http://%/x"],
+)
+def test_redirect_to_a_malformed_url_is_a_typed_error(server: OmahaServer, location: str) -> None:
+    server.state.location = location
+    server.answer(Answer.REDIRECT_MALFORMED)
+    with pytest.raises(DownloadError) as err:
+        client(server).check(CTX)
+    # requests reads a Location itself first: what it cannot parse is unsupported_url
+    assert err.value.kind in ("http_status", "unsupported_url")
+    assert len(server.requests) == 1
+
+
 def test_too_many_redirects(server: OmahaServer) -> None:
     server.answer(Answer.REDIRECT_SAME)
     with pytest.raises(DownloadError):
@@ -763,3 +838,25 @@ def test_the_real_documents_served_verbatim(
     ctx = dataclasses.replace(CTX, app_id=FLATCAR_APP_ID)
     assert client(server).check(ctx) == expected
     assert base64.b64decode("stLG3U/o4Ar8TMHFwT/RWB0iNkaWOO6QtLrq6+AHBbA=").hex() == FIXTURE_SHA256
+
+
+class _BrokenClient(OmahaClient):
+    """Its report fails the way nothing in the error hierarchy describes."""
+
+    def report(self, ctx: OmahaRequestContext, events: Sequence[OmahaEvent]) -> None:
+        raise ValueError("Invalid IPv6 URL")
+
+
+@pytest.mark.parametrize("what", ["download_started", "staged", "deferred"])
+def test_a_report_never_raises_and_keeps_the_event(tmp_path: Path, what: Happened) -> None:
+    queue = EventQueue(tmp_path / "omaha-events.json")
+    source = OmahaSource(
+        _BrokenClient("http://127.0.0.1:9/"),
+        lambda version: CTX,
+        SignedFetcher(FileTransport()),
+        queue,
+    )
+    with capture_logs() as logs:
+        source.report(Happening(what, version="1.1.0"))
+    assert len(queue.pending()) == 1  # kept for the next request
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["omaha_report_failed"]

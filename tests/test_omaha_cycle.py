@@ -147,6 +147,9 @@ def test_events_wait_for_an_unreachable_server(host: Host, omaha: OmahaServer) -
         (Answer.EMPTY, "download", "empty_response"),
         (Answer.HTTP_ERROR, "download", "http_status"),
         (Answer.REDIRECT_AWAY, "download", "http_status"),
+        (Answer.BAD_CODEBASE, "download", "package_url"),
+        (Answer.WRONG_PROTOCOL, "download", "unsupported_protocol"),
+        (Answer.REDIRECT_MALFORMED, "download", "unsupported_url"),
     ],
 )
 def test_hostile_answers(
@@ -160,6 +163,44 @@ def test_hostile_answers(
     assert image_gets(repo) == 0  # nothing downloaded ...
     assert_refused(host, before, state_unchanged=False)  # ... and nothing written
     assert Snapshot.take(host).flags_b == before.flags_b
+
+
+def test_a_registration_refusal_is_an_error_with_a_hint_not_a_silent_deferral(
+    host: Host, repo: Repo, omaha: OmahaServer
+) -> None:
+    """Nebraska answers error-instanceRegistrationFailed to a version that is not
+    semver: the host must say so (and back off), not wait for ever."""
+    omaha.state.deferral = "error-instanceRegistrationFailed"
+    omaha.answer(Answer.DEFERRED)
+    before = Snapshot.take(host)
+    r = updatectl(host, "check", "--install", "--json")
+    assert r.code == ExitCode.DOWNLOAD, r.err
+    error = r.json()["error"]
+    assert error["kind"] == "server_refused"
+    assert "semver" in error["hint"] and "1.0.0" in error["hint"]
+    assert image_gets(repo) == 0
+    assert_refused(host, before, state_unchanged=False)
+    assert (3, 0, 34, None) in events(omaha)  # the server hears it as a failed check
+
+
+def test_event_reports_that_fail_any_way_never_stop_an_install(
+    host: Host, omaha: OmahaServer, usr_images: dict[str, Path]
+) -> None:
+    omaha.answer(Answer.REDIRECT_MALFORMED)  # every event POST: a redirect to a broken URL
+    omaha.queue(Answer.UPDATE)  # ... after the update check
+    r = updatectl(host, "check", "--install", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["installed"] is True
+    raw = usr_images["1.1.0"].read_bytes()
+    assert host.slot_bytes("USR-B", len(raw)) == raw
+    assert '"type": 3' in (host.state_dir / "omaha-events.json").read_text()  # kept for later
+
+
+def test_a_poll_interval_of_decades_is_capped(host: Host, omaha: OmahaServer) -> None:
+    omaha.state.poll_interval_s = 999_999_999
+    r = updatectl(host, "check", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["poll_interval_s"] == 4 * 3600  # update_engine's ceiling; config: 1 h
 
 
 def test_server_hash_disagrees_with_the_signed_manifest(

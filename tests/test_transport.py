@@ -351,3 +351,19 @@ def test_speed_floor_config(host: Host, text: str, ok: bool) -> None:
     assert settings.min_speed_bytes_s == cfg.source.min_speed_bytes_s
     assert settings.min_speed_window_s == cfg.source.min_speed_window_s
     assert (settings.head_timeout_s is None) == (cfg.source.min_speed_bytes_s == 0)
+
+
+@pytest.mark.parametrize(
+    "location", ["http://[::1/blob", "http://localhost:99999/blob", "http://%zz/", "http://a..b/"]
+)
+def test_a_redirect_to_a_malformed_url_is_a_download_error(
+    served: RepoServer, location: str
+) -> None:
+    """requests raises plain ValueError (or InvalidURL) for these; never let it escape."""
+    served.fault("/blob", Fault(redirect_to=location))
+    transport = fast(retries=0)
+    with pytest.raises(DownloadError) as err:
+        transport.get(f"{served.url}/blob", max_bytes=len(DATA))
+    assert err.value.kind in ("unsupported_url", "connection")
+    with pytest.raises(DownloadError):
+        fetch_all(transport, f"{served.url}/blob", resume_attempts=0)

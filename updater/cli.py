@@ -24,6 +24,7 @@ from updater.dbus_api import read_status
 from updater.errors import ConfigError, RefusedError, UpdaterError
 from updater.install import WriteResult
 from updater.log import configure
+from updater.machine import Timing, server_interval
 from updater.manifest import Compression, format_time
 from updater.progress import TerminalProgress, human
 from updater.update import CheckResult, StatusReport, as_dict
@@ -33,7 +34,8 @@ def _emit_json(out: TextIO, doc: Any) -> None:
     out.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
 
-def _check_doc(result: CheckResult) -> dict[str, Any]:
+def _check_doc(result: CheckResult, timing: Timing) -> dict[str, Any]:
+    interval = result.interval_s
     doc: dict[str, Any] = {
         "update_available": result.update_available,
         "staged": result.staged,
@@ -41,7 +43,8 @@ def _check_doc(result: CheckResult) -> dict[str, Any]:
         "booted_version": result.booted_version,
         "target": result.target.label,
         "deferred": result.deferred,
-        "poll_interval_s": result.interval_s,
+        # what the agent would wait: the server's wish, held to its bounds
+        "poll_interval_s": None if interval is None else server_interval(interval, timing),
     }
     m = result.manifest
     if m is not None:
@@ -66,7 +69,7 @@ def cmd_check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         if bar is not None:
             bar.finish()
     if args.json:
-        doc = _check_doc(result)
+        doc = _check_doc(result, compose.timing(cfg))
         if args.install:
             doc["installed"] = written is not None
             if written is not None:

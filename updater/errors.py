@@ -210,6 +210,8 @@ class OmahaError(UpdaterError):
             "package_url",  # codebase or package name would leave http(s) or the codebase
             "hash_missing",  # neither a postinstall sha256 nor a hash_sha256
             "hash_invalid",  # not a SHA-256, or the two hashes disagree
+            "unsupported_protocol",  # the response is not <response protocol="3.0">
+            "server_refused",  # an error-* app status that is no rollout deferral
         }
     )
 

@@ -344,6 +344,9 @@ class Timing:
     retry_cap_s: float = 3600.0  # backoff never waits longer than this
     reboot_retry_s: float = 60.0  # ask the reboot policy again after this
     min_interval_s: float = 60.0  # a server-given interval is never shorter
+    # ... nor longer than this or poll_interval_s, whichever is longer (update_engine
+    # caps at 4 h): a server, or a state file, saying 31 years cannot stop the polls
+    max_server_interval_s: float = 4 * 3600.0
 
 
 def _jittered(seconds: float, timing: Timing, rnd: float) -> float:
@@ -366,8 +369,16 @@ def next_delay(m: Machine, timing: Timing, rnd: float) -> float | None:
         return _jittered(min(backoff, timing.retry_cap_s), timing, rnd)
     interval = timing.poll_interval_s
     if m.server_interval_s is not None:
-        interval = max(m.server_interval_s, timing.min_interval_s)
+        interval = server_interval(m.server_interval_s, timing)
     return _jittered(interval, timing, rnd)
+
+
+def server_interval(asked_s: float, timing: Timing) -> float:
+    """The poll interval a server asked for, held to [min_interval_s, the ceiling]."""
+    ceiling = max(timing.poll_interval_s, timing.max_server_interval_s)
+    if asked_s != asked_s:  # NaN, from a hand-edited state file
+        return timing.poll_interval_s
+    return min(max(asked_s, timing.min_interval_s), ceiling)
 
 
 def first_delay(m: Machine, timing: Timing, rnd: float) -> float:

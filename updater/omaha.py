@@ -24,8 +24,11 @@ references) after a size check, and read as update_engine reads them
 its ``@size`` (> 0), and the payload's SHA-256: base64 in the postinstall
 action's ``sha256`` (update_engine's source) or hex in the first package's
 ``hash_sha256`` (Nebraska's extra-file attribute); the SHA-1 ``hash`` is
-ignored. Nebraska's rollout policy answers ``<app status="error-...">``:
-that is a :class:`Deferred`, not an error.
+ignored. Nebraska's rollout policy answers ``<app status="error-...">``
+(:data:`DEFERRAL_STATUSES`): that is a :class:`Deferred`, not an error; any
+other ``error-*`` app status is the server refusing the request
+(``server_refused``: an unregistrable version, an unknown app or group), an
+error an admin must act on. Only ``<response protocol="3.0">`` is read.
 
 An Omaha answer is not a signature: the agent must still verify the signed
 manifest published beside the package (:attr:`UpdateOffer.manifest_url`), and
@@ -42,13 +45,13 @@ import xml.etree.ElementTree as ET  # building only; parsing goes through defuse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
-from urllib.parse import urlsplit
 
 import defusedxml
 import defusedxml.ElementTree
 
 from updater import __version__, versions
 from updater.errors import ConfigError, OmahaError, UpdaterError
+from updater.urls import parse_url
 
 PROTOCOL: Final = "3.0"
 FLATCAR_APP_ID: Final = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}"  # update_engine's kAppId
@@ -161,6 +164,8 @@ ERROR_CODES: Final[Mapping[str, ErrorCode]] = {
     "hash_missing": _E.OMAHA_RESPONSE_INVALID,
     "hash_invalid": _E.OMAHA_RESPONSE_INVALID,
     "too_large": _E.OMAHA_RESPONSE_INVALID,
+    "unsupported_protocol": _E.OMAHA_RESPONSE_INVALID,
+    "server_refused": _E.OMAHA_RESPONSE_INVALID,
     # outcomes that are no exception of ours
     "deferred": _E.OMAHA_UPDATE_DEFERRED_PER_POLICY,
     "rollback": _E.ROLLBACK_ERROR,
@@ -238,7 +243,8 @@ def error_code_for(kind: str) -> int:
     invalid_response, unknown_status,           kActionCodeOmahaResponseInvalid         34
     size_invalid, missing_codebase,
     package_url, hash_missing, hash_invalid,
-    too_large
+    too_large, unsupported_protocol,
+    server_refused
     deferred (Nebraska's error-... app status)  kActionCodeOmahaUpdateDeferredPerPolicy 36
     rollback, check_failed, check_timeout,      kActionCodeRollbackError                44
     unit_inactive (the new boot failed and the
@@ -547,25 +553,56 @@ class NoUpdate:
 
 @dataclass(frozen=True)
 class Deferred:
-    """The server holds the update back (Nebraska: rollout policy, or no such app/group)."""
+    """The server's rollout policy holds the update back: ask again later."""
 
     reason: str  # the app status, e.g. "error-maxUpdatesPerPeriodLimitReached"
     poll_interval_s: int | None = None
 
-    @property
-    def misconfigured(self) -> bool:
-        """The server does not know this app or group: an admin must act, waiting will not help."""
-        return self.reason in _MISCONFIGURED
 
-
-_MISCONFIGURED: Final = frozenset(
+# Nebraska's rollout-policy answers (its handleRolloutPolicyErrors), and CoreUpdate's
+# office hours: the update exists, this host just does not get it yet.
+DEFERRAL_STATUSES: Final = frozenset(
     {
-        "error-unknownApplication",
-        "error-unknownApplicationOrGroup",
-        "error-invalidAppId",
-        "error-noPackageFound",
+        "error-maxUpdatesPerPeriodLimitReached",
+        "error-maxConcurrentUpdatesLimitReached",
+        "error-maxTimedOutUpdatesLimitReached",
+        "error-updatesDisabled",
+        "error-couldNotCheckUpdatesStats",
+        "error-updateInProgressOnInstance",
+        "error-onlyOfficeHours",
     }
 )
+
+# Every other error-* status is a refusal: the server could not or would not
+# serve this request (Nebraska's handleInvalidRequestErrors and its catch-all).
+# Waiting does not help; an admin must act. What to tell them:
+_REFUSAL_HINTS: Final[Mapping[str, str]] = {
+    "error-instanceRegistrationFailed": (
+        "Nebraska could not register this host: it accepts only semver versions "
+        "(MAJOR.MINOR.PATCH[-pre][+build]) and this host sent {version!r}; also check that "
+        "[omaha] group names an existing group or channel and the machine id is set"
+    ),
+    "error-unknownApplicationOrGroup": (
+        "the server knows no such application or group: check [omaha] app_id and group"
+    ),
+    "error-unknownApplication": "the server knows no such application: check [omaha] app_id",
+    "error-invalidAppId": "the server refused the application id: check [omaha] app_id",
+    "error-noPackageFound": (
+        "the group's channel points at no package on the server: an admin must assign one"
+    ),
+}
+_REFUSAL_DEFAULT_HINT: Final = (
+    "the update server refused the request or failed serving it; see its logs"
+)
+
+
+def _refused(status: str, sent_version: str | None) -> OmahaError:
+    hint = _REFUSAL_HINTS.get(status, _REFUSAL_DEFAULT_HINT)
+    return OmahaError(
+        "server_refused",
+        f"Omaha response: the server answered {status!r}",
+        hint=hint.format(version=sent_version or "?"),
+    )
 
 
 @dataclass(frozen=True)
@@ -638,12 +675,19 @@ def _parse(data: bytes, max_bytes: int) -> ET.Element:
         raise _fail("xml_forbidden", f"refused XML construct ({type(exc).__name__})") from None
     except ET.ParseError as exc:
         raise _fail("xml_parse", f"not well-formed XML ({exc})") from None
+    except (LookupError, ValueError) as exc:  # an encoding declaration naming no codec we have
+        raise _fail("xml_parse", f"unreadable XML ({type(exc).__name__}: {exc})") from None
     return root
 
 
 def _our_app(root: ET.Element, app_id: str) -> ET.Element:
     if root.tag != "response":
         raise _fail("invalid_response", f"the root element is <{root.tag}>, not <response>")
+    if root.get("protocol") != PROTOCOL:
+        raise _fail(
+            "unsupported_protocol",
+            f"protocol {root.get('protocol')!r}; this agent speaks Omaha {PROTOCOL} only",
+        )
     want = normalize_app_id(app_id)
     for app in root.findall("app"):
         if normalize_app_id(app.get("appid", "")) == want:
@@ -660,9 +704,7 @@ def _codebases(updatecheck: ET.Element) -> tuple[str, ...]:
         codebase = (url.get("codebase") or "").strip()
         if not codebase:
             raise _fail("missing_codebase", "a url has no codebase")
-        parts = urlsplit(codebase)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise _fail("package_url", f"codebase {codebase!r} is not an http(s) URL")
+        parts = parse_url(codebase, lambda why: _fail("package_url", f"codebase: {why}"))
         if parts.query or parts.fragment or "#" in codebase or "?" in codebase:
             raise _fail("package_url", f"codebase {codebase!r} has a query or fragment")
         out.append(codebase if codebase.endswith("/") else codebase + "/")
@@ -735,15 +777,24 @@ def _offer(updatecheck: ET.Element, poll: int | None) -> UpdateOffer:
 
 
 def parse_response(
-    data: bytes, app_id: str, *, max_bytes: int = MAX_RESPONSE_BYTES
+    data: bytes,
+    app_id: str,
+    *,
+    max_bytes: int = MAX_RESPONSE_BYTES,
+    sent_version: str | None = None,
 ) -> OmahaResponse:
-    """Read the answer to an update check for ``app_id``; raises :class:`OmahaError`."""
+    """Read the answer to an update check for ``app_id``; raises :class:`OmahaError`.
+
+    ``sent_version`` (the version the request carried) only goes into hints.
+    """
     app = _our_app(_parse(data, max_bytes), app_id)
     updatecheck = app.find("updatecheck")
     poll = _poll_interval(updatecheck) if updatecheck is not None else None
     app_status = (app.get("status") or "ok").strip()
-    if app_status.startswith("error-"):
+    if app_status in DEFERRAL_STATUSES:
         return Deferred(app_status, poll)
+    if app_status.startswith("error-"):
+        raise _refused(app_status, sent_version)
     if app_status != "ok":
         raise _fail("unknown_status", f"app status {app_status!r}")
     if updatecheck is None:

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import requests
 import structlog
@@ -37,6 +37,7 @@ from updater.omaha import (
     parse_response,
 )
 from updater.transport import FOREIGN_ERRORS, HttpTransport, wrap_error
+from updater.urls import parse_url
 
 log = structlog.get_logger(__name__)
 
@@ -99,10 +100,31 @@ def host_context(
     )
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return parts.scheme, (parts.hostname or "").lower(), port
+def _redirect_target(url: str, location: str, status: int) -> str:
+    """Where a redirect from ``url`` leads, if it stays on the same server.
+
+    Any Location the server sends, however malformed, is a typed error: a
+    redirect to another scheme, host or port is refused, so a compromised proxy
+    cannot send the machine's id and events to a third party.
+    """
+
+    def refuse(why: str) -> DownloadError:
+        return DownloadError(
+            "http_status",
+            f"{url}: redirected to {location[:200]!r}, not followed: {why}",
+            status=status,
+            hint="point [omaha] server at the final URL",
+        )
+
+    try:
+        target = urljoin(url, location)
+    except ValueError as exc:  # urljoin splits both: a bad IPv6 literal, an NFKC netloc
+        raise refuse(str(exc)) from None
+    here = parse_url(url, refuse)
+    there = parse_url(target, refuse)
+    if there.origin != here.origin:
+        raise refuse("another server")
+    return target
 
 
 class OmahaClient:
@@ -114,13 +136,12 @@ class OmahaClient:
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         max_redirects: int = 3,
     ) -> None:
-        parts = urlsplit(server_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(
-                "invalid",
-                f"the Omaha server must be an http(s) URL, not {server_url!r}",
-                key="server",
-            )
+        parse_url(
+            server_url,
+            lambda why: ConfigError(
+                "invalid", f"the Omaha server must be an http(s) URL: {why}", key="server"
+            ),
+        )
         self.server_url = server_url
         self.transport = transport or HttpTransport()
         self.max_response_bytes = max_response_bytes
@@ -149,10 +170,7 @@ class OmahaClient:
             raise OmahaError(
                 "too_large", f"{url}: the answer is {declared} bytes, more than {cap} allowed"
             )
-        try:
-            body: bytes = resp.raw.read(cap + 1, decode_content=False)
-        except FOREIGN_ERRORS as exc:
-            raise wrap_error(url, exc) from exc
+        body = self.transport.read_capped(url, resp, cap)  # held to the speed floor
         if len(body) > cap:
             raise OmahaError("too_large", f"{url}: the answer is more than {cap} bytes")
         return body
@@ -164,14 +182,7 @@ class OmahaClient:
             with self._send(url, request) as resp:
                 status = resp.status_code
                 if status in REDIRECTS:
-                    target = urljoin(url, resp.headers.get("Location", ""))
-                    if _origin(target) != _origin(url):
-                        raise DownloadError(
-                            "http_status",
-                            f"{url}: redirected to another server ({target}), not followed",
-                            status=status,
-                            hint="point [omaha] server at the final URL",
-                        )
+                    target = _redirect_target(url, resp.headers.get("Location", ""), status)
                     log.debug("omaha_redirected", url=url, target=target, status=status)
                     url = target
                     continue
@@ -197,7 +208,12 @@ class OmahaClient:
             ctx, ping=ping, updatecheck=True, events=events, interactive=interactive
         )
         log.debug("omaha_check", url=self.server_url, events=len(events))
-        return parse_response(self.post(request), ctx.app_id, max_bytes=self.max_response_bytes)
+        return parse_response(
+            self.post(request),
+            ctx.app_id,
+            max_bytes=self.max_response_bytes,
+            sent_version=ctx.version,
+        )
 
     def report(self, ctx: OmahaRequestContext, events: Sequence[OmahaEvent]) -> None:
         """Send events alone, as update_engine does between the steps of an update.

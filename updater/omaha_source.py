@@ -21,7 +21,7 @@ from pathlib import Path
 
 import structlog
 
-from updater.errors import DownloadError, UpdaterError
+from updater.errors import UpdaterError
 from updater.fsutil import atomic_write
 from updater.manifest import Manifest
 from updater.omaha import (
@@ -141,6 +141,20 @@ class OmahaSource:
         return resolve_image_url(self._offer.manifest_url, manifest)
 
     def report(self, happening: Happening) -> None:
+        """Tell the server; never raises (the source contract): a report is best
+        effort, and what cannot be sent now stays queued for the next request."""
+        try:
+            self._report(happening)
+        except Exception as exc:  # noqa: BLE001 - whatever the server or disk did
+            log.warning(
+                "omaha_report_failed",
+                happened=happening.what,
+                error=str(exc),
+                error_type=type(exc).__name__,
+                error_kind=exc.kind if isinstance(exc, UpdaterError) else "internal",
+            )
+
+    def _report(self, happening: Happening) -> None:
         if happening.what == "deferred":
             said = happening.version or ""
             try:
@@ -152,7 +166,7 @@ class OmahaSource:
         events = self._queue.add(omaha_event(happening))
         try:
             self.client.report(self._context(self._version), events)
-        except (DownloadError, UpdaterError) as exc:
+        except UpdaterError as exc:
             log.warning("omaha_events_queued", count=len(events), error=str(exc))
             return
         self._queue.delivered(len(events))

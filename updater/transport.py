@@ -168,10 +168,27 @@ def wrap_error(url: str, exc: BaseException) -> DownloadError:
         )
     if isinstance(exc, requests.exceptions.RetryError):
         return DownloadError("http_status", f"{url}: gave up after retries ({exc})")
+    if isinstance(exc, (ValueError, LookupError)) and not isinstance(
+        exc, requests.exceptions.ConnectionError
+    ):
+        return DownloadError(
+            "unsupported_url",
+            f"{url}: a URL that cannot be used ({type(exc).__name__}: {exc})",
+            hint="a redirect to a malformed URL? the server (or a proxy) is misconfigured",
+        )
     return DownloadError("connection", f"{url}: {exc}")
 
 
-FOREIGN_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+# Everything requests, urllib3 and the socket layer raise for what a server sends:
+# besides their own errors, plain ValueError (urllib.parse on a redirect's Location:
+# a bad IPv6 literal, an NFKC netloc; requests' InvalidURL) and LookupError (a codec).
+FOREIGN_ERRORS = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    OSError,
+    ValueError,
+    LookupError,
+)
 
 
 class _HttpStream:
