@@ -169,3 +169,51 @@ def test_missing_image(tmp_path: Path, release_key: SigningKey) -> None:
         release_key.fingerprint,
     )
     assert r.code == 3 and "no image file" in r.err
+
+
+@pytest.mark.parametrize(
+    ("version", "warned"),
+    [
+        ("1.0.0", None),
+        ("2.10.3", None),
+        ("1.0.0~rc1", "not a semver"),  # our README's pre-release spelling: Nebraska refuses it
+        ("1.0", "not a semver"),
+        ("1.0.0^1", "not a semver"),
+        ("01.0.0", "not a semver"),
+        ("1.0.0-rc1", "semver pre-release"),  # Nebraska and UAPI order it differently
+    ],
+)
+@pytest.mark.parametrize("json_output", [True, False])
+def test_release_warns_when_nebraska_would_refuse_or_misorder_the_version(
+    tmp_path: Path,
+    release_key: SigningKey,
+    raw_image: Path,
+    version: str,
+    warned: str | None,
+    json_output: bool,
+) -> None:
+    r = updatectl(
+        None,
+        "release",
+        *(["--json"] if json_output else []),
+        "--image",
+        str(raw_image),
+        "--version",
+        version,
+        "--repo",
+        str(tmp_path / "repo"),
+        "--gnupghome",
+        str(release_key.gnupghome),
+        "--key",
+        release_key.fingerprint,
+        "--compression",
+        "none",
+    )
+    assert r.code == 0, r.err  # a warning, never a refusal: fine for a static repository
+    warnings = [line for line in r.err.splitlines() if line.startswith("updatectl: warning:")]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warned in warnings[0] and "Nebraska" in warnings[0]
+    if json_output:
+        assert len(r.json()["warnings"]) == (warned is not None)

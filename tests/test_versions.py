@@ -172,3 +172,33 @@ def test_compare_versions_agrees_with_systemd() -> None:
     for a, b in pairs:
         done = run(["systemd-analyze", "compare-versions", a, b], check=False)
         assert RELATION[codes[done.returncode]] == versions.compare(a, b), (a, b)
+
+
+@pytest.mark.parametrize(
+    ("version", "semver"),
+    [
+        ("1.0.0", True),
+        ("0.0.0", True),
+        ("10.20.30", True),
+        ("1.0.0-alpha", True),
+        ("1.0.0-alpha.1", True),
+        ("1.0.0-0.3.7", True),
+        ("1.0.0-x-y-z.--", True),
+        ("1.0.0+build.1", True),
+        ("1.0.0-rc.1+build.1", True),
+        ("1.0", False),
+        ("1", False),
+        ("01.0.0", False),
+        ("1.00.0", False),
+        ("1.0.0-01", False),  # numeric pre-release identifiers: no leading zero
+        ("1.0.0-", False),
+        ("1.0.0-a..b", False),
+        ("1.0.0~rc1", False),
+        ("1.0.0^1", False),
+        ("v1.0.0", False),
+        ("1.0.0 ", False),
+        ("\u0661.\u0660.\u0660", False),  # Arabic-Indic digits: \d would take them
+    ],
+)
+def test_semver_as_nebraska_reads_it(version: str, semver: bool) -> None:
+    assert versions.is_semver(version) is semver

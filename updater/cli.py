@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from policies.identity import host_id
-from updater import compose, config, release
+from updater import compose, config, release, versions
 from updater.agent import status_text
 from updater.agentapi import AgentStatus
 from updater.clock import SystemClock
@@ -300,10 +300,14 @@ def cmd_release(args: argparse.Namespace, cfg: config.Config | None, out: TextIO
         SystemClock().now(),
     )
     m = published.manifest
+    warnings = versions.omaha_warnings(m.version)
+    for warning in warnings:
+        args.err.write(f"updatectl: warning: {warning}\n")
     if args.json:
         _emit_json(
             out,
             {
+                "warnings": list(warnings),
                 "version": m.version,
                 "channel": m.channel,
                 "manifest": str(published.manifest_path),
@@ -426,6 +430,7 @@ def main(
     configure({0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG), stream=err)
     try:
         cfg = None if args.command == "release" else config.load(args.config)
+        args.err = err  # for warnings beside a command's output
         code: int = args.func(args, cfg, out)
         return code
     except UpdaterError as exc:

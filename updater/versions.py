@@ -104,3 +104,37 @@ def is_valid(version: str) -> bool:
 
 
 sort_key = functools.cmp_to_key(compare)
+
+
+# Semantic Versioning 2.0.0, ASCII digits only: what Nebraska (blang/semver's
+# Make) accepts when a host registers; anything else is
+# error-instanceRegistrationFailed. Build metadata (+...) is not in VERSION_RE.
+SEMVER_RE = re.compile(
+    r"(?P<core>(?:0|[1-9][0-9]*)\.(?:0|[1-9][0-9]*)\.(?:0|[1-9][0-9]*))"
+    r"(?:-(?P<pre>(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
+    r"(?:\.(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*))?"
+    r"(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?"
+)
+
+
+def is_semver(version: str) -> bool:
+    """``version`` is a Semantic Versioning 2.0.0 version (what Nebraska accepts)."""
+    return SEMVER_RE.fullmatch(version) is not None
+
+
+def omaha_warnings(version: str) -> tuple[str, ...]:
+    """Why ``version`` would not work on an Omaha server (Nebraska); empty if it would."""
+    match = SEMVER_RE.fullmatch(version)
+    if match is None:
+        return (
+            f"{version!r} is not a semver version (MAJOR.MINOR.PATCH[-pre]): Nebraska refuses "
+            "to register hosts running it (error-instanceRegistrationFailed); fine for a "
+            "static repository",
+        )
+    if match["pre"] is not None:
+        return (
+            f"{version!r} is a semver pre-release: Nebraska orders it before "
+            f"{match['core']!r}, this agent (UAPI version order) after it; on an Omaha "
+            "channel publish plain MAJOR.MINOR.PATCH versions",
+        )
+    return ()
