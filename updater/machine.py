@@ -15,6 +15,7 @@ the time to the next poll is a pure function of it (:func:`next_delay`).
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -376,7 +377,7 @@ def next_delay(m: Machine, timing: Timing, rnd: float) -> float | None:
 def server_interval(asked_s: float, timing: Timing) -> float:
     """The poll interval a server asked for, held to [min_interval_s, the ceiling]."""
     ceiling = max(timing.poll_interval_s, timing.max_server_interval_s)
-    if asked_s != asked_s:  # NaN, from a hand-edited state file
+    if math.isnan(asked_s):  # from a hand-edited state file
         return timing.poll_interval_s
     return min(max(asked_s, timing.min_interval_s), ceiling)
 

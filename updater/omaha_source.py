@@ -145,7 +145,7 @@ class OmahaSource:
         effort, and what cannot be sent now stays queued for the next request."""
         try:
             self._report(happening)
-        except Exception as exc:  # noqa: BLE001 - whatever the server or disk did
+        except Exception as exc:  # whatever the server or the disk did
             log.warning(
                 "omaha_report_failed",
                 happened=happening.what,
