@@ -99,3 +99,9 @@ def parse_or_typed_error(
     if peak > max_bytes:
         raise MemoryHog(f"peak {peak} bytes > {max_bytes}")
     return result
+
+
+def fewer_examples(divisor: int, floor: int = 10) -> int:
+    """A fraction of the loaded profile's examples, for a test whose inputs are big."""
+    current = settings.default.max_examples if settings.default is not None else CI_EXAMPLES
+    return max(floor, current // divisor)

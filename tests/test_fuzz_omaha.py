@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fuzzing import parse_or_typed_error
+from tests.fuzzing import fewer_examples, parse_or_typed_error
 from tests.omaha_server import FIXTURES
 from updater.errors import DownloadError, OmahaError
 from updater.omaha import Deferred, NoUpdate, UpdateOffer, parse_response
@@ -105,7 +105,7 @@ def _mutate(doc: bytes, edits: list[tuple[int, str]], drops: list[int], extra: i
     for _ in range(extra):  # a second app, a second url: the first must still decide
         if app is not None:
             root.append(copy.deepcopy(app))
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True))
 
 
 def _parsed(data: bytes) -> object:
@@ -113,7 +113,7 @@ def _parsed(data: bytes) -> object:
     assert isinstance(result, NoUpdate | Deferred | UpdateOffer | OmahaError), result
     if isinstance(result, UpdateOffer):  # whatever was accepted is usable
         for url in result.urls:
-            parse_url(url, lambda why: AssertionError(why))
+            parse_url(url, lambda why: OmahaError("package_url", why))
         assert result.size > 0 and len(result.sha256) == 64
     return result
 
@@ -153,7 +153,7 @@ def test_fuzz_encoding_declarations(doc: bytes, encoding: str, bom: bool) -> Non
     _parsed((b"\xef\xbb\xbf" if bom else b"") + head + body)
 
 
-@settings(max_examples=max(10, settings.default.max_examples // 10))  # big documents
+@settings(max_examples=fewer_examples(10))  # big documents
 @given(st.integers(1, 30_000), st.sampled_from(["<a>", "<a b='c'>"]))
 def test_fuzz_deep_and_wide_documents(n: int, element: str) -> None:
     """Nesting and width that a hostile server could send within the size cap."""
@@ -169,6 +169,6 @@ def test_fuzz_redirect_locations(url: str, location: str) -> None:
     result = parse_or_typed_error(lambda: _redirect_target(url, location, 302))
     assert isinstance(result, str | DownloadError), result
     if isinstance(result, str):  # followed: same scheme, host and port
-        here = parse_url(url, lambda why: AssertionError(why))
-        there = parse_url(result, lambda why: AssertionError(why))
+        here = parse_url(url, lambda why: OmahaError("package_url", why))
+        there = parse_url(result, lambda why: OmahaError("package_url", why))
         assert here.origin == there.origin
