@@ -63,7 +63,7 @@ from devtools.diskimage import (
     read_layout,
 )
 from devtools.espimage import EFI_SYSTEM_TYPE, ESP_LABEL, format_fat
-from devtools.vm import VmDisk, cache_dir, esp_put
+from devtools.vm import OVMF_CODE, OVMF_VARS, VmDisk, cache_dir, esp_put, mtools
 from updater import compose, config
 from updater.run import Runner, run
 
@@ -604,6 +604,7 @@ def assemble_disk(
         },
         runner=runner,
     )
+    mtools(["mmd", "-i", disk.esp_image, "::/loader/entries"], runner=runner)
     with tempfile.TemporaryDirectory(prefix="osimage-cfg-") as tmp:
         efivars = Path(tmp) / "efivars"  # never this machine's own EFI variables
         efivars.mkdir()
@@ -732,6 +733,105 @@ def _build_entry(entry: Path, base: Path, settings: ImageConfig, *, runner: Runn
     finally:
         if work.exists():
             shutil.rmtree(work)
+
+
+# ---- booting ----------------------------------------------------------------------------------
+
+GUEST_MEMORY_MIB = 1024
+
+
+def qemu_argv(disk: Path, *, serial: Path, vars_file: Path, uuid: UUID) -> list[str]:
+    """QEMU (TCG) with OVMF: the disk on virtio-blk, the serial console to a file, no NIC."""
+    return [
+        "qemu-system-x86_64",
+        "-machine", "q35",
+        "-accel", "tcg",
+        "-m", str(GUEST_MEMORY_MIB),
+        "-smp", "1",
+        # systemd takes the SMBIOS system UUID as the machine id when /etc/machine-id is empty
+        "-uuid", str(uuid),
+        "-nodefaults",
+        "-display", "none",
+        "-monitor", "none",
+        "-serial", f"file:{serial}",
+        # a reboot ends QEMU: the next boot is a fresh QEMU (warm resets are slow under TCG)
+        "-no-reboot",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
+        "-drive", f"if=none,id=disk0,format=raw,file={disk}",
+        "-device", "virtio-blk-pci,drive=disk0,bootindex=0",
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BootLog:
+    serial: bytes  # everything on the serial console
+    seconds: float  # QEMU's wall time
+    returncode: int  # QEMU's (124: killed by timeout)
+
+    @property
+    def timed_out(self) -> bool:
+        return self.returncode in (124, 137)
+
+    def text(self) -> str:
+        """The console without escape sequences and carriage returns."""
+        plain = _ANSI_RE.sub(b"", self.serial).replace(b"\r", b"")
+        return plain.decode("utf-8", "replace")
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.text().splitlines()[-lines:])
+
+    def reports(self, prefix: str = "REPORT") -> dict[str, str]:
+        """``<prefix> key=value`` lines the guest printed at the start of a line (last wins)."""
+        found: dict[str, str] = {}
+        for line in self.text().splitlines():
+            if line.startswith(prefix + " ") and "=" in line:
+                key, _, value = line[len(prefix) + 1 :].partition("=")
+                found[key.strip()] = value.strip()
+        return found
+
+
+_ANSI_RE = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78c])")
+
+
+def boot(
+    disk: Path,
+    *,
+    uuid: UUID,
+    timeout_s: float = 300.0,
+    vars_file: Path | None = None,
+    serial_log: Path | None = None,
+    runner: Runner = run,
+) -> BootLog:
+    """Power ``disk`` on once under QEMU until the guest powers off or ``timeout_s`` passes.
+
+    ``vars_file`` is the machine's OVMF variable store, kept across boots (made
+    from OVMF's template when missing); None: a fresh one for this boot.
+    QEMU runs under ``timeout``, so it never outlives the call.
+    """
+    with tempfile.TemporaryDirectory(prefix="osimage-boot-") as tmp:
+        serial = Path(tmp) / "serial.log"
+        if vars_file is None:
+            vars_file = Path(tmp) / "OVMF_VARS.fd"
+        if not vars_file.exists():
+            shutil.copyfile(OVMF_VARS, vars_file)
+        argv = [
+            "timeout",
+            "--kill-after=5",
+            str(timeout_s),
+            *qemu_argv(disk, serial=serial, vars_file=vars_file, uuid=uuid),
+        ]
+        started = time.monotonic()
+        done = runner(argv, check=False, timeout=timeout_s + 30)
+        seconds = time.monotonic() - started
+        output = serial.read_bytes() if serial.exists() else b""
+    if serial_log is not None:
+        serial_log.write_bytes(output)
+    if done.returncode not in (0, 124, 137):
+        stderr = done.stderr.decode("utf-8", "replace").strip()
+        raise ImageError(f"qemu-system-x86_64 exited {done.returncode}: {stderr}")
+    log.info("osimage_booted", seconds=round(seconds, 1), returncode=done.returncode)
+    return BootLog(output, seconds, done.returncode)
 
 
 # ---- the command ------------------------------------------------------------------------------

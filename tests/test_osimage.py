@@ -1,0 +1,207 @@
+"""The OS image: built from Debian packages, booted for real under QEMU with a real systemd.
+
+The fast tests check the recipe's pieces without building anything. The slow
+one builds the image (cached by the hash of its inputs: the first build
+bootstraps Debian with mmdebstrap, later ones take seconds), boots a copy of
+its disk under QEMU (TCG, OVMF + systemd-boot, its own ``-uuid``) and asserts on
+what a report unit inside the guest printed on the serial console.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from devtools import osimage
+from updater import config
+
+# ---- the recipe, without building -------------------------------------------------------------
+
+
+def test_apt_sources_are_read_from_both_formats(tmp_path: Path) -> None:
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list").write_text(
+        "# deb http://old.example/debian bookworm main\n"
+        "deb [arch=amd64] http://mirror.example/debian/ bookworm main contrib\n"
+        "deb http://mirror.example/debian bullseye main\n"
+    )
+    (etc / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\n"
+        "URIs: http://mirror.example/debian-security\n"
+        "Suites: bookworm-security\n"
+        "Components: main\n"
+        "\n"
+        "Types: deb-src\n"
+        "URIs: http://src.example/debian\n"
+        "Suites: bookworm\n"
+        "Components: main\n"
+        "\n"
+        "Types: deb\n"
+        "URIs: http://mirror.example/debian\n"
+        "Suites: bookworm-updates\n"
+        "Components: main\n"
+        "Enabled: no\n"
+    )
+    (etc / "sources.list.d" / "other.list").write_text("deb http://vendor.example/apt stable main\n")
+    assert [s.line() for s in osimage.host_sources("bookworm", etc)] == [
+        "deb http://mirror.example/debian bookworm main",
+        "deb http://mirror.example/debian-security bookworm-security main",
+    ]
+    with pytest.raises(osimage.ImageError, match="no apt source for Debian trixie"):
+        osimage.host_sources("trixie", etc)
+
+
+def test_the_image_config_is_one_the_agent_accepts(tmp_path: Path) -> None:
+    settings = osimage.ImageConfig(repo_url="http://10.0.2.2:8080/os", keyring=b"key")
+    path = tmp_path / "10-image.toml"
+    path.write_text(osimage.vendor_config(settings))
+    cfg = config.load(path)
+    assert cfg.disk.slots == osimage.SLOT_LABELS
+    assert cfg.disk.backend == "systemd-boot"
+    assert cfg.disk.esp_partition == "EFI-SYSTEM"
+    assert cfg.source.url == "http://10.0.2.2:8080/os"
+    assert cfg.source.keyring == (Path(osimage.KEYRING_PATH),)
+    template = config.entry_template(cfg.systemd_boot)
+    assert template.linux == "/{label}/vmlinuz"
+    assert template.initrd == ("/{label}/initrd.img",)
+    assert template.options.startswith("root=PARTUUID={partuuid} ro ")
+
+
+def test_settings_key_the_cache() -> None:
+    base = osimage.ImageConfig()
+    keys = {
+        osimage.image_key("b", s)
+        for s in (
+            base,
+            osimage.ImageConfig(version="1.1.0"),
+            osimage.ImageConfig(repo_url="http://x/"),
+            osimage.ImageConfig(extra_files=(("/etc/x", b"1", 0o644),)),
+        )
+    }
+    assert len(keys) == 4
+    assert osimage.image_key("b", base) == osimage.image_key("b", osimage.ImageConfig())
+    assert osimage.image_key("b", base) != osimage.image_key("c", base)
+
+
+def test_copy_sparse_keeps_holes_and_data(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    with src.open("wb") as f:
+        f.truncate(64 * osimage.MIB)
+        f.seek(3 * osimage.MIB)
+        f.write(b"a" * 4096)
+        f.seek(40 * osimage.MIB)
+        f.write(b"b" * 8192)
+    dst = tmp_path / "dst"
+    with dst.open("wb") as f:
+        f.truncate(128 * osimage.MIB)
+    osimage.copy_sparse(src, dst, offset=osimage.MIB)
+    with dst.open("rb") as f:
+        f.seek(4 * osimage.MIB)
+        assert f.read(4097) == b"a" * 4096 + b"\0"
+        f.seek(41 * osimage.MIB)
+        assert f.read(8192) == b"b" * 8192
+    assert dst.stat().st_size == 128 * osimage.MIB
+    assert dst.stat().st_blocks * 512 < osimage.MIB  # only the data was written
+
+
+# ---- built and booted -------------------------------------------------------------------------
+
+# Runs once multi-user.target is reached (and the agent is up): prints what the
+# test asserts on to the console, then powers the machine off.
+REPORT_SCRIPT = r"""#!/bin/sh
+part() {
+    dev=$(findmnt -n -o SOURCE "$1")
+    name=${dev#/dev/}
+    label=$(sed -n 's/^PARTNAME=//p' "/sys/class/block/$name/uevent")
+    echo "$label $dev $(findmnt -n -o FSTYPE,OPTIONS "$1" | tr -s ' ' ',')"
+}
+echo "REPORT multi-user=$(systemctl is-active multi-user.target)"
+echo "REPORT failed=$(systemctl list-units --state=failed --plain --no-legend | cut -d' ' -f1 | tr '\n' ' ')"
+echo "REPORT machine-id=$(cat /etc/machine-id)"
+echo "REPORT root=$(part /)"
+echo "REPORT var=$(part /var)"
+echo "REPORT tmp=$(findmnt -n -o FSTYPE /tmp)"
+echo "REPORT version=$(sed -n 's/^IMAGE_VERSION=//p' /usr/lib/os-release)"
+echo "REPORT kernel=$(uname -r)"
+echo "REPORT updater=$(systemctl is-active updater.service)"
+echo "REPORT uptime=$(cut -d' ' -f1 /proc/uptime)"
+updatectl status --json > /tmp/status.json 2> /tmp/status.err
+echo "REPORT status-rc=$?"
+echo "REPORT status=$(python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' < /tmp/status.json 2>&1)"
+echo "REPORT status-err=$(tr '\n' ' ' < /tmp/status.err)"
+echo "REPORT end"
+systemctl poweroff --no-block
+"""
+REPORT_UNIT = """[Unit]
+Description=Report this boot on the console, then power off (test image only)
+After=multi-user.target updater.service updater-mark-good.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/libexec/osimage-test-report
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/console
+
+[Install]
+WantedBy=multi-user.target
+"""
+TEST_SETTINGS = osimage.ImageConfig(
+    version="1.0.0",
+    # nothing answers there: the agent starts, and would poll after its first delay
+    repo_url="http://10.0.2.2:9/os",
+    extra_files=(
+        ("/usr/libexec/osimage-test-report", REPORT_SCRIPT.encode(), 0o755),
+        ("/usr/lib/systemd/system/osimage-test-report.service", REPORT_UNIT.encode(), 0o644),
+    ),
+    enable=("osimage-test-report.service",),
+)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_the_image_boots_read_only_root_a_with_state_and_the_agent(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mmdebstrap --mode=root needs root")
+    image = osimage.build_image(TEST_SETTINGS)
+    again = osimage.build_image(TEST_SETTINGS)
+    assert again.cached and again.disk == image.disk
+    assert again.build_seconds < 30, f"a cached build took {again.build_seconds:.1f}s"
+    assert image.layout.by_label("ROOT-A").size == osimage.SLOT_SIZE
+
+    disk = tmp_path / "disk.img"
+    osimage.copy_sparse(image.disk, disk)  # a boot writes to the disk; the cache stays clean
+    machine = uuid.uuid4()
+    serial = tmp_path / "serial.log"
+    booted = osimage.boot(disk, uuid=machine, timeout_s=400, serial_log=serial)
+    report = booted.reports()
+    assert "end" in report, f"no report (QEMU {booted.returncode}); console:\n{booted.tail()}"
+    assert not booted.timed_out, booted.tail()  # it powered itself off
+
+    assert report["multi-user"] == "active"
+    assert report["failed"] == "", booted.tail()
+    assert report["machine-id"] == machine.hex
+    root_label, root_dev, root_mount = report["root"].split()
+    assert root_label == "ROOT-A"
+    assert root_mount.startswith("ext4,ro,")
+    var_label, _, var_mount = report["var"].split()
+    assert var_label == "STATE"
+    assert var_mount.startswith("ext4,rw,")
+    assert report["tmp"] == "tmpfs"
+    assert report["version"] == "1.0.0"
+    assert report["kernel"] == image.kernel_release
+    assert report["updater"] == "active"
+
+    assert report["status-rc"] == "0", report["status-err"]
+    status = json.loads(report["status"])
+    assert status["agent"] is not None, status  # the agent answered on D-Bus
+    print(
+        f"\nimage build {image.build_seconds:.1f}s (cached: {image.cached}), "
+        f"cached build {again.build_seconds:.1f}s, boot to report {report['uptime']}s "
+        f"guest uptime, QEMU {booted.seconds:.1f}s"
+    )
