@@ -30,7 +30,7 @@ import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import structlog
 from dbus_fast import (
@@ -49,7 +49,7 @@ from dbus_fast.service import ServiceInterface, dbus_property
 
 from updater import errors
 from updater.agentapi import AgentControl, AgentStatus
-from updater.dbuscompat import BUS_FAILURES, dbus_method, dbus_signal
+from updater.dbuscompat import BUS_FAILURES, dbus_method, dbus_signal, signature
 from updater.errors import CommandError, ExitCode, RefusedError, UpdaterError
 
 log = structlog.get_logger(__name__)
@@ -81,25 +81,6 @@ _NO_OWNER: Final = frozenset(
     {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"}
 )
 _ACCESS_DENIED: Final = "org.freedesktop.DBus.Error.AccessDenied"
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def returns(signature: str) -> Callable[[_F], _F]:
-    """Give a service member its D-Bus out signature (``""``: no out arguments).
-
-    dbus-fast reads it from the return annotation. Written as a quoted string
-    literal, the one form every dbus-fast since Debian bookworm's 1.84 reads
-    (``typing.Annotated`` signatures came in 4.0), while the Python annotation
-    the type checker sees stays the real type. Apply it below the dbus-fast
-    decorator.
-    """
-
-    def apply(fn: _F) -> _F:
-        fn.__annotations__["return"] = repr(signature)
-        return fn
-
-    return apply
 
 
 @dataclass(frozen=True)
@@ -252,77 +233,77 @@ class AgentInterface(ServiceInterface):
             self.emit_properties_changed(changed)
 
     @dbus_property(access=PropertyAccess.READ, name="State")
-    @returns("s")
+    @signature("s")
     def state(self) -> str:
         return self._status.state
 
     @dbus_property(access=PropertyAccess.READ, name="BootedSlot")
-    @returns("s")
+    @signature("s")
     def booted_slot(self) -> str:
         return self._status.booted_slot
 
     @dbus_property(access=PropertyAccess.READ, name="BootedVersion")
-    @returns("s")
+    @signature("s")
     def booted_version(self) -> str:
         return self._status.booted_version
 
     @dbus_property(access=PropertyAccess.READ, name="StagedVersion")
-    @returns("s")
+    @signature("s")
     def staged_version(self) -> str:
         return self._status.staged_version
 
     @dbus_property(access=PropertyAccess.READ, name="NewVersion")
-    @returns("s")
+    @signature("s")
     def new_version(self) -> str:
         return self._status.new_version
 
     @dbus_property(access=PropertyAccess.READ, name="NewSize")
-    @returns("t")
+    @signature("t")
     def new_size(self) -> int:
         return max(0, self._status.new_size)
 
     @dbus_property(access=PropertyAccess.READ, name="Progress")
-    @returns("d")
+    @signature("d")
     def progress(self) -> float:
         return float(self._status.progress)
 
     @dbus_property(access=PropertyAccess.READ, name="LastErrorKind")
-    @returns("s")
+    @signature("s")
     def last_error_kind(self) -> str:
         return self._status.last_error_kind
 
     @dbus_property(access=PropertyAccess.READ, name="LastErrorMessage")
-    @returns("s")
+    @signature("s")
     def last_error_message(self) -> str:
         return self._status.last_error_message
 
     @dbus_property(access=PropertyAccess.READ, name="LastCheckTime")
-    @returns("t")
+    @signature("t")
     def last_check_time(self) -> int:
         return max(0, self._status.last_check_time)
 
     @dbus_property(access=PropertyAccess.READ, name="LastChangeTime")
-    @returns("t")
+    @signature("t")
     def last_change_time(self) -> int:
         return max(0, self._status.last_change_time)
 
     @dbus_method(name="CheckNow")
-    @returns("")
+    @signature("")
     async def check_now(self) -> None:
         await _forward("CheckNow", self._control.check_now)
 
     @dbus_method(name="InstallNow")
-    @returns("")
+    @signature("")
     async def install_now(self) -> None:
         await _forward("InstallNow", self._control.install_now)
 
     @dbus_method(name="RebootNow")
-    @returns("")
+    @signature("")
     async def reboot_now(self) -> None:
         await _forward("RebootNow", self._control.reboot_now)
 
     @dbus_method(name="MarkGood")
-    @returns("")
+    @signature("")
     async def mark_good(self) -> None:
         await _forward("MarkGood", self._control.mark_good)
 
@@ -343,22 +324,22 @@ class CoreOSInterface(ServiceInterface):
             self.status_update(now)
 
     @dbus_signal(name="StatusUpdate")
-    @returns("xdssx")
+    @signature("xdssx")
     def status_update(self, status: tuple[int, float, str, str, int]) -> list[object]:
         return list(status)  # dbus-fast < 4 takes several out arguments only as a list
 
     @dbus_method(name="GetStatus")
-    @returns("xdssx")
+    @signature("xdssx")
     def get_status(self) -> list[object]:
         return list(self._last)
 
     @dbus_method(name="AttemptUpdate")
-    @returns("")
+    @signature("")
     async def attempt_update(self) -> None:
         await _forward("AttemptUpdate", self._control.install_now)
 
     @dbus_method(name="ResetStatus")
-    @returns("")
+    @signature("")
     async def reset_status(self) -> None:
         await _forward("ResetStatus", self._control.reset_status)
 
