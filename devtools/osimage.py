@@ -54,6 +54,7 @@ from uuid import UUID
 
 import structlog
 
+from devtools import deb
 from devtools.diskimage import (
     LINUX_DATA_TYPE,
     DiskLayout,
@@ -84,20 +85,10 @@ BASE_PACKAGES = (
     "python3",
     "gnupg",
     "systemd-boot-efi",  # the boot loader the ESP gets is the image's own
-    "mtools",  # the agent edits the ESP inside the disk (esp_partition)
-    "fdisk",  # sfdisk: the agent reads the partition table
+    "fdisk",  # sfdisk, for a person at the console
 )
-# The agent's runtime dependencies, as Debian packages them (its .deb's Depends:).
-AGENT_DEPENDS = (
-    "python3-requests",
-    "python3-gnupg",
-    "python3-structlog",
-    "python3-zstandard",
-    "python3-prometheus-client",
-    "python3-defusedxml",
-    "python3-dbus-fast",
-    "python3-etcd3gw",
-)
+# The agent's package's Depends: and Recommends:, installed with the base.
+AGENT_DEPENDS = tuple(d.package for d in deb.DEPENDS) + deb.RECOMMENDS
 # Debian's initrd must find the root on a virtio disk: load these early.
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk")
 # Run in the tree once every package is in: the initrd is rebuilt with only the
@@ -341,59 +332,34 @@ def kernel_release(tree: Path) -> str:
 
 # ---- the agent --------------------------------------------------------------------------------
 
-AGENT_PACKAGES = ("updater", "partitions", "policies")
-UPDATECTL = "#!/usr/bin/python3\nimport sys\n\nfrom updater.cli import main\n\nsys.exit(main())\n"
-
 
 def agent_sources(source: Path = REPO_ROOT) -> list[Path]:
-    """Every file :func:`install_agent` copies (their bytes key the image's cache)."""
+    """Every file the agent's package is built from (their bytes key the image's cache)."""
     files = [
         p
-        for pkg in AGENT_PACKAGES
+        for pkg in deb.PYTHON_PACKAGES
         for p in sorted((source / pkg).rglob("*"))
         if p.is_file() and "__pycache__" not in p.parts
     ]
-    return files + sorted(p for p in (source / "dist").rglob("*") if p.is_file())
+    files += sorted(p for p in (source / "dist").rglob("*") if p.is_file())
+    return [*files, source / "README.md", Path(deb.__file__).resolve()]
 
 
-def install_agent(tree: Path, source: Path = REPO_ROOT, *, runner: Runner = run) -> None:
-    """Put the agent into the root tree as its Debian package lays it out.
+def install_agent(tree: Path, *, runner: Runner = run) -> None:
+    """Install the agent's Debian package (``make deb``) into the root tree with dpkg.
 
-    Until the ``.deb`` exists: the Python packages into Debian's Python
-    (``/usr/lib/python3/dist-packages``, byte-compiled by the image's own
-    python3, since the root file system is read-only at run time), the
-    ``updatectl`` entry point, the units, the D-Bus policy, tmpfiles.d and
-    the config example. Its dependencies are Debian's (:data:`AGENT_DEPENDS`).
+    Its ``Depends:`` are in the tree already (:data:`AGENT_DEPENDS` went to
+    mmdebstrap); its maintainer scripts byte-compile the modules, enable the
+    units and create the tmpfiles.d directories, as on any Debian system.
     """
-    site = tree / "usr/lib/python3/dist-packages"
-    for pkg in AGENT_PACKAGES:
-        shutil.copytree(
-            source / pkg,
-            site / pkg,
-            ignore=shutil.ignore_patterns("__pycache__"),
-            dirs_exist_ok=True,
-        )
-    updatectl = tree / "usr/bin/updatectl"
-    updatectl.write_text(UPDATECTL)
-    updatectl.chmod(0o755)
-    dist = source / "dist"
-    units = tree / "usr/lib/systemd/system"
-    for unit in sorted(dist.glob("*.service")):
-        shutil.copy(unit, units / unit.name)
-    policy = tree / "usr/share/dbus-1/system.d"
-    policy.mkdir(parents=True, exist_ok=True)
-    for f in sorted((dist / "dbus-1/system.d").iterdir()):
-        shutil.copy(f, policy / f.name)
-    shutil.copy(dist / "tmpfiles.d/updater.conf", tree / "usr/lib/tmpfiles.d/updater.conf")
-    examples = tree / "usr/share/doc/updater/examples"
-    examples.mkdir(parents=True, exist_ok=True)
-    for f in sorted((dist / "config.d").iterdir()):
-        shutil.copy(f, examples / f.name)
-    runner(
-        ["chroot", str(tree), "python3", "-m", "compileall", "-q",
-         *(f"/usr/lib/python3/dist-packages/{pkg}" for pkg in AGENT_PACKAGES)],
-        timeout=600,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="osimage-deb-") as tmp:
+        package = deb.build_deb(Path(tmp))
+        inside = tree / "tmp" / package.name
+        shutil.copy(package, inside)
+        try:
+            runner(["chroot", str(tree), "dpkg", "-i", f"/tmp/{package.name}"], timeout=600)
+        finally:
+            inside.unlink()
 
 
 # ---- the image's own configuration ------------------------------------------------------------
@@ -488,11 +454,11 @@ def configure_tree(tree: Path, settings: ImageConfig, *, runner: Runner = run) -
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
         target.chmod(mode)
-    units = list(settings.enable)
-    if settings.repo_url is not None:
-        units += ["updater.service", "updater-mark-good.service"]
-    if units:
-        runner(["chroot", str(tree), "systemctl", "enable", *units], timeout=120)
+    if settings.enable:
+        runner(["chroot", str(tree), "systemctl", "enable", *settings.enable], timeout=120)
+    if settings.repo_url is None:
+        # The package enabled it; with no repository to poll it could only fail.
+        runner(["chroot", str(tree), "systemctl", "disable", "updater.service"], timeout=120)
 
 
 # ---- file systems and the disk ----------------------------------------------------------------
