@@ -19,6 +19,12 @@ demo-vm: setup
 deb: setup
 	$(PY) -m devtools.deb --out build/deb
 
+# A bootable OS disk image with the agent inside (Debian bookworm, mmdebstrap;
+# root): build/os-image/disk.img. Cached in ~/.cache/updater-vm/osimage by the
+# hash of its inputs. REPO_URL: the release repository its agent polls.
+image: setup
+	$(PY) -m devtools.osimage $(if $(REPO_URL),--repo-url $(REPO_URL))
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -38,12 +38,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -733,11 +736,11 @@ def qemu_argv(disk: Path, *, serial: Path, vars_file: Path, uuid: UUID) -> list[
 class BootLog:
     serial: bytes  # everything on the serial console
     seconds: float  # QEMU's wall time
-    returncode: int  # QEMU's (124: killed by timeout)
+    returncode: int  # QEMU's (124: killed when the boot's time was up)
 
     @property
     def timed_out(self) -> bool:
-        return self.returncode in (124, 137)
+        return self.returncode == 124
 
     def text(self) -> str:
         """The console without escape sequences and carriage returns."""
@@ -760,6 +763,15 @@ class BootLog:
 _ANSI_RE = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78c])")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def boot(
     disk: Path,
     *,
@@ -767,13 +779,14 @@ def boot(
     timeout_s: float = 300.0,
     vars_file: Path | None = None,
     serial_log: Path | None = None,
-    runner: Runner = run,
 ) -> BootLog:
     """Power ``disk`` on once under QEMU until the guest powers off or ``timeout_s`` passes.
 
     ``vars_file`` is the machine's OVMF variable store, kept across boots (made
     from OVMF's template when missing); None: a fresh one for this boot.
-    QEMU runs under ``timeout``, so it never outlives the call.
+    QEMU never outlives the call: it runs in its own process group, killed on
+    the way out whatever happens, and dies with this process (PR_SET_PDEATHSIG)
+    if this one is killed.
     """
     with tempfile.TemporaryDirectory(prefix="osimage-boot-") as tmp:
         serial = Path(tmp) / "serial.log"
@@ -781,23 +794,35 @@ def boot(
             vars_file = Path(tmp) / "OVMF_VARS.fd"
         if not vars_file.exists():
             shutil.copyfile(OVMF_VARS, vars_file)
-        argv = [
-            "timeout",
-            "--kill-after=5",
-            str(timeout_s),
-            *qemu_argv(disk, serial=serial, vars_file=vars_file, uuid=uuid),
-        ]
+        argv = qemu_argv(disk, serial=serial, vars_file=vars_file, uuid=uuid)
         started = time.monotonic()
-        done = runner(argv, check=False, timeout=timeout_s + 30)
+        with open(Path(tmp) / "stderr", "w+b") as stderr:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, before exec
+            )
+            try:
+                returncode = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                returncode = 124
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            stderr.seek(0)
+            errors = stderr.read().decode("utf-8", "replace").strip()
         seconds = time.monotonic() - started
         output = serial.read_bytes() if serial.exists() else b""
     if serial_log is not None:
         serial_log.write_bytes(output)
-    if done.returncode not in (0, 124, 137):
-        stderr = done.stderr.decode("utf-8", "replace").strip()
-        raise ImageError(f"qemu-system-x86_64 exited {done.returncode}: {stderr}")
-    log.info("osimage_booted", seconds=round(seconds, 1), returncode=done.returncode)
-    return BootLog(output, seconds, done.returncode)
+    if returncode not in (0, 124):
+        raise ImageError(f"qemu-system-x86_64 exited {returncode}: {errors}")
+    log.info("osimage_booted", seconds=round(seconds, 1), returncode=returncode)
+    return BootLog(output, seconds, returncode)
 
 
 # ---- the command ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -169,7 +170,7 @@ TEST_SETTINGS = osimage.ImageConfig(
 
 @pytest.mark.slow
 @pytest.mark.root
-def test_the_image_boots_read_only_root_a_with_state_and_the_agent(tmp_path: Path) -> None:
+def test_the_image_boots_read_only_root_a_with_state_and_the_agent() -> None:
     if os.geteuid() != 0:
         pytest.skip("mmdebstrap --mode=root needs root")
     image = osimage.build_image(TEST_SETTINGS)
@@ -178,11 +179,11 @@ def test_the_image_boots_read_only_root_a_with_state_and_the_agent(tmp_path: Pat
     assert again.build_seconds < 30, f"a cached build took {again.build_seconds:.1f}s"
     assert image.layout.by_label("ROOT-A").size == osimage.SLOT_SIZE
 
-    disk = tmp_path / "disk.img"
-    osimage.copy_sparse(image.disk, disk)  # a boot writes to the disk; the cache stays clean
     machine = uuid.uuid4()
-    serial = tmp_path / "serial.log"
-    booted = osimage.boot(disk, uuid=machine, timeout_s=400, serial_log=serial)
+    with tempfile.TemporaryDirectory(prefix="osimage-test-") as tmp:  # ~1 GiB: gone pass or fail
+        disk = Path(tmp) / "disk.img"
+        osimage.copy_sparse(image.disk, disk)  # a boot writes to the disk; the cache stays clean
+        booted = osimage.boot(disk, uuid=machine, timeout_s=400)
     report = booted.reports()
     assert "end" in report, f"no report (QEMU {booted.returncode}); console:\n{booted.tail()}"
     assert not booted.timed_out, booted.tail()  # it powered itself off
