@@ -13,12 +13,14 @@ import json
 import os
 import tempfile
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from devtools import osimage
+from devtools import osimage, vm
 from updater import config
+from updater.run import Completed
 
 # ---- the recipe, without building -------------------------------------------------------------
 
@@ -91,6 +93,50 @@ def test_settings_key_the_cache() -> None:
     assert osimage.image_key("b", base) != osimage.image_key("c", base)
 
 
+def test_configure_tree_makes_a_read_only_root_with_var_on_state(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for d in ("etc/systemd/system", "usr/lib"):
+        (tree / d).mkdir(parents=True)
+    (tree / "etc/machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    (tree / "etc/resolv.conf").write_text("nameserver 192.0.2.1\n")
+    (tree / "usr/lib/os-release").write_text('ID=debian\nIMAGE_VERSION=0.9\nVERSION_ID="12"\n')
+    settings = osimage.ImageConfig(
+        version="1.2.3",
+        repo_url="http://10.0.2.2:8080/os",
+        keyring=b"-----BEGIN PGP PUBLIC KEY BLOCK-----\n",
+        extra_files=(("/usr/libexec/x", b"#!/bin/sh\n", 0o755),),
+    )
+    calls: list[list[str]] = []
+
+    def runner(argv: Sequence[str], **_: object) -> Completed:
+        calls.append(list(argv))
+        return Completed(tuple(argv), 0, b"", b"")
+
+    osimage.configure_tree(tree, settings, runner=runner)
+    assert calls == []  # nothing to enable or disable: the package enabled the agent
+    assert (tree / "etc/machine-id").read_bytes() == b""
+    assert not (tree / "etc/resolv.conf").exists()
+    assert os.readlink(tree / "etc/systemd/system/systemd-firstboot.service") == "/dev/null"
+    fstab = [line.split() for line in (tree / "etc/fstab").read_text().splitlines()]
+    mounts = {f[1]: f for f in fstab if f and not f[0].startswith("#")}
+    assert mounts["/var"][:3] == ["PARTLABEL=STATE", "/var", "ext4"]
+    assert mounts["/tmp"][:3] == ["tmpfs", "/tmp", "tmpfs"]
+    assert "/" not in mounts  # the boot entry's root=PARTUUID= ro decides
+    release = (tree / "usr/lib/os-release").read_text().splitlines()
+    assert "IMAGE_VERSION=1.2.3" in release and "IMAGE_VERSION=0.9" not in release
+    assert 'VERSION_ID="12"' in release
+    assert config.load(tree / osimage.VENDOR_CONFIG).source.url == "http://10.0.2.2:8080/os"
+    assert (tree / osimage.KEYRING_PATH.lstrip("/")).read_bytes() == settings.keyring
+    assert (tree / "usr/libexec/x").stat().st_mode & 0o777 == 0o755
+
+    osimage.configure_tree(tree, osimage.ImageConfig(enable=("x.service",)), runner=runner)
+    assert calls == [
+        ["chroot", str(tree), "systemctl", "enable", "x.service"],
+        ["chroot", str(tree), "systemctl", "disable", "updater.service"],
+    ]
+    assert "url" not in (tree / osimage.VENDOR_CONFIG).read_text()
+
+
 def test_copy_sparse_keeps_holes_and_data(tmp_path: Path) -> None:
     src = tmp_path / "src"
     with src.open("wb") as f:
@@ -133,6 +179,7 @@ echo "REPORT var=$(part /var)"
 echo "REPORT tmp=$(findmnt -n -o FSTYPE /tmp)"
 echo "REPORT version=$(sed -n 's/^IMAGE_VERSION=//p' /usr/lib/os-release)"
 echo "REPORT kernel=$(uname -r)"
+echo "REPORT cmdline=$(cat /proc/cmdline)"
 echo "REPORT updater=$(systemctl is-active updater.service)"
 echo "REPORT uptime=$(cut -d' ' -f1 /proc/uptime)"
 updatectl status --json > /tmp/status.json 2> /tmp/status.err
@@ -178,6 +225,10 @@ def test_the_image_boots_read_only_root_a_with_state_and_the_agent() -> None:
     assert again.cached and again.disk == image.disk
     assert again.build_seconds < 30, f"a cached build took {again.build_seconds:.1f}s"
     assert image.layout.by_label("ROOT-A").size == osimage.SLOT_SIZE
+    esp = vm.VmDisk(image.disk, image.layout, "systemd-boot", image.layout.by_label("EFI-SYSTEM"))
+    assert vm.esp_list(esp, "/ROOT-A") == ["initrd.img", "vmlinuz"]
+    assert vm.esp_list(esp, "/loader/entries") == ["updater-ROOT-A.conf"]  # good: no counter
+    assert vm.esp_read(esp, "/ROOT-A/vmlinuz") == image.vmlinuz.read_bytes()
 
     machine = uuid.uuid4()
     with tempfile.TemporaryDirectory(prefix="osimage-test-") as tmp:  # ~1 GiB: gone pass or fail
@@ -200,6 +251,7 @@ def test_the_image_boots_read_only_root_a_with_state_and_the_agent() -> None:
     assert report["tmp"] == "tmpfs"
     assert report["version"] == "1.0.0"
     assert report["kernel"] == image.kernel_release
+    assert "initrd=\\ROOT-A\\initrd.img" in report["cmdline"]  # the slot's own boot files
     assert report["updater"] == "active"
 
     assert report["status-rc"] == "0", report["status-err"]
