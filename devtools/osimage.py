@@ -396,21 +396,21 @@ def disk_settings(device: Path | None = None) -> str:
 
 def vendor_config(settings: ImageConfig) -> str:
     """``/usr/lib/updater/config.d/10-image.toml``: this image's layout and release source."""
-    source = ["[source]"]
+    source = []
     if settings.repo_url is not None:
         source.append(f'url = "{settings.repo_url}"')
     if settings.keyring is not None:
         source.append(f'keyring = ["{KEYRING_PATH}"]')
     return (
         "# The image's own settings (devtools/osimage.py); /etc/updater/config.d overrides them.\n"
-        + "\n".join(source)
-        + "\n\n"
+        + ("\n".join(["[source]", *source]) + "\n\n" if source else "")
         + disk_settings()
         + "\n"
         + sdboot_settings()
     )
 
 
+APT_TIMERS = ("apt-daily.timer", "apt-daily-upgrade.timer")  # disabled in the image
 FSTAB = (
     "# / is the slot the boot entry names (root=PARTUUID=...), mounted read-only.\n"
     f"PARTLABEL={STATE_LABEL}  /var  ext4   defaults,noatime          0  2\n"
@@ -433,6 +433,9 @@ def configure_tree(tree: Path, settings: ImageConfig, *, runner: Runner = run) -
     mask = etc / "systemd/system/systemd-firstboot.service"
     mask.unlink(missing_ok=True)
     mask.symlink_to("/dev/null")
+    # The OS is updated as a whole image: apt has nothing to fetch on a schedule.
+    for timer in APT_TIMERS:
+        (etc / "systemd/system/timers.target.wants" / timer).unlink(missing_ok=True)
     # The directories the agent's tmpfiles.d would create: / is read-only at boot.
     for d in ("config.d", "health.d", "pre-reboot.d"):
         (etc / "updater" / d).mkdir(parents=True, exist_ok=True)

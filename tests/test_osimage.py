@@ -95,8 +95,10 @@ def test_settings_key_the_cache() -> None:
 
 def test_configure_tree_makes_a_read_only_root_with_var_on_state(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
-    for d in ("etc/systemd/system", "usr/lib"):
+    for d in ("etc/systemd/system/timers.target.wants", "usr/lib"):
         (tree / d).mkdir(parents=True)
+    for timer in ("apt-daily.timer", "fstrim.timer"):
+        (tree / "etc/systemd/system/timers.target.wants" / timer).symlink_to(f"/lib/{timer}")
     (tree / "etc/machine-id").write_text("0123456789abcdef0123456789abcdef\n")
     (tree / "etc/resolv.conf").write_text("nameserver 192.0.2.1\n")
     (tree / "usr/lib/os-release").write_text('ID=debian\nIMAGE_VERSION=0.9\nVERSION_ID="12"\n')
@@ -117,6 +119,8 @@ def test_configure_tree_makes_a_read_only_root_with_var_on_state(tmp_path: Path)
     assert (tree / "etc/machine-id").read_bytes() == b""
     assert not (tree / "etc/resolv.conf").exists()
     assert os.readlink(tree / "etc/systemd/system/systemd-firstboot.service") == "/dev/null"
+    timers = tree / "etc/systemd/system/timers.target.wants"
+    assert sorted(p.name for p in timers.iterdir()) == ["fstrim.timer"]  # no apt on a schedule
     fstab = [line.split() for line in (tree / "etc/fstab").read_text().splitlines()]
     mounts = {f[1]: f for f in fstab if f and not f[0].startswith("#")}
     assert mounts["/var"][:3] == ["PARTLABEL=STATE", "/var", "ext4"]
@@ -134,7 +138,8 @@ def test_configure_tree_makes_a_read_only_root_with_var_on_state(tmp_path: Path)
         ["chroot", str(tree), "systemctl", "enable", "x.service"],
         ["chroot", str(tree), "systemctl", "disable", "updater.service"],
     ]
-    assert "url" not in (tree / osimage.VENDOR_CONFIG).read_text()
+    assert "[source]" not in (tree / osimage.VENDOR_CONFIG).read_text()
+    assert config.load(tree / osimage.VENDOR_CONFIG).source.url is None
 
 
 def test_copy_sparse_keeps_holes_and_data(tmp_path: Path) -> None:
