@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import requests
 
 from devtools.host import Host, write_config
 from devtools.repo_server import Fault, RepoServer
@@ -367,3 +368,40 @@ def test_a_redirect_to_a_malformed_url_is_a_download_error(
     assert err.value.kind in ("unsupported_url", "connection")
     with pytest.raises(DownloadError):
         fetch_all(transport, f"{served.url}/blob", resume_attempts=0)
+
+
+class _Urllib3Before2:
+    """urllib3 1.26's response as the agent sees it (Debian bookworm's): no ``read1``."""
+
+    def __init__(self, raw: object) -> None:
+        self._raw = raw
+
+    def __getattr__(self, name: str) -> object:
+        if name == "read1":
+            raise AttributeError(name)
+        return getattr(self._raw, name)
+
+
+def test_bodies_are_read_without_urllib3s_read1(
+    served: RepoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image runs the agent on urllib3 1.26, whose response has no read1."""
+    real_send = requests.Session.send
+
+    def send(self: requests.Session, *args: object, **kwargs: object) -> requests.Response:
+        response = real_send(self, *args, **kwargs)  # type: ignore[arg-type]
+        response.raw = _Urllib3Before2(response.raw)
+        return response
+
+    monkeypatch.setattr(requests.Session, "send", send)
+    t = HttpTransport()
+    assert t.get(served.url + "/blob", max_bytes=len(DATA)).body == DATA
+    stream = t.open_stream(served.url + "/blob")
+    try:
+        got = bytearray()
+        while piece := stream.read(65536):
+            assert len(piece) <= 65536
+            got += piece
+    finally:
+        stream.close()
+    assert bytes(got) == DATA

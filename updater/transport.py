@@ -210,7 +210,7 @@ class _HttpStream:
     def read(self, n: int) -> bytes:
         started = self._floor.clock()
         try:
-            data: bytes = self._response.raw.read1(n, decode_content=False)
+            data = _read1(self._response, n)
         except FOREIGN_ERRORS as exc:
             raise wrap_error(self._url, exc) from exc
         self._floor.note(len(data), started)
@@ -221,7 +221,7 @@ class _HttpStream:
         started = self._floor.clock()
         try:
             if body is None:
-                data = self._response.raw.read1(len(buf), decode_content=False)
+                data = _read1(self._response, len(buf))
                 n = len(data)
                 buf[:n] = data
             else:
@@ -233,6 +233,24 @@ class _HttpStream:
 
     def close(self) -> None:
         self._response.close()
+
+
+def _read1(response: requests.Response, n: int) -> bytes:
+    """At most ``n`` bytes of the body as served (not decoded), with at most one socket read.
+
+    urllib3 2.x has ``read1``; 1.26 (Debian bookworm's) has not: there the
+    http.client response under it reads (its ``read1`` does one read, chunked or
+    not), and without one, urllib3's ``read`` (which may wait for all ``n``).
+    """
+    read1 = getattr(response.raw, "read1", None)
+    if read1 is not None:
+        data: bytes = read1(n, decode_content=False)
+        return data
+    body = _http_client_body(response)
+    if body is not None:
+        return body.read1(n)
+    data = response.raw.read(n, decode_content=False)
+    return data
 
 
 def _http_client_body(response: requests.Response) -> http.client.HTTPResponse | None:
@@ -356,7 +374,7 @@ class HttpTransport:
         try:
             while len(out) <= max_bytes:
                 started = floor.clock()
-                piece = response.raw.read1(max_bytes + 1 - len(out), decode_content=False)
+                piece = _read1(response, max_bytes + 1 - len(out))
                 floor.note(len(piece), started)
                 if not piece:
                     break
