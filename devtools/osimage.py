@@ -37,6 +37,7 @@ that slot's root file system.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import ctypes
 import fcntl
@@ -50,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
@@ -102,6 +103,21 @@ CUSTOMIZE_HOOK = (
     ' && chroot "$1" update-initramfs -u -k all'
 )
 
+# Each image's initrd is its own build and says so: a hook stores IMAGE_VERSION
+# in it, and a script leaves it in /run/image-initrd-version (/run survives
+# the switch to the root file system), so a booted machine shows which build's
+# boot files it runs, not only which root file system.
+INITRD_VERSION_FILE = "/run/image-initrd-version"
+INITRD_HOOK = r"""#!/bin/sh
+case "$1" in prereqs) exit 0 ;; esac
+mkdir -p "$DESTDIR/etc"
+sed -n 's/^IMAGE_VERSION=//p' /usr/lib/os-release > "$DESTDIR/etc/image-version"
+"""
+INITRD_SCRIPT = r"""#!/bin/sh
+case "$1" in prereqs) exit 0 ;; esac
+cp /etc/image-version /run/image-initrd-version
+"""
+
 SLOT_LABELS = ("ROOT-A", "ROOT-B")
 STATE_LABEL = "STATE"
 # The Discoverable Partitions Specification's "root (x86-64)" type.
@@ -120,7 +136,7 @@ CMDLINE = "root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 quiet"
 ENTRY_TITLE = "Updater OS ({label})"
 # Bump when the recipe changes in a way the hashed inputs do not show.
 RECIPE_VERSION = "1"
-KEEP_IMAGES = 4  # cached images kept (each ~1 GiB): make image's and the tests'
+KEEP_IMAGES = 6  # cached images kept (each ~1 GiB): make image's, the tests' three versions
 KEEP_BASES = 2  # cached bootstrapped trees kept
 
 LAYOUT_DOC = __doc__
@@ -411,6 +427,42 @@ def vendor_config(settings: ImageConfig) -> str:
 
 
 APT_TIMERS = ("apt-daily.timer", "apt-daily-upgrade.timer")  # disabled in the image
+
+# The network: every Ethernet link by DHCP (QEMU's user networking, a cloud's
+# VPC), systemd-networkd with its wait-online, so network-online.target (which
+# updater.service waits for) means an address.
+NETWORK_FILE = "etc/systemd/network/50-dhcp.network"
+NETWORK = "[Match]\nType=ether\n\n[Network]\nDHCP=ipv4\n"
+
+# Settings given to the machine at boot rather than baked into the image: the
+# system credential ``updater.config`` (a TOML drop-in; QEMU's
+# ``-smbios type=11,value=io.systemd.credential:updater.config=...``, a cloud's
+# SMBIOS, or ``systemd.set_credential=`` on the kernel command line) becomes
+# /run/updater/config.d/60-credential.toml before the agent reads its
+# configuration. One image then serves every repository, channel or fleet.
+CREDENTIAL = "updater.config"
+CREDENTIAL_DROPIN = "/run/updater/config.d/60-credential.toml"
+CREDENTIAL_UNIT_NAME = "updater-config-credential.service"
+CREDENTIAL_UNIT = f"""[Unit]
+Description=Agent settings from the system credential {CREDENTIAL}
+DefaultDependencies=no
+After=systemd-tmpfiles-setup.service
+Before=sysinit.target updater.service updater-mark-good.service
+ConditionPathExists=/run/credentials/@system/{CREDENTIAL}
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/bin/install -D -m 0644 /run/credentials/@system/{CREDENTIAL} {CREDENTIAL_DROPIN}
+
+[Install]
+WantedBy=sysinit.target
+"""
+# Without a repository baked in, the agent runs only when a credential gave it one.
+AGENT_NEEDS_CREDENTIAL = f"""[Unit]
+ConditionPathExists={CREDENTIAL_DROPIN}
+"""
+AGENT_DROPIN = "usr/lib/systemd/system/updater.service.d/10-credential.conf"
 FSTAB = (
     "# / is the slot the boot entry names (root=PARTUUID=...), mounted read-only.\n"
     f"PARTLABEL={STATE_LABEL}  /var  ext4   defaults,noatime          0  2\n"
@@ -460,11 +512,34 @@ def configure_tree(tree: Path, settings: ImageConfig, *, runner: Runner = run) -
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
         target.chmod(mode)
-    if settings.enable:
-        runner(["chroot", str(tree), "systemctl", "enable", *settings.enable], timeout=120)
+    network = tree / NETWORK_FILE
+    network.parent.mkdir(parents=True, exist_ok=True)
+    network.write_text(NETWORK)
+    unit = tree / "usr/lib/systemd/system" / CREDENTIAL_UNIT_NAME
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_text(CREDENTIAL_UNIT)
+    dropin = tree / AGENT_DROPIN
     if settings.repo_url is None:
-        # The package enabled it; with no repository to poll it could only fail.
-        runner(["chroot", str(tree), "systemctl", "disable", "updater.service"], timeout=120)
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text(AGENT_NEEDS_CREDENTIAL)
+    else:
+        dropin.unlink(missing_ok=True)
+    # networkd's [Install] brings its socket and wait-online along.
+    enable = ("systemd-networkd.service", CREDENTIAL_UNIT_NAME, *settings.enable)
+    runner(["chroot", str(tree), "systemctl", "enable", *enable], timeout=120)
+
+
+def rebuild_initrd(tree: Path, *, runner: Runner = run) -> None:
+    """This image's own initrd, recording its IMAGE_VERSION (:data:`INITRD_HOOK`)."""
+    hooks = tree / "etc/initramfs-tools"
+    for path, text in (
+        (hooks / "hooks/image-version", INITRD_HOOK),
+        (hooks / "scripts/init-bottom/image-version", INITRD_SCRIPT),
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755)
+    runner(["chroot", str(tree), "update-initramfs", "-u", "-k", "all"], timeout=600)
 
 
 # ---- file systems and the disk ----------------------------------------------------------------
@@ -565,17 +640,18 @@ def assemble_disk(
     format_fat(path, esp.offset, esp.size, volume="ESP", runner=runner)
     disk = VmDisk(path, layout, "systemd-boot", esp)
     label = SLOT_LABELS[0]
-    esp_put(
-        disk,
-        {
-            "/EFI/BOOT/BOOTX64.EFI": boot_loader,
-            # No `default`: it would defeat boot counting (see partitions/sdboot.py).
-            "/loader/loader.conf": b"timeout 0\nconsole-mode keep\neditor no\n",
-            BOOT_LINUX.format(label=label): vmlinuz,
-            BOOT_INITRD.format(label=label): initrd,
-        },
-        runner=runner,
-    )
+    files: dict[str, Path | bytes] = {
+        "/EFI/BOOT/BOOTX64.EFI": boot_loader,
+        # No `default`: it would defeat boot counting (see partitions/sdboot.py).
+        "/loader/loader.conf": b"timeout 0\nconsole-mode keep\neditor no\n",
+    }
+    # Both slots start with this image's boot files: ROOT-B's are replaced by
+    # the agent with those of the release it installs there (when the release
+    # carries them); until then a release without boot files boots this kernel.
+    for slot_label in SLOT_LABELS:
+        files[BOOT_LINUX.format(label=slot_label)] = vmlinuz
+        files[BOOT_INITRD.format(label=slot_label)] = initrd
+    esp_put(disk, files, runner=runner)
     mtools(["mmd", "-i", disk.esp_image, "::/loader/entries"], runner=runner)
     with tempfile.TemporaryDirectory(prefix="osimage-cfg-") as tmp:
         efivars = Path(tmp) / "efivars"  # never this machine's own EFI variables
@@ -670,6 +746,7 @@ def _build_entry(entry: Path, base: Path, settings: ImageConfig, *, runner: Runn
         runner(["cp", "-a", "--reflink=auto", str(base), str(tree)], timeout=600)
         install_agent(tree, runner=runner)
         configure_tree(tree, settings, runner=runner)
+        rebuild_initrd(tree, runner=runner)
         release = kernel_release(tree)
         shutil.copy(tree / "boot" / f"vmlinuz-{release}", work / "vmlinuz")
         shutil.copy(tree / "boot" / f"initrd.img-{release}", work / "initrd.img")
@@ -710,28 +787,59 @@ def _build_entry(entry: Path, base: Path, settings: ImageConfig, *, runner: Runn
 # ---- booting ----------------------------------------------------------------------------------
 
 GUEST_MEMORY_MIB = 1024
+POWER_CUT = -9  # BootLog.returncode when the watcher pulled the plug
+_CREDENTIAL_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
-def qemu_argv(disk: Path, *, serial: Path, vars_file: Path, uuid: UUID) -> list[str]:
-    """QEMU (TCG) with OVMF: the disk on virtio-blk, the serial console to a file, no NIC."""
+def smbios_credentials(credentials: Mapping[str, bytes]) -> list[str]:
+    """QEMU options passing system credentials to systemd (SMBIOS type 11 OEM strings).
+
+    Base64 (``io.systemd.credential.binary:``) so that any bytes, newlines and
+    the commas QEMU's option parser would split on, get through.
+    """
+    argv: list[str] = []
+    for name, value in sorted(credentials.items()):
+        if not _CREDENTIAL_NAME_RE.fullmatch(name):
+            raise ImageError(f"bad credential name {name!r}")
+        encoded = base64.b64encode(value).decode()
+        argv += ["-smbios", f"type=11,value=io.systemd.credential.binary:{name}={encoded}"]
+    return argv
+
+
+def qemu_argv(
+    disk: Path,
+    *,
+    serial: str,
+    vars_file: Path,
+    uuid: UUID,
+    credentials: Mapping[str, bytes] | None = None,
+    cpus: int = 1,
+) -> list[str]:
+    """QEMU (TCG) with OVMF: the disk on virtio-blk, a NIC on QEMU's user network.
+
+    ``serial`` is QEMU's character device for the console (``file:<path>``,
+    ``mon:stdio``). The guest reaches this machine's loopback as 10.0.2.2.
+    """
     return [
         "qemu-system-x86_64",
         "-machine", "q35",
         "-accel", "tcg",
         "-m", str(GUEST_MEMORY_MIB),
-        "-smp", "1",
+        "-smp", str(cpus),
         # systemd takes the SMBIOS system UUID as the machine id when /etc/machine-id is empty
         "-uuid", str(uuid),
         "-nodefaults",
         "-display", "none",
-        "-monitor", "none",
-        "-serial", f"file:{serial}",
+        "-serial", serial,
         # a reboot ends QEMU: the next boot is a fresh QEMU (warm resets are slow under TCG)
         "-no-reboot",
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
         "-drive", f"if=none,id=disk0,format=raw,file={disk}",
         "-device", "virtio-blk-pci,drive=disk0,bootindex=0",
+        "-netdev", "user,id=net0",
+        "-device", "virtio-net-pci,netdev=net0",
+        *smbios_credentials(credentials or {}),
     ]  # fmt: skip
 
 
@@ -739,16 +847,19 @@ def qemu_argv(disk: Path, *, serial: Path, vars_file: Path, uuid: UUID) -> list[
 class BootLog:
     serial: bytes  # everything on the serial console
     seconds: float  # QEMU's wall time
-    returncode: int  # QEMU's (124: killed when the boot's time was up)
+    returncode: int  # QEMU's (124: killed when the boot's time was up; POWER_CUT)
 
     @property
     def timed_out(self) -> bool:
         return self.returncode == 124
 
+    @property
+    def power_cut(self) -> bool:
+        return self.returncode == POWER_CUT
+
     def text(self) -> str:
         """The console without escape sequences and carriage returns."""
-        plain = _ANSI_RE.sub(b"", self.serial).replace(b"\r", b"")
-        return plain.decode("utf-8", "replace")
+        return clean_console(self.serial)
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.text().splitlines()[-lines:])
@@ -762,8 +873,21 @@ class BootLog:
                 found[key.strip()] = value.strip()
         return found
 
+    def lines(self, prefix: str) -> list[str]:
+        """What follows ``<prefix> `` on every console line that starts with it."""
+        return [
+            line[len(prefix) + 1 :]
+            for line in self.text().splitlines()
+            if line.startswith(prefix + " ")
+        ]
+
 
 _ANSI_RE = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78c])")
+
+
+def clean_console(data: bytes) -> str:
+    plain = _ANSI_RE.sub(b"", data).replace(b"\r", b"")
+    return plain.decode("utf-8", "replace")
 
 
 def _die_with_parent() -> None:
@@ -773,6 +897,35 @@ def _die_with_parent() -> None:
 
 
 PR_SET_PDEATHSIG = 1
+Watcher = Callable[[str], bool]  # a console line -> True: cut the power now
+
+
+class _LineFeed:
+    """The console file as it grows, handed to a watcher one complete line at a time."""
+
+    def __init__(self, path: Path, watch: Watcher | None) -> None:
+        self.path = path
+        self.watch = watch
+        self.offset = 0
+        self.partial = b""
+
+    def poll(self, *, final: bool = False) -> bool:
+        if self.watch is None or not self.path.exists():
+            return False
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read()
+        self.offset += len(data)
+        *complete, self.partial = (self.partial + data).split(b"\n")
+        if final and self.partial:
+            complete.append(self.partial)
+            self.partial = b""
+        cut = False
+        for raw in complete:
+            if self.watch(clean_console(raw)) and not final:
+                cut = True
+                break
+        return cut
 
 
 def boot(
@@ -782,11 +935,18 @@ def boot(
     timeout_s: float = 300.0,
     vars_file: Path | None = None,
     serial_log: Path | None = None,
+    credentials: Mapping[str, bytes] | None = None,
+    watch: Watcher | None = None,
+    cpus: int = 1,
 ) -> BootLog:
-    """Power ``disk`` on once under QEMU until the guest powers off or ``timeout_s`` passes.
+    """Power ``disk`` on once under QEMU until the guest powers off or reboots (QEMU
+    runs with -no-reboot), or ``timeout_s`` passes.
 
     ``vars_file`` is the machine's OVMF variable store, kept across boots (made
     from OVMF's template when missing); None: a fresh one for this boot.
+    ``credentials`` go to the guest's systemd (:func:`smbios_credentials`).
+    ``watch`` sees every console line as it is printed; when it returns True,
+    QEMU is killed on the spot (a power cut: ``returncode`` is POWER_CUT).
     QEMU never outlives the call: it runs in its own process group, killed on
     the way out whatever happens, and dies with this process (PR_SET_PDEATHSIG)
     if this one is killed.
@@ -797,7 +957,15 @@ def boot(
             vars_file = Path(tmp) / "OVMF_VARS.fd"
         if not vars_file.exists():
             shutil.copyfile(OVMF_VARS, vars_file)
-        argv = qemu_argv(disk, serial=serial, vars_file=vars_file, uuid=uuid)
+        argv = qemu_argv(
+            disk,
+            serial=f"file:{serial}",
+            vars_file=vars_file,
+            uuid=uuid,
+            credentials=credentials,
+            cpus=cpus,
+        )
+        feed = _LineFeed(serial, watch)
         started = time.monotonic()
         with open(Path(tmp) / "stderr", "w+b") as stderr:
             proc = subprocess.Popen(
@@ -809,9 +977,20 @@ def boot(
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, before exec
             )
             try:
-                returncode = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                returncode = 124
+                while True:
+                    try:
+                        returncode = proc.wait(timeout=0.2)
+                        break
+                    except subprocess.TimeoutExpired:
+                        pass
+                    if feed.poll():
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                        returncode = POWER_CUT
+                        break
+                    if time.monotonic() - started > timeout_s:
+                        returncode = 124
+                        break
             finally:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -819,13 +998,42 @@ def boot(
             stderr.seek(0)
             errors = stderr.read().decode("utf-8", "replace").strip()
         seconds = time.monotonic() - started
+        feed.poll(final=True)
         output = serial.read_bytes() if serial.exists() else b""
     if serial_log is not None:
         serial_log.write_bytes(output)
-    if returncode not in (0, 124):
+    if returncode not in (0, 124, POWER_CUT):
         raise ImageError(f"qemu-system-x86_64 exited {returncode}: {errors}")
     log.info("osimage_booted", seconds=round(seconds, 1), returncode=returncode)
     return BootLog(output, seconds, returncode)
+
+
+def boot_interactive(
+    disk: Path,
+    *,
+    uuid: UUID,
+    vars_file: Path,
+    credentials: Mapping[str, bytes] | None = None,
+    cpus: int = 1,
+) -> int:
+    """Boot ``disk`` with the serial console on this terminal (Ctrl-A X quits QEMU)."""
+    if not vars_file.exists():
+        shutil.copyfile(OVMF_VARS, vars_file)
+    argv = qemu_argv(
+        disk,
+        serial="mon:stdio",
+        vars_file=vars_file,
+        uuid=uuid,
+        credentials=credentials,
+        cpus=cpus,
+    )
+    proc = subprocess.Popen(argv, start_new_session=False, preexec_fn=_die_with_parent)  # noqa: PLW1509
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ---- the command ------------------------------------------------------------------------------

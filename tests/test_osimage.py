@@ -115,7 +115,11 @@ def test_configure_tree_makes_a_read_only_root_with_var_on_state(tmp_path: Path)
         return Completed(tuple(argv), 0, b"", b"")
 
     osimage.configure_tree(tree, settings, runner=runner)
-    assert calls == []  # nothing to enable or disable: the package enabled the agent
+    # the package enabled the agent; the image adds the network and the credential
+    enable = ["chroot", str(tree), "systemctl", "enable", "systemd-networkd.service"]
+    assert calls == [[*enable, osimage.CREDENTIAL_UNIT_NAME]]
+    assert (tree / osimage.NETWORK_FILE).read_text().startswith("[Match]\nType=ether\n")
+    assert not (tree / osimage.AGENT_DROPIN).exists()  # a repository is baked in
     assert (tree / "etc/machine-id").read_bytes() == b""
     assert not (tree / "etc/resolv.conf").exists()
     assert os.readlink(tree / "etc/systemd/system/systemd-firstboot.service") == "/dev/null"
@@ -133,11 +137,16 @@ def test_configure_tree_makes_a_read_only_root_with_var_on_state(tmp_path: Path)
     assert (tree / osimage.KEYRING_PATH.lstrip("/")).read_bytes() == settings.keyring
     assert (tree / "usr/libexec/x").stat().st_mode & 0o777 == 0o755
 
+    calls.clear()
     osimage.configure_tree(tree, osimage.ImageConfig(enable=("x.service",)), runner=runner)
-    assert calls == [
-        ["chroot", str(tree), "systemctl", "enable", "x.service"],
-        ["chroot", str(tree), "systemctl", "disable", "updater.service"],
-    ]
+    assert calls == [[*enable, osimage.CREDENTIAL_UNIT_NAME, "x.service"]]
+    # no repository baked in: the agent runs when the credential gave it one
+    assert (
+        "ConditionPathExists=" + osimage.CREDENTIAL_DROPIN
+        in (tree / osimage.AGENT_DROPIN).read_text()
+    )
+    unit = (tree / "usr/lib/systemd/system" / osimage.CREDENTIAL_UNIT_NAME).read_text()
+    assert f"/run/credentials/@system/{osimage.CREDENTIAL} {osimage.CREDENTIAL_DROPIN}" in unit
     assert "[source]" not in (tree / osimage.VENDOR_CONFIG).read_text()
     assert config.load(tree / osimage.VENDOR_CONFIG).source.url is None
 
