@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-vm deb test lint typecheck unit fuzz bench clean
+.PHONY: setup demo demo-vm deb image demo-os boot-os test lint typecheck unit fuzz bench clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -24,6 +24,16 @@ deb: setup
 # hash of its inputs. REPO_URL: the release repository its agent polls.
 image: setup
 	$(PY) -m devtools.osimage $(if $(REPO_URL),--repo-url $(REPO_URL))
+
+# The image updating itself under QEMU (root; a few minutes): 1.0.0 boots,
+# its agent installs 1.1.0 from a repository on loopback, reboots into it and
+# blesses it; the guest's console summarised. The machine stays in build/os-demo.
+demo-os: setup
+	$(PY) -m devtools.osupdate demo --workdir build/os-demo
+
+# Boot the demo's machine again, its serial console on this terminal (Ctrl-A X quits).
+boot-os: setup
+	$(PY) -m devtools.osupdate boot --workdir build/os-demo
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -40,6 +40,7 @@ from devtools.repo_server import RepoServer
 from updater import cli
 
 GUEST_HOST = "10.0.2.2"  # this machine's loopback, seen from QEMU's user network
+GUEST_CPUS = 2  # this machine's cores: TCG runs one thread per virtual CPU
 BOOT_TIMEOUT_S = 600.0  # one boot, an install included, under TCG
 SETTLE_LIMIT_S = 240  # the guest's report gives up waiting for the agent after this
 
@@ -191,7 +192,7 @@ STAGED_HOOK = r"""#!/bin/sh
 exec >/dev/console 2>&1
 echo
 echo "STAGED reboot-required=$(test -e /run/reboot-required && echo yes || echo no)"
-echo "STAGED updater=$(systemctl show -p ActiveState,SubState,Type --value updater.service)"
+echo "STAGED updater="$(systemctl show -p ActiveState,SubState,Type --value updater.service)
 echo "STAGED status-text=$(systemctl show -p StatusText --value updater.service)"
 echo "STAGED status=$(updatectl status --json | python3 -m json.tool --compact)"
 """
@@ -395,6 +396,7 @@ class Machine:
     vars_file: Path
     uuid: UUID
     repo_url: str
+    cpus: int = GUEST_CPUS
     boots: list[Boot] = field(default_factory=list)
 
     @classmethod
@@ -426,6 +428,7 @@ class Machine:
             credentials=self.credentials(),
             watch=watch,
             serial_log=self.workdir / f"console-{number}.log",
+            cpus=self.cpus,
         )
         booted = parse_boot(number, log)
         self.boots.append(booted)
