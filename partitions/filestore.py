@@ -50,8 +50,8 @@ MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": "/dev/null"}
 class FileStore(Protocol):
     """A file system holding boot-loader state (an ESP, a /boot, a FAT image)."""
 
-    def read(self, path: str) -> bytes:
-        """The whole content of the file ``path``."""
+    def read(self, path: str, max_size: int | None = None) -> bytes:
+        """The whole content of the file ``path``; :class:`TooLarge` beyond ``max_size`` bytes."""
         ...
 
     def write(self, path: str, data: bytes) -> None:
@@ -77,6 +77,28 @@ class FileStore(Protocol):
     def makedirs(self, path: str) -> None:
         """Create ``path`` and its parents; existing ones are fine."""
         ...
+
+
+class TooLarge(DiskError):
+    """``io``: a file is larger than its reader allows (a bounded read)."""
+
+    def __init__(self, where: str, max_size: int) -> None:
+        super().__init__("io", f"{where}: larger than {max_size} bytes")
+        self.max_size = max_size
+
+
+def check_size(data: bytes, where: str, max_size: int | None) -> bytes:
+    if max_size is not None and len(data) > max_size:
+        raise TooLarge(where, max_size)
+    return data
+
+
+def is_clean_name(name: str) -> bool:
+    """Whether a name read from a directory listing can be used as a store path component."""
+    try:
+        return clean_path(name) == name and "/" not in name
+    except ValueError:
+        return False
 
 
 @runtime_checkable
@@ -149,11 +171,13 @@ class DirStore:
             )
         return DiskError("io", f"{self.where(path)}: cannot {doing}: {exc.strerror or exc}")
 
-    def read(self, path: str) -> bytes:
+    def read(self, path: str, max_size: int | None = None) -> bytes:
         try:
-            return self._path(path).read_bytes()
+            with self._path(path).open("rb") as fh:
+                data = fh.read(-1 if max_size is None else max_size + 1)
         except OSError as exc:
             raise self._error(path, exc, "read") from exc
+        return check_size(data, self.where(path), max_size)
 
     def write(self, path: str, data: bytes) -> None:
         parent, name = _parent_and_name(path)
@@ -295,9 +319,11 @@ class MtoolsStore:
             hint="check the FAT file system with `fsck.vfat -n`",
         )
 
-    def read(self, path: str) -> bytes:
+    def read(self, path: str, max_size: int | None = None) -> bytes:
+        # mcopy's output is at most the file system's size; the limit is checked after it
         _parent_and_name(path)
-        return self._mtools("mcopy", self._target(path), "-", path=path).stdout
+        data = self._mtools("mcopy", self._target(path), "-", path=path).stdout
+        return check_size(data, self.where(path), max_size)
 
     def write(self, path: str, data: bytes) -> None:
         parent, name = _parent_and_name(path)

@@ -17,7 +17,7 @@ from typing import Literal
 
 import structlog
 
-from partitions.bootcontrol import BootControl, Slot, SlotFlags, SlotStatus
+from partitions.bootcontrol import BootControl, Slot, SlotFlags, SlotStatus, check_write_target
 from updater import download, osrelease, versions
 from updater.clock import Clock
 from updater.errors import (
@@ -250,7 +250,21 @@ class Updater:
         other = [s for s in slots if s.slot.part_uuid != booted.part_uuid]
         if len(mine) != 1 or len(other) != 1:
             raise DiskError("booted_unknown", "the booted partition is not one of the two slots")
+        check_write_target(mine[0].slot, other[0].slot)
         return mine[0], other[0]
+
+    def _recheck_target(self, booted: Slot, target: Slot) -> None:
+        """Right before the write: the slots are still where they were when it was planned."""
+        now_booted, now_target = self._slots()
+        if now_booted.slot != booted or now_target.slot != target:
+            raise DiskError(
+                "gpt_invalid",
+                f"the slots changed during the install (target {target.label} partition "
+                f"{target.index} at {target.offset}+{target.size} is now {now_target.slot.label} "
+                f"partition {now_target.slot.index} at {now_target.slot.offset}+"
+                f"{now_target.slot.size}); refusing to write",
+                hint="was the disk repartitioned? check it with `sgdisk -v`, then retry",
+            )
 
     def _booted_version(self, state: State, booted: Slot) -> str | None:
         return slot_version(state, booted, booted, osrelease.image_version(self.os_release))
@@ -425,6 +439,7 @@ class Updater:
         assert self.transport is not None and self.source is not None
         self._report(Happening("download_started", version=m.version))
         try:
+            self._recheck_target(booted.slot, slot)
             with self.open_slot(slot) as device:
                 result = write_image(
                     download.Download(
