@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from updater import config
-from updater.errors import ConfigError
+from tests.conftest import updatectl
+from updater import config, flatcar
+from updater.errors import ConfigError, ExitCode
 
 
 def dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -234,3 +235,127 @@ def test_boot_loader_backends(tmp_path: Path) -> None:
         "EFI-SYSTEM",
     )
     assert cfg.systemd_boot.initrd == ()  # an entry without an initrd
+
+
+# --- every URL key goes through updater.urls.parse_url ------------------------------------------
+
+# what urlsplit, .port or requests would raise on, or a URL that reaches no server
+HOSTILE_URLS = [
+    "http://[::1",  # urlsplit: ValueError Invalid IPv6 URL
+    "http://[::1]x/",
+    "http://[fe80::1%eth0]/",
+    "http://[not-v6]/",
+    "http://host:99999/",  # .port: ValueError out of range
+    "http://host:0/",
+    "http://host:\u0662/",  # an Arabic-Indic digit two
+    "http://ho st/",
+    "http://host\u2100/",  # changes under NFKC: urlsplit raises
+    "http://" + "a" * 64 + ".example/",  # a label longer than 63
+    "http://.example/",
+    "http:///nohost",
+    " http://host/",
+    "http://host/\x00",
+    "gopher://host/",
+    "http://" + "a" * 9000,
+]
+
+URL_KEYS = [
+    ("[source]\nurl = {value}\n", "source.url"),
+    ("[omaha]\nserver = {value}\n", "omaha.server"),
+    ("[etcd]\nendpoints = [{value}]\n", "etcd.endpoints"),
+    ('[etcd]\nendpoints = ["http://127.0.0.1:2379", {value}]\n', "etcd.endpoints"),
+    ("[fleetlock]\nurl = {value}\n", "fleetlock.url"),
+]
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string, anything unprintable escaped."""
+    escaped = (c if c.isprintable() and c not in '"\\' else f"\\U{ord(c):08x}" for c in text)
+    return '"' + "".join(escaped) + '"'
+
+
+@pytest.mark.parametrize("url", HOSTILE_URLS)
+@pytest.mark.parametrize(("template", "key"), URL_KEYS)
+def test_bad_urls_are_config_errors_naming_file_and_key(
+    tmp_path: Path, template: str, key: str, url: str
+) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(template.format(value=_toml_string(url)))
+    with pytest.raises(ConfigError) as err:
+        config.load(f)
+    assert (err.value.kind, err.value.key, err.value.file) == ("invalid", key, str(f))
+    assert str(f) in str(err.value) and key in str(err.value)
+
+
+@pytest.mark.parametrize(("template", "key"), URL_KEYS)
+def test_bad_url_through_the_cli_is_the_config_exit_code_and_json(
+    tmp_path: Path, template: str, key: str
+) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(template.format(value='"http://[::1"'))
+    result = updatectl(None, "--config", str(f), "status", "--json")
+    assert result.code == ExitCode.CONFIG
+    error = result.json()["error"]
+    assert (error["category"], error["kind"]) == ("config", "invalid")
+    assert key in error["message"] and str(f) in error["message"]
+    assert "Traceback" not in result.err and "updatectl: config error (invalid)" in result.err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user@10.0.0.1:2379",  # the client drops user info: refused, not ignored
+        "http://10.0.0.1:2379/v3",
+        "http://10.0.0.1:2379?x=1",
+        "http://10.0.0.1:2379#f",
+        "unix:///run/etcd.sock",
+    ],
+)
+def test_etcd_endpoints_are_what_the_client_can_use(tmp_path: Path, url: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(f"[etcd]\nendpoints = [{_toml_string(url)}]\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(f)
+    assert err.value.key == "etcd.endpoints"
+
+
+def test_good_urls_still_load(tmp_path: Path) -> None:
+    f = tmp_path / "good.toml"
+    f.write_text(
+        '[source]\nurl = "https://[2001:db8::1]:8443/repo"\n'
+        '[omaha]\nserver = "https://bücher.example/v1/update/"\n'
+        '[etcd]\nendpoints = ["https://[::1]:2379", "http://etcd-1.lan/"]\n'
+        '[fleetlock]\nurl = "http://127.0.0.1:8080/groups/${group}"\n'
+    )
+    cfg = config.load(f)
+    assert cfg.source.url == "https://[2001:db8::1]:8443/repo"
+    assert cfg.etcd.endpoints == ("https://[::1]:2379", "http://etcd-1.lan/")
+    f.write_text('[omaha]\nserver = "disabled"\n[source]\nurl = "file://localhost/srv/repo"\n')
+    assert config.load(f).omaha.server == "disabled"
+
+
+@pytest.mark.parametrize(
+    ("conf", "key"),
+    [
+        ("SERVER=http://[::1\n", "SERVER"),
+        ("SERVER='http://host:99999/'\n", "SERVER"),
+        ("SERVER=ftp://host/\n", "SERVER"),
+        ('GROUP="a b"\n', "GROUP"),
+        ("GROUP=../x\n", "GROUP"),
+    ],
+)
+def test_flatcar_update_conf_through_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, conf: str, key: str
+) -> None:
+    usr, etc = tmp_path / "usr-update.conf", tmp_path / "etc-update.conf"
+    usr.write_text("SERVER=https://public.update.flatcar-linux.net/v1/update/\nGROUP=stable\n")
+    etc.write_text(conf)
+    monkeypatch.setattr(flatcar, "FILES", (usr, etc))
+    f = tmp_path / "omaha.toml"
+    f.write_text(f'[source]\nkind = "omaha"\n[agent]\nstate_dir = "{tmp_path / "state"}"\n')
+    result = updatectl(None, "--config", str(f), "check", "--json")
+    assert result.code == ExitCode.CONFIG
+    error = result.json()["error"]
+    assert (error["category"], error["kind"]) == ("config", "invalid")
+    assert f"{etc}:{key}" in error["message"]
+    assert not (tmp_path / "state").exists()  # nothing was written before the error

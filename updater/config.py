@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -31,10 +30,11 @@ from partitions.bootcontrol import (
     SDBOOT_TRIES,
 )
 from policies.fleetlock import FleetLock
-from policies.lock import GROUP_RE
+from policies.lock import GROUP_RE, parse_etcd_endpoint
 from updater.errors import ConfigError, LockError
 from updater.log import LogMode
 from updater.manifest import valid_channel
+from updater.urls import parse_url
 
 if TYPE_CHECKING:
     from partitions.sdboot import EntryTemplate
@@ -333,6 +333,11 @@ class _Section:
             raise self.error(key, "must be a string or a list of strings")
         return tuple(value)
 
+    def url(self, key: str, text: str, *, schemes: tuple[str, ...], hint: str | None = None) -> str:
+        """``text`` (the value of ``key``, or one of its list) if :func:`parse_url` takes it."""
+        parse_url(text, lambda why: self.error(key, why, hint), schemes=schemes)
+        return text
+
     def raw(self, key: str) -> _Value | None:
         return self._get(key)
 
@@ -349,11 +354,12 @@ def _source(s: _Section) -> SourceConfig:
     d = SourceConfig()
     url = s.str_("url", d.url)
     if url is not None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https", "file") or (
-            parts.scheme != "file" and not parts.netloc
-        ):
-            raise s.error("url", f"{url!r} is not an http://, https:// or file:// URL")
+        s.url(
+            "url",
+            url,
+            schemes=("http", "https", "file"),
+            hint="the release repository, e.g. https://updates.example.com/repo or file:///srv/repo",
+        )
     channel = s.str_("channel", d.channel) or d.channel
     if not valid_channel(channel):
         raise s.error("channel", f"invalid channel name {channel!r}")
@@ -397,13 +403,12 @@ def _omaha(s: _Section) -> OmahaConfig:
     d = OmahaConfig()
     server = s.str_("server", None)
     if server is not None and server != "disabled":
-        parts = urlsplit(server)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise s.error(
-                "server",
-                f"{server!r} is not an http:// or https:// URL",
-                hint='or "disabled" to turn update checks off',
-            )
+        s.url(
+            "server",
+            server,
+            schemes=("http", "https"),
+            hint='e.g. https://nebraska.example.com/v1/update/, or "disabled" to turn checks off',
+        )
     app_id = s.str_("app_id", d.app_id) or d.app_id
     if not _APP_ID_RE.fullmatch(app_id):
         raise s.error("app_id", f"{app_id!r} is not an app id (a UUID, in braces or not)")
@@ -611,13 +616,14 @@ def reboot_windows(config: RebootConfig) -> Windows | None:
     )
 
 
+_ETCD_HINT = "etcd endpoints are http(s)://HOST[:PORT], e.g. https://10.0.0.1:2379"
+
+
 def _etcd(s: _Section) -> EtcdConfig:
     d = EtcdConfig()
     endpoints = s.str_list("endpoints", d.endpoints) or d.endpoints
     for url in endpoints:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise s.error("endpoints", f"{url!r} is not an http:// or https:// URL")
+        parse_etcd_endpoint(url, lambda why: s.error("endpoints", why, _ETCD_HINT))
     cert, key = s.path("cert_file", None), s.path("key_file", None)
     if (cert is None) != (key is None):
         present, missing = ("key_file", "cert_file") if cert is None else ("cert_file", "key_file")
