@@ -32,6 +32,8 @@ from partitions.bootcontrol import (
 from policies.fleetlock import FleetLock
 from policies.lock import GROUP_RE, parse_etcd_endpoint
 from updater.errors import ConfigError, LockError
+from updater.fsutil import read_bounded
+from updater.listen import parse_listen
 from updater.log import LogMode
 from updater.manifest import valid_channel
 from updater.urls import parse_url
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+MAX_FILE_BYTES = 1024 * 1024  # a config file; a bigger one is a mistake, not a config
 DROPIN_DIRS = (
     Path("/usr/lib/updater/config.d"),
     Path("/run/updater/config.d"),
@@ -221,7 +224,7 @@ def dropin_files(dirs: Sequence[Path] = DROPIN_DIRS) -> list[Path]:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, MAX_FILE_BYTES).decode("utf-8")
     except OSError as exc:
         raise ConfigError("unreadable", exc.strerror or str(exc), file=str(path)) from None
     except UnicodeDecodeError:
@@ -230,6 +233,8 @@ def _read(path: Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("syntax", f"invalid TOML: {exc}", file=str(path)) from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise ConfigError("syntax", "invalid TOML: nested too deeply", file=str(path)) from None
 
 
 def merge(files: Sequence[Path]) -> dict[str, dict[str, _Value]]:
@@ -284,6 +289,8 @@ class _Section:
             return default
         if not isinstance(v.value, str):
             raise self.error(key, "must be a string")
+        if "\0" in v.value:  # no file name, argument or URL holds one (os calls raise)
+            raise self.error(key, "must not contain a NUL character")
         return v.value
 
     def path(self, key: str, default: Path | None, *, allow_empty: bool = False) -> Path | None:
@@ -331,6 +338,8 @@ class _Section:
         value = [v.value] if isinstance(v.value, str) else v.value
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
             raise self.error(key, "must be a string or a list of strings")
+        if any("\0" in x for x in value):
+            raise self.error(key, "must not contain a NUL character")
         return tuple(value)
 
     def url(self, key: str, text: str, *, schemes: tuple[str, ...], hint: str | None = None) -> str:
@@ -679,14 +688,9 @@ def _metrics(s: _Section) -> MetricsConfig:
     listen = s.str_("listen", None)
     if listen == "":
         listen = None
-    if listen is not None and not listen.startswith("unix:/"):
-        host, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit() or host not in ("127.0.0.1", "[::1]", "localhost"):
-            raise s.error(
-                "listen",
-                f"{listen!r} is not a loopback host:port or unix:/path",
-                hint="metrics are served on loopback only, e.g. 127.0.0.1:9464",
-            )
+    if listen is not None:
+        # the agent binds what parse_listen makes of it: checked here, at load, not at bind
+        parse_listen(listen, key="metrics.listen", file=s.file_of("listen"))
     return MetricsConfig(listen=listen)
 
 
