@@ -4,12 +4,16 @@ update_engine reads ``/usr/share/flatcar/update.conf`` (the vendor's) and
 ``/etc/flatcar/update.conf`` (the admin's, winning key by key), shell-style
 ``KEY=value`` lines. ``SERVER=disabled`` turns update checks off.
 
+Lines the parser cannot read as shell assignments are skipped
+(:func:`updater.osrelease.parse`); a file that exists but cannot be read (or is
+larger than ``osrelease.MAX_FILE_BYTES``, or no regular file) is a ConfigError.
 A ``SERVER=`` that is not an http(s) URL, or a ``GROUP=`` that is not a channel
 name, is a :class:`~updater.errors.ConfigError` naming the file and the key.
 """
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from updater.urls import parse_url
 
 FILES = (Path("/usr/share/flatcar/update.conf"), Path("/etc/flatcar/update.conf"))
 DISABLED = "disabled"
+READ_HINT = "make it a readable file of KEY=value lines, or set [omaha] flatcar_conf = false"
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class FlatcarSettings:
         return self.server == DISABLED
 
 
-def parse(text: str) -> dict[str, str]:
+def parse(text: str | bytes) -> dict[str, str]:
     return osrelease.parse(text, inline_comments=True)
 
 
@@ -43,11 +48,16 @@ def read(files: tuple[Path, ...] | None = None) -> FlatcarSettings:
     found = []
     for path in FILES if files is None else files:
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue
+            data = osrelease.read_file(path)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                continue
+            # not silently: SERVER=disabled in it may be what keeps this host from updating
+            raise ConfigError(
+                "unreadable", exc.strerror or str(exc), file=str(path), hint=READ_HINT
+            ) from None
         found.append(path)
-        merged.update((key, (value, path)) for key, value in parse(text).items())
+        merged.update((key, (value, path)) for key, value in parse(data).items())
     server, server_file = merged.get("SERVER", ("", None))
     group, group_file = merged.get("GROUP", ("", None))
     if server and server != DISABLED:
