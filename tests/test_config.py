@@ -527,3 +527,14 @@ def test_config_files_are_read_bounded(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         config.load(dirs=(usr, run, etc))
     assert err.value.kind == "syntax"
+
+
+def test_a_time_zone_of_thousands_of_parts_is_a_config_error(tmp_path: Path) -> None:
+    f = tmp_path / "tz.toml"
+    f.write_text(
+        '[reboot]\ntime_zone = "' + "/".join(["a"] * 2000) + '"\n'
+        'window_start = "04:00"\nwindow_length = "1h"\n'
+    )
+    result = updatectl(None, "--config", str(f), "status", "--json")
+    assert result.code == ExitCode.CONFIG
+    assert result.json()["error"]["message"].startswith(f"{f}:reboot.time_zone")
