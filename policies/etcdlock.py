@@ -49,7 +49,7 @@ import structlog
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import Etcd3Exception
 
-from policies.lock import check_group
+from policies.lock import check_group, parse_etcd_endpoint
 from updater.clock import Clock, SystemClock
 from updater.errors import ConfigError, LockError
 
@@ -249,20 +249,15 @@ class EtcdSettings:
         if not self.endpoints:
             raise ConfigError("invalid", "no etcd endpoint", key="endpoints")
         for url in self.endpoints:
-            parts = urllib.parse.urlsplit(url)
-            try:
-                parts.port  # noqa: B018 - validates the port
-            except ValueError:
-                raise ConfigError("invalid", f"bad port in {url!r}", key="endpoints") from None
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(
+            parts = parse_etcd_endpoint(
+                url,
+                lambda why: ConfigError(
                     "invalid",
-                    f"not an etcd endpoint: {url!r}",
+                    f"not an etcd endpoint: {why}",
                     key="endpoints",
                     hint="like https://10.0.0.1:2379",
-                )
-            if parts.path not in ("", "/") or parts.query or parts.fragment:
-                raise ConfigError("invalid", f"an endpoint has no path: {url!r}", key="endpoints")
+                ),
+            )
             if (self.ca_file or self.cert_file) and parts.scheme != "https":
                 raise ConfigError(
                     "invalid",

@@ -42,7 +42,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
 
 import requests
 import structlog
@@ -50,6 +49,7 @@ import urllib3
 
 from policies.lock import check_group
 from updater.errors import LockError
+from updater.urls import parse_url
 
 log = structlog.get_logger(__name__)
 
@@ -196,12 +196,8 @@ class FleetLock:
     ) -> None:
         self.group = check_group(group)
         url = base_url.replace(GROUP_PLACEHOLDER, group).rstrip("/")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise LockError(
-                "bad_argument", f"FleetLock base_url {base_url!r} is not an http(s) URL"
-            )
-        if parts.query or parts.fragment:
+        parts = parse_url(url, lambda why: LockError("bad_argument", f"FleetLock base_url: {why}"))
+        if parts.query or parts.fragment or url.endswith(("?", "#")):
             raise LockError(
                 "bad_argument", f"FleetLock base_url {base_url!r} must not have a query or fragment"
             )

@@ -443,6 +443,9 @@ def test_slots_are_validated(client: EtcdClient, group: str, slots: int) -> None
         ({"endpoints": ("ftp://h:1",)}, "endpoints"),
         ({"endpoints": ("http://h:99999",)}, "endpoints"),
         ({"endpoints": ("http://h:1/v3",)}, "endpoints"),
+        ({"endpoints": ("http://[::1",)}, "endpoints"),  # was urlsplit's ValueError
+        ({"endpoints": ("http://h:\u0662",)}, "endpoints"),
+        ({"endpoints": ("http://u:p@h:1",)}, "endpoints"),
         ({"endpoints": ("http://h:1",), "ca_file": Path("/ca.pem")}, "endpoints"),
         ({"endpoints": ("http://h:1",), "cert_file": Path("/c.pem")}, "endpoints"),
         ({"endpoints": ("https://h:1",), "cert_file": Path("/c.pem")}, "key_file"),

@@ -354,6 +354,10 @@ def test_an_injected_session_is_used(server: FleetLockServer) -> None:
         ("127.0.0.1:4000", "default"),
         ("http://127.0.0.1:1/?x=1", "default"),
         ("http:///v1", "default"),
+        ("http://[::1", "default"),  # was urlsplit's ValueError
+        ("http://[::1]:99999/", "default"),
+        ("http://h\u2100/", "default"),
+        ("http://127.0.0.1:1/#", "default"),
     ],
 )
 def test_bad_settings_are_invalid(base_url: str, group: str) -> None:
