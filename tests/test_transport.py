@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -367,3 +368,58 @@ def test_a_redirect_to_a_malformed_url_is_a_download_error(
     assert err.value.kind in ("unsupported_url", "connection")
     with pytest.raises(DownloadError):
         fetch_all(transport, f"{served.url}/blob", resume_attempts=0)
+
+
+@pytest.fixture
+def raw_server() -> Iterator[tuple[str, list[bytes]]]:
+    """A loopback server answering every connection with the bytes put in its list (a
+    response a well-behaved server library would never send), then closing."""
+    answers: list[bytes] = []
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(answers[0])
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/blob", answers
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "\u00b2\u00b2", "-5", "1e3", " 5", "0x5"])
+def test_a_content_length_that_is_no_ascii_number_is_not_believed(
+    raw_server: tuple[str, list[bytes]], length: str
+) -> None:
+    """'²' (Latin-1 0xB2, which is how http.client decodes a header) passes str.isdigit()
+    and int() refuses it: a ValueError out of the download, not a typed error."""
+    url, answers = raw_server
+    body = b"hello"
+    answers.append(
+        b"HTTP/1.1 200 OK\r\nContent-Length: "
+        + length.encode("latin-1")
+        + b"\r\nConnection: close\r\n\r\n"
+        + body
+    )
+    try:
+        got = fetch_all(fast(retries=0), url, size=len(body), resume_attempts=0)
+    except DownloadError:
+        pass  # a typed refusal is as good as reading the body to the close
+    else:
+        assert got == body

@@ -204,7 +204,8 @@ class _HttpStream:
         self._floor = floor
         self.start = start
         length = response.headers.get("Content-Length")
-        self.length = int(length) if length and length.isdigit() else None
+        # ASCII only: Latin-1 "\u00b2" passes isdigit() and int() refuses it
+        self.length = int(length) if length and length.isascii() and length.isdigit() else None
         self.validator = response.headers.get("ETag")
 
     def read(self, n: int) -> bytes:
