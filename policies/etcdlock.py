@@ -52,12 +52,14 @@ from etcd3gw.exceptions import Etcd3Exception
 from policies.lock import check_group
 from updater.clock import Clock, SystemClock
 from updater.errors import ConfigError, LockError
+from updater.jsonutil import loads as load_json
 
 log = structlog.get_logger(__name__)
 
 KEY_PREFIX = "com.coreos.airlock/groups/"
 MAX_SLOTS = 2**63 - 1  # airlock stores a uint64; etcd's JSON gateway, an int64
 MAX_HOLDER_LEN = 256
+MAX_VALUE_BYTES = 1024 * 1024  # a semaphore or holder record; etcd's own cap is 1.5 MiB
 API_PATH = "/v3/"  # etcd >= 3.4; pinned so no /version discovery round trip is needed
 
 
@@ -106,8 +108,12 @@ def _go_json_string(s: str) -> str:
     return out
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # Python accepts NaN and Infinity; Go does not
+def _is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -128,10 +134,7 @@ class Semaphore:
                 hint="fix it with `updatectl lock repair` (drops all holders) or etcdctl put",
             )
 
-        try:
-            doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-        except (UnicodeDecodeError, ValueError):
-            raise bad("not JSON") from None
+        doc = load_json(raw, bad, max_bytes=MAX_VALUE_BYTES)
         if not isinstance(doc, dict):
             raise bad("not a JSON object")
         slots = doc.get("total_slots")
@@ -144,6 +147,8 @@ class Semaphore:
             raise bad("holders is not a list of strings")
         if holders != sorted(set(holders)):
             raise bad("holders are not sorted and unique")
+        if not all(_is_unicode(h) for h in holders):  # "\ud800": JSON, but no UTF-8
+            raise bad("a holder is not valid Unicode")
         extra = tuple(
             (k, json.dumps(v, separators=(",", ":"), ensure_ascii=False))
             for k, v in doc.items()
@@ -218,7 +223,7 @@ def _encode_since(since: float) -> bytes:
 
 def _decode_since(raw: bytes) -> float | None:
     try:
-        doc = json.loads(raw)
+        doc = load_json(raw, ValueError, max_bytes=MAX_VALUE_BYTES)
     except ValueError:
         return None
     since = doc.get("since") if isinstance(doc, dict) else None
@@ -339,7 +344,7 @@ _GRPC_OUT_OF_RANGE = 11
 
 def _grpc_error(exc: Etcd3Exception) -> tuple[int | None, str]:
     try:
-        doc = json.loads(exc.detail_text or "")
+        doc = load_json(exc.detail_text or "", ValueError, max_bytes=MAX_VALUE_BYTES)
     except ValueError:
         return None, (exc.detail_text or str(exc))[:200]
     if not isinstance(doc, dict):
@@ -460,6 +465,8 @@ class EtcdClient:
             raise _EndpointDown(message or type(exc).__name__) from None
         except ValueError as exc:  # a 200 that is not JSON: not an etcd gateway
             raise _EndpointDown(f"not JSON: {exc}") from None
+        except RecursionError:  # requests' json() on an answer nested thousands deep
+            raise _EndpointDown("not JSON: nested too deep") from None
         except OSError as exc:  # requests errors that etcd3gw does not wrap
             raise _EndpointDown(str(exc)) from None
         if not isinstance(answer, dict):

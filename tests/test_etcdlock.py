@@ -214,10 +214,16 @@ MALFORMED = [
     b'{"total_slots":2,"holders":["b","a"]}',
     b'{"total_slots":2,"holders":["a","a"]}',
     b'{"total_slots":NaN,"holders":[]}',
+    # hostile: anyone who can write the key (json.loads raised RecursionError for these)
+    b"[" * 2000,
+    b'{"total_slots":2,"holders":[],"x":' + b"[" * 2000 + b"]" * 2000 + b"}",
+    b'{"total_slots":2,"holders":[],"x":Infinity}',
+    b'{"total_slots":2,"holders":["\\ud800"]}',  # valid JSON, but no UTF-8 to write back
+    b'{"total_slots":' + b"9" * 5000 + b',"holders":[]}',
 ]
 
 
-@pytest.mark.parametrize("value", MALFORMED, ids=lambda v: v.decode("utf-8", "replace"))
+@pytest.mark.parametrize("value", MALFORMED, ids=lambda v: v.decode("utf-8", "replace")[:60])
 def test_malformed_semaphore_is_a_typed_error_and_never_overwritten(
     client: EtcdClient, group: str, value: bytes
 ) -> None:

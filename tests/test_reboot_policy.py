@@ -5,12 +5,14 @@ once steady; the lock admin CLI; fleet status with leases."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from devtools.etcd import EtcdNode
 from devtools.fleetlock_server import Fault as FleetFault
@@ -24,7 +26,7 @@ from policies.etcdlock import (
     SemaphoreStatus,
     semaphore_key,
 )
-from policies.fleet import FleetPublisher, HostRecord, read_hosts, summarize
+from policies.fleet import HOSTS_PREFIX, FleetPublisher, HostRecord, read_hosts, summarize
 from policies.fleetlock import FleetLock
 from policies.strategy import LockStrategy
 from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, updatectl
@@ -257,6 +259,34 @@ def test_fleet_records_live_under_a_lease(etcd: EtcdNode) -> None:
     assert [h for h in read_hosts(c) if h.id == "lease-test"] == []
     pub.publish(record("lease-test"))  # and comes back with a fresh lease
     assert [h.id for h in read_hosts(c) if h.id == "lease-test"] == ["lease-test"]
+
+
+def _b64(data: str | bytes) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+def test_hostile_fleet_records_are_skipped_never_a_crash(etcd: EtcdNode) -> None:
+    # anyone who can write etcd can write these; json.loads raised RecursionError
+    c = client(etcd)
+    good = record("hostile-good")
+    hostile = {
+        "hostile-deep": b"[" * 2000,
+        "hostile-deep-field": good.encode().replace(b'"state":"IDLE"', b'"state":' + b"[" * 2000),
+        "hostile-nan": good.encode().replace(b'"updated":1.0', b'"updated":NaN'),
+        "hostile-inf": good.encode().replace(b'"updated":1.0', b'"updated":1e999'),
+        "hostile-bool": good.encode().replace(b'"last_check":1', b'"last_check":true'),
+        "hostile-utf8": b'{"id":"\xff"}',
+    }
+    c.call("kv/put", {"key": _b64(HOSTS_PREFIX + "hostile-good"), "value": _b64(good.encode())})
+    for host_id, value in hostile.items():
+        c.call("kv/put", {"key": _b64(HOSTS_PREFIX + host_id), "value": _b64(value)})
+    with capture_logs() as logs:
+        hosts = [h.id for h in read_hosts(c) if h.id.startswith("hostile")]
+    assert hosts == ["hostile-good"]
+    skipped = {e["key"] for e in logs if e["event"] == "fleet_record_unreadable"}
+    assert {HOSTS_PREFIX + k for k in hostile} <= skipped
+    for host_id in ("hostile-good", *hostile):
+        c.call("kv/deleterange", {"key": _b64(HOSTS_PREFIX + host_id)})
 
 
 def test_summarize() -> None:

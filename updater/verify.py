@@ -72,7 +72,7 @@ def verify_manifest(
             f"the manifest is signed by {verdict.fingerprint}, which is not a trusted key",
         )
 
-    manifest = parse(data)
+    manifest = parse(data, exp.max_manifest_bytes)
 
     if manifest.expires <= exp.now:
         raise VerificationError(
