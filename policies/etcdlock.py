@@ -53,6 +53,7 @@ from policies.lock import check_group
 from updater.clock import Clock, SystemClock
 from updater.errors import ConfigError, LockError
 from updater.jsonutil import loads as load_json
+from updater.jsonutil import object_members
 
 log = structlog.get_logger(__name__)
 
@@ -108,6 +109,9 @@ def _go_json_string(s: str) -> str:
     return out
 
 
+_KNOWN_FIELDS = frozenset({"total_slots", "holders"})
+
+
 def _is_unicode(s: str) -> bool:
     try:
         s.encode("utf-8")
@@ -118,7 +122,13 @@ def _is_unicode(s: str) -> bool:
 
 @dataclass(frozen=True)
 class Semaphore:
-    """airlock's semaphore. ``extra`` keeps unknown fields (name, JSON text) to write back."""
+    """airlock's semaphore.
+
+    ``extra`` keeps the fields it does not know as written (the raw JSON text of
+    name and value), to be put back byte for byte: re-encoding them would
+    change them (``1e999`` would come back as ``Infinity``, which is not JSON,
+    and every agent and airlock would then read the semaphore as malformed).
+    """
 
     total_slots: int
     holders: tuple[str, ...] = ()
@@ -134,9 +144,13 @@ class Semaphore:
                 hint="fix it with `updatectl lock repair` (drops all holders) or etcdctl put",
             )
 
-        doc = load_json(raw, bad, max_bytes=MAX_VALUE_BYTES)
-        if not isinstance(doc, dict):
-            raise bad("not a JSON object")
+        members = object_members(raw, bad, max_bytes=MAX_VALUE_BYTES)
+        for m in members:
+            # Go's encoding/json matches field names ignoring case: airlock would
+            # read "Total_Slots" as total_slots, while we would keep it as foreign.
+            if m.name not in _KNOWN_FIELDS and m.name.casefold() in _KNOWN_FIELDS:
+                raise bad(f"field {m.raw_name} is {m.name.casefold()} to airlock")
+        doc = {m.name: m.value for m in members}  # the last of duplicates wins, as in Go
         slots = doc.get("total_slots")
         if isinstance(slots, bool) or not isinstance(slots, int):
             raise bad("total_slots is not a whole number")
@@ -149,18 +163,14 @@ class Semaphore:
             raise bad("holders are not sorted and unique")
         if not all(_is_unicode(h) for h in holders):  # "\ud800": JSON, but no UTF-8
             raise bad("a holder is not valid Unicode")
-        extra = tuple(
-            (k, json.dumps(v, separators=(",", ":"), ensure_ascii=False))
-            for k, v in doc.items()
-            if k not in ("total_slots", "holders")
-        )
+        extra = tuple((m.raw_name, m.raw_value) for m in members if m.name not in _KNOWN_FIELDS)
         return cls(slots, tuple(holders), extra)
 
     def encode(self) -> bytes:
         parts = [
             f'"total_slots":{self.total_slots}',
             '"holders":[' + ",".join(_go_json_string(h) for h in self.holders) + "]",
-            *(f"{_go_json_string(k)}:{v}" for k, v in self.extra),
+            *(f"{name}:{value}" for name, value in self.extra),
         ]
         return ("{" + ",".join(parts) + "}").encode("utf-8")
 

@@ -390,6 +390,66 @@ def test_unknown_fields_are_kept(etcd: EtcdNode, client: EtcdClient, group: str)
     assert raw(client, key) == b'{"total_slots":2,"holders":["a"],"note":{"by":"admin"}}'
 
 
+# Valid JSON that a re-encoder would change: 1e999 became Infinity (not JSON, so
+# every agent and airlock then read the semaphore as malformed), 1.0e2 became
+# 100.0, -0 became 0, a big int or an escape could be rewritten.
+FOREIGN = (
+    b'"big":1e999,"f":1.0e2,"z":-0,"zf":-0.0E-0,"i":123456789012345678901234567890,'
+    b'"u":"\\u00e9\\ud83d\\ude00\\u2028<&>","\\u006eame":"x","n":{"a" : [1E+2, true,null]},'
+    b'"dup":1,"dup":2'
+)
+
+
+def test_foreign_fields_survive_lock_and_unlock_byte_exact(
+    etcd: EtcdNode, client: EtcdClient, group: str
+) -> None:
+    key = semaphore_key(group)
+    original = b'{"total_slots":2,"holders":[],' + FOREIGN + b"}"
+    client.txn([], [{"request_put": {"key": _b64(key), "value": _b64(original)}}])
+    lock = make_lock(client, group)
+    assert lock.acquire("a")
+    assert raw(client, key) == b'{"total_slots":2,"holders":["a"],' + FOREIGN + b"}"
+    status = lock.status()
+    assert status is not None and [h.id for h in status.holders] == ["a"]
+    assert lock.set_max(3) == 2
+    assert lock.set_max(2) == 3
+    lock.release("a")
+    assert raw(client, key) == original
+    # and what we wrote is still readable by the next agent
+    assert make_lock(client, group).acquire("b")
+
+
+def test_foreign_fields_keep_their_text_wherever_they_stood(
+    etcd: EtcdNode, client: EtcdClient, group: str
+) -> None:
+    key = semaphore_key(group)
+    put(etcd, key, b'{ "x" : 1e999 , "holders" : [ ] , "total_slots" : 1 }')
+    assert make_lock(client, group).acquire("a")
+    assert raw(client, key) == b'{"total_slots":1,"holders":["a"],"x":1e999}'
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"total_slots":2,"holders":[],"Total_Slots":5}',  # airlock reads this as total_slots
+        b'{"total_slots":2,"holders":[],"HOLDERS":["x"]}',
+        b'{"total_slots":2,"holders":[],"total_\\u017flots":5}',  # long s folds to s in Go
+        b'{"total_slots":2,"holders":[],"x":NaN}',
+        b'{"total_slots":2,"holders":[],"x":-Infinity}',
+    ],
+)
+def test_fields_airlock_reads_differently_are_malformed(
+    client: EtcdClient, group: str, value: bytes
+) -> None:
+    key = semaphore_key(group)
+    client.txn([], [{"request_put": {"key": _b64(key), "value": _b64(value)}}])
+    before = client.range(key)
+    with pytest.raises(LockError) as err:
+        make_lock(client, group).acquire("a")
+    assert err.value.kind == "malformed"
+    assert client.range(key) == before
+
+
 def test_encoding_matches_go() -> None:
     sem = Semaphore(2, ("a<b>&c", "é\u2028"))
     assert (
