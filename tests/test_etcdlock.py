@@ -4,6 +4,7 @@ start times, admin operations, malformed values, TLS and auth."""
 from __future__ import annotations
 
 import base64
+import http.server
 import shutil
 import threading
 import uuid
@@ -628,3 +629,41 @@ def test_auth_user_without_rights_on_the_key_is_refused(auth_etcd: EtcdNode) -> 
 
 def _b64(data: str | bytes) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+# ---- a gateway that answers nonsense -----------------------------------------------------------
+
+
+class _Nonsense(http.server.BaseHTTPRequestHandler):
+    status = 200
+    body = b"[" * 100_000  # requests' json() recursed into RecursionError
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(200, b"[" * 100_000), (500, b'{"code":' * 100_000), (200, b"NaN"), (200, b"[1]")],
+    ids=["200-deep", "500-deep", "200-nan", "200-list"],
+)
+def test_a_gateway_answering_nonsense_is_unavailable(status: int, body: bytes) -> None:
+    handler = type("H", (_Nonsense,), {"status": status, "body": body})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}"
+            c = EtcdClient(EtcdSettings(endpoints=(url,), timeout_s=5))
+            with pytest.raises(LockError) as err:
+                EtcdLock(c, "default", 1).acquire("a")
+            assert err.value.kind == "unavailable"
+            c.close()
+        finally:
+            server.shutdown()

@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from structlog.testing import capture_logs
@@ -32,6 +33,7 @@ from policies.strategy import LockStrategy
 from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, updatectl
 from tests.test_agent import Harness, running, until
 from updater.clock import SystemClock
+from updater.errors import LockError
 from updater.fleetreport import EtcdFleetReporter
 
 
@@ -319,3 +321,40 @@ def test_fleet_status_cli(etcd: EtcdNode, group: str, host: Host) -> None:
     assert "Holding a reboot slot:" in text and "node-cli-a" in text
     assert "node-cli-b" in text and "timeout" in text
     json.dumps(doc)
+
+
+class _LeaseAnswers:
+    """An etcd client stand-in whose lease answers are whatever the test says."""
+
+    def __init__(self, grant: dict[str, object], keepalive: dict[str, object]) -> None:
+        self.answers = {"lease/grant": grant, "lease/keepalive": keepalive, "kv/put": {}}
+        self.calls: list[str] = []
+
+    def call(self, method: str, body: dict[str, object]) -> dict[str, object]:
+        self.calls.append(method)
+        return self.answers[method]
+
+
+@pytest.mark.parametrize(
+    "grant",
+    [{}, {"ID": None}, {"ID": "x"}, {"ID": [1]}, {"ID": "0"}, {"ID": True}, {"ID": "9" * 5000}],
+)
+def test_a_bad_lease_grant_is_a_lock_error(grant: dict[str, object]) -> None:
+    fake = _LeaseAnswers(grant, {})
+    pub = FleetPublisher(cast(EtcdClient, fake), "h", ttl_s=30)
+    with pytest.raises(LockError) as err:
+        pub.publish(record("h"))
+    assert err.value.kind == "malformed"
+    assert fake.calls == ["lease/grant"]  # nothing written without a lease
+
+
+@pytest.mark.parametrize(
+    "keepalive",
+    [{}, {"result": None}, {"result": []}, {"result": {"TTL": "x"}}, {"result": {"TTL": "-1"}}],
+)
+def test_a_bad_keepalive_answer_takes_a_new_lease(keepalive: dict[str, object]) -> None:
+    fake = _LeaseAnswers({"ID": "7587"}, keepalive)
+    pub = FleetPublisher(cast(EtcdClient, fake), "h", ttl_s=30)
+    pub.publish(record("h"))
+    pub.publish(record("h"))
+    assert fake.calls == ["lease/grant", "kv/put", "lease/keepalive", "lease/grant", "kv/put"]
