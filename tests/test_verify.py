@@ -157,6 +157,23 @@ def test_version_rules(booted: str | None, highest: str | None, version: str, ne
     assert is_newer(m, booted) is newer
 
 
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"channel": "9" * 5000},
+        {"version": "x" * 5000},
+        {"expires": "y" * 5000},
+        {"image": {"compression": "z" * 5000}},
+    ],
+)
+def test_refusal_messages_are_bounded(over: dict[str, Any]) -> None:
+    # found by make fuzz: a 5000-character channel was echoed whole
+    with pytest.raises(VerificationError) as err:
+        verify_manifest(body(doc(**over)), b"sig", GOOD, EXP)
+    assert err.value.kind == "manifest_malformed"
+    assert len(err.value.message) < 200
+
+
 def test_unknown_top_level_fields_are_ignored() -> None:
     """A newer publisher may add fields; an older agent still reads the manifest."""
     m = verify_manifest(body(doc(notes="extra", mirrors=["x"])), b"sig", GOOD, EXP)

@@ -121,10 +121,10 @@ def parse(data: bytes, max_bytes: int = MAX_MANIFEST_BYTES) -> Manifest:
         raise _bad(f"schema {schema} is not supported (this agent reads schema {SCHEMA})")
     channel = _field(obj, "channel", str)
     if not valid_channel(channel):
-        raise _bad(f"invalid channel {channel!r}")
+        raise _bad(f"invalid channel {channel[:64]!r}")
     version = _field(obj, "version", str)
     if not versions.is_valid(version):
-        raise _bad(f"invalid version {version!r}")
+        raise _bad(f"invalid version {version[:64]!r}")
     image = _field(obj, "image", dict)
     url = _field(image, "url", str, "image.")
     if not url or any(c.isspace() for c in url):
@@ -132,7 +132,7 @@ def parse(data: bytes, max_bytes: int = MAX_MANIFEST_BYTES) -> Manifest:
     try:
         compression = Compression(_field(image, "compression", str, "image."))
     except ValueError:
-        raise _bad(f"unknown compression {image['compression']!r}") from None
+        raise _bad(f"unknown compression {image['compression'][:64]!r}") from None
     ref = ImageRef(
         url=url,
         size=_size(image, "size"),
