@@ -25,6 +25,9 @@ Decisions where the spec leaves room, all failing closed:
   its JSON errors as ``text/plain``.
 * Redirects are never followed (the protocol header exists so that a request
   reaches only the server it was meant for): a 3xx is ``refused``.
+* Bodies are parsed by :mod:`updater.jsonutil` (at most MAX_BODY bytes, bounded
+  nesting, no NaN): whatever the server sends, the answer is a Verdict or a
+  :class:`FleetLockError`, never another exception.
 * Transport failures, timeouts and 5xx without a FleetLock body are
   ``unavailable``; a FleetLock error body is ``refused`` (the service said no);
   a JSON body that is not a FleetLock error, an oversized body or an
@@ -49,6 +52,7 @@ import urllib3
 
 from policies.lock import check_group
 from updater.errors import LockError
+from updater.jsonutil import loads as load_json
 from updater.urls import parse_url
 
 log = structlog.get_logger(__name__)
@@ -126,7 +130,8 @@ def judge(
         return fail("malformed", generic, f"answer larger than {MAX_BODY} bytes")
     text = body.decode("utf-8", errors="replace")
     try:
-        doc: object = json.loads(text) if text.strip() else None
+        # bounded: a body nested thousands deep is "not JSON", never a RecursionError
+        doc: object = load_json(body, ValueError, max_bytes=MAX_BODY) if body.strip() else None
         is_json = True
     except ValueError:
         doc, is_json = None, False

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from updater import versions
+from updater import jsonutil, versions
 from updater.errors import VerificationError
 
 SCHEMA = 1
@@ -84,10 +84,13 @@ def _time(obj: dict[str, Any], key: str) -> datetime:
     try:
         t = datetime.fromisoformat(text)
     except ValueError:
-        raise _bad(f"field {key} is not an ISO 8601 time: {text!r}") from None
+        raise _bad(f"field {key} is not an ISO 8601 time: {text[:64]!r}") from None
     if t.tzinfo is None:
-        raise _bad(f"field {key} has no time zone: {text!r}")
-    return t.astimezone(UTC)
+        raise _bad(f"field {key} has no time zone: {text[:64]!r}")
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise _bad(f"field {key} is out of range: {text[:64]!r}") from None
 
 
 def _size(obj: dict[str, Any], key: str) -> int:
@@ -104,12 +107,13 @@ def _sha(obj: dict[str, Any], key: str) -> str:
     return value
 
 
-def parse(data: bytes) -> Manifest:
-    """Parse verified manifest bytes; raises VerificationError(manifest_malformed)."""
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"not JSON: {exc}") from None
+def parse(data: bytes, max_bytes: int = MAX_MANIFEST_BYTES) -> Manifest:
+    """Parse verified manifest bytes; raises VerificationError(manifest_malformed).
+
+    Bounded: at most ``max_bytes`` and :data:`updater.jsonutil.MAX_DEPTH` levels
+    of nesting; ``NaN`` and ``Infinity`` are not JSON.
+    """
+    obj = jsonutil.loads(data, _bad, max_bytes=max_bytes)
     if not isinstance(obj, dict):
         raise _bad("top level must be an object")
     schema = _field(obj, "schema", int)
@@ -117,10 +121,10 @@ def parse(data: bytes) -> Manifest:
         raise _bad(f"schema {schema} is not supported (this agent reads schema {SCHEMA})")
     channel = _field(obj, "channel", str)
     if not valid_channel(channel):
-        raise _bad(f"invalid channel {channel!r}")
+        raise _bad(f"invalid channel {channel[:64]!r}")
     version = _field(obj, "version", str)
     if not versions.is_valid(version):
-        raise _bad(f"invalid version {version!r}")
+        raise _bad(f"invalid version {version[:64]!r}")
     image = _field(obj, "image", dict)
     url = _field(image, "url", str, "image.")
     if not url or any(c.isspace() for c in url):
@@ -128,7 +132,7 @@ def parse(data: bytes) -> Manifest:
     try:
         compression = Compression(_field(image, "compression", str, "image."))
     except ValueError:
-        raise _bad(f"unknown compression {image['compression']!r}") from None
+        raise _bad(f"unknown compression {image['compression'][:64]!r}") from None
     ref = ImageRef(
         url=url,
         size=_size(image, "size"),

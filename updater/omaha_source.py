@@ -21,6 +21,7 @@ from pathlib import Path
 
 import structlog
 
+from updater import jsonutil
 from updater.errors import UpdaterError
 from updater.fsutil import atomic_write
 from updater.manifest import Manifest
@@ -47,6 +48,7 @@ from updater.source import (
 log = structlog.get_logger(__name__)
 
 MAX_PENDING_EVENTS = 64  # a server gone for weeks does not grow the file forever
+MAX_EVENTS_FILE_BYTES = 1024 * 1024  # 64 events are a few KiB
 
 
 def omaha_event(h: Happening) -> OmahaEvent:
@@ -77,7 +79,11 @@ class EventQueue:
 
     def pending(self) -> list[OmahaEvent]:
         try:
-            raw = json.loads(self.path.read_bytes())
+            with self.path.open("rb") as fh:
+                data = fh.read(MAX_EVENTS_FILE_BYTES + 1)
+            raw = jsonutil.loads(
+                data, ValueError, max_bytes=MAX_EVENTS_FILE_BYTES, allow_constants=True
+            )
             return [OmahaEvent.from_dict(e) for e in raw]
         except FileNotFoundError:
             return []

@@ -18,6 +18,7 @@ from urllib.parse import urljoin, urlsplit
 
 import structlog
 
+from updater import jsonutil
 from updater.errors import DownloadError, UpdaterError, VerificationError
 from updater.fsutil import atomic_write
 from updater.manifest import MAX_MANIFEST_BYTES, Manifest
@@ -98,6 +99,10 @@ class UpdateSource(Protocol):
         ...
 
 
+# base64 of a manifest (or signature) of at most MAX_MANIFEST_BYTES, and its URL and ETag
+_MAX_CACHE_FILE_BYTES = 2 * MAX_MANIFEST_BYTES + 64 * 1024
+
+
 class HttpCache:
     """ETag + body of small documents, one file per URL, written atomically."""
 
@@ -109,7 +114,11 @@ class HttpCache:
 
     def get(self, url: str) -> tuple[str, bytes] | None:
         try:
-            doc = json.loads(self._path(url).read_bytes())
+            with self._path(url).open("rb") as fh:
+                data = fh.read(_MAX_CACHE_FILE_BYTES + 1)
+            doc = jsonutil.loads(
+                data, ValueError, max_bytes=_MAX_CACHE_FILE_BYTES, allow_constants=True
+            )
             if doc["url"] != url:
                 return None
             return str(doc["etag"]), base64.b64decode(doc["body"])

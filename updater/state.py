@@ -1,7 +1,9 @@
 """The agent's persisted state under ``state_dir`` (schema-versioned JSON).
 
-Written atomically. A file that cannot be parsed or fails validation is moved
-aside (``state.json.corrupt-<time>``) and never trusted; a file with a newer
+Written atomically. A file that cannot be parsed (not JSON, larger than
+:data:`MAX_STATE_BYTES`, nested deeper than :data:`updater.jsonutil.MAX_DEPTH`)
+or fails validation is moved aside (``state.json.corrupt-<time>``) and never
+trusted; if it cannot be moved aside, loading is a ``StateError("unwritable")``; a file with a newer
 schema is refused, not misread (a rolled-back, older agent must not clobber
 what a newer one wrote). Every older schema stays readable.
 """
@@ -19,7 +21,7 @@ from typing import Any, Literal, cast
 
 import structlog
 
-from updater import versions
+from updater import jsonutil, versions
 from updater.errors import StateError
 from updater.fsutil import atomic_write
 
@@ -27,6 +29,7 @@ log = structlog.get_logger(__name__)
 
 SCHEMA = 1
 STATE_FILE = "state.json"
+MAX_STATE_BYTES = 4 * 1024 * 1024  # ours is a few KiB; more is not a state file we wrote
 
 SlotCondition = Literal["installing", "installed", "good", "bad"]
 _CONDITIONS: frozenset[str] = frozenset({"installing", "installed", "good", "bad"})
@@ -223,22 +226,34 @@ class StateStore:
 
     def _load(self) -> State:
         try:
-            data = self.path.read_bytes()
+            with self.path.open("rb") as fh:
+                data = fh.read(MAX_STATE_BYTES + 1)  # never the whole of a runaway file
         except FileNotFoundError:
             return State()
         except OSError as exc:
             raise StateError("unwritable", f"{self.path}: {exc.strerror}") from None
         try:
-            return _from_json(json.loads(data))
-        except (ValueError, _Invalid) as exc:
-            aside = self.path.with_name(
-                f"{STATE_FILE}.corrupt-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
-            )
-            os.replace(self.path, aside)
-            log.error(
-                "state_corrupt_set_aside", path=str(self.path), moved_to=str(aside), error=str(exc)
-            )
+            # allow_constants: Python's json.dumps writes NaN and Infinity, and
+            # updater.machine copes with a NaN from a hand-edited file.
+            doc = jsonutil.loads(data, _Invalid, max_bytes=MAX_STATE_BYTES, allow_constants=True)
+            return _from_json(doc)
+        except _Invalid as exc:
+            self._set_aside(str(exc))
             return State()
+
+    def _set_aside(self, why: str) -> None:
+        aside = self.path.with_name(
+            f"{STATE_FILE}.corrupt-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
+        )
+        try:
+            os.replace(self.path, aside)
+        except OSError as exc:
+            raise StateError(
+                "unwritable",
+                f"{self.path} is corrupt ({why}) and cannot be moved aside: {exc.strerror}",
+                hint="move or delete the file; the agent starts afresh without it",
+            ) from None
+        log.error("state_corrupt_set_aside", path=str(self.path), moved_to=str(aside), error=why)
 
     def save(self, state: State) -> None:
         data = (json.dumps(_to_json(state), indent=2) + "\n").encode()
