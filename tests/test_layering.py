@@ -15,6 +15,7 @@ LEAVES = {
     "updater.fsutil",
     "updater.versions",
     "updater.urls",
+    "updater.httpbody",
 }
 
 
