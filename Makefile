@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-vm test lint typecheck unit fuzz bench clean
+.PHONY: setup demo demo-vm deb test lint typecheck unit fuzz bench clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -14,6 +14,10 @@ demo: setup
 # kernel (downloaded once into ~/.cache/updater-vm). LOADER=grub: SeaBIOS + GRUB.
 demo-vm: setup
 	$(PY) -m devtools.vm_demo --loader $(or $(LOADER),systemd-boot)
+
+# The agent as a Debian package (dpkg-deb, no debhelper): build/deb/updater_<version>_all.deb
+deb: setup
+	$(PY) -m devtools.deb --out build/deb
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -42,4 +46,4 @@ bench: setup
 	$(PY) -m bench.fleet_rollout
 
 clean:
-	rm -rf $(VENV) demo-run bench-run .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build demo-run bench-run .mypy_cache .ruff_cache .pytest_cache

@@ -43,12 +43,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final, Literal
 
 from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr, DBusUInt32, DBusUInt64
-from dbus_fast.service import ServiceInterface, dbus_method
+from dbus_fast.service import ServiceInterface
+
+from updater.dbuscompat import dbus_method, signature
 
 # Written from systemd's documentation (org.freedesktop.login1(5)) and
 # src/login/logind-dbus.c, not from updater.rebooter, so that a wrong name
@@ -68,9 +69,6 @@ _PUBLIC_FLAGS: Final = 0x1F  # root-check, kexec, soft-reboot, soft-reboot-if-ne
 
 Flavour = Literal["current", "root_bypass", "no_flags"]
 FLAVOURS: Final[tuple[Flavour, ...]] = ("current", "root_bypass", "no_flags")
-
-NoReply = Annotated[None, DBusSignature("")]
-InhibitorList = Annotated[list[list[Any]], DBusSignature("a(ssssuu)")]
 
 
 @dataclass(frozen=True)
@@ -195,17 +193,20 @@ class _LegacyManager(ServiceInterface):
         self._state = state
 
     @dbus_method(name="Reboot")
-    def reboot(self, interactive: DBusBool) -> NoReply:
+    @signature("", interactive="b")
+    def reboot(self, interactive: bool) -> None:
         self._state.reboot("Reboot", [interactive], 0, root_check=False)
 
     @dbus_method(name="ListInhibitors")
-    def list_inhibitors(self) -> InhibitorList:
+    @signature("a(ssssuu)")
+    def list_inhibitors(self) -> list[list[Any]]:
         return self._state.list_inhibitors()
 
 
 class _Manager(_LegacyManager):
     @dbus_method(name="RebootWithFlags")
-    def reboot_with_flags(self, flags: DBusUInt64) -> NoReply:
+    @signature("", flags="t")
+    def reboot_with_flags(self, flags: int) -> None:
         if flags & ~_PUBLIC_FLAGS:
             raise DBusError(INVALID_ARGS, "Invalid flags parameter")
         self._state.reboot(
@@ -224,11 +225,13 @@ class _Control(ServiceInterface):
         self._state = state
 
     @dbus_method(name="AddInhibitor")
-    def add_inhibitor(self, what: DBusStr, who: DBusStr, why: DBusStr, mode: DBusStr) -> DBusUInt32:
+    @signature("u", what="s", who="s", why="s", mode="s")
+    def add_inhibitor(self, what: str, who: str, why: str, mode: str) -> int:
         return self._state.add_inhibitor(what, who, why, mode)
 
     @dbus_method(name="RemoveInhibitor")
-    def remove_inhibitor(self, handle: DBusUInt32) -> NoReply:
+    @signature("", handle="u")
+    def remove_inhibitor(self, handle: int) -> None:
         self._state.remove_inhibitor(handle)
 
 

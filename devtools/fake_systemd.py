@@ -35,8 +35,9 @@ from types import TracebackType
 
 from dbus_fast import DBusError, PropertyAccess, RequestNameReply
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusObjectPath, DBusStr
-from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
+from dbus_fast.service import ServiceInterface, dbus_property
+
+from updater.dbuscompat import dbus_method, signature
 
 BUS_NAME = "org.freedesktop.systemd1"
 MANAGER_PATH = "/org/freedesktop/systemd1"
@@ -69,19 +70,23 @@ class _Unit(ServiceInterface):
         self._loaded = loaded
 
     @dbus_property(access=PropertyAccess.READ)
-    def Id(self) -> DBusStr:
+    @signature("s")
+    def Id(self) -> str:
         return self._name
 
     @dbus_property(access=PropertyAccess.READ)
-    def LoadState(self) -> DBusStr:
+    @signature("s")
+    def LoadState(self) -> str:
         return "loaded" if self._loaded else "not-found"
 
     @dbus_property(access=PropertyAccess.READ)
-    def ActiveState(self) -> DBusStr:
+    @signature("s")
+    def ActiveState(self) -> str:
         return self._fake.states.get(self._name, "inactive")
 
     @dbus_property(access=PropertyAccess.READ)
-    def SubState(self) -> DBusStr:
+    @signature("s")
+    def SubState(self) -> str:
         return _SUB_STATE.get(self._fake.states.get(self._name, "inactive"), "")
 
 
@@ -91,7 +96,8 @@ class _Manager(ServiceInterface):
         self._fake = fake
 
     @dbus_method()
-    def GetUnit(self, name: DBusStr) -> DBusObjectPath:
+    @signature("o", name="s")
+    def GetUnit(self, name: str) -> str:
         self._fake.calls.append(("GetUnit", name))
         _check_name(name)
         if name not in self._fake.states:
@@ -99,7 +105,8 @@ class _Manager(ServiceInterface):
         return self._fake.export_unit(name, loaded=True)
 
     @dbus_method()
-    def LoadUnit(self, name: DBusStr) -> DBusObjectPath:
+    @signature("o", name="s")
+    def LoadUnit(self, name: str) -> str:
         self._fake.calls.append(("LoadUnit", name))
         _check_name(name)
         return self._fake.export_unit(name, loaded=name in self._fake.states)

@@ -313,23 +313,46 @@ def client_factory(settings: EtcdSettings) -> ClientFactory:
     def make(endpoint: str) -> Etcd3Client:
         url = urllib.parse.urlsplit(endpoint)
         assert url.hostname is not None  # checked by EtcdSettings
-        session = requests.Session()
+        session = _TimeoutSession(settings.timeout_s)
         # Not from the environment: REQUESTS_CA_BUNDLE would replace our CA
         # file, and an HTTP(S)_PROXY meant for the update server would get etcd.
         session.trust_env = False
         session.verify = str(settings.ca_file) if settings.ca_file else _system_trust()
         if settings.cert_file is not None and settings.key_file is not None:
             session.cert = (str(settings.cert_file), str(settings.key_file))
-        return Etcd3Client(
+        client = Etcd3Client(
             host=url.hostname,
             port=url.port or 2379,
             protocol=url.scheme,
             timeout=settings.timeout_s,
             api_path=API_PATH,
-            session=session,
         )
+        # etcd3gw 2.0 (bookworm's) takes no session argument; every version
+        # sends its requests through this attribute
+        client.session = session
+        return client
 
     return make
+
+
+def _base_url(client: Etcd3Client) -> str:
+    """``http(s)://host:port`` of ``client`` (etcd3gw 2.0, bookworm's, has no ``base_url``)."""
+    host = f"[{client.host}]" if ":" in client.host else client.host
+    return f"{client.protocol}://{host}:{client.port}"
+
+
+class _TimeoutSession(requests.Session):
+    """A session whose requests time out: etcd3gw 2.0 (Debian bookworm's)
+    passes no timeout to requests, newer ones pass the client's."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self.timeout_s = timeout_s
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout_s
+        return super().request(method, url, *args, **kwargs)
 
 
 class _EndpointDown(Exception):
@@ -444,7 +467,7 @@ class EtcdClient:
         if not isinstance(token, str) or not token:
             raise _EndpointDown("authenticate answered no token")
         self._token = token
-        log.debug("etcd_authenticated", endpoint=client.base_url, user=self.settings.username)
+        log.debug("etcd_authenticated", endpoint=_base_url(client), user=self.settings.username)
 
     def _post(self, client: Etcd3Client, method: str, body: Mapping[str, Any]) -> dict[str, Any]:
         if self._token is not None:
@@ -462,7 +485,7 @@ class EtcdClient:
                 # credentials where auth is on, or a user without rights.
                 raise LockError(
                     "refused",
-                    f"etcd at {client.base_url} refused {method}: {message}",
+                    f"etcd at {_base_url(client)} refused {method}: {message}",
                     hint="check the etcd username, password and the user's role",
                 ) from None
             if code == _GRPC_OUT_OF_RANGE:

@@ -52,6 +52,7 @@ import urllib3
 
 from policies.lock import check_group
 from updater.errors import LockError
+from updater.httpbody import read1
 from updater.jsonutil import loads as load_json
 from updater.urls import parse_url
 
@@ -301,7 +302,7 @@ class FleetLock:
         while True:
             if time.monotonic() > deadline:
                 raise TimeoutError("the answer took longer than timeout_s")
-            chunk = response.raw.read1(4096)
+            chunk = read1(response.raw, 4096)
             if not chunk:
                 return b"".join(chunks)
             size += len(chunk)

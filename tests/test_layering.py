@@ -16,6 +16,7 @@ LEAVES = {
     "updater.versions",
     "updater.urls",
     "updater.jsonutil",
+    "updater.httpbody",
 }
 
 

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast.annotations import DBusUInt64
-from dbus_fast.service import ServiceInterface, dbus_method
+from dbus_fast.service import ServiceInterface
 from structlog.testing import capture_logs
 
 from devtools import fake_logind
 from devtools.dbusdaemon import PrivateBus
 from devtools.fake_logind import FakeLogind, FakeLogindProcess, Flavour
 from tests.dbus_support import POLICY, connect, run
+from updater.dbuscompat import dbus_method, signature
 from updater.errors import RefusedError
 from updater.rebooter import Inhibitor, LogindRebooter, Rebooter, parse_inhibitors
 
@@ -188,7 +188,8 @@ class SlowLogind(ServiceInterface):
         super().__init__(fake_logind.MANAGER_INTERFACE)
 
     @dbus_method(name="RebootWithFlags")
-    async def reboot_with_flags(self, flags: DBusUInt64) -> fake_logind.NoReply:
+    @signature("", flags="t")
+    async def reboot_with_flags(self, flags: int) -> None:
         await asyncio.sleep(30)
 
 

@@ -30,7 +30,7 @@ import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Final
+from typing import Any, Final
 
 import structlog
 from dbus_fast import (
@@ -45,12 +45,11 @@ from dbus_fast import (
     Variant,
 )
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusDouble, DBusSignature, DBusStr, DBusUInt64
-from dbus_fast.errors import DBusFastError
-from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
+from dbus_fast.service import ServiceInterface, dbus_property
 
 from updater import errors
 from updater.agentapi import AgentControl, AgentStatus
+from updater.dbuscompat import BUS_FAILURES, dbus_method, dbus_signal, signature
 from updater.errors import CommandError, ExitCode, RefusedError, UpdaterError
 
 log = structlog.get_logger(__name__)
@@ -82,12 +81,6 @@ _NO_OWNER: Final = frozenset(
     {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"}
 )
 _ACCESS_DENIED: Final = "org.freedesktop.DBus.Error.AccessDenied"
-# what connecting to, or talking over, a bus that is absent or goes away raises
-_BUS_FAILURES: Final = (OSError, EOFError, DBusFastError)
-
-# dbus-fast reads ``-> None`` as no annotation at all; this says "no out arguments".
-NoReply = Annotated[None, DBusSignature("")]
-CoreOSStatus = Annotated[tuple[int, float, str, str, int], DBusSignature("xdssx")]
 
 
 @dataclass(frozen=True)
@@ -240,63 +233,78 @@ class AgentInterface(ServiceInterface):
             self.emit_properties_changed(changed)
 
     @dbus_property(access=PropertyAccess.READ, name="State")
-    def state(self) -> DBusStr:
+    @signature("s")
+    def state(self) -> str:
         return self._status.state
 
     @dbus_property(access=PropertyAccess.READ, name="BootedSlot")
-    def booted_slot(self) -> DBusStr:
+    @signature("s")
+    def booted_slot(self) -> str:
         return self._status.booted_slot
 
     @dbus_property(access=PropertyAccess.READ, name="BootedVersion")
-    def booted_version(self) -> DBusStr:
+    @signature("s")
+    def booted_version(self) -> str:
         return self._status.booted_version
 
     @dbus_property(access=PropertyAccess.READ, name="StagedVersion")
-    def staged_version(self) -> DBusStr:
+    @signature("s")
+    def staged_version(self) -> str:
         return self._status.staged_version
 
     @dbus_property(access=PropertyAccess.READ, name="NewVersion")
-    def new_version(self) -> DBusStr:
+    @signature("s")
+    def new_version(self) -> str:
         return self._status.new_version
 
     @dbus_property(access=PropertyAccess.READ, name="NewSize")
-    def new_size(self) -> DBusUInt64:
+    @signature("t")
+    def new_size(self) -> int:
         return max(0, self._status.new_size)
 
     @dbus_property(access=PropertyAccess.READ, name="Progress")
-    def progress(self) -> DBusDouble:
+    @signature("d")
+    def progress(self) -> float:
         return float(self._status.progress)
 
     @dbus_property(access=PropertyAccess.READ, name="LastErrorKind")
-    def last_error_kind(self) -> DBusStr:
+    @signature("s")
+    def last_error_kind(self) -> str:
         return self._status.last_error_kind
 
     @dbus_property(access=PropertyAccess.READ, name="LastErrorMessage")
-    def last_error_message(self) -> DBusStr:
+    @signature("s")
+    def last_error_message(self) -> str:
         return self._status.last_error_message
 
     @dbus_property(access=PropertyAccess.READ, name="LastCheckTime")
-    def last_check_time(self) -> DBusUInt64:
+    @signature("t")
+    def last_check_time(self) -> int:
         return max(0, self._status.last_check_time)
 
     @dbus_property(access=PropertyAccess.READ, name="LastChangeTime")
-    def last_change_time(self) -> DBusUInt64:
+    @signature("t")
+    def last_change_time(self) -> int:
         return max(0, self._status.last_change_time)
 
     @dbus_method(name="CheckNow")
-    async def check_now(self) -> NoReply:
+    @signature("")
+    async def check_now(self) -> None:
         await _forward("CheckNow", self._control.check_now)
 
     @dbus_method(name="InstallNow")
-    async def install_now(self) -> NoReply:
+    @signature("")
+    async def install_now(self) -> None:
         await _forward("InstallNow", self._control.install_now)
 
     @dbus_method(name="RebootNow")
-    async def reboot_now(self) -> NoReply:
+    @signature("")
+    async def reboot_now(self) -> None:
         await _forward("RebootNow", self._control.reboot_now)
 
     @dbus_method(name="MarkGood")
-    async def mark_good(self) -> NoReply:
+    @signature("")
+    async def mark_good(self) -> None:
         await _forward("MarkGood", self._control.mark_good)
 
 
@@ -316,19 +324,23 @@ class CoreOSInterface(ServiceInterface):
             self.status_update(now)
 
     @dbus_signal(name="StatusUpdate")
-    def status_update(self, status: tuple[int, float, str, str, int]) -> CoreOSStatus:
-        return status
+    @signature("xdssx")
+    def status_update(self, status: tuple[int, float, str, str, int]) -> list[object]:
+        return list(status)  # dbus-fast < 4 takes several out arguments only as a list
 
     @dbus_method(name="GetStatus")
-    def get_status(self) -> CoreOSStatus:
-        return self._last
+    @signature("xdssx")
+    def get_status(self) -> list[object]:
+        return list(self._last)
 
     @dbus_method(name="AttemptUpdate")
-    async def attempt_update(self) -> NoReply:
+    @signature("")
+    async def attempt_update(self) -> None:
         await _forward("AttemptUpdate", self._control.install_now)
 
     @dbus_method(name="ResetStatus")
-    async def reset_status(self) -> NoReply:
+    @signature("")
+    async def reset_status(self) -> None:
         await _forward("ResetStatus", self._control.reset_status)
 
 
@@ -496,7 +508,7 @@ async def read_status(bus_address: str | None = None, timeout_s: float = 2.0) ->
     except TimeoutError:
         log.warning("agent_status_timeout", timeout_s=timeout_s)
         return None
-    except _BUS_FAILURES as err:
+    except BUS_FAILURES as err:
         log.debug("agent_status_no_bus", error=str(err))
         return None
     finally:
@@ -525,7 +537,7 @@ async def call(
         async with asyncio.timeout(timeout_s):
             try:
                 bus = await _connect(bus_address)
-            except _BUS_FAILURES as err:
+            except BUS_FAILURES as err:
                 raise AgentUnavailableError(
                     "agent_not_running",
                     f"cannot reach the system bus: {err}",
@@ -541,7 +553,7 @@ async def call(
                         flags=MessageFlag.NO_AUTOSTART,
                     )
                 )
-            except _BUS_FAILURES as err:
+            except BUS_FAILURES as err:
                 raise UpdaterError(
                     "internal", f"lost the system bus while calling {method}: {err}"
                 ) from err

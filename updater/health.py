@@ -33,8 +33,8 @@ from typing import Any, Protocol
 import structlog
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
-from dbus_fast.errors import DBusFastError
 
+from updater.dbuscompat import BUS_FAILURES
 from updater.errors import HealthError, UpdaterError
 from updater.run import minimal_env
 
@@ -339,7 +339,7 @@ class SystemdUnits:
         where = self.bus_address or "the system bus"
         try:
             bus = await MessageBus(bus_address=self.bus_address, bus_type=BusType.SYSTEM).connect()
-        except (OSError, DBusFastError) as exc:
+        except BUS_FAILURES as exc:
             raise HealthError(
                 "unit_inactive",
                 f"cannot ask systemd about {unit}: no connection to {where}: {exc}",
@@ -347,7 +347,7 @@ class SystemdUnits:
             ) from exc
         try:
             return await self._query(bus, unit)
-        except (OSError, EOFError, DBusFastError) as exc:
+        except BUS_FAILURES as exc:
             raise HealthError(
                 "unit_inactive", f"cannot ask systemd about {unit}: lost {where}: {exc}"
             ) from exc

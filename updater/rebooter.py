@@ -20,8 +20,8 @@ from typing import Any, Final, NoReturn, Protocol
 import structlog
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
-from dbus_fast.errors import DBusFastError
 
+from updater.dbuscompat import BUS_FAILURES
 from updater.errors import RefusedError
 
 log = structlog.get_logger(__name__)
@@ -159,7 +159,7 @@ class LogindRebooter:
                 member,
                 f"logind did not answer {member} within {self._timeout_s:g} s",
             ) from err
-        except (OSError, EOFError, DBusFastError) as err:
+        except BUS_FAILURES as err:
             raise _BusFailure("bus_error", member, f"cannot reach logind: {err}") from err
 
     async def _inhibitors_for_log(self) -> list[Inhibitor]:

@@ -36,6 +36,7 @@ from urllib3.util.retry import Retry
 
 from updater import __version__
 from updater.errors import DownloadError
+from updater.httpbody import read1
 
 log = structlog.get_logger(__name__)
 
@@ -211,7 +212,7 @@ class _HttpStream:
     def read(self, n: int) -> bytes:
         started = self._floor.clock()
         try:
-            data: bytes = self._response.raw.read1(n, decode_content=False)
+            data: bytes = read1(self._response.raw, n)
         except FOREIGN_ERRORS as exc:
             raise wrap_error(self._url, exc) from exc
         self._floor.note(len(data), started)
@@ -222,7 +223,7 @@ class _HttpStream:
         started = self._floor.clock()
         try:
             if body is None:
-                data = self._response.raw.read1(len(buf), decode_content=False)
+                data = read1(self._response.raw, len(buf))
                 n = len(data)
                 buf[:n] = data
             else:
@@ -357,7 +358,7 @@ class HttpTransport:
         try:
             while len(out) <= max_bytes:
                 started = floor.clock()
-                piece = response.raw.read1(max_bytes + 1 - len(out), decode_content=False)
+                piece = read1(response.raw, max_bytes + 1 - len(out))
                 floor.note(len(piece), started)
                 if not piece:
                     break
