@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 
-from updater.errors import VerificationError
+from devtools.espimage import esp_store, make_esp_disk
+from partitions.bootcontrol import Slot
+from partitions.filestore import StreamingStore
+from updater.bootfiles import EspBootFiles, checked
+from updater.errors import DiskError, DownloadError, VerificationError
 from updater.manifest import (
     MAX_BOOT_FILE_BYTES,
     MAX_BOOT_FILES,
@@ -118,3 +125,97 @@ def test_unknown_keys_in_a_boot_file_are_ignored() -> None:
     assert parse(with_boot([{**GOOD, "cmdline": "quiet"}])).boot == (
         BootFileRef("vmlinuz", "boot/vmlinuz", 10, "a" * 64),
     )
+
+
+# ---- the writer, on a mounted ESP and inside a disk image -------------------------------------
+
+
+@pytest.fixture(params=["dir", "mtools"])
+def esp(request: pytest.FixtureRequest, tmp_path: Path) -> StreamingStore:
+    disk = make_esp_disk(tmp_path / "disk.img", slot_size=1024 * 1024)
+    store = esp_store(disk, request.param, tmp_path / "esp")
+    assert isinstance(store, StreamingStore)
+    return store
+
+
+A = Slot("USR-A", 2, UUID(int=1), Path("/dev/x"), 0, 1)
+B = Slot("USR-B", 3, UUID(int=2), Path("/dev/x"), 0, 1)
+
+
+def names(store: StreamingStore, directory: str) -> list[str]:
+    """As FAT sees them: mtools stores a lower-case 8.3 name as its upper-case short name."""
+    return sorted(n.lower() for n in store.list(directory))
+
+
+def pieces(data: bytes, size: int = 7000) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def test_write_lands_under_the_slot_directory(esp: StreamingStore) -> None:
+    files = EspBootFiles(esp)
+    ref = boot_ref("vmlinuz", KERNEL)
+    assert files.write(B, "vmlinuz", checked(pieces(KERNEL), ref, "u"), booted=A) == len(KERNEL)
+    assert esp.read("USR-B/vmlinuz") == KERNEL
+    assert names(esp, "USR-B") == ["vmlinuz"]
+    assert files.digest(B, "vmlinuz") == (len(KERNEL), sha(KERNEL))
+    assert files.digest(B, "initrd.img") is None
+    # a second release replaces it
+    new = KERNEL[::-1]
+    files.write(B, "vmlinuz", checked(pieces(new), boot_ref("vmlinuz", new), "u"), booted=A)
+    assert esp.read("USR-B/vmlinuz") == new and names(esp, "USR-B") == ["vmlinuz"]
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (KERNEL[:-1] + b"X", "hash_mismatch"),
+        (KERNEL[:-1], "size_mismatch"),
+        (KERNEL + b"X", "size_mismatch"),
+    ],
+)
+def test_a_file_that_is_not_the_manifests_never_takes_the_name(
+    esp: StreamingStore, data: bytes, kind: str
+) -> None:
+    files = EspBootFiles(esp)
+    esp.makedirs("USR-B")
+    esp.write("USR-B/vmlinuz", b"the old kernel")
+    with pytest.raises(VerificationError) as err:
+        files.write(B, "vmlinuz", checked(pieces(data), boot_ref("vmlinuz", KERNEL), "u"), booted=A)
+    assert err.value.kind == kind
+    assert esp.read("USR-B/vmlinuz") == b"the old kernel"
+    assert names(esp, "USR-B") == ["vmlinuz"]  # no temporary left behind
+
+
+def test_a_download_that_breaks_leaves_the_old_file(esp: StreamingStore) -> None:
+    def broken() -> Iterator[bytes]:
+        yield KERNEL[:5000]
+        raise DownloadError("connection", "gone")
+
+    esp.makedirs("USR-B")
+    esp.write("USR-B/vmlinuz", b"the old kernel")
+    with pytest.raises(DownloadError):
+        EspBootFiles(esp).write(B, "vmlinuz", broken(), booted=A)
+    assert esp.read("USR-B/vmlinuz") == b"the old kernel"
+
+
+def test_a_leftover_temporary_is_reused(esp: StreamingStore) -> None:
+    esp.makedirs("USR-B")
+    esp.write("USR-B/.vmlinuz.tmp", b"half a kernel from a crash")
+    EspBootFiles(esp).write(B, "vmlinuz", pieces(KERNEL), booted=A)
+    assert names(esp, "USR-B") == ["vmlinuz"]
+
+
+@pytest.mark.parametrize(
+    "booted",
+    [
+        B,
+        Slot("usr-b", 9, UUID(int=9), Path("/dev/x"), 0, 1),  # FAT folds case: one directory
+        Slot("other", 9, UUID(int=2), Path("/dev/x"), 0, 1),  # the same partition
+    ],
+)
+def test_the_booted_slots_directory_is_refused(esp: StreamingStore, booted: Slot) -> None:
+    with pytest.raises(DiskError) as err:
+        EspBootFiles(esp).write(B, "vmlinuz", pieces(KERNEL), booted=booted)
+    assert err.value.kind == "esp_invalid" and "booted slot" in err.value.message
+    assert not esp.exists("USR-B")
