@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,8 +14,12 @@ from uuid import UUID
 import pytest
 
 from devtools.espimage import esp_store, make_esp_disk
+from devtools.gpgkeys import SigningKey
+from devtools.host import EspHost, Host, esp_files, provision_esp_host
+from devtools.repo_server import Fault
 from partitions.bootcontrol import Slot
 from partitions.filestore import StreamingStore
+from tests.conftest import HOST_SLOT_SIZE, Repo, updatectl
 from updater.bootfiles import EspBootFiles, checked
 from updater.errors import DiskError, DownloadError, VerificationError
 from updater.manifest import (
@@ -219,3 +223,143 @@ def test_the_booted_slots_directory_is_refused(esp: StreamingStore, booted: Slot
         EspBootFiles(esp).write(B, "vmlinuz", pieces(KERNEL), booted=booted)
     assert err.value.kind == "esp_invalid" and "booted slot" in err.value.message
     assert not esp.exists("USR-B")
+
+
+# ---- end to end: a release with a kernel and an initrd, a host booted by systemd-boot ----------
+
+OLD_KERNEL = b"\x7fkernel 1.0.0 " * 900
+OLD_INITRD = b"initrd 1.0.0 " * 2500
+
+
+@pytest.fixture
+def esp_host(
+    tmp_path: Path, usr_images: dict[str, Path], repo: Repo, release_key: SigningKey
+) -> EspHost:
+    return provision_esp_host(
+        tmp_path / "host",
+        slot_size=HOST_SLOT_SIZE,
+        first_image=usr_images["1.0.0"],
+        first_version="1.0.0",
+        kernel=OLD_KERNEL,
+        initrd=OLD_INITRD,
+        repo_url=repo.url,
+        keyring=release_key.public_key,
+    )
+
+
+def publish_with_boot_files(repo: Repo, image: Path, tmp_path: Path) -> None:
+    kernel, initrd = tmp_path / "vmlinuz-new", tmp_path / "initrd-new"
+    kernel.write_bytes(KERNEL)
+    initrd.write_bytes(INITRD)
+    repo.publish("1.1.0", image, boot_files=(("vmlinuz", kernel), ("initrd.img", initrd)))
+
+
+def booted_side(m: EspHost) -> tuple[dict[str, bytes], dict[str, bytes], bytes]:
+    """Everything of the booted slot USR-A: its boot files, its entry, its bytes."""
+    entries = {n: b for n, b in esp_files(m.esp, "loader/entries").items() if "USR-A" in n}
+    return esp_files(m.esp, "USR-A"), entries, m.host.slot_bytes("USR-A")
+
+
+def test_a_release_with_boot_files_installs_them_for_the_target_slot(
+    esp_host: EspHost, repo: Repo, usr_images: dict[str, Path], tmp_path: Path
+) -> None:
+    publish_with_boot_files(repo, usr_images["1.1.0"], tmp_path)
+    before = booted_side(esp_host)
+    r = updatectl(esp_host.host, "-v", "check", "--install", "--json")
+    assert r.code == 0, r.err
+    esp = esp_host.esp
+    assert esp.read("USR-B/vmlinuz") == KERNEL
+    assert esp.read("USR-B/initrd.img") == INITRD
+    assert names(esp, "USR-B") == ["initrd.img", "vmlinuz"]  # no temporary left
+    assert booted_side(esp_host) == before  # USR-A's files, entry and bytes: unchanged
+    # the boot files were in place before the entry that points at them was written
+    lines = r.err.splitlines()
+    written = [i for i, line in enumerate(lines) if "boot_file_written" in line]
+    made_primary = [i for i, line in enumerate(lines) if "slot_made_primary" in line]
+    assert len(written) == 2 and len(made_primary) == 1 and max(written) < made_primary[0], r.err
+    # systemd-boot now boots USR-B on trial, from its own files
+    (entry,) = [n for n in esp.list("loader/entries") if "USR-B" in n]
+    assert entry == "updater-USR-B+1-0.conf"  # one trial boot
+    text = esp.read(f"loader/entries/{entry}").decode()
+    assert "linux /USR-B/vmlinuz\n" in text and "initrd /USR-B/initrd.img\n" in text
+    assert esp_host.next_boot() == "USR-B"
+    assert updatectl(esp_host.host, "status", "--json").json()["state"] == "update_staged"
+    # the slot record keeps what was installed, for rollback to check again
+    state = json.loads((esp_host.host.state_dir / "state.json").read_text())
+    (record,) = [s for s in state["slots"].values() if s["label"] == "USR-B"]
+    assert record["boot"] == [
+        {"name": "vmlinuz", "size": len(KERNEL), "sha256": sha(KERNEL)},
+        {"name": "initrd.img", "size": len(INITRD), "sha256": sha(INITRD)},
+    ]
+
+
+def flip_first_byte(repo: Repo, path: str) -> None:
+    repo.server.fault(path, Fault(flip_byte_at=0))
+
+
+def extra_bytes(repo: Repo, path: str) -> None:
+    repo.server.fault(path, Fault(extra_bytes=4096))
+
+
+def not_found(repo: Repo, path: str) -> None:
+    (repo.root / path.lstrip("/")).unlink()
+
+
+def unavailable(repo: Repo, path: str) -> None:
+    repo.server.fault(path, Fault(status=503))
+
+
+@pytest.mark.parametrize(
+    ("which", "break_it", "kind"),
+    [
+        ("vmlinuz", flip_first_byte, "hash_mismatch"),
+        ("initrd.img", flip_first_byte, "hash_mismatch"),
+        ("initrd.img", extra_bytes, "too_much_data"),
+        ("vmlinuz", not_found, "http_status"),
+        ("initrd.img", unavailable, "http_status"),
+    ],
+)
+def test_a_bad_boot_file_fails_the_install_and_the_slot_never_boots(
+    esp_host: EspHost,
+    repo: Repo,
+    usr_images: dict[str, Path],
+    tmp_path: Path,
+    which: str,
+    break_it: Callable[[Repo, str], None],
+    kind: str,
+) -> None:
+    publish_with_boot_files(repo, usr_images["1.1.0"], tmp_path)
+    before = booted_side(esp_host)
+    break_it(repo, repo.boot_path(which))
+    r = updatectl(esp_host.host, "check", "--install", "--json")
+    assert r.code != 0
+    assert r.json()["error"]["kind"] == kind, r.err
+    assert esp_host.next_boot() == "USR-A"  # USR-B was never made the next boot
+    assert not [n for n in esp_host.esp.list("loader/entries") if "USR-B" in n]
+    assert booted_side(esp_host) == before
+    status = updatectl(esp_host.host, "status", "--json").json()
+    assert status["state"] == "idle" and status["pending_version"] is None
+    # the broken file never took its name
+    assert which not in names(esp_host.esp, "USR-B") or esp_host.esp.read(f"USR-B/{which}") == (
+        KERNEL if which == "vmlinuz" else INITRD
+    )
+    # the server mends it: the next check installs the release
+    repo.server.clear_faults()
+    if break_it is not_found:
+        publish_with_boot_files(repo, usr_images["1.1.0"], tmp_path)
+    assert updatectl(esp_host.host, "check", "--install").code == 0
+    assert esp_host.esp.read(f"USR-B/{which}") == (KERNEL if which == "vmlinuz" else INITRD)
+    assert esp_host.next_boot() == "USR-B"
+
+
+def test_gpt_prio_without_an_esp_refuses_a_release_with_boot_files(
+    host: Host, repo: Repo, usr_images: dict[str, Path], tmp_path: Path
+) -> None:
+    publish_with_boot_files(repo, usr_images["1.1.0"], tmp_path)
+    disk_before = host.disk.read_bytes()
+    r = updatectl(host, "check", "--install", "--json")
+    assert r.code == 3, r.err
+    error = r.json()["error"]
+    assert (error["category"], error["kind"]) == ("config", "missing")
+    assert "boot files" in error["message"] and "[disk] esp" in error["hint"]
+    assert host.disk.read_bytes() == disk_before  # nothing marked, nothing written
