@@ -19,6 +19,7 @@ from devtools.host import EspHost, Host, esp_files, provision_esp_host
 from devtools.repo_server import Fault
 from partitions.bootcontrol import Slot
 from partitions.filestore import StreamingStore
+from partitions.firmware import kernel_cmdline
 from tests.conftest import HOST_SLOT_SIZE, Repo, updatectl
 from updater.bootfiles import EspBootFiles, checked
 from updater.errors import DiskError, DownloadError, VerificationError
@@ -363,3 +364,39 @@ def test_gpt_prio_without_an_esp_refuses_a_release_with_boot_files(
     assert (error["category"], error["kind"]) == ("config", "missing")
     assert "boot files" in error["message"] and "[disk] esp" in error["hint"]
     assert host.disk.read_bytes() == disk_before  # nothing marked, nothing written
+
+
+def boot_into(m: EspHost, label: str, version: str) -> None:
+    """What systemd-boot and the booted OS tell the agent after booting ``label``."""
+    slot = next(s.slot for s in m.boot_control().slots() if s.slot.label == label)
+    m.host.cmdline.write_text(kernel_cmdline(slot) + "\n")
+    m.host.os_release.write_text(f"ID=updater-demo\nIMAGE_VERSION={version}\n")
+
+
+def test_rollback_checks_the_other_slots_boot_files(
+    esp_host: EspHost, repo: Repo, usr_images: dict[str, Path], tmp_path: Path
+) -> None:
+    publish_with_boot_files(repo, usr_images["1.1.0"], tmp_path)
+    assert updatectl(esp_host.host, "check", "--install").code == 0
+    boot_into(esp_host, "USR-B", "1.1.0")
+    assert updatectl(esp_host.host, "mark-good").code == 0
+    # 1.2.0 goes to USR-A, with its own kernel; USR-B's 1.1.0 files stay as they are
+    new_kernel = tmp_path / "k2"
+    new_kernel.write_bytes(b"kernel 1.2.0" * 100)
+    repo.publish("1.2.0", usr_images["1.2.0"], boot_files=(("vmlinuz", new_kernel),))
+    assert updatectl(esp_host.host, "check", "--install").code == 0
+    assert esp_host.esp.read("USR-A/vmlinuz") == new_kernel.read_bytes()
+    assert esp_host.esp.read("USR-B/vmlinuz") == KERNEL
+    boot_into(esp_host, "USR-A", "1.2.0")
+    assert updatectl(esp_host.host, "mark-good").code == 0
+
+    # Back to 1.1.0 in USR-B: only while its boot files are the ones installed with it.
+    esp_host.esp.write("USR-B/initrd.img", b"not what was installed")
+    r = updatectl(esp_host.host, "rollback", "--json")
+    assert r.code == 7, r.err  # refused
+    assert r.json()["error"]["kind"] == "rollback_refused"
+    assert "boot file initrd.img" in r.json()["error"]["message"]
+    assert esp_host.next_boot() == "USR-A"
+    esp_host.esp.write("USR-B/initrd.img", INITRD)
+    assert updatectl(esp_host.host, "rollback").code == 0
+    assert esp_host.next_boot() == "USR-B"
