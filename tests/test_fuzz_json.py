@@ -21,7 +21,7 @@ from policies.fleetlock import MAX_BODY, PRE_REBOOT, STEADY_STATE, FleetLockErro
 from tests.fuzzing import fewer_examples, parse_or_typed_error
 from updater import jsonutil
 from updater.errors import LockError, StateError, VerificationError
-from updater.manifest import Compression, ImageRef, Manifest, parse, serialize
+from updater.manifest import BootFileRef, Compression, ImageRef, Manifest, parse, serialize
 from updater.state import SlotRecord, State, StateStore
 
 pytestmark = pytest.mark.fuzz
@@ -35,6 +35,10 @@ MANIFEST = serialize(
         expires=T0.replace(year=2027),
         image=ImageRef(
             "../images/1.1.0/usr.img.zst", 1000, "1" * 64, Compression.ZSTD, 4096, "2" * 64
+        ),
+        boot=(
+            BootFileRef("vmlinuz", "../images/1.1.0/boot/vmlinuz", 5000, "3" * 64),
+            BootFileRef("initrd.img", "../images/1.1.0/boot/initrd.img", 9000, "4" * 64),
         ),
     )
 )
@@ -145,13 +149,23 @@ def test_fuzz_manifest(data: bytes) -> None:
 
 @given(
     st.dictionaries(
-        st.sampled_from(["schema", "channel", "version", "created", "expires", "image"]),
+        st.sampled_from(["schema", "channel", "version", "created", "expires", "image", "boot"]),
         json_values,
     )
 )
 def test_fuzz_manifest_fields(fields: dict[str, object]) -> None:
     doc = json.loads(MANIFEST)
     doc.update(fields)
+    _manifest(json.dumps(doc).encode())
+
+
+@given(
+    st.integers(0, 1),
+    st.dictionaries(st.sampled_from(["name", "url", "size", "sha256", "extra"]), json_values),
+)
+def test_fuzz_manifest_boot_fields(index: int, fields: dict[str, object]) -> None:
+    doc = json.loads(MANIFEST)
+    doc["boot"][index].update(fields)
     _manifest(json.dumps(doc).encode())
 
 

@@ -38,8 +38,9 @@ from updater.transport import HttpSettings, HttpTransport, SchemeTransport
 from updater.update import Updater
 
 if TYPE_CHECKING:
-    from partitions.filestore import FileStore
+    from partitions.filestore import DirStore, MtoolsStore
     from policies.etcdlock import EtcdLock, EtcdSettings
+    from updater.bootfiles import BootFiles
     from updater.fleetreport import EtcdFleetReporter
 
 # The etcd client (etcd3gw and what it pulls in, ~5 MiB resident) is imported
@@ -150,7 +151,7 @@ def boot_control(config: Config) -> BootControl:
     return GptPrioBootControl(disk, d.slots, d.kernel_cmdline)
 
 
-def boot_files(config: Config, disk: Path, marker: str) -> FileStore:
+def boot_files(config: Config, disk: Path, marker: str) -> DirStore | MtoolsStore:
     """Where the boot loader's files are: [disk] esp_partition (mtools), esp, or found.
 
     ``marker`` (``loader/entries``, the grubenv) picks the mounted directory
@@ -165,6 +166,20 @@ def boot_files(config: Config, disk: Path, marker: str) -> FileStore:
     if d.esp is not None:
         return DirStore(d.esp)
     return DirStore(find_mounted(ESP_CANDIDATES, marker))
+
+
+def slot_boot_files(config: Config) -> BootFiles | None:
+    """Where a release's boot files go: the ESP of [disk] esp / esp_partition, or the one
+    the systemd-boot or grub-env backend uses; None for gpt-prio without an ESP set (an
+    install of a release that carries boot files is then refused, see Updater)."""
+    from updater.bootfiles import EspBootFiles
+
+    d = config.disk
+    if d.esp is None and d.esp_partition is None and d.backend == "gpt-prio":
+        return None
+    # the marker finds a mounted ESP when neither is set, as for the backend's own files
+    marker = config.grub_env.path if d.backend == "grub-env" else "loader/entries"
+    return EspBootFiles(boot_files(config, disk_of(config), marker))
 
 
 def updater(
@@ -197,6 +212,7 @@ def updater(
         resume_attempts=src.resume_attempts,
         reboot_sentinel=config.agent.reboot_sentinel,
         progress=progress,
+        boot_files=slot_boot_files(config),
     )
 
 

@@ -24,7 +24,7 @@ import structlog
 from updater import jsonutil
 from updater.errors import UpdaterError
 from updater.fsutil import atomic_write
-from updater.manifest import Manifest
+from updater.manifest import BootFileRef, Manifest
 from updater.omaha import (
     Deferred as OmahaDeferred,
 )
@@ -43,6 +43,7 @@ from updater.source import (
     SignedFetcher,
     SourceAnswer,
     resolve_image_url,
+    resolve_url,
 )
 
 log = structlog.get_logger(__name__)
@@ -146,6 +147,11 @@ class OmahaSource:
             raise RuntimeError("image_url before an offer")
         return resolve_image_url(self._offer.manifest_url, manifest)
 
+    def boot_url(self, manifest: Manifest, ref: BootFileRef) -> str:
+        if self._offer is None:
+            raise RuntimeError("boot_url before an offer")
+        return resolve_url(self._offer.manifest_url, ref.url)
+
     def report(self, happening: Happening) -> None:
         """Tell the server; never raises (the source contract): a report is best
         effort, and what cannot be sent now stays queued for the next request."""
@@ -187,6 +193,9 @@ class DisabledSource:
         return NoOffer()
 
     def image_url(self, manifest: Manifest) -> str:
+        raise RuntimeError("update checks are disabled")
+
+    def boot_url(self, manifest: Manifest, ref: BootFileRef) -> str:
         raise RuntimeError("update checks are disabled")
 
     def report(self, happening: Happening) -> None:

@@ -36,6 +36,15 @@ _CONDITIONS: frozenset[str] = frozenset({"installing", "installed", "good", "bad
 
 
 @dataclass(frozen=True)
+class BootFileRecord:
+    """One of a slot's boot files on the ESP (``/<label>/<name>``), as installed."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class SlotRecord:
     """What this agent knows of a slot's contents, keyed by partition UUID."""
 
@@ -45,6 +54,7 @@ class SlotRecord:
     raw_size: int | None = None
     raw_sha256: str | None = None
     updated: str = ""  # ISO 8601 UTC
+    boot: tuple[BootFileRecord, ...] = ()  # the release's boot files, written with the slot
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,25 @@ def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def _boot_records(uuid: str, raw: Any) -> tuple[BootFileRecord, ...]:
+    if not isinstance(raw, list):
+        raise _Invalid(f"slot {uuid}: boot must be a list")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise _Invalid(f"slot {uuid}: a boot file must be an object")
+        name, size, sha256 = item.get("name"), item.get("size"), item.get("sha256")
+        if (
+            not isinstance(name, str)
+            or not isinstance(sha256, str)
+            or not isinstance(size, int)
+            or isinstance(size, bool)
+        ):
+            raise _Invalid(f"slot {uuid}: a boot file needs name, size and sha256")
+        out.append(BootFileRecord(name, size, sha256))
+    return tuple(out)
+
+
 def _from_json(doc: Any) -> State:
     if not isinstance(doc, dict):
         raise _Invalid("top level must be an object")
@@ -136,6 +165,7 @@ def _from_json(doc: Any) -> State:
             raw_size=raw_size,
             raw_sha256=_opt_str(rec, "raw_sha256"),
             updated=_opt_str(rec, "updated") or "",
+            boot=_boot_records(uuid, rec.get("boot", [])),
         )
     pending = None
     raw_pending = doc.get("pending")
@@ -180,6 +210,7 @@ def _to_json(state: State) -> dict[str, Any]:
                 "raw_size": r.raw_size,
                 "raw_sha256": r.raw_sha256,
                 "updated": r.updated,
+                "boot": [{"name": b.name, "size": b.size, "sha256": b.sha256} for b in r.boot],
             }
             for uuid, r in sorted(state.slots.items())
         },
