@@ -21,7 +21,9 @@ from partitions.bootcontrol import Slot
 from partitions.filestore import StreamingStore
 from partitions.firmware import kernel_cmdline
 from tests.conftest import HOST_SLOT_SIZE, Repo, updatectl
+from updater import config
 from updater.bootfiles import EspBootFiles, checked
+from updater.compose import boot_files_unused
 from updater.errors import DiskError, DownloadError, VerificationError
 from updater.manifest import (
     MAX_BOOT_FILE_BYTES,
@@ -400,3 +402,38 @@ def test_rollback_checks_the_other_slots_boot_files(
     esp_host.esp.write("USR-B/initrd.img", INITRD)
     assert updatectl(esp_host.host, "rollback").code == 0
     assert esp_host.next_boot() == "USR-B"
+
+
+def test_entries_that_do_not_read_the_slots_own_files_refuse_a_release_with_boot_files(
+    esp_host: EspHost, repo: Repo, usr_images: dict[str, Path], tmp_path: Path
+) -> None:
+    """With linux = "/vmlinuz" for every slot the new slot would boot the old kernel
+    (a new root without its modules): refused before anything is marked or written."""
+    config = esp_host.host.config
+    config.write_text(config.read_text().replace('"/{label}/vmlinuz"', '"/vmlinuz"'))
+    publish_with_boot_files(repo, usr_images["1.1.0"], tmp_path)
+    disk_before = esp_host.host.disk.read_bytes()
+    r = updatectl(esp_host.host, "check", "--install", "--json")
+    assert r.code == 3, r.err
+    error = r.json()["error"]
+    assert (error["category"], error["kind"]) == ("config", "invalid")
+    assert "systemd-boot.linux" in error["message"] and "/{label}/vmlinuz" in error["hint"]
+    assert esp_host.host.disk.read_bytes() == disk_before
+
+
+def test_boot_files_unused_by_backend(tmp_path: Path) -> None:
+    def cfg(text: str) -> config.Config:
+        (tmp_path / "t.toml").write_text(text)
+        return config.load(tmp_path / "t.toml")
+
+    per_slot = '[systemd-boot]\nlinux = "/{label}/vmlinuz"\ninitrd = ["/{label}/initrd.img"]\n'
+    assert boot_files_unused(cfg('[disk]\nbackend = "gpt-prio"\n')) is None
+    assert boot_files_unused(cfg('[disk]\nbackend = "systemd-boot"\n' + per_slot)) is None
+    shared_initrd = per_slot.replace('"/{label}/initrd.img"', '"/initrd.img"')
+    for text in (
+        '[disk]\nbackend = "systemd-boot"\n',
+        '[disk]\nbackend = "systemd-boot"\n' + shared_initrd,
+        '[disk]\nbackend = "grub-env"\n',
+    ):
+        problem = boot_files_unused(cfg(text))
+        assert problem is not None and problem.kind == "invalid", text

@@ -235,10 +235,13 @@ class Updater:
         resume_attempts: int = 5,
         reboot_sentinel: Path | None = None,
         progress: ProgressFn | None = None,
-        boot_files: BootFiles | None = None,
+        boot_files: BootFiles | ConfigError | None = None,
     ) -> None:
         self.boot = boot
-        self.boot_files = boot_files  # None: no ESP configured (gpt-prio); see _install_locked
+        # None: no ESP configured (gpt-prio); a ConfigError: why the boot loader would not
+        # boot a slot's own files (see _install_locked, which refuses such a release)
+        self._boot_files_refusal = boot_files if isinstance(boot_files, ConfigError) else None
+        self.boot_files = None if isinstance(boot_files, ConfigError) else boot_files
         self.store = store
         self.clock = clock
         self.os_release = os_release
@@ -429,7 +432,7 @@ class Updater:
         now = now_iso(self.clock.now())
         if m.boot and self.boot_files is None:
             # Before anything changes: the new kernel would never reach the boot loader.
-            refusal = ConfigError(
+            refusal = self._boot_files_refusal or ConfigError(
                 "missing",
                 f"release {m.version} carries boot files "
                 f"({', '.join(b.name for b in m.boot)}) and no ESP is configured to put them on",
