@@ -28,9 +28,10 @@ with apt and runs it there), and the programs the agent itself runs.
 The maintainer scripts (:data:`POSTINST`, :data:`PRERM`, :data:`POSTRM`) enable
 the units with ``deb-systemd-helper`` (Essential in bookworm, and it works in a
 chroot or image build where systemd is not running), create the tmpfiles.d
-directories, and on remove stop and disable the units; purge deletes the
-state. Nothing is started on a fresh install: the agent runs from the next
-boot, once configured; an upgrade restarts a running agent.
+directories (when /proc is there; else systemd does at boot), and on remove
+stop and disable the units; purge deletes the state. Nothing is started on a
+fresh install: the agent runs from the next boot, once configured; an upgrade
+restarts a running agent.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ import argparse
 import configparser
 import hashlib
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from devtools.vm import cache_dir
 from updater.run import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +124,8 @@ if [ "$1" = configure ] || [ "$1" = abort-upgrade ] || [ "$1" = abort-deconfigur
             deb-systemd-helper update-state "$unit" >/dev/null || true
         fi
     done
-    if command -v systemd-tmpfiles >/dev/null 2>&1; then
+    # in a chroot without /proc (an image build) systemd-tmpfiles-setup does it at boot
+    if command -v systemd-tmpfiles >/dev/null 2>&1 && [ -e /proc/self ]; then
         systemd-tmpfiles --create /{TMPFILES} || true
     fi
     if {_SYSTEMD_UP}; then
@@ -315,6 +319,80 @@ def _source_date() -> str:
     """The newest mtime of the packaged sources (unchanged sources: the same file times)."""
     newest = max((ROOT / rel).stat().st_mtime for rel in module_files())
     return str(int(newest))
+
+
+# ---- a bookworm root to install it into (tests, the image build) ----------------------------
+
+SUITE = "bookworm"
+SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+MMDEBSTRAP_OPTS = (
+    "--variant=minbase",
+    # the machine's clock may be past a snapshot's Valid-Until; the packages are still signed
+    '--aptopt=Acquire::Check-Valid-Until "false"',
+)
+
+
+def apt_mirror(sources: Sequence[Path] = SOURCES, suite: str = SUITE) -> str:
+    """The first mirror apt's own sources name for ``suite`` (one-line or deb822 format)."""
+    files: list[Path] = []
+    for src in sources:
+        if src.is_dir():
+            files += sorted(p for p in src.iterdir() if p.suffix in (".list", ".sources"))
+        elif src.is_file():
+            files.append(src)
+    for path in files:
+        text = path.read_text()
+        for stanza in re.split(r"\n\s*\n", text):
+            fields = dict(re.findall(r"^(\w[\w-]*):\s*(.+)$", stanza, re.MULTILINE))
+            suites, types = fields.get("Suites", "").split(), fields.get("Types", "").split()
+            if suite in suites and "deb" in types and "URIs" in fields:
+                return str(fields["URIs"].split()[0])
+        for line in text.splitlines():
+            words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
+            if len(words) >= 3 and words[0] == "deb" and words[2] == suite:
+                return str(words[1])
+    raise RuntimeError(f"apt's sources name no mirror for {suite} ({', '.join(map(str, sources))})")
+
+
+def root_packages() -> tuple[str, ...]:
+    """What the bookworm root holds besides minbase: the .deb's Depends and Recommends."""
+    return tuple(sorted({d.package for d in DEPENDS} | set(RECOMMENDS)))
+
+
+def bookworm_root(cache: Path | None = None, packages: Sequence[str] | None = None) -> Path:
+    """A tarball of a bookworm root (``mmdebstrap --variant=minbase``) with ``packages``
+    (default :func:`root_packages`) installed from the mirror apt uses here.
+
+    Cached under ``cache`` (default: devtools.vm's cache dir) by the hash of its
+    inputs (suite, mirror, options, packages): a second call returns at once.
+    """
+    cache = cache or cache_dir()
+    pkgs = sorted(packages if packages is not None else root_packages())
+    mirror = apt_mirror()
+    key = hashlib.sha256("\n".join([SUITE, mirror, *MMDEBSTRAP_OPTS, *pkgs]).encode()).hexdigest()[
+        :16
+    ]
+    target = cache / f"{SUITE}-root-{key}.tar"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".partial-{os.getpid()}")
+    try:
+        run(
+            [
+                "mmdebstrap",
+                *MMDEBSTRAP_OPTS,
+                f"--include={','.join(pkgs)}",
+                SUITE,
+                str(partial),
+                mirror,
+            ],
+            timeout=1800,
+        )
+        partial.rename(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def main() -> None:

@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devtools.diskimage import DiskLayout, PartitionSpec, make_disk_image
+from devtools.espimage import ESP_LABEL, make_esp_disk
+from partitions import sdboot
 from partitions.bootcontrol import SlotFlags
-from partitions.firmware import boot_disk_image
+from partitions.filestore import FileStore, MtoolsStore, fat_partition
+from partitions.firmware import boot_disk_image, kernel_cmdline
 from partitions.gptprio import GptPrioBootControl
 
 LABELS = ("USR-A", "USR-B")
@@ -120,3 +123,107 @@ def write_config(
         extra,
     ]
     host.config.write_text("\n".join(lines))
+
+
+# ---- a host booted by systemd-boot, each slot with its own kernel on the ESP -------------------
+
+# The entry of each slot points at that slot's own boot files: /USR-A/vmlinuz, /USR-B/vmlinuz.
+SDBOOT_ENTRY = sdboot.EntryTemplate(
+    title="Test OS ({label})",
+    linux="/{label}/vmlinuz",
+    initrd=("/{label}/initrd.img",),
+    options="mount.usr=PARTUUID={partuuid} ro",
+)
+
+
+@dataclass(frozen=True)
+class EspHost:
+    """A :class:`Host` whose disk has an ESP (``EFI-SYSTEM``, FAT via mtools) and systemd-boot
+    entries; USR-A holds the first image and its kernel and initrd are ``/USR-A/...``."""
+
+    host: Host
+    esp: MtoolsStore
+
+    def boot_control(self) -> sdboot.SdBootControl:
+        return sdboot.SdBootControl(
+            self.esp,
+            self.host.disk,
+            LABELS,
+            self.host.cmdline,
+            entry=SDBOOT_ENTRY,
+            efivars=self.host.root / "efivars",
+        )
+
+    def next_boot(self, disk: Path | None = None) -> str | None:
+        """The slot systemd-boot would boot from ``disk`` (default: this host's) now."""
+        return systemd_boot_choice(disk or self.host.disk, self.host.root / "efivars")
+
+
+def systemd_boot_choice(disk: Path, efivars: Path) -> str | None:
+    """What systemd-boot boots on ``disk``: the first entry it lists (one whose kernel
+    exists) in its order, the label of its slot (None: no entry, or not a slot's)."""
+    offset, _size = fat_partition(disk, ESP_LABEL)
+    control = sdboot.SdBootControl(
+        MtoolsStore(disk, offset), disk, LABELS, disk, entry=SDBOOT_ENTRY, efivars=efivars
+    )
+    order = sdboot.boot_order(control.read_state().entries)
+    return order[0].label if order else None
+
+
+def provision_esp_host(
+    root: Path,
+    *,
+    slot_size: int,
+    first_image: Path,
+    first_version: str,
+    kernel: bytes,
+    initrd: bytes,
+    repo_url: str | None = None,
+    keyring: Path | None = None,
+    esp_size: int = 16 * 1024 * 1024,
+) -> EspHost:
+    """Lay out a systemd-boot host under ``root``: USR-A holds ``first_image``, boots
+    ``/USR-A/vmlinuz`` + ``/USR-A/initrd.img`` (``kernel``, ``initrd``) and is good."""
+    root.mkdir(parents=True, exist_ok=True)
+    disk_path = root / "disk.img"
+    disk = make_esp_disk(disk_path, slot_size, esp_size, LABELS)
+    write_into(disk_path, disk.layout.by_label("USR-A").offset, first_image)
+    esp = disk.esp
+    esp.makedirs(sdboot.ENTRIES_DIR)
+    esp.makedirs("USR-A")
+    esp.write("USR-A/vmlinuz", kernel)
+    esp.write("USR-A/initrd.img", initrd)
+    (root / "efivars").mkdir()
+    cmdline = root / "cmdline"
+    os_release = root / "os-release"
+    os_release.write_text(f"ID=updater-demo\nIMAGE_VERSION={first_version}\n")
+    host = Host(
+        root, disk_path, disk.layout, cmdline, os_release, root / "state", root / "updater.toml"
+    )
+    machine = EspHost(host, esp)
+    a = machine.boot_control().slots()[0].slot
+    cmdline.write_text(kernel_cmdline(a) + "\n")  # what systemd-boot's entry for A passes
+    machine.boot_control().mark_good(a)
+    initrds = ", ".join(f'"{i}"' for i in SDBOOT_ENTRY.initrd)
+    write_config(
+        host,
+        repo_url=repo_url,
+        keyring=keyring,
+        disk=f'backend = "systemd-boot"\nesp_partition = "{ESP_LABEL}"\n',
+        extra=(
+            "[systemd-boot]\n"
+            f'title = "{SDBOOT_ENTRY.title}"\n'
+            f'linux = "{SDBOOT_ENTRY.linux}"\n'
+            f"initrd = [{initrds}]\n"
+            f'options = "{SDBOOT_ENTRY.options}"\n'
+            f'efivars = "{root / "efivars"}"\n'
+        ),
+    )
+    return machine
+
+
+def esp_files(esp: FileStore, directory: str) -> dict[str, bytes]:
+    """Every file in ``directory`` of the ESP and its bytes (hidden temporaries included)."""
+    if not esp.exists(directory):
+        return {}
+    return {name: esp.read(f"{directory}/{name}") for name in esp.list(directory)}

@@ -100,3 +100,34 @@ def not_a_slot_of(disk: Path, slot: Slot) -> DiskError:
         "is not one of this disk's slots",
         hint="the disk was repartitioned? restart the agent",
     )
+
+
+def write_target_problem(booted: Slot, target: Slot) -> str | None:
+    """Why writing an image into ``target`` would hit the running system, or None.
+
+    The target must be another partition than the booted slot (number and
+    PARTUUID) and, on the same disk, share none of its bytes.
+    """
+    if target.index == booted.index:
+        return f"partition {target.index} is the booted slot"
+    if target.part_uuid == booted.part_uuid:
+        return f"partitions {booted.index} and {target.index} share the PARTUUID {booted.part_uuid}"
+    if target.disk == booted.disk and (
+        target.offset < booted.offset + booted.size and booted.offset < target.offset + target.size
+    ):
+        return (
+            f"partition {target.index} (bytes {target.offset}+{target.size}) overlaps the "
+            f"booted partition {booted.index} (bytes {booted.offset}+{booted.size})"
+        )
+    return None
+
+
+def check_write_target(booted: Slot, target: Slot) -> None:
+    """Raise ``gpt_invalid`` if writing ``target`` would overwrite the booted slot."""
+    why = write_target_problem(booted, target)
+    if why is not None:
+        raise DiskError(
+            "gpt_invalid",
+            f"{target.disk}: refusing to write slot {target.label}: {why}",
+            hint="inspect and repair the partition table (`sgdisk -v`); nothing was written",
+        )

@@ -36,6 +36,10 @@ DEFAULT_DEV = Path("/dev")
 CMDLINE_KEYS = ("mount.usr", "verity.usr", "usr", "root")
 MOUNT_POINTS = ("/usr", "/")
 _MAX_STACK_DEPTH = 4  # dm on dm on ... before giving up
+MAX_CMDLINE_BYTES = 64 * 1024  # the kernel's COMMAND_LINE_SIZE is 2-4 KiB on most arches
+MAX_MOUNTINFO_BYTES = 16 * 1024 * 1024  # ~100k mounts
+MAX_SYSFS_BYTES = 4096  # one sysfs attribute is at most a page
+_READ_CHUNK = 64 * 1024  # bytes per read(2): os.read allocates what it is asked for
 
 _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -154,7 +158,7 @@ def mount_devices(mountinfo: str) -> dict[str, tuple[int, int]]:
         if len(fields) < 5:
             continue
         major, sep, minor = fields[2].partition(":")
-        if not (sep and major.isdigit() and minor.isdigit()):
+        if not (sep and is_number(major) and is_number(minor)):
             continue
         point = _MOUNTINFO_ESCAPE_RE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
         out[point] = (int(major), int(minor))
@@ -164,27 +168,63 @@ def mount_devices(mountinfo: str) -> dict[str, tuple[int, int]]:
 # ---- sysfs and /dev -------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str | None:
+def read_text(path: Path, max_bytes: int) -> str | None:
+    """A small kernel-provided text file, or None if unreadable, not UTF-8 or too large.
+
+    Bounded: a file that is not what it should be (a huge regular file where
+    /proc/cmdline was configured, /dev/zero) never costs more than ``max_bytes``,
+    and a FIFO without a writer reads as empty instead of blocking.
+    """
     try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return None
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size <= max_bytes:
+            chunk = os.read(fd, min(_READ_CHUNK, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if size > max_bytes:
+        log.warning("kernel_file_too_large", path=str(path), max_bytes=max_bytes)
+        return None
+    data = b"".join(chunks)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _read_text(path: Path) -> str | None:
+    return read_text(path, MAX_SYSFS_BYTES)
+
+
+def is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def _parse_dev(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
     major, sep, minor = text.strip().partition(":")
-    if sep and major.isdigit() and minor.isdigit():
+    if sep and is_number(major) and is_number(minor):
         return int(major), int(minor)
     return None
 
 
 def _partition_at(node: Path, depth: int) -> BlockPartition | None:
     number = _read_text(node / "partition")
-    if number is not None and number.strip().isdigit():
+    if number is not None and is_number(number.strip()):
         disk = node.parent
-        return BlockPartition(disk.name, _parse_dev(_read_text(disk / "dev")), int(number))
+        return BlockPartition(disk.name, _parse_dev(_read_text(disk / "dev")), int(number.strip()))
     # A device-mapper target (dm-verity for /usr) stacked on exactly one partition.
     try:
         slaves = sorted((node / "slaves").iterdir())
@@ -218,7 +258,7 @@ def _is_disk(candidate: Path, part: BlockPartition, dev_root: Path) -> bool:
 
 
 def _mounted_partitions(proc_root: Path, sys_root: Path) -> list[tuple[str, BlockPartition]]:
-    text = _read_text(proc_root / "self" / "mountinfo")
+    text = read_text(proc_root / "self" / "mountinfo", MAX_MOUNTINFO_BYTES)
     if text is None:
         return []
     mounts = mount_devices(text)
@@ -258,7 +298,7 @@ def booted_slot(
     dev_root: Path = DEFAULT_DEV,
 ) -> Slot:
     """The slot the running system booted from (DiskError booted_unknown if none)."""
-    text = _read_text(kernel_cmdline)
+    text = read_text(kernel_cmdline, MAX_CMDLINE_BYTES)
     if text is None:
         log.warning("kernel_cmdline_unreadable", path=str(kernel_cmdline))
     else:

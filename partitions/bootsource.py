@@ -24,13 +24,6 @@ log = structlog.get_logger(__name__)
 LoaderHint = Callable[[str | None], Slot | None]  # kernel command line text -> slot
 
 
-def read_text(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 def booted_slot(
     slots: Sequence[Slot],
     loader_hint: LoaderHint,
@@ -42,7 +35,7 @@ def booted_slot(
     dev_root: Path,
 ) -> Slot:
     """The booted slot: kernel command line, else ``loader_hint``, else the mounts."""
-    text = read_text(kernel_cmdline)
+    text = booted_mod.read_text(kernel_cmdline, booted_mod.MAX_CMDLINE_BYTES)
     from_cmdline = booted_mod.slot_from_cmdline(text, slots) if text is not None else None
     hinted = loader_hint(text)
     if from_cmdline is not None:

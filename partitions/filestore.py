@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 import structlog
 
@@ -50,8 +51,8 @@ MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": "/dev/null"}
 class FileStore(Protocol):
     """A file system holding boot-loader state (an ESP, a /boot, a FAT image)."""
 
-    def read(self, path: str) -> bytes:
-        """The whole content of the file ``path``."""
+    def read(self, path: str, max_size: int | None = None) -> bytes:
+        """The whole content of the file ``path``; :class:`TooLarge` beyond ``max_size`` bytes."""
         ...
 
     def write(self, path: str, data: bytes) -> None:
@@ -77,6 +78,49 @@ class FileStore(Protocol):
     def makedirs(self, path: str) -> None:
         """Create ``path`` and its parents; existing ones are fine."""
         ...
+
+
+@runtime_checkable
+class StreamingStore(FileStore, Protocol):
+    """A store that also takes and hashes large files (boot files) without holding them whole."""
+
+    def write_stream(self, path: str, chunks: Iterable[bytes]) -> int:
+        """Create or replace ``path`` with the bytes of ``chunks``; their count.
+
+        Crash-safe: the bytes go to the hidden temporary name :func:`temp_name`
+        beside ``path`` (a fixed name, so a crash's leftover is reused, never
+        piled up on a small ESP), are flushed to the medium, and only then
+        renamed over ``path``, the rename flushed too. If ``chunks`` raises (a
+        failed download, a hash that does not match), ``path`` is untouched and
+        the exception propagates.
+        """
+        ...
+
+    def digest(self, path: str, max_size: int) -> tuple[int, str] | None:
+        """Size and sha256 of the file ``path`` (None if missing); TooLarge beyond ``max_size``."""
+        ...
+
+
+class TooLarge(DiskError):
+    """``io``: a file is larger than its reader allows (a bounded read)."""
+
+    def __init__(self, where: str, max_size: int) -> None:
+        super().__init__("io", f"{where}: larger than {max_size} bytes")
+        self.max_size = max_size
+
+
+def check_size(data: bytes, where: str, max_size: int | None) -> bytes:
+    if max_size is not None and len(data) > max_size:
+        raise TooLarge(where, max_size)
+    return data
+
+
+def is_clean_name(name: str) -> bool:
+    """Whether a name read from a directory listing can be used as a store path component."""
+    try:
+        return clean_path(name) == name and "/" not in name
+    except ValueError:
+        return False
 
 
 @runtime_checkable
@@ -149,11 +193,13 @@ class DirStore:
             )
         return DiskError("io", f"{self.where(path)}: cannot {doing}: {exc.strerror or exc}")
 
-    def read(self, path: str) -> bytes:
+    def read(self, path: str, max_size: int | None = None) -> bytes:
         try:
-            return self._path(path).read_bytes()
+            with self._path(path).open("rb") as fh:
+                data = fh.read(-1 if max_size is None else max_size + 1)
         except OSError as exc:
             raise self._error(path, exc, "read") from exc
+        return check_size(data, self.where(path), max_size)
 
     def write(self, path: str, data: bytes) -> None:
         parent, name = _parent_and_name(path)
@@ -212,6 +258,51 @@ class DirStore:
             self._path(path).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise self._error(path, exc, "create the directory") from exc
+
+    def write_stream(self, path: str, chunks: Iterable[bytes]) -> int:
+        parent, name = _parent_and_name(path)
+        directory = self._path(parent)
+        if not directory.is_dir():
+            raise self._error(parent, FileNotFoundError(), "write")
+        tmp = directory / temp_name(name)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except OSError as exc:
+            raise self._error(path, exc, "create a temporary file beside") from exc
+        written = 0
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in chunks:  # may raise: a download error, a hash mismatch
+                    try:
+                        fh.write(chunk)
+                    except OSError as exc:
+                        raise self._error(path, exc, "write") from exc
+                    written += len(chunk)
+                try:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                except OSError as exc:
+                    raise self._error(path, exc, "write") from exc
+            try:
+                os.replace(tmp, directory / name)
+            except OSError as exc:
+                raise self._error(path, exc, "rename into place") from exc
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._sync_dir(parent)
+        return written
+
+    def digest(self, path: str, max_size: int) -> tuple[int, str] | None:
+        try:
+            with self._path(path).open("rb") as fh:
+                return _hash_file(fh, self.where(path), max_size)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._error(path, exc, "read") from exc
 
     def _sync_dir(self, directory: str) -> None:
         try:
@@ -295,9 +386,11 @@ class MtoolsStore:
             hint="check the FAT file system with `fsck.vfat -n`",
         )
 
-    def read(self, path: str) -> bytes:
+    def read(self, path: str, max_size: int | None = None) -> bytes:
+        # mcopy's output is at most the file system's size; the limit is checked after it
         _parent_and_name(path)
-        return self._mtools("mcopy", self._target(path), "-", path=path).stdout
+        data = self._mtools("mcopy", self._target(path), "-", path=path).stdout
+        return check_size(data, self.where(path), max_size)
 
     def write(self, path: str, data: bytes) -> None:
         parent, name = _parent_and_name(path)
@@ -356,6 +449,45 @@ class MtoolsStore:
         _parent_and_name(path)
         self._mtools("mdel", self._target(path))
 
+    def write_stream(self, path: str, chunks: Iterable[bytes]) -> int:
+        """See :class:`StreamingStore`. mtools cannot fsync; the image (or device) file is
+        fsynced after the copy and after the rename instead: mtools writes through the
+        page cache of that same file, so its writes reach the medium in that order."""
+        parent, name = _parent_and_name(path)
+        if not self._is_dir(parent):
+            raise DiskError("io", f"{self.where(parent)}: no such directory")
+        tmp = f"{parent}/{temp_name(name)}" if parent else temp_name(name)
+        with _spooled(chunks) as (source, written):
+            self._mtools("mcopy", "-D", "o", str(source), self._target(tmp))
+        self.sync()
+        # FAT has no atomic replace: "-D o" deletes the old name, then renames (module doc)
+        self._mtools("mren", "-D", "o", self._target(tmp), self._target(path))
+        self.sync()
+        return written
+
+    def digest(self, path: str, max_size: int) -> tuple[int, str] | None:
+        _parent_and_name(path)
+        if not self.exists(path):
+            return None
+        with tempfile.TemporaryDirectory(prefix="updater-mtools-") as d:
+            copy = Path(d) / "file"
+            self._mtools("mcopy", self._target(path), str(copy), path=path)
+            with copy.open("rb") as fh:
+                return _hash_file(fh, self.where(path), max_size)
+
+    def sync(self) -> None:
+        """Flush what mtools wrote to the image or device to the medium."""
+        try:
+            fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DiskError("io", f"{self.image}: cannot open: {exc.strerror}") from exc
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise DiskError("io", f"{self.image}: cannot sync: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+
     def makedirs(self, path: str) -> None:
         parts = clean_path(path).split("/") if clean_path(path) else []
         for i in range(1, len(parts) + 1):
@@ -377,6 +509,33 @@ def _host_file(data: bytes) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(name)
+
+
+@contextlib.contextmanager
+def _spooled(chunks: Iterable[bytes]) -> Iterator[tuple[Path, int]]:
+    """``chunks`` in a host temporary file (for mcopy), and their count; removed after."""
+    fd, name = tempfile.mkstemp(prefix="updater-mtools-", suffix=".bin")
+    try:
+        written = 0
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                written += len(chunk)
+        yield Path(name), written
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+def _hash_file(fh: BinaryIO, where: str, max_size: int) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := fh.read(1024 * 1024):
+        size += len(chunk)
+        if size > max_size:
+            raise TooLarge(where, max_size)
+        digest.update(chunk)
+    return size, digest.hexdigest()
 
 
 # ---- finding the boot files ------------------------------------------------------------------

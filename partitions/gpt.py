@@ -4,6 +4,13 @@ Only the partition attribute words are ever changed; everything else on the
 disk is kept byte for byte. Both copies of the table (primary at LBA 1, backup
 at the end of the disk) are read and validated the way firmware does it, so a
 torn write is detected by its CRCs and the other copy is used instead.
+
+A table whose CRCs match can still describe a disk that cannot be: partitions
+past the usable area, reversed or empty ranges, two partitions sharing bytes or
+a GUID. Writing an image into a slot of such a table can overwrite the running
+system, so :func:`layout_problems` (pure) is checked whenever a table is read
+and before any write: :class:`UnsafeLayoutError` (``gpt_invalid``) names the
+partitions, and nothing is written.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ NAME_SIZE = 72  # bytes of UTF-16LE in an entry
 ATTRIBUTES_OFFSET = 48  # byte offset of the attribute word inside an entry
 REGULAR_FILE_SECTOR_SIZE = 512  # bytes; what partitioning tools assume for image files
 MAX_ENTRIES_BYTES = 4 * 1024 * 1024  # refuse absurd entry arrays rather than read them
+MAX_PROBLEMS_SHOWN = 8  # layout problems named in one error message; the rest are counted
 LOCK_TIMEOUT_S = 10.0
 
 _BLKSSZGET = 0x1268  # ioctl: logical sector size of a block device
@@ -144,6 +152,35 @@ class _Disk:
 
 class _Invalid(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class LayoutProblem:
+    """One reason a CRC-valid table describes an impossible or unsafe disk."""
+
+    partitions: tuple[int, ...]  # 1-based partition numbers involved
+    reason: str
+
+    def __str__(self) -> str:
+        names = " and ".join(str(i) for i in self.partitions)
+        return f"partition{'s' if len(self.partitions) > 1 else ''} {names}: {self.reason}"
+
+
+class UnsafeLayoutError(DiskError):
+    """``gpt_invalid``: the table's CRCs match, but its layout is not a sane disk."""
+
+    def __init__(self, disk: Path | str, problems: tuple[LayoutProblem, ...]) -> None:
+        shown = "; ".join(str(p) for p in problems[:MAX_PROBLEMS_SHOWN])
+        more = len(problems) - MAX_PROBLEMS_SHOWN
+        if more > 0:
+            shown += f"; and {more} more"
+        super().__init__(
+            "gpt_invalid",
+            f"{disk}: the partition table is not a sane disk, refusing to use it: {shown}",
+            hint="inspect and repair it with `sgdisk -v` / `sfdisk --verify`; nothing was written",
+        )
+        self.problems = problems
+        self.partitions = tuple(sorted({i for p in problems for i in p.partitions}))
 
 
 # ---- pure parsing -------------------------------------------------------------------------
@@ -303,6 +340,66 @@ def _table(disk: _Disk) -> GptTable:
     )
 
 
+def layout_problems(table: GptTable) -> tuple[LayoutProblem, ...]:
+    """Everything that makes ``table``'s used entries an impossible or unsafe layout.
+
+    Each entry must lie within first_usable..last_usable with first <= last; no two
+    entries may share a sector or a partition GUID. Pure; at most a few problems per
+    entry, found in O(n log n) for the largest entry arrays a header may declare.
+    """
+    problems: list[LayoutProblem] = []
+    placed: list[GptEntry] = []  # entries with a sane range, checked for overlaps below
+    for e in table.entries:
+        if e.last_lba == e.first_lba - 1:
+            problems.append(LayoutProblem((e.index,), "is zero-length (last LBA = first LBA - 1)"))
+        elif e.last_lba < e.first_lba:
+            problems.append(
+                LayoutProblem(
+                    (e.index,),
+                    f"ends before it starts (first LBA {e.first_lba} > last LBA {e.last_lba})",
+                )
+            )
+        elif e.first_lba < table.first_usable_lba or e.last_lba > table.last_usable_lba:
+            problems.append(
+                LayoutProblem(
+                    (e.index,),
+                    f"LBAs {e.first_lba}..{e.last_lba} lie outside the usable "
+                    f"{table.first_usable_lba}..{table.last_usable_lba}",
+                )
+            )
+        else:
+            placed.append(e)
+    # A sweep in start order: an entry overlaps an earlier one iff it starts at or before
+    # the farthest end seen so far; that entry is the one named.
+    farthest: GptEntry | None = None
+    for e in sorted(placed, key=lambda x: (x.first_lba, x.index)):
+        if farthest is not None and e.first_lba <= farthest.last_lba:
+            pair = tuple(sorted((farthest.index, e.index)))
+            problems.append(
+                LayoutProblem(
+                    pair,
+                    f"overlap at LBAs {e.first_lba}..{min(e.last_lba, farthest.last_lba)}",
+                )
+            )
+        if farthest is None or e.last_lba > farthest.last_lba:
+            farthest = e
+    by_guid: dict[UUID, list[int]] = {}
+    for e in table.entries:
+        by_guid.setdefault(e.part_uuid, []).append(e.index)
+    for guid, indexes in by_guid.items():
+        if len(indexes) > 1:
+            problems.append(LayoutProblem(tuple(indexes), f"share the partition GUID {guid}"))
+    return tuple(problems)
+
+
+def check_layout(table: GptTable, disk: Path | str) -> GptTable:
+    """``table``, if its layout is sane; else :class:`UnsafeLayoutError` naming the partitions."""
+    problems = layout_problems(table)
+    if problems:
+        raise UnsafeLayoutError(disk, problems)
+    return table
+
+
 # ---- I/O ----------------------------------------------------------------------------------
 
 
@@ -447,7 +544,15 @@ def _read_disk(fd: int, disk: Path) -> _Disk:
 def read_table(disk: Path) -> GptTable:
     """Read and validate the GPT of a whole disk or a disk image file."""
     with _open_disk(disk, write=False) as fd:
-        return _table(_read_disk(fd, disk))
+        return _sane(_table(_read_disk(fd, disk)), disk)
+
+
+def _sane(table: GptTable, disk: Path) -> GptTable:
+    try:
+        return check_layout(table, disk)
+    except UnsafeLayoutError as exc:
+        log.error("gpt_layout_unsafe", disk=str(disk), problems=[str(p) for p in exc.problems])
+        raise
 
 
 def write_attributes(disk: Path, changes: Mapping[int, int]) -> GptTable:
@@ -464,7 +569,7 @@ def update_attributes(disk: Path, decide: Callable[[GptTable], Mapping[int, int]
     """
     with _open_disk(disk, write=True) as fd:
         before = _read_disk(fd, disk)
-        table = _table(before)
+        table = _sane(_table(before), disk)
         changes = dict(decide(table))
         used = {e.index for e in table.entries}
         for index, word in changes.items():

@@ -171,10 +171,11 @@ def find_slots(table: gpt.GptTable, disk: Path, labels: Sequence[str]) -> tuple[
             )
         if len(found) > 1:
             raise DiskError(
-                "slot_not_found",
+                "gpt_invalid",
                 f"{disk}: partitions {', '.join(str(e.index) for e in found)} "
-                f"are all named {label!r}",
-                hint="give each slot partition a unique name (sgdisk -c N:NAME)",
+                f"are all named {label!r}: which one is the slot?",
+                hint="give each slot partition a unique name (sgdisk -c N:NAME); "
+                "nothing was written",
             )
         e = found[0]
         out.append(
@@ -186,6 +187,15 @@ def find_slots(table: gpt.GptTable, disk: Path, labels: Sequence[str]) -> tuple[
                 offset=table.offset(e),
                 size=table.size(e),
             )
+        )
+    sizes = {slot.size for slot in out}
+    if len(sizes) > 1:
+        raise DiskError(
+            "gpt_invalid",
+            f"{disk}: the slots differ in size: "
+            + ", ".join(f"partition {s.index} ({s.label}) {s.size} bytes" for s in out),
+            hint="A/B slots must be the same size so that every image fits either; "
+            "nothing was written",
         )
     return tuple(out)
 

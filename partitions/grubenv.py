@@ -37,6 +37,7 @@ are GRUB's own), checked, and written back whole through the store.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ from partitions.bootcontrol import (
     not_a_slot_of,
     same_slot,
 )
-from partitions.filestore import FileStore, describe
+from partitions.filestore import FileStore, TooLarge, describe
 from updater.errors import CommandError, DiskError, RefusedError
 from updater.run import Runner, run
 
@@ -72,6 +73,7 @@ DEFAULT_NAMES = GRUBENV_NAMES
 ORDER = "ORDER"
 SLOT_PARAMS = ("updater.slot", "rauc.slot")  # kernel parameters naming the booted slot
 _BAD = SlotFlags(priority=0, tries=0, successful=False)
+_BLANKS = re.compile(r"[ \t\n]+")
 
 
 class GrubEnvFormatError(ValueError):
@@ -182,7 +184,11 @@ class EnvProblem(ValueError):
 def read_state(variables: Mapping[str, str], names: Sequence[str]) -> GrubState:
     """The slots' state from the variables; missing ones take the fragment's defaults."""
     raw_order = variables.get(ORDER)
-    order = tuple(raw_order.split()) if raw_order is not None else tuple(names)
+    # GRUB splits ${ORDER} on blanks only: str.split() would also split on U+2028 and
+    # other Unicode spaces, reading a word GRUB sees as one as two slot names.
+    order = (
+        tuple(w for w in _BLANKS.split(raw_order) if w) if raw_order is not None else tuple(names)
+    )
     unknown = [n for n in order if n not in names]
     if unknown:
         raise EnvProblem(
@@ -319,7 +325,14 @@ class GrubEnvControl:
                 hint="create it with `grub-editenv FILE create` (FILE: where the GRUB "
                 "fragment loads it from), then run `updatectl mark-good` on the running slot",
             )
-        return self.store.read(self.env_path)
+        try:
+            return self.store.read(self.env_path, BLOCK_SIZE)
+        except TooLarge as exc:
+            raise DiskError(
+                "grubenv_invalid",
+                f"{exc.message}; a GRUB environment block is exactly {BLOCK_SIZE}",
+                hint="recreate it with `grub-editenv FILE create` and mark the running slot good",
+            ) from exc
 
     def _parse(self, block: bytes) -> dict[str, str]:
         try:
@@ -447,7 +460,8 @@ class GrubEnvControl:
                     if exc.kind == "command_missing"
                     else None,
                 ) from exc
-            edited = copy.read_bytes()
+            with copy.open("rb") as fh:
+                edited = fh.read(BLOCK_SIZE + 1)  # anything longer is refused below
         try:
             parse_env(edited)
         except GrubEnvFormatError as exc:

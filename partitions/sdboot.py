@@ -44,7 +44,11 @@ runs before anything is written.
 Entries named ``<prefix>-*`` belong to the agent: one for a label that is not
 a slot, two for one slot, or a malformed one are ``boot_entry_invalid``. Other
 entries are the admin's and are only read, to know the order; one that boots
-a slot's partition is refused too (it would bypass the counting).
+a slot's partition is refused too (it would bypass the counting). A foreign
+entry the agent cannot read (a name the store refuses, such as
+``debian[1].conf``, which FAT allows; more than :data:`MAX_ENTRY_BYTES`; not
+UTF-8; an I/O error) is logged (``boot_entry_ignored``) and left out: it is
+not ours to judge, and it must not stop the agent. Every read is bounded.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ from partitions.bootcontrol import (
     not_a_slot_of,
     same_slot,
 )
-from partitions.filestore import FileStore, clean_path, describe
+from partitions.filestore import FileStore, TooLarge, clean_path, describe, is_clean_name
 from updater.errors import DiskError, RefusedError
 from updater.versions import compare as compare_versions
 
@@ -86,11 +90,15 @@ DEFAULT_EFIVARS = SDBOOT_EFIVARS
 DEFAULT_TRIES = SDBOOT_TRIES
 ENTRY_SUFFIX = ".conf"
 NEW_SUFFIX = ".new"  # our own temporary entry names: ".<entry>.conf.new"
+MAX_ENTRY_BYTES = 64 * 1024  # an entry or loader.conf; real ones are a few hundred bytes
+MAX_EFIVAR_BYTES = 4096  # a string EFI variable such as LoaderEntrySelected
+MAX_GENERATION_DIGITS = 18  # our "version": a whole number that fits 64 bits
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]+")  # the spec's file-name characters, without "+"
 _LABEL_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _KEY_SEP = re.compile(r"[ \t]+")
-_COUNTER_RE = re.compile(r"\+(\d+)(?:-(\d+))?$")
+_COUNTER_RE = re.compile(r"\+([0-9]+)(?:-([0-9]+))?$")  # ASCII digits, as systemd-boot
+_GENERATION_RE = re.compile(f"[0-9]{{1,{MAX_GENERATION_DIGITS}}}")
 _PLACEHOLDERS = frozenset({"label", "partuuid"})
 _BAD = SlotFlags(priority=0, tries=0, successful=False)
 
@@ -556,6 +564,9 @@ class SdBootControl:
         own = f"{self.entry.prefix}-".lower()
         for name in self.store.list(ENTRIES_DIR):
             lowered = name.lower()
+            if not is_clean_name(name) or not name.isprintable():
+                self._unusable_name(name, lowered.lstrip(".").startswith(own))
+                continue
             if (
                 name.startswith(".")
                 and lowered.lstrip(".").startswith(own)
@@ -587,9 +598,28 @@ class SdBootControl:
             seen[e.label] = e
         return EspState(entries=tuple(entries), stale=tuple(stale))
 
+    def _unusable_name(self, name: str, ours: bool) -> None:
+        """A listed name that no store path can hold: ours is an error, a foreign one skipped."""
+        where = f"{describe(self.store, ENTRIES_DIR)}/{name!r}"
+        if ours:
+            raise DiskError(
+                "boot_entry_invalid",
+                f"{where}: an entry name with the agent's prefix that is not one it writes",
+                hint=f"entries named {self.entry.prefix}-* belong to the agent: remove it",
+            )
+        log.warning("boot_entry_ignored", entry=where, reason="unusable file name")
+
     def _refuse_default(self) -> None:
         if self.store.exists(LOADER_CONF):
-            text = self.store.read(LOADER_CONF).decode("utf-8", "replace")
+            try:
+                data = self.store.read(LOADER_CONF, MAX_ENTRY_BYTES)
+            except TooLarge as exc:
+                raise DiskError(
+                    "esp_invalid",
+                    f"{exc.message}: that is no loader.conf systemd-boot reads as meant",
+                    hint="restore loader/loader.conf (a few lines: timeout, editor, ...)",
+                ) from exc
+            text = data.decode("utf-8", "replace")
             for line in text.splitlines():
                 words = line.split(None, 1)
                 if words and words[0] == "default":
@@ -613,7 +643,14 @@ class SdBootControl:
 
     def _read_entry(self, parsed: EntryName) -> str:
         path = entry_path(parsed.name)
-        data = self.store.read(path)
+        try:
+            data = self.store.read(path, MAX_ENTRY_BYTES)
+        except TooLarge as exc:
+            raise DiskError(
+                "boot_entry_invalid",
+                exc.message,
+                hint="remove it; the agent writes it again on the next update",
+            ) from exc
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -644,7 +681,7 @@ class SdBootControl:
         if fields.sort_key is None:
             problems.append("no sort-key line")
         generation = 0
-        if fields.version is None or not fields.version.isdigit():
+        if fields.version is None or not _GENERATION_RE.fullmatch(fields.version):
             problems.append(f"version {fields.version!r} is not a whole number")
         else:
             generation = int(fields.version)
@@ -674,9 +711,12 @@ class SdBootControl:
     def _foreign_entry(self, parsed: EntryName, slots: Sequence[Slot]) -> BootEntry | None:
         path = entry_path(parsed.name)
         try:
-            fields = parse_entry_text(self.store.read(path).decode("utf-8"))
+            fields = parse_entry_text(self.store.read(path, MAX_ENTRY_BYTES).decode("utf-8"))
         except UnicodeDecodeError:
-            log.warning("boot_entry_unreadable", entry=describe(self.store, path))
+            log.warning("boot_entry_ignored", entry=describe(self.store, path), reason="not UTF-8")
+            return None
+        except DiskError as exc:  # too large, a directory, unreadable: not ours to judge
+            log.warning("boot_entry_ignored", entry=describe(self.store, path), reason=exc.message)
             return None
         for ref in booted_mod.partition_refs(fields.options):
             hit = [s.label for s in slots if ref.matches(s)]
@@ -820,10 +860,11 @@ class SdBootControl:
 def _efivar_text(path: Path) -> str | None:
     """An EFI variable holding a string: 4 bytes of attributes, then UTF-16LE, NUL-ended."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as fh:
+            data = fh.read(MAX_EFIVAR_BYTES + 1)
     except OSError:
         return None
-    if len(data) < 4:
+    if not 4 <= len(data) <= MAX_EFIVAR_BYTES:
         return None
     return data[4:].decode("utf-16-le", "replace").split("\0", 1)[0]
 

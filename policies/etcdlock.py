@@ -49,15 +49,18 @@ import structlog
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import Etcd3Exception
 
-from policies.lock import check_group
+from policies.lock import check_group, parse_etcd_endpoint
 from updater.clock import Clock, SystemClock
 from updater.errors import ConfigError, LockError
+from updater.jsonutil import loads as load_json
+from updater.jsonutil import object_members
 
 log = structlog.get_logger(__name__)
 
 KEY_PREFIX = "com.coreos.airlock/groups/"
 MAX_SLOTS = 2**63 - 1  # airlock stores a uint64; etcd's JSON gateway, an int64
 MAX_HOLDER_LEN = 256
+MAX_VALUE_BYTES = 1024 * 1024  # a semaphore or holder record; etcd's own cap is 1.5 MiB
 API_PATH = "/v3/"  # etcd >= 3.4; pinned so no /version discovery round trip is needed
 
 
@@ -106,13 +109,26 @@ def _go_json_string(s: str) -> str:
     return out
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # Python accepts NaN and Infinity; Go does not
+_KNOWN_FIELDS = frozenset({"total_slots", "holders"})
+
+
+def _is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 @dataclass(frozen=True)
 class Semaphore:
-    """airlock's semaphore. ``extra`` keeps unknown fields (name, JSON text) to write back."""
+    """airlock's semaphore.
+
+    ``extra`` keeps the fields it does not know as written (the raw JSON text of
+    name and value), to be put back byte for byte: re-encoding them would
+    change them (``1e999`` would come back as ``Infinity``, which is not JSON,
+    and every agent and airlock would then read the semaphore as malformed).
+    """
 
     total_slots: int
     holders: tuple[str, ...] = ()
@@ -128,12 +144,13 @@ class Semaphore:
                 hint="fix it with `updatectl lock repair` (drops all holders) or etcdctl put",
             )
 
-        try:
-            doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-        except (UnicodeDecodeError, ValueError):
-            raise bad("not JSON") from None
-        if not isinstance(doc, dict):
-            raise bad("not a JSON object")
+        members = object_members(raw, bad, max_bytes=MAX_VALUE_BYTES)
+        for m in members:
+            # Go's encoding/json matches field names ignoring case: airlock would
+            # read "Total_Slots" as total_slots, while we would keep it as foreign.
+            if m.name not in _KNOWN_FIELDS and m.name.casefold() in _KNOWN_FIELDS:
+                raise bad(f"field {m.raw_name} is {m.name.casefold()} to airlock")
+        doc = {m.name: m.value for m in members}  # the last of duplicates wins, as in Go
         slots = doc.get("total_slots")
         if isinstance(slots, bool) or not isinstance(slots, int):
             raise bad("total_slots is not a whole number")
@@ -144,18 +161,16 @@ class Semaphore:
             raise bad("holders is not a list of strings")
         if holders != sorted(set(holders)):
             raise bad("holders are not sorted and unique")
-        extra = tuple(
-            (k, json.dumps(v, separators=(",", ":"), ensure_ascii=False))
-            for k, v in doc.items()
-            if k not in ("total_slots", "holders")
-        )
+        if not all(_is_unicode(h) for h in holders):  # "\ud800": JSON, but no UTF-8
+            raise bad("a holder is not valid Unicode")
+        extra = tuple((m.raw_name, m.raw_value) for m in members if m.name not in _KNOWN_FIELDS)
         return cls(slots, tuple(holders), extra)
 
     def encode(self) -> bytes:
         parts = [
             f'"total_slots":{self.total_slots}',
             '"holders":[' + ",".join(_go_json_string(h) for h in self.holders) + "]",
-            *(f"{_go_json_string(k)}:{v}" for k, v in self.extra),
+            *(f"{name}:{value}" for name, value in self.extra),
         ]
         return ("{" + ",".join(parts) + "}").encode("utf-8")
 
@@ -218,7 +233,7 @@ def _encode_since(since: float) -> bytes:
 
 def _decode_since(raw: bytes) -> float | None:
     try:
-        doc = json.loads(raw)
+        doc = load_json(raw, ValueError, max_bytes=MAX_VALUE_BYTES)
     except ValueError:
         return None
     since = doc.get("since") if isinstance(doc, dict) else None
@@ -249,20 +264,15 @@ class EtcdSettings:
         if not self.endpoints:
             raise ConfigError("invalid", "no etcd endpoint", key="endpoints")
         for url in self.endpoints:
-            parts = urllib.parse.urlsplit(url)
-            try:
-                parts.port  # noqa: B018 - validates the port
-            except ValueError:
-                raise ConfigError("invalid", f"bad port in {url!r}", key="endpoints") from None
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(
+            parts = parse_etcd_endpoint(
+                url,
+                lambda why: ConfigError(
                     "invalid",
-                    f"not an etcd endpoint: {url!r}",
+                    f"not an etcd endpoint: {why}",
                     key="endpoints",
                     hint="like https://10.0.0.1:2379",
-                )
-            if parts.path not in ("", "/") or parts.query or parts.fragment:
-                raise ConfigError("invalid", f"an endpoint has no path: {url!r}", key="endpoints")
+                ),
+            )
             if (self.ca_file or self.cert_file) and parts.scheme != "https":
                 raise ConfigError(
                     "invalid",
@@ -303,23 +313,46 @@ def client_factory(settings: EtcdSettings) -> ClientFactory:
     def make(endpoint: str) -> Etcd3Client:
         url = urllib.parse.urlsplit(endpoint)
         assert url.hostname is not None  # checked by EtcdSettings
-        session = requests.Session()
+        session = _TimeoutSession(settings.timeout_s)
         # Not from the environment: REQUESTS_CA_BUNDLE would replace our CA
         # file, and an HTTP(S)_PROXY meant for the update server would get etcd.
         session.trust_env = False
         session.verify = str(settings.ca_file) if settings.ca_file else _system_trust()
         if settings.cert_file is not None and settings.key_file is not None:
             session.cert = (str(settings.cert_file), str(settings.key_file))
-        return Etcd3Client(
+        client = Etcd3Client(
             host=url.hostname,
             port=url.port or 2379,
             protocol=url.scheme,
             timeout=settings.timeout_s,
             api_path=API_PATH,
-            session=session,
         )
+        # etcd3gw 2.0 (bookworm's) takes no session argument; every version
+        # sends its requests through this attribute
+        client.session = session
+        return client
 
     return make
+
+
+def _base_url(client: Etcd3Client) -> str:
+    """``http(s)://host:port`` of ``client`` (etcd3gw 2.0, bookworm's, has no ``base_url``)."""
+    host = f"[{client.host}]" if ":" in client.host else client.host
+    return f"{client.protocol}://{host}:{client.port}"
+
+
+class _TimeoutSession(requests.Session):
+    """A session whose requests time out: etcd3gw 2.0 (Debian bookworm's)
+    passes no timeout to requests, newer ones pass the client's."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self.timeout_s = timeout_s
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout_s
+        return super().request(method, url, *args, **kwargs)
 
 
 class _EndpointDown(Exception):
@@ -339,7 +372,7 @@ _GRPC_OUT_OF_RANGE = 11
 
 def _grpc_error(exc: Etcd3Exception) -> tuple[int | None, str]:
     try:
-        doc = json.loads(exc.detail_text or "")
+        doc = load_json(exc.detail_text or "", ValueError, max_bytes=MAX_VALUE_BYTES)
     except ValueError:
         return None, (exc.detail_text or str(exc))[:200]
     if not isinstance(doc, dict):
@@ -434,7 +467,7 @@ class EtcdClient:
         if not isinstance(token, str) or not token:
             raise _EndpointDown("authenticate answered no token")
         self._token = token
-        log.debug("etcd_authenticated", endpoint=client.base_url, user=self.settings.username)
+        log.debug("etcd_authenticated", endpoint=_base_url(client), user=self.settings.username)
 
     def _post(self, client: Etcd3Client, method: str, body: Mapping[str, Any]) -> dict[str, Any]:
         if self._token is not None:
@@ -452,7 +485,7 @@ class EtcdClient:
                 # credentials where auth is on, or a user without rights.
                 raise LockError(
                     "refused",
-                    f"etcd at {client.base_url} refused {method}: {message}",
+                    f"etcd at {_base_url(client)} refused {method}: {message}",
                     hint="check the etcd username, password and the user's role",
                 ) from None
             if code == _GRPC_OUT_OF_RANGE:
@@ -460,6 +493,8 @@ class EtcdClient:
             raise _EndpointDown(message or type(exc).__name__) from None
         except ValueError as exc:  # a 200 that is not JSON: not an etcd gateway
             raise _EndpointDown(f"not JSON: {exc}") from None
+        except RecursionError:  # requests' json() on an answer nested thousands deep
+            raise _EndpointDown("not JSON: nested too deep") from None
         except OSError as exc:  # requests errors that etcd3gw does not wrap
             raise _EndpointDown(str(exc)) from None
         if not isinstance(answer, dict):

@@ -19,7 +19,9 @@ from typing import Any
 
 import structlog
 
-from policies.etcdlock import EtcdClient, SemaphoreStatus
+from policies.etcdlock import MAX_VALUE_BYTES, EtcdClient, SemaphoreStatus
+from updater.errors import LockError
+from updater.jsonutil import loads as load_json
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +47,8 @@ class HostRecord:
 
     @classmethod
     def decode(cls, raw: bytes) -> HostRecord:
-        doc = json.loads(raw)
+        """The record in ``raw``; ValueError if it is not one (bounded, never another error)."""
+        doc = load_json(raw, ValueError, max_bytes=MAX_VALUE_BYTES)
         if not isinstance(doc, dict):
             raise ValueError("not an object")
         fields: dict[str, Any] = {f: doc.get(f) for f in cls.__dataclass_fields__}
@@ -61,13 +64,30 @@ class HostRecord:
         ):
             if not isinstance(fields[name], str):
                 raise ValueError(f"{name} must be a string")
-        if not isinstance(fields["last_check"], int) or not isinstance(
-            fields["updated"], int | float
+        last_check, updated = fields["last_check"], fields["updated"]
+        if (
+            isinstance(last_check, bool)
+            or not isinstance(last_check, int)
+            or isinstance(updated, bool)
+            or not isinstance(updated, int | float)
+            or not math.isfinite(updated)
         ):
             raise ValueError("last_check and updated must be numbers")
         if fields["lock_held"] is not None and not isinstance(fields["lock_held"], bool):
             raise ValueError("lock_held must be a boolean or null")
         return cls(**fields)
+
+
+def _gateway_int(value: Any) -> int | None:
+    """An int64 as etcd's JSON gateway writes it (a string of digits, zero omitted)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    try:
+        return int(value) if isinstance(value, int) or value.lstrip("-").isdigit() else None
+    except ValueError:  # more digits than Python converts
+        return None
 
 
 def _b64(data: str | bytes) -> str:
@@ -87,12 +107,16 @@ class FleetPublisher:
         """Write ``record`` and renew its lease (a new lease when the old one expired)."""
         if self._lease is not None:
             answer = self.client.call("lease/keepalive", {"ID": self._lease})
-            ttl = answer.get("result", {}).get("TTL")
-            if not ttl or int(ttl) <= 0:
+            result = answer.get("result")
+            ttl = _gateway_int(result.get("TTL") if isinstance(result, dict) else None)
+            if ttl is None or ttl <= 0:
                 log.info("fleet_lease_expired", lease=self._lease)
                 self._lease = None
         if self._lease is None:
-            self._lease = str(self.client.call("lease/grant", {"TTL": self.ttl_s})["ID"])
+            lease = _gateway_int(self.client.call("lease/grant", {"TTL": self.ttl_s}).get("ID"))
+            if lease is None or lease <= 0:
+                raise LockError("malformed", "etcd granted a lease without a valid ID")
+            self._lease = str(lease)
         self.client.call(
             "kv/put", {"key": _b64(self.key), "value": _b64(record.encode()), "lease": self._lease}
         )

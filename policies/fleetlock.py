@@ -25,6 +25,9 @@ Decisions where the spec leaves room, all failing closed:
   its JSON errors as ``text/plain``.
 * Redirects are never followed (the protocol header exists so that a request
   reaches only the server it was meant for): a 3xx is ``refused``.
+* Bodies are parsed by :mod:`updater.jsonutil` (at most MAX_BODY bytes, bounded
+  nesting, no NaN): whatever the server sends, the answer is a Verdict or a
+  :class:`FleetLockError`, never another exception.
 * Transport failures, timeouts and 5xx without a FleetLock body are
   ``unavailable``; a FleetLock error body is ``refused`` (the service said no);
   a JSON body that is not a FleetLock error, an oversized body or an
@@ -42,7 +45,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
 
 import requests
 import structlog
@@ -50,6 +52,9 @@ import urllib3
 
 from policies.lock import check_group
 from updater.errors import LockError
+from updater.httpbody import read1
+from updater.jsonutil import loads as load_json
+from updater.urls import parse_url
 
 log = structlog.get_logger(__name__)
 
@@ -126,7 +131,8 @@ def judge(
         return fail("malformed", generic, f"answer larger than {MAX_BODY} bytes")
     text = body.decode("utf-8", errors="replace")
     try:
-        doc: object = json.loads(text) if text.strip() else None
+        # bounded: a body nested thousands deep is "not JSON", never a RecursionError
+        doc: object = load_json(body, ValueError, max_bytes=MAX_BODY) if body.strip() else None
         is_json = True
     except ValueError:
         doc, is_json = None, False
@@ -196,12 +202,8 @@ class FleetLock:
     ) -> None:
         self.group = check_group(group)
         url = base_url.replace(GROUP_PLACEHOLDER, group).rstrip("/")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise LockError(
-                "bad_argument", f"FleetLock base_url {base_url!r} is not an http(s) URL"
-            )
-        if parts.query or parts.fragment:
+        parts = parse_url(url, lambda why: LockError("bad_argument", f"FleetLock base_url: {why}"))
+        if parts.query or parts.fragment or url.endswith(("?", "#")):
             raise LockError(
                 "bad_argument", f"FleetLock base_url {base_url!r} must not have a query or fragment"
             )
@@ -300,7 +302,7 @@ class FleetLock:
         while True:
             if time.monotonic() > deadline:
                 raise TimeoutError("the answer took longer than timeout_s")
-            chunk = response.raw.read1(4096)
+            chunk = read1(response.raw, 4096)
             if not chunk:
                 return b"".join(chunks)
             size += len(chunk)

@@ -9,9 +9,12 @@ caller treats it as "no": a reboot never happens without the lock.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Protocol
+from urllib.parse import urlsplit
 
-from updater.errors import LockError
+from updater.errors import LockError, UpdaterError
+from updater.urls import Url, parse_url
 
 GROUP_RE = re.compile(r"^[a-zA-Z0-9.-]+$")
 
@@ -20,6 +23,20 @@ def check_group(group: str) -> str:
     if not GROUP_RE.fullmatch(group):
         raise LockError("bad_argument", f"invalid group {group!r}: use [a-zA-Z0-9.-]+")
     return group
+
+
+def parse_etcd_endpoint(text: str, error: Callable[[str], UpdaterError]) -> Url:
+    """An etcd endpoint as its client takes one: ``http(s)://HOST[:PORT]``, or ``error(why)``.
+
+    The client is built from the scheme, host and port alone, so user info, a path,
+    a query or a fragment would be dropped without a word: they are refused.
+    """
+    url = parse_url(text, error)
+    if "@" in urlsplit(text).netloc:
+        raise error(f"{text!r}: credentials go in username and password_file, not the URL")
+    if url.path not in ("", "/") or url.query or url.fragment or text.endswith(("?", "#")):
+        raise error(f"{text!r}: an etcd endpoint has no path, query or fragment")
+    return url
 
 
 class RebootLock(Protocol):

@@ -87,6 +87,8 @@ _GO_UNIT_NS = {
     "h": 3_600_000_000_000,
 }
 _ZONEINFO_DIR = "zoneinfo"
+# IANA zone names: up to three '/'-separated parts of letters, digits, '_', '+', '-'
+_ZONE_NAME = re.compile(r"[A-Za-z0-9_+-]{1,30}(?:/[A-Za-z0-9_+-]{1,30}){0,3}")
 ENTRY_KEYS = frozenset({"days", "start_time", "length_minutes"})
 
 
@@ -303,6 +305,10 @@ def parse_time_zone(
     if value == "localtime":
         return _localtime(localtime, file=file, key=key)
     try:
+        if not _ZONE_NAME.fullmatch(value):
+            # zoneinfo turns each '/' into a package to import from tzdata: thousands
+            # of them exhaust the stack (RecursionError); no IANA name looks like that
+            raise ValueError(value)
         return ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError, OSError):
         raise _invalid(

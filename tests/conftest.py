@@ -171,6 +171,7 @@ class Repo:
         channel: str = "stable",
         key: SigningKey | None = None,
         expires_in: timedelta = timedelta(days=30),
+        boot_files: tuple[tuple[str, Path], ...] = (),
     ) -> Published:
         k = key or self.key
         return publish(
@@ -183,6 +184,7 @@ class Repo:
                 channel=channel,
                 compression=compression,
                 expires_in=expires_in,
+                boot_files=boot_files,
             ),
             SystemClock().now(),
         )
@@ -205,6 +207,13 @@ class Repo:
         sign_detached(
             path, path.with_name("release.json.asc"), gnupghome=k.gnupghome, key_id=k.fingerprint
         )
+
+    def boot_path(self, name: str, channel: str = "stable") -> str:
+        """The URL path of one of the channel's boot files, as the server sees it."""
+        boot = self.manifest(channel)["boot"]
+        assert isinstance(boot, list)
+        url = next(str(b["url"]) for b in boot if b["name"] == name)
+        return "/" + str(Path(channel, url)).replace(f"{channel}/../", "")
 
     def image_path(self, channel: str = "stable") -> str:
         """The URL path of the channel's current image, as the server sees it."""

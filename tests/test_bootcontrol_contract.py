@@ -10,17 +10,27 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 
 from devtools.diskimage import cgpt_flags
 from devtools.espimage import esp_store, make_esp_disk
-from partitions.bootcontrol import BootControl, Slot, SlotFlags, SlotStatus
+from partitions.bootcontrol import (
+    BootControl,
+    Slot,
+    SlotFlags,
+    SlotStatus,
+    check_write_target,
+    write_target_problem,
+)
 from partitions.filestore import FileStore
 from partitions.gptprio import GptPrioBootControl
 from partitions.grubenv import GrubEnvControl, new_env_block
 from partitions.sdboot import EntryTemplate, SdBootControl, parse_entry_name
+from tests.gptcraft import edit_entries, entry_lbas, set_entry
 from updater.clock import SystemClock
+from updater.errors import DiskError
 from updater.run import run
 from updater.state import SlotRecord, State, StateStore
 from updater.update import Updater, detect_rollback, host_state, is_staged
@@ -269,3 +279,60 @@ def test_a_failed_health_check_never_gives_up_the_known_good_slot(rig: Rig, tmp_
     assert rig.flags("USR-B").bootable and rig.flags("USR-A").bootable
     rig.boots(control.primary() or a)  # and the next boot is B again
     assert control.booted() == b
+
+
+# ---- a partition table that is not a sane disk ----------------------------------------------
+
+
+def test_every_backend_refuses_an_overlapping_table_and_writes_nothing(rig: Rig) -> None:
+    a, b = rig.slot("USR-A"), rig.slot("USR-B")
+
+    def b_over_a(entries: bytearray) -> None:
+        _, last_a = entry_lbas(entries, a.index)
+        first_b, last_b = entry_lbas(entries, b.index)
+        shift = first_b - (last_a - 3)
+        set_entry(entries, b.index, first_lba=first_b - shift, last_lba=last_b - shift)
+
+    edit_entries(a.disk, b_over_a)
+    esp = [p for p in rig.cmdline.parent.rglob("*") if p.is_file() and "esp" in p.parts]
+    before = {p: p.read_bytes() for p in [a.disk, *esp]}
+    for read in (rig.control.slots, rig.control.primary, rig.control.booted):
+        with pytest.raises(DiskError) as err:
+            read()
+        assert err.value.kind == "gpt_invalid"
+        assert f"partitions {a.index} and {b.index}: overlap" in err.value.message
+    for verb in (rig.control.mark_bad, rig.control.make_primary, rig.control.mark_good):
+        with pytest.raises(DiskError) as err:
+            verb(b)
+        assert err.value.kind == "gpt_invalid"
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def _slot(index: int, offset: int, size: int, uuid: int | None = None, disk: str = "d") -> Slot:
+    return Slot(f"S{index}", index, UUID(int=uuid or index), Path(disk), offset, size)
+
+
+@pytest.mark.parametrize(
+    ("booted", "target", "problem"),
+    [
+        (_slot(1, 0, 100), _slot(2, 100, 100), None),
+        (_slot(2, 100, 100), _slot(1, 0, 100), None),
+        (_slot(1, 0, 100), _slot(2, 0, 100, disk="other"), None),  # another disk
+        (_slot(1, 0, 100), _slot(1, 100, 100, uuid=9), "is the booted slot"),
+        (_slot(1, 0, 100), _slot(2, 100, 100, uuid=1), "share the PARTUUID"),
+        (_slot(1, 0, 100), _slot(2, 99, 100), "overlaps the booted partition 1"),
+        (_slot(1, 100, 100), _slot(2, 1, 100), "overlaps the booted partition 1"),
+        (_slot(1, 0, 300), _slot(2, 100, 100), "overlaps"),  # inside it
+        (_slot(1, 100, 100), _slot(2, 0, 300), "overlaps"),  # around it
+    ],
+)
+def test_write_target_problem(booted: Slot, target: Slot, problem: str | None) -> None:
+    found = write_target_problem(booted, target)
+    if problem is None:
+        assert found is None
+        check_write_target(booted, target)
+    else:
+        assert found is not None and problem in found
+        with pytest.raises(DiskError) as err:
+            check_write_target(booted, target)
+        assert err.value.kind == "gpt_invalid"

@@ -12,6 +12,7 @@ import pytest
 from devtools.diskimage import DiskLayout, loop_device
 from partitions import booted
 from partitions.bootcontrol import Slot
+from tests.fuzzing import parse_or_typed_error
 from updater.errors import DiskError
 
 UUID_A = UUID("0b6c0a2e-7d3b-4e9f-9a51-6f0e6b1c2a11")
@@ -294,3 +295,59 @@ def test_block_device_disk_is_matched_by_device_number(tree: Tree, slot_image: D
         _block(sys, "virtual/block/other/other2", "259:78", partition=2)
         tree.mounts(("259:78", "/usr"))
         assert booted.slot_from_mounts(slots, proc_root=tree.proc, sys_root=sys) is None
+
+
+# ---- hostile kernel files: bounded, and never anything but the typed error -----------------
+
+
+def test_mountinfo_with_digits_int_refuses() -> None:
+    text = (
+        "30 1 ²:3 / /usr ro - ext4 /dev/sda3 ro\n31 1 8:٣ / / ro - ext4 x ro\n32 1 8:4 / /boot rw\n"
+    )
+    assert booted.mount_devices(text) == {"/boot": (8, 4)}
+
+
+@pytest.mark.parametrize("number", ["²", "٣", "3²", "", "-3", "0x3"])
+def test_a_sysfs_partition_number_that_is_no_number(tree: Tree, number: str) -> None:
+    (tree.sys / "devices" / "pci0000:00" / "block" / "sda" / "sda3" / "partition").write_text(
+        number + "\n"
+    )
+    (tree.sys / "devices" / "pci0000:00" / "block" / "sda" / "dev").write_text("8:²\n")
+    tree.mounts(("8:3", "/usr"))
+    with pytest.raises(DiskError) as err:
+        tree.booted("")
+    assert err.value.kind == "booted_unknown"
+
+
+def test_an_oversized_cmdline_is_not_read(tree: Tree) -> None:
+    tree.mounts(("8:4", "/"))
+    big = f"mount.usr=PARTUUID={UUID_A} " + "x" * booted.MAX_CMDLINE_BYTES
+    result = parse_or_typed_error(lambda: tree.booted(big), max_bytes=1024 * 1024)
+    assert isinstance(result, Slot) and result.label == "USR-B"  # from the mounts
+
+
+def test_a_cmdline_that_is_a_fifo_does_not_hang(tree: Tree) -> None:
+    fifo = tree.root / "cmdline.fifo"
+    os.mkfifo(fifo)
+    tree.mounts(("8:4", "/"))
+
+    def read() -> Slot:
+        return booted.booted_slot(
+            tree.slots,
+            kernel_cmdline=fifo,
+            proc_root=tree.proc,
+            sys_root=tree.sys,
+            dev_root=tree.dev,
+        )
+
+    result = parse_or_typed_error(read, timeout_s=2.0)
+    assert isinstance(result, Slot) and result.label == "USR-B"
+
+
+def test_a_huge_mountinfo_is_not_read(tree: Tree) -> None:
+    with (tree.proc / "self" / "mountinfo").open("wb") as fh:
+        fh.truncate(booted.MAX_MOUNTINFO_BYTES + 1)
+    result = parse_or_typed_error(
+        lambda: tree.booted(""), max_bytes=booted.MAX_MOUNTINFO_BYTES + 1024 * 1024
+    )
+    assert isinstance(result, DiskError) and result.kind == "booted_unknown"

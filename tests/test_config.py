@@ -3,13 +3,19 @@ that name the file and the key."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from updater import config
-from updater.errors import ConfigError
+from tests.conftest import updatectl
+from updater import config, flatcar
+from updater.errors import ConfigError, ExitCode
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -234,3 +240,301 @@ def test_boot_loader_backends(tmp_path: Path) -> None:
         "EFI-SYSTEM",
     )
     assert cfg.systemd_boot.initrd == ()  # an entry without an initrd
+
+
+# --- every URL key goes through updater.urls.parse_url ------------------------------------------
+
+# what urlsplit, .port or requests would raise on, or a URL that reaches no server
+HOSTILE_URLS = [
+    "http://[::1",  # urlsplit: ValueError Invalid IPv6 URL
+    "http://[::1]x/",
+    "http://[fe80::1%eth0]/",
+    "http://[not-v6]/",
+    "http://host:99999/",  # .port: ValueError out of range
+    "http://host:0/",
+    "http://host:\u0662/",  # an Arabic-Indic digit two
+    "http://ho st/",
+    "http://host\u2100/",  # changes under NFKC: urlsplit raises
+    "http://" + "a" * 64 + ".example/",  # a label longer than 63
+    "http://.example/",
+    "http:///nohost",
+    " http://host/",
+    "http://host/\x00",
+    "gopher://host/",
+    "http://" + "a" * 9000,
+]
+
+URL_KEYS = [
+    ("[source]\nurl = {value}\n", "source.url"),
+    ("[omaha]\nserver = {value}\n", "omaha.server"),
+    ("[etcd]\nendpoints = [{value}]\n", "etcd.endpoints"),
+    ('[etcd]\nendpoints = ["http://127.0.0.1:2379", {value}]\n', "etcd.endpoints"),
+    ("[fleetlock]\nurl = {value}\n", "fleetlock.url"),
+]
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string, anything unprintable escaped."""
+    escaped = (c if c.isprintable() and c not in '"\\' else f"\\U{ord(c):08x}" for c in text)
+    return '"' + "".join(escaped) + '"'
+
+
+@pytest.mark.parametrize("url", HOSTILE_URLS)
+@pytest.mark.parametrize(("template", "key"), URL_KEYS)
+def test_bad_urls_are_config_errors_naming_file_and_key(
+    tmp_path: Path, template: str, key: str, url: str
+) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(template.format(value=_toml_string(url)))
+    with pytest.raises(ConfigError) as err:
+        config.load(f)
+    assert (err.value.kind, err.value.key, err.value.file) == ("invalid", key, str(f))
+    assert str(f) in str(err.value) and key in str(err.value)
+
+
+@pytest.mark.parametrize(("template", "key"), URL_KEYS)
+def test_bad_url_through_the_cli_is_the_config_exit_code_and_json(
+    tmp_path: Path, template: str, key: str
+) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(template.format(value='"http://[::1"'))
+    result = updatectl(None, "--config", str(f), "status", "--json")
+    assert result.code == ExitCode.CONFIG
+    error = result.json()["error"]
+    assert (error["category"], error["kind"]) == ("config", "invalid")
+    assert key in error["message"] and str(f) in error["message"]
+    assert "Traceback" not in result.err and "updatectl: config error (invalid)" in result.err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user@10.0.0.1:2379",  # the client drops user info: refused, not ignored
+        "http://10.0.0.1:2379/v3",
+        "http://10.0.0.1:2379?x=1",
+        "http://10.0.0.1:2379#f",
+        "unix:///run/etcd.sock",
+    ],
+)
+def test_etcd_endpoints_are_what_the_client_can_use(tmp_path: Path, url: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(f"[etcd]\nendpoints = [{_toml_string(url)}]\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(f)
+    assert err.value.key == "etcd.endpoints"
+
+
+def test_good_urls_still_load(tmp_path: Path) -> None:
+    f = tmp_path / "good.toml"
+    f.write_text(
+        '[source]\nurl = "https://[2001:db8::1]:8443/repo"\n'
+        '[omaha]\nserver = "https://bücher.example/v1/update/"\n'
+        '[etcd]\nendpoints = ["https://[::1]:2379", "http://etcd-1.lan/"]\n'
+        '[fleetlock]\nurl = "http://127.0.0.1:8080/groups/${group}"\n'
+    )
+    cfg = config.load(f)
+    assert cfg.source.url == "https://[2001:db8::1]:8443/repo"
+    assert cfg.etcd.endpoints == ("https://[::1]:2379", "http://etcd-1.lan/")
+    f.write_text('[omaha]\nserver = "disabled"\n[source]\nurl = "file://localhost/srv/repo"\n')
+    assert config.load(f).omaha.server == "disabled"
+
+
+@pytest.mark.parametrize(
+    ("conf", "key"),
+    [
+        ("SERVER=http://[::1\n", "SERVER"),
+        ("SERVER='http://host:99999/'\n", "SERVER"),
+        ("SERVER=ftp://host/\n", "SERVER"),
+        ('GROUP="a b"\n', "GROUP"),
+        ("GROUP=../x\n", "GROUP"),
+    ],
+)
+def test_flatcar_update_conf_through_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, conf: str, key: str
+) -> None:
+    usr, etc = tmp_path / "usr-update.conf", tmp_path / "etc-update.conf"
+    usr.write_text("SERVER=https://public.update.flatcar-linux.net/v1/update/\nGROUP=stable\n")
+    etc.write_text(conf)
+    monkeypatch.setattr(flatcar, "FILES", (usr, etc))
+    f = tmp_path / "omaha.toml"
+    f.write_text(f'[source]\nkind = "omaha"\n[agent]\nstate_dir = "{tmp_path / "state"}"\n')
+    result = updatectl(None, "--config", str(f), "check", "--json")
+    assert result.code == ExitCode.CONFIG
+    error = result.json()["error"]
+    assert (error["category"], error["kind"]) == ("config", "invalid")
+    assert f"{etc}:{key}" in error["message"]
+    assert not (tmp_path / "state").exists()  # nothing was written before the error
+
+
+# --- [metrics] listen is read as the agent binds it -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        "127.0.0.1:\u00b2",  # isdigit() took it; the agent crashed at start on int()
+        "127.0.0.1:\u0669\u0664\u0666\u0664",
+        "localhost:9464",  # passed the old check, refused when the agent bound it
+        "127.0.0.1:0",
+        "127.0.0.1:99999",
+        "[::1",
+        "::1:9464",
+        "unix:/run/a\x00b.sock",
+        "unix:/" + "x" * 200,
+    ],
+)
+def test_bad_metrics_listen_is_refused_at_load(tmp_path: Path, listen: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(f"[metrics]\nlisten = {_toml_string(listen)}\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(f)
+    assert (err.value.kind, err.value.key, err.value.file) == ("invalid", "metrics.listen", str(f))
+
+
+def test_agent_start_with_a_bad_metrics_listen_is_the_config_error(tmp_path: Path) -> None:
+    """`updatectl agent` (the service's ExecStart) stops at the config, typed, before
+    it touches the bus, the disk or the state directory."""
+    state = tmp_path / "state"
+    f = tmp_path / "bad.toml"
+    f.write_text(f'[agent]\nstate_dir = "{state}"\n[metrics]\nlisten = "127.0.0.1:\u00b2"\n')
+    result = updatectl(None, "--config", str(f), "agent", "--json")
+    assert result.code == ExitCode.CONFIG
+    assert result.json()["error"]["kind"] == "invalid"
+    assert "metrics.listen" in result.json()["error"]["message"]
+    # the same as a process, as systemd starts it
+    proc = subprocess.run(
+        [sys.executable, "-m", "updater.cli", "--config", str(f), "agent"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == ExitCode.CONFIG, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "updatectl: config error (invalid)" in proc.stderr and "metrics.listen" in proc.stderr
+    assert not state.exists()
+
+
+# --- numbers and strings from the file: NaN, infinities, huge, negative, NUL --------------------
+
+NUMBER_KEYS = [
+    ("source", "connect_timeout_s"),
+    ("source", "min_speed_bytes_s"),
+    ("agent", "poll_interval_s"),
+    ("agent", "jitter"),
+    ("agent", "retry_base_s"),
+    ("reboot", "retry_s"),
+    ("etcd", "timeout_s"),
+    ("health", "timeout_s"),
+]
+INT_KEYS = [
+    ("source", "retries"),
+    ("install", "chunk_size"),
+    ("systemd-boot", "tries"),
+    ("etcd", "slots"),
+]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "nan",
+        "+nan",
+        "-nan",
+        "inf",
+        "-inf",
+        "1e400",
+        "-1",
+        "-0.5",
+        "1" + "0" * 40,
+        "true",
+        '"5"',
+        "[1]",
+    ],
+)
+@pytest.mark.parametrize(("section", "key"), NUMBER_KEYS + INT_KEYS)
+def test_odd_numbers_are_refused(tmp_path: Path, section: str, key: str, value: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(f"[{section}]\n{key} = {value}\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(f)
+    assert (err.value.kind, err.value.key, err.value.file) == (
+        "invalid",
+        f"{section}.{key}",
+        str(f),
+    )
+
+
+@pytest.mark.parametrize(("section", "key"), INT_KEYS)
+def test_integers_are_not_floats(tmp_path: Path, section: str, key: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(f"[{section}]\n{key} = 4.0\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(f)
+    assert err.value.key == f"{section}.{key}"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[agent]\nstate_dir = "/var/lib/up\\u0000dater"\n', "agent.state_dir"),
+        ('[disk]\ndevice = "/dev/vda\\u0000"\n', "disk.device"),
+        ('[source]\nkeyring = ["/k.asc", "/k\\u0000.asc"]\n', "source.keyring"),
+        ('[health]\nunits = ["a\\u0000.service"]\n', "health.units"),
+        ('[reboot]\ntime_zone = "Europe/Berlin\\u0000"\n', "reboot.time_zone"),
+        ('[source]\nchannel = "stable\\u0000"\n', "source.channel"),
+    ],
+)
+def test_nul_in_a_string_is_refused(tmp_path: Path, text: str, key: str) -> None:
+    """os calls and subprocess argv raise ValueError on an embedded NUL: refused at load."""
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        config.load(f)
+    assert (err.value.kind, err.value.key) == ("invalid", key)
+
+
+@pytest.mark.parametrize("nested", ["[" * 2000 + "]" * 2000, "{a=" * 2000 + "1" + "}" * 2000])
+def test_deeply_nested_toml_is_a_syntax_error(tmp_path: Path, nested: str) -> None:
+    f = tmp_path / "deep.toml"
+    f.write_text(f"[source]\nx = {nested}\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(f)
+    assert (err.value.kind, err.value.file) == ("syntax", str(f))
+
+
+def test_config_files_are_read_bounded(tmp_path: Path) -> None:
+    usr, run, etc = dirs(tmp_path)
+    big = etc / "10-big.toml"
+    big.write_text("# padding\n" * (config.MAX_FILE_BYTES // 10 + 1))
+    with pytest.raises(ConfigError) as err:
+        config.load(dirs=(usr, run, etc))
+    assert (err.value.kind, err.value.file) == ("unreadable", str(big))
+    big.unlink()
+    fifo = etc / "20-fifo.toml"
+    os.mkfifo(fifo)  # no writer: an unbounded read would block for ever
+    with pytest.raises(ConfigError) as err:
+        config.load(dirs=(usr, run, etc))
+    assert (err.value.kind, err.value.file) == ("unreadable", str(fifo))
+    fifo.unlink()
+    (etc / "30-dir.toml").mkdir()
+    with pytest.raises(ConfigError) as err:
+        config.load(dirs=(usr, run, etc))
+    assert err.value.kind == "unreadable"
+    (etc / "30-dir.toml").rmdir()
+    (etc / "40-latin1.toml").write_bytes(b'[source]\nchannel = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(dirs=(usr, run, etc))
+    assert err.value.kind == "syntax"
+
+
+def test_a_time_zone_of_thousands_of_parts_is_a_config_error(tmp_path: Path) -> None:
+    f = tmp_path / "tz.toml"
+    f.write_text(
+        '[reboot]\ntime_zone = "' + "/".join(["a"] * 2000) + '"\n'
+        'window_start = "04:00"\nwindow_length = "1h"\n'
+    )
+    result = updatectl(None, "--config", str(f), "status", "--json")
+    assert result.code == ExitCode.CONFIG
+    assert result.json()["error"]["message"].startswith(f"{f}:reboot.time_zone")

@@ -4,12 +4,16 @@ After each kill, two things must hold. If the power had gone at that moment
 (the firmware emulation boots a copy of the disk), the machine boots the old
 slot, or the new one only if it is complete and verified. If the agent is just
 started again, a fresh `check --install` completes. The old slot's bytes never
-change.
+change. The second test does the same on a systemd-boot host whose release
+carries a kernel and an initrd, so kills also land while they are written to
+the ESP: the new slot boots only with its boot files complete, and the old
+slot's boot files and entry never change.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import shutil
 import signal
@@ -21,10 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from devtools.host import LABELS, Host
+from devtools.gpgkeys import SigningKey
+from devtools.host import LABELS, EspHost, Host, esp_files, provision_esp_host, systemd_boot_choice
 from devtools.repo_server import Fault
+from partitions.filestore import MtoolsStore, fat_partition
 from partitions.firmware import boot_disk_image
-from tests.conftest import Repo, updatectl
+from tests.conftest import HOST_SLOT_SIZE, Repo, updatectl
 
 KILLS = 50
 SLOW = Fault(chunk_delay_s=0.01)  # ~0.3 s of download: kills land inside the stream
@@ -43,8 +49,10 @@ def install_argv(host: Host) -> list[str]:
     ]
 
 
-def calibrate(host: Host) -> dict[str, float]:
-    """Seconds from process start to each logged step of one full install."""
+def calibrate(
+    host: Host, events: tuple[str, ...] = ("install_started", "image_written", "update_staged")
+) -> dict[str, float]:
+    """Seconds from process start to each logged step of one full install (the first of each)."""
     started = time.monotonic()
     proc = subprocess.Popen(
         install_argv(host), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -52,8 +60,8 @@ def calibrate(host: Host) -> dict[str, float]:
     assert proc.stderr is not None
     marks: dict[str, float] = {}
     for line in proc.stderr:
-        for event in ("install_started", "image_written", "update_staged"):
-            if event in line:
+        for event in events:
+            if event in line and event not in marks:
                 marks[event] = time.monotonic() - started
     assert proc.wait(timeout=60) == 0
     marks["end"] = time.monotonic() - started
@@ -141,3 +149,127 @@ def test_kill_at_random_points(
     assert landed["installing"] >= KILLS // 3, landed
     assert landed["before-install"] >= 1, landed
     print(f"\nkill points: {dict(landed)}; firmware booted the new slot {booted_new} times")
+
+
+KERNEL = b"\x7fkernel 1.1.0 " * 40_000  # ~0.6 MiB: kills land inside its download and copy
+INITRD = b"initrd 1.1.0 " * 80_000
+OLD_KERNEL = b"\x7fkernel 1.0.0 " * 1000
+OLD_INITRD = b"initrd 1.0.0 " * 2000
+ESP_KILLS = 30
+
+
+def esp_phase(host: Host) -> str:
+    """Like :func:`phase`, telling the boot files' step (image written, not yet staged)."""
+    where = phase(host)
+    log = host.root / "agent.log"
+    if where == "installing" and "image_written" in log.read_text():
+        return "boot-files"
+    return where
+
+
+def old_side(disk: Path, efivars: Path) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """USR-A's boot files and entry on ``disk``'s ESP."""
+    esp = MtoolsStore(disk, fat_partition(disk, "EFI-SYSTEM")[0])
+    entries = {n: b for n, b in esp_files(esp, "loader/entries").items() if "USR-A" in n}
+    return esp_files(esp, "USR-A"), entries
+
+
+@pytest.mark.slow
+def test_kill_at_random_points_while_boot_files_are_written(
+    repo: Repo,
+    usr_images: dict[str, Path],
+    release_key: SigningKey,
+    tmp_path: Path,
+) -> None:
+    m: EspHost = provision_esp_host(
+        tmp_path / "host",
+        slot_size=HOST_SLOT_SIZE,
+        first_image=usr_images["1.0.0"],
+        first_version="1.0.0",
+        kernel=OLD_KERNEL,
+        initrd=OLD_INITRD,
+        repo_url=repo.url,
+        keyring=release_key.public_key,
+    )
+    host, efivars = m.host, m.host.root / "efivars"
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
+    kernel.write_bytes(KERNEL)
+    initrd.write_bytes(INITRD)
+    repo.publish(
+        "1.1.0", usr_images["1.1.0"], boot_files=(("vmlinuz", kernel), ("initrd.img", initrd))
+    )
+    raw = usr_images["1.1.0"].read_bytes()
+    old_a = hashlib.sha256(host.slot_bytes("USR-A")).hexdigest()
+    old_esp = old_side(host.disk, efivars)
+    pristine = tmp_path / "pristine.img"
+    shutil.copyfile(host.disk, pristine)
+    paths = (repo.image_path(), repo.boot_path("vmlinuz"), repo.boot_path("initrd.img"))
+
+    def slow() -> None:
+        repo.server.fault(paths[0], SLOW)
+        for path in paths[1:]:  # ~0.3 s each: the boot files' step is as long as the image's
+            repo.server.fault(path, Fault(chunk_delay_s=0.03))
+
+    def reset() -> None:
+        shutil.copyfile(pristine, host.disk)
+        shutil.rmtree(host.state_dir, ignore_errors=True)
+
+    slow()
+    marks = calibrate(
+        host, ("install_started", "image_written", "boot_file_written", "update_staged")
+    )
+    reset()
+    assert marks["image_written"] < marks["end"], marks
+
+    rng = random.Random(20261129)
+    landed: Counter[str] = Counter()
+    booted_new = 0
+    for i in range(ESP_KILLS):
+        # Half the kills after the image is written: in the boot files' download and copy.
+        lo = marks["image_written"] if i % 2 else marks["install_started"] * 0.9
+        delay = rng.uniform(lo, marks["end"] * 1.05)
+        slow()
+        with (host.root / "agent.log").open("w") as agent_log:
+            # its own process group: kill -9 takes mcopy and mren with it, as stopping
+            # the service's cgroup does, and nothing keeps writing after the "power cut"
+            proc = subprocess.Popen(
+                install_argv(host),
+                stdout=subprocess.DEVNULL,
+                stderr=agent_log,
+                start_new_session=True,
+            )
+            time.sleep(delay)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        landed[esp_phase(host)] += 1
+
+        # Power lost now: systemd-boot boots the old slot, or a complete new one.
+        copy = tmp_path / "after-kill.img"
+        shutil.copyfile(host.disk, copy)
+        booted = systemd_boot_choice(copy, efivars)
+        if booted == "USR-B":
+            booted_new += 1
+            b = host.layout.by_label("USR-B")
+            with copy.open("rb") as fh:
+                fh.seek(b.offset)
+                assert fh.read(len(raw)) == raw, f"kill {i} at {delay:.3f}s: a partial USR-B boots"
+            esp = MtoolsStore(copy, fat_partition(copy, "EFI-SYSTEM")[0])
+            assert esp.read("USR-B/vmlinuz") == KERNEL, f"kill {i}: USR-B boots a partial kernel"
+            assert esp.read("USR-B/initrd.img") == INITRD, f"kill {i}: a partial initrd"
+        else:
+            assert booted == "USR-A", f"kill {i} at {delay:.3f}s: booted {booted}"
+        assert old_side(copy, efivars) == old_esp, f"kill {i} at {delay:.3f}s changed USR-A's ESP"
+        assert hashlib.sha256(host.slot_bytes("USR-A")).hexdigest() == old_a
+
+        # The agent starts again: a fresh install completes, boot files and all.
+        repo.server.clear_faults()
+        r = updatectl(host, "check", "--install", "--json")
+        assert r.code == 0, f"kill {i} at {delay:.3f}s: {r.err}"
+        assert m.esp.read("USR-B/vmlinuz") == KERNEL and m.esp.read("USR-B/initrd.img") == INITRD
+        assert m.next_boot() == "USR-B"
+        assert old_side(host.disk, efivars) == old_esp
+        reset()
+
+    assert sum(landed.values()) == ESP_KILLS
+    assert landed["boot-files"] >= ESP_KILLS // 5, landed
+    print(f"\nkill points: {dict(landed)}; systemd-boot booted the new slot {booted_new} times")

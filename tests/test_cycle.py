@@ -21,11 +21,14 @@ from devtools.diskimage import cgpt_flags, sfdisk_partition
 from devtools.gpgkeys import SigningKey
 from devtools.host import Host, write_config
 from devtools.repo_server import Fault
-from partitions.bootcontrol import SlotFlags
+from partitions.bootcontrol import Slot, SlotFlags
+from partitions.gptprio import GptPrioBootControl
 from tests.conftest import Repo, updatectl
+from tests.gptcraft import edit_entries, entry_lbas, set_entry
 from updater.errors import ExitCode
 from updater.lock import is_held
 from updater.manifest import Compression
+from updater.state import StateStore
 
 A, B = 1, 2  # GPT partition numbers of USR-A and USR-B
 T = TypeVar("T")
@@ -509,3 +512,63 @@ def test_server_error_status(host: Host, repo: Repo, usr_images: dict[str, Path]
     assert code == ExitCode.DOWNLOAD
     assert error_of(doc) == ("download", "http_status")
     assert_refused(host, before)
+
+
+# ---- a partition table that would put the new image over the running system ---------------
+
+
+def _usr_b_over_usr_a(entries: bytearray) -> None:
+    first_a, last_a = entry_lbas(entries, A)
+    first_b, last_b = entry_lbas(entries, B)
+    shift = first_b - (first_a + (last_a - first_a) // 2)  # B starts in the middle of A
+    set_entry(entries, B, first_lba=first_b - shift, last_lba=last_b - shift)
+
+
+def test_an_overlapping_table_is_refused_before_anything_is_written(
+    host: Host, repo: Repo, usr_images: dict[str, Path]
+) -> None:
+    """CRC-valid, same-sized slots, but USR-B's range holds half of the booted USR-A:
+    installing would overwrite the running system."""
+    repo.publish("1.1.0", usr_images["1.1.0"])
+    edit_entries(host.disk, _usr_b_over_usr_a)
+    disk_before = sha(host.disk.read_bytes())
+    state = host.state_dir / "state.json"
+    state_before = state.read_bytes() if state.exists() else None
+
+    code, doc = check_install(host)
+
+    assert code == ExitCode.DISK
+    assert error_of(doc) == ("disk", "gpt_invalid")
+    err = doc["error"]
+    assert isinstance(err, dict)
+    assert "partitions 1 and 2: overlap" in err["message"]
+    assert sha(host.disk.read_bytes()) == disk_before, "the disk image changed"
+    assert (state.read_bytes() if state.exists() else None) == state_before
+    assert not [r for r in repo.server.requests if "/images/" in r.path]
+    assert not is_held(host.state_dir)
+    status = updatectl(host, "status", "--json")
+    assert status.code == ExitCode.DISK and "gpt_invalid" in status.out
+
+
+def test_a_table_changed_during_the_install_is_refused_before_the_write(
+    host: Host, repo: Repo, usr_images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table was sane when the install was planned; the disk is repartitioned after
+    the target was marked bad: the slot write re-reads it first and stops."""
+    repo.publish("1.1.0", usr_images["1.1.0"])
+    original = GptPrioBootControl.mark_bad
+    after_repartition: list[str] = []
+
+    def mark_bad_then_repartition(self: GptPrioBootControl, slot: Slot) -> None:
+        original(self, slot)
+        edit_entries(host.disk, _usr_b_over_usr_a)
+        after_repartition.append(sha(host.disk.read_bytes()))
+
+    monkeypatch.setattr(GptPrioBootControl, "mark_bad", mark_bad_then_repartition)
+    code, doc = check_install(host)
+
+    assert code == ExitCode.DISK
+    assert error_of(doc) == ("disk", "gpt_invalid")
+    assert after_repartition and sha(host.disk.read_bytes()) == after_repartition[0]
+    assert not [r for r in repo.server.requests if "/images/" in r.path]
+    assert StateStore(host.state_dir).load().pending is None

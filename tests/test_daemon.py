@@ -311,9 +311,12 @@ def test_daemon_end_to_end(
         ),
         what="the refusing check",
     )
-    m = scrape(world["metrics"])
-    assert m["updater_rollbacks_total"] == 1
-    assert m["updater_state{state=IDLE}"] == 1
+    # update_checked is logged as the check ends; the machine turns idle just after
+    wait_for(
+        lambda: scrape(world["metrics"])["updater_state{state=IDLE}"] == 1,
+        what="the agent idle after the refusing check",
+    )
+    assert scrape(world["metrics"])["updater_rollbacks_total"] == 1
     assert daemon.stop() < 5
     assert len([q for q in repo.server.requests if "/images/1.2.0/" in q.path]) == image_gets
     assert any(

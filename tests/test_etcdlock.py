@@ -4,6 +4,7 @@ start times, admin operations, malformed values, TLS and auth."""
 from __future__ import annotations
 
 import base64
+import http.server
 import shutil
 import threading
 import uuid
@@ -214,10 +215,16 @@ MALFORMED = [
     b'{"total_slots":2,"holders":["b","a"]}',
     b'{"total_slots":2,"holders":["a","a"]}',
     b'{"total_slots":NaN,"holders":[]}',
+    # hostile: anyone who can write the key (json.loads raised RecursionError for these)
+    b"[" * 2000,
+    b'{"total_slots":2,"holders":[],"x":' + b"[" * 2000 + b"]" * 2000 + b"}",
+    b'{"total_slots":2,"holders":[],"x":Infinity}',
+    b'{"total_slots":2,"holders":["\\ud800"]}',  # valid JSON, but no UTF-8 to write back
+    b'{"total_slots":' + b"9" * 5000 + b',"holders":[]}',
 ]
 
 
-@pytest.mark.parametrize("value", MALFORMED, ids=lambda v: v.decode("utf-8", "replace"))
+@pytest.mark.parametrize("value", MALFORMED, ids=lambda v: v.decode("utf-8", "replace")[:60])
 def test_malformed_semaphore_is_a_typed_error_and_never_overwritten(
     client: EtcdClient, group: str, value: bytes
 ) -> None:
@@ -384,6 +391,66 @@ def test_unknown_fields_are_kept(etcd: EtcdNode, client: EtcdClient, group: str)
     assert raw(client, key) == b'{"total_slots":2,"holders":["a"],"note":{"by":"admin"}}'
 
 
+# Valid JSON that a re-encoder would change: 1e999 became Infinity (not JSON, so
+# every agent and airlock then read the semaphore as malformed), 1.0e2 became
+# 100.0, -0 became 0, a big int or an escape could be rewritten.
+FOREIGN = (
+    b'"big":1e999,"f":1.0e2,"z":-0,"zf":-0.0E-0,"i":123456789012345678901234567890,'
+    b'"u":"\\u00e9\\ud83d\\ude00\\u2028<&>","\\u006eame":"x","n":{"a" : [1E+2, true,null]},'
+    b'"dup":1,"dup":2'
+)
+
+
+def test_foreign_fields_survive_lock_and_unlock_byte_exact(
+    etcd: EtcdNode, client: EtcdClient, group: str
+) -> None:
+    key = semaphore_key(group)
+    original = b'{"total_slots":2,"holders":[],' + FOREIGN + b"}"
+    client.txn([], [{"request_put": {"key": _b64(key), "value": _b64(original)}}])
+    lock = make_lock(client, group)
+    assert lock.acquire("a")
+    assert raw(client, key) == b'{"total_slots":2,"holders":["a"],' + FOREIGN + b"}"
+    status = lock.status()
+    assert status is not None and [h.id for h in status.holders] == ["a"]
+    assert lock.set_max(3) == 2
+    assert lock.set_max(2) == 3
+    lock.release("a")
+    assert raw(client, key) == original
+    # and what we wrote is still readable by the next agent
+    assert make_lock(client, group).acquire("b")
+
+
+def test_foreign_fields_keep_their_text_wherever_they_stood(
+    etcd: EtcdNode, client: EtcdClient, group: str
+) -> None:
+    key = semaphore_key(group)
+    put(etcd, key, b'{ "x" : 1e999 , "holders" : [ ] , "total_slots" : 1 }')
+    assert make_lock(client, group).acquire("a")
+    assert raw(client, key) == b'{"total_slots":1,"holders":["a"],"x":1e999}'
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"total_slots":2,"holders":[],"Total_Slots":5}',  # airlock reads this as total_slots
+        b'{"total_slots":2,"holders":[],"HOLDERS":["x"]}',
+        b'{"total_slots":2,"holders":[],"total_\\u017flots":5}',  # long s folds to s in Go
+        b'{"total_slots":2,"holders":[],"x":NaN}',
+        b'{"total_slots":2,"holders":[],"x":-Infinity}',
+    ],
+)
+def test_fields_airlock_reads_differently_are_malformed(
+    client: EtcdClient, group: str, value: bytes
+) -> None:
+    key = semaphore_key(group)
+    client.txn([], [{"request_put": {"key": _b64(key), "value": _b64(value)}}])
+    before = client.range(key)
+    with pytest.raises(LockError) as err:
+        make_lock(client, group).acquire("a")
+    assert err.value.kind == "malformed"
+    assert client.range(key) == before
+
+
 def test_encoding_matches_go() -> None:
     sem = Semaphore(2, ("a<b>&c", "é\u2028"))
     assert (
@@ -443,6 +510,9 @@ def test_slots_are_validated(client: EtcdClient, group: str, slots: int) -> None
         ({"endpoints": ("ftp://h:1",)}, "endpoints"),
         ({"endpoints": ("http://h:99999",)}, "endpoints"),
         ({"endpoints": ("http://h:1/v3",)}, "endpoints"),
+        ({"endpoints": ("http://[::1",)}, "endpoints"),  # was urlsplit's ValueError
+        ({"endpoints": ("http://h:\u0662",)}, "endpoints"),
+        ({"endpoints": ("http://u:p@h:1",)}, "endpoints"),
         ({"endpoints": ("http://h:1",), "ca_file": Path("/ca.pem")}, "endpoints"),
         ({"endpoints": ("http://h:1",), "cert_file": Path("/c.pem")}, "endpoints"),
         ({"endpoints": ("https://h:1",), "cert_file": Path("/c.pem")}, "key_file"),
@@ -562,3 +632,41 @@ def test_auth_user_without_rights_on_the_key_is_refused(auth_etcd: EtcdNode) -> 
 
 def _b64(data: str | bytes) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+# ---- a gateway that answers nonsense -----------------------------------------------------------
+
+
+class _Nonsense(http.server.BaseHTTPRequestHandler):
+    status = 200
+    body = b"[" * 100_000  # requests' json() recursed into RecursionError
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(200, b"[" * 100_000), (500, b'{"code":' * 100_000), (200, b"NaN"), (200, b"[1]")],
+    ids=["200-deep", "500-deep", "200-nan", "200-list"],
+)
+def test_a_gateway_answering_nonsense_is_unavailable(status: int, body: bytes) -> None:
+    handler = type("H", (_Nonsense,), {"status": status, "body": body})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}"
+            c = EtcdClient(EtcdSettings(endpoints=(url,), timeout_s=5))
+            with pytest.raises(LockError) as err:
+                EtcdLock(c, "default", 1).acquire("a")
+            assert err.value.kind == "unavailable"
+            c.close()
+        finally:
+            server.shutdown()

@@ -13,6 +13,7 @@ from partitions.filestore import (
     DirStore,
     FileStore,
     MtoolsStore,
+    TooLarge,
     clean_path,
     describe,
     fat_partition,
@@ -64,6 +65,15 @@ def test_write_read_list(store: FileStore) -> None:
     assert store.exists("loader") and store.exists("loader/entries/b.conf")
     assert not store.exists("loader/entries/c.conf")
     assert store.exists("")
+
+
+def test_bounded_read(store: FileStore) -> None:
+    store.write("grubenv", b"x" * 1025)
+    assert store.read("grubenv", 1025) == b"x" * 1025
+    with pytest.raises(TooLarge) as err:
+        store.read("grubenv", 1024)
+    assert err.value.kind == "io" and err.value.max_size == 1024
+    assert "grubenv: larger than 1024 bytes" in err.value.message
 
 
 def test_write_replaces_whole(store: FileStore) -> None:

@@ -192,6 +192,46 @@ HOSTILE: list[tuple[str, Fault, str, str, int | None]] = [
         500,
     ),
     ("dropped connection", Fault.dropped(), "unavailable", "connection_failed", None),
+    # JSON that json.loads cannot take (RecursionError) or should not (NaN, huge)
+    ("200 deep", Fault(status=200, body=b"[" * 5000), "malformed", "invalid_success_body", 200),
+    (
+        "200 deep, closed",
+        Fault(status=200, body=b"[" * 5000 + b"]" * 5000),
+        "malformed",
+        "invalid_success_body",
+        200,
+    ),
+    ("500 deep", Fault(status=500, body=b"[" * 5000), "unavailable", "generic_http_500", 500),
+    ("409 deep", Fault(status=409, body=b'{"a":' * 5000), "refused", "generic_http_409", 409),
+    (
+        "deep value",
+        Fault(status=400, body=b'{"kind":"k","value":' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        "refused",
+        "generic_http_400",
+        400,
+    ),
+    ("200 NaN", Fault(status=200, body=b"NaN"), "malformed", "invalid_success_body", 200),
+    (
+        "kind an object",
+        Fault(status=409, body=b'{"kind":{"k":1},"value":"x"}'),
+        "malformed",
+        "generic_http_409",
+        409,
+    ),
+    (
+        "200 endless",
+        Fault(status=200, body=b"[" + b"1," * MAX_BODY + b"1]"),
+        "malformed",
+        "generic_http_200",
+        200,
+    ),
+    (  # JSON is UTF-8 (RFC 8259); Go's encoder never writes anything else
+        "not UTF-8",
+        Fault(status=400, body=b'{"kind":"k","value":"\xff"}'),
+        "refused",
+        "generic_http_400",
+        400,
+    ),
 ]
 
 
@@ -223,6 +263,22 @@ def test_hostile_answers_fail_closed(
     assert server.holders() == []
     failed = [e for e in logs if e["event"] == "fleetlock_request_failed"]
     assert [(e["kind"], e["protocol_kind"]) for e in failed] == [(kind, protocol_kind)]
+
+
+@pytest.mark.parametrize("body", [b"[" * 5000, b"{" * 100_000, b"NaN", b"x" * (MAX_BODY + 1)])
+def test_a_hostile_answer_changes_nothing_and_the_next_good_one_works(
+    server: FleetLockServer, body: bytes
+) -> None:
+    lock = client(server)
+    assert lock.acquire("a")
+    server.add_fault(Fault(status=200, body=body, endpoint="steady-state", times=1))
+    with pytest.raises(FleetLockError) as err:
+        lock.release("a")
+    assert err.value.kind == "malformed"
+    assert len(str(err.value)) < 400
+    assert server.holders() == ["a"]  # the server never saw the release: still held
+    lock.release("a")
+    assert server.holders() == []
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
@@ -354,6 +410,10 @@ def test_an_injected_session_is_used(server: FleetLockServer) -> None:
         ("127.0.0.1:4000", "default"),
         ("http://127.0.0.1:1/?x=1", "default"),
         ("http:///v1", "default"),
+        ("http://[::1", "default"),  # was urlsplit's ValueError
+        ("http://[::1]:99999/", "default"),
+        ("http://h\u2100/", "default"),
+        ("http://127.0.0.1:1/#", "default"),
     ],
 )
 def test_bad_settings_are_invalid(base_url: str, group: str) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from uuid import UUID
 
@@ -28,6 +30,7 @@ from devtools.diskimage import (
 )
 from partitions import gpt
 from tests.conftest import MakeImage
+from tests.gptcraft import edit_entries, entry_guid, entry_lbas, set_entry
 from updater.errors import DiskError
 from updater.run import run
 
@@ -395,3 +398,148 @@ def test_4k_sector_loop_device(tmp_path: Path) -> None:
     with pytest.raises(DiskError) as err:
         gpt.read_table(image)
     assert err.value.kind == "gpt_invalid"
+
+
+# ---- layout sanity: CRC-valid tables that describe no sane disk ------------------------------
+
+
+def _entry(index: int, first: int, last: int, guid: int | None = None) -> gpt.GptEntry:
+    return gpt.GptEntry(
+        index=index,
+        type_guid=LINUX_DATA_TYPE,
+        part_uuid=UUID(int=guid if guid is not None else index),
+        first_lba=first,
+        last_lba=last,
+        attributes=0,
+        name=f"P{index}",
+    )
+
+
+def _table_of(*entries: gpt.GptEntry) -> gpt.GptTable:
+    return gpt.GptTable(
+        sector_size=SECTOR,
+        disk_guid=UUID(int=99),
+        entries=entries,
+        first_usable_lba=34,
+        last_usable_lba=1000,
+        num_entries=128,
+        entry_size=128,
+        primary_valid=True,
+        backup_valid=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        ((), []),
+        ((_entry(1, 34, 500), _entry(2, 501, 1000)), []),
+        ((_entry(1, 34, 34),), []),  # one sector is a partition
+        ((_entry(2, 600, 700), _entry(1, 100, 200)), []),  # numbering need not follow order
+        ((_entry(1, 34, 500), _entry(2, 500, 900)), [((1, 2), "overlap at LBAs 500..500")]),
+        ((_entry(1, 34, 500), _entry(2, 100, 200)), [((1, 2), "overlap")]),  # nested
+        ((_entry(2, 34, 500), _entry(1, 100, 600)), [((1, 2), "overlap")]),
+        (
+            (_entry(1, 34, 900), _entry(2, 100, 200), _entry(3, 300, 400)),
+            [((1, 2), "overlap"), ((1, 3), "overlap")],  # both inside the long one
+        ),
+        ((_entry(1, 34, 500), _entry(2, 501, 1001)), [((2,), "outside the usable")]),
+        ((_entry(1, 33, 500),), [((1,), "outside the usable")]),
+        ((_entry(1, 0, 0),), [((1,), "outside the usable")]),
+        ((_entry(1, 2**64 - 1, 2**64 - 1),), [((1,), "outside the usable")]),
+        ((_entry(1, 100, 99),), [((1,), "zero-length")]),
+        ((_entry(1, 500, 100),), [((1,), "ends before it starts")]),
+        ((_entry(1, 34, 500), _entry(2, 501, 900, guid=1)), [((1, 2), "partition GUID")]),
+        (
+            (_entry(1, 34, 100, guid=7), _entry(2, 200, 300, guid=7), _entry(3, 400, 500, guid=7)),
+            [((1, 2, 3), "partition GUID")],
+        ),
+    ],
+)
+def test_layout_problems(
+    entries: tuple[gpt.GptEntry, ...], expected: list[tuple[tuple[int, ...], str]]
+) -> None:
+    problems = gpt.layout_problems(_table_of(*entries))
+    assert [p.partitions for p in problems] == [parts for parts, _ in expected]
+    for problem, (_, reason) in zip(problems, expected, strict=True):
+        assert reason in problem.reason
+    if expected:
+        with pytest.raises(gpt.UnsafeLayoutError) as err:
+            gpt.check_layout(_table_of(*entries), "disk.img")
+        assert err.value.kind == "gpt_invalid"
+        assert isinstance(err.value, DiskError)
+        assert err.value.partitions == tuple(sorted({i for p, _ in expected for i in p}))
+    else:
+        assert gpt.check_layout(_table_of(*entries), "disk.img").entries == entries
+
+
+def test_layout_problems_of_a_full_entry_array_are_bounded() -> None:
+    # 32768 entries all on the same sectors: one problem each, not one per pair
+    many = tuple(_entry(i, 100, 200) for i in range(1, 32769))
+    problems = gpt.layout_problems(_table_of(*many))
+    assert len(problems) == 32767
+    err = gpt.UnsafeLayoutError("disk.img", problems)
+    assert len(err.message) < 2000
+    assert "and 32759 more" in err.message
+
+
+def _sha(disk: Path) -> str:
+    return hashlib.sha256(disk.read_bytes()).hexdigest()
+
+
+def _overlap(entries: bytearray) -> None:
+    _, last_a = entry_lbas(entries, 1)
+    set_entry(entries, 2, first_lba=last_a - 8)  # USR-B starts in USR-A's last sectors
+
+
+def _beyond_the_end(entries: bytearray) -> None:
+    set_entry(entries, 3, last_lba=entry_lbas(entries, 3)[1] + 10_000)
+
+
+def _zero_length(entries: bytearray) -> None:
+    set_entry(entries, 3, last_lba=entry_lbas(entries, 3)[0] - 1)
+
+
+def _swapped(entries: bytearray) -> None:
+    first, last = entry_lbas(entries, 3)
+    set_entry(entries, 3, first_lba=last, last_lba=first)
+
+
+def _same_guid(entries: bytearray) -> None:
+    set_entry(entries, 2, part_guid=entry_guid(entries, 1))
+
+
+@pytest.mark.parametrize(
+    ("edit", "partitions", "reason"),
+    [
+        (_overlap, (1, 2), "overlap"),
+        (_beyond_the_end, (3,), "outside the usable"),
+        (_zero_length, (3,), "zero-length"),
+        (_swapped, (3,), "ends before it starts"),
+        (_same_guid, (1, 2), "share the partition GUID"),
+    ],
+)
+def test_crafted_unsafe_tables_are_gpt_invalid_and_never_written(
+    make_image: MakeImage,
+    edit: Callable[[bytearray], None],
+    partitions: tuple[int, ...],
+    reason: str,
+) -> None:
+    layout = make_image(extra=[PartitionSpec("ROOT", 2 * 1024 * 1024)])
+    edit_entries(layout.path, edit)
+    # the CRCs are right: only the layout is wrong (sfdisk still reads the table)
+    assert len(sfdisk_json(layout.path)["partitions"]) == 3
+    before = _sha(layout.path)
+
+    with pytest.raises(gpt.UnsafeLayoutError) as err:
+        gpt.read_table(layout.path)
+    assert err.value.kind == "gpt_invalid"
+    assert err.value.partitions == partitions
+    assert reason in err.value.message
+    assert f"partition{'s' if len(partitions) > 1 else ''} " + " and ".join(
+        map(str, partitions)
+    ) in (err.value.message)
+
+    with pytest.raises(gpt.UnsafeLayoutError):
+        gpt.write_attributes(layout.path, {1: PRIO_BITS_2_1_1})
+    assert _sha(layout.path) == before, "an unsafe table was written to"

@@ -8,6 +8,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from devtools.diskimage import (
+    COREOS_USR_TYPE,
     DiskLayout,
     PartitionSpec,
     cgpt_flags,
@@ -20,6 +21,7 @@ from partitions import gpt, gptprio
 from partitions.bootcontrol import BootControl, Slot, SlotFlags
 from partitions.gptprio import GptPrioBootControl
 from tests.conftest import MakeImage
+from tests.gptcraft import edit_entries, set_entry
 from updater.errors import DiskError
 
 
@@ -264,9 +266,38 @@ def test_duplicate_label_is_an_error(make_image: MakeImage) -> None:
     layout = make_image(labels=("USR-A", "USR-B", "USR-B"))
     with pytest.raises(DiskError) as err:
         backend(layout).slots()
-    assert err.value.kind == "slot_not_found"
+    assert err.value.kind == "gpt_invalid"
     assert "2, 3" in err.value.message
     assert err.value.hint
+
+
+def test_a_label_renamed_to_the_other_slots_is_gpt_invalid_and_nothing_is_written(
+    slot_image: DiskLayout,
+) -> None:
+    edit_entries(slot_image.path, lambda entries: set_entry(entries, 2, name="USR-A"))
+    before = slot_image.path.read_bytes()
+    control = backend(slot_image)
+    with pytest.raises(DiskError) as err:
+        control.slots()
+    assert err.value.kind == "gpt_invalid"
+    assert "partitions 1, 2 are all named 'USR-A'" in err.value.message
+    slot = Slot("USR-A", 1, slot_image.by_label("USR-A").part_uuid, slot_image.path, 0, 1)
+    for verb in (control.mark_bad, control.mark_good, control.make_primary):
+        with pytest.raises(DiskError) as err:
+            verb(slot)
+        assert err.value.kind == "gpt_invalid"
+    assert slot_image.path.read_bytes() == before
+
+
+def test_slots_of_different_sizes_are_gpt_invalid(make_image: MakeImage) -> None:
+    layout = make_image(
+        labels=("USR-A",), extra=[PartitionSpec("USR-B", 2 * 1024 * 1024, COREOS_USR_TYPE)]
+    )
+    with pytest.raises(DiskError) as err:
+        backend(layout).slots()
+    assert err.value.kind == "gpt_invalid"
+    assert "partition 1 (USR-A) 4194304 bytes" in err.value.message
+    assert "partition 2 (USR-B) 2097152 bytes" in err.value.message
 
 
 def test_labels_must_be_unique(slot_image: DiskLayout) -> None:

@@ -28,6 +28,7 @@ from partitions.grubenv import (
     parse_env,
     read_state,
 )
+from tests.fuzzing import parse_or_typed_error
 from updater.errors import CommandError, DiskError, RefusedError, UpdaterError
 from updater.run import Completed, run
 
@@ -469,8 +470,16 @@ def refused_without_slots(env: Env, verb: str) -> UpdaterError:
 @pytest.mark.parametrize(
     ("data", "problem"),
     [
-        (block(HEADER, 2048), "is 2048 bytes"),
+        (block(HEADER, 2048), "larger than 1024 bytes"),
+        (block(HEADER, 1025), "larger than 1024 bytes"),
         (block(HEADER, 1000), "is 1000 bytes"),
+        (b"", "is 0 bytes"),
+        (block(HEADER + b"A_OK=\xb2\n"), "not UTF-8"),
+        (block(HEADER + b"A_OK=\xc2\xb2\n"), "A_OK='\xb2'"),
+        (block(HEADER + b"A_OK=1\x00\n"), "NUL byte"),
+        (block(HEADER + b"A_OK=1\nA_OK=1\n"), "sets A_OK twice"),
+        (HEADER + b"X=" + b"#" * (BLOCK_SIZE - len(HEADER) - 3) + b"\\", "middle of an escape"),
+        (block(HEADER + b"ORDER=A\xe2\x80\xa8B\n"), "names"),  # a Unicode line separator
         (block(b"#GRUB Environment Block\n"), "does not start with"),
         (block(HEADER + b"ORDER=A B\nrubbish\n"), "no name=value"),
         (block(HEADER + b"ORDER=A C\n"), "names C"),
@@ -650,3 +659,14 @@ def test_the_grub_fragment_boots_what_the_agent_says(tmp_path: Path) -> None:
 def test_the_grub_fragment_parses() -> None:
     done = run(["grub-script-check", str(FRAGMENT)], check=False)
     assert done.returncode == 0, done.stderr.decode()
+
+
+def test_a_huge_grubenv_is_read_bounded(dir_env: Env) -> None:
+    """A 64 MiB file where the 1024-byte block should be: refused after reading 1025 bytes."""
+    path = dir_env.tmp_path / "mnt" / "grub" / "grubenv"
+    with path.open("wb") as fh:
+        fh.truncate(64 * 1024 * 1024)
+    control = dir_env.control()
+    result = parse_or_typed_error(control.read_variables, max_bytes=1024 * 1024)
+    assert isinstance(result, DiskError) and result.kind == "grubenv_invalid"
+    assert "larger than 1024 bytes" in result.message

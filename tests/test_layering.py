@@ -15,6 +15,8 @@ LEAVES = {
     "updater.fsutil",
     "updater.versions",
     "updater.urls",
+    "updater.jsonutil",
+    "updater.httpbody",
 }
 
 

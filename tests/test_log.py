@@ -249,6 +249,8 @@ def test_auto_picks_the_journal_only_when_stderr_is_the_journal_stream(
         other = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}  # stderr was redirected
         assert configure(logging.INFO, stream, env=other) == "json"
         assert not is_journal_stream(stream, {"JOURNAL_STREAM": "garbage"})
+        # isdigit() takes "\u00b2" and int() refuses it: not a ValueError at start-up
+        assert not is_journal_stream(stream, {"JOURNAL_STREAM": f"\u00b2:{st.st_ino}"})
     assert not is_journal_stream(io.StringIO(), env)
 
 

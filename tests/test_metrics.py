@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from updater.agentapi import STATES
 from updater.errors import ConfigError, RefusedError
-from updater.metrics import OTHER_KIND, Metrics, MetricsServer, error_kinds, parse_listen
+from updater.listen import parse_listen
+from updater.metrics import OTHER_KIND, Metrics, MetricsServer, error_kinds
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -212,6 +213,32 @@ def test_close_stops_the_thread_and_frees_the_port() -> None:
         "unix:/",
         "unix:/" + "x" * 120,
         "",
+        "127.0.0.1:\u00b2",  # isdigit() is true for it, int() refuses it: was a ValueError
+        "127.0.0.1:\u0669\u0664\u0666\u0664",  # Arabic-Indic digits: int() takes them
+        "127.0.0.1:\uff19\uff14\uff16\uff14",  # fullwidth digits
+        "127.0.0.1:0",  # any free port: nobody could scrape it
+        "127.0.0.1:65536",
+        "127.0.0.1:009464",
+        "127.0.0.1:-1",
+        "127.0.0.1:+9464",
+        "127.0.0.1: 9464",
+        "127.0.0.1:9464\n",
+        " 127.0.0.1:9464",
+        "127.000.000.001:9464",
+        "127.1:9464",
+        "[::1%lo]:9464",
+        "[::1]",
+        "[::1]:",
+        "[127.0.0.1]:9464",
+        "[::ffff:127.0.0.1]:9464",
+        "[[::1]]:9464",
+        "\u0661\u0662\u0667.0.0.1:9464",
+        "unix:/run/a\x00b.sock",
+        "unix:/run/dir/",
+        "unix:/run/..",
+        "unix:/run/a\nb.sock",
+        "unix:/run/\udcff\ud800.sock",
+        "unix:" + "/x" * 60,
     ],
 )
 def test_refused_addresses(listen: str) -> None:
@@ -233,6 +260,21 @@ def test_refused_addresses(listen: str) -> None:
 )
 def test_accepted_addresses(listen: str, expected: str) -> None:
     assert str(parse_listen(listen)) == expected
+
+
+def test_port_zero_only_when_allowed() -> None:
+    assert parse_listen("127.0.0.1:0", allow_port_zero=True).port == 0
+    assert parse_listen("[::1]:0", allow_port_zero=True).port == 0
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:\u00b2", "unix:/run/a\x00b.sock", "[::1"])
+def test_serve_refuses_a_bad_address_with_the_typed_error(listen: str) -> None:
+    """What the agent calls at start, when no config check ran before it."""
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(ConfigError) as err:
+        Metrics().serve(listen)
+    assert err.value.kind == "invalid"
+    assert {t.name for t in threading.enumerate()} <= before
 
 
 def test_no_fd_leak_over_many_scrapes() -> None:

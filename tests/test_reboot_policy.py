@@ -5,12 +5,15 @@ once steady; the lock admin CLI; fleet status with leases."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
+from structlog.testing import capture_logs
 
 from devtools.etcd import EtcdNode
 from devtools.fleetlock_server import Fault as FleetFault
@@ -24,12 +27,13 @@ from policies.etcdlock import (
     SemaphoreStatus,
     semaphore_key,
 )
-from policies.fleet import FleetPublisher, HostRecord, read_hosts, summarize
+from policies.fleet import HOSTS_PREFIX, FleetPublisher, HostRecord, read_hosts, summarize
 from policies.fleetlock import FleetLock
 from policies.strategy import LockStrategy
 from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, updatectl
 from tests.test_agent import Harness, running, until
 from updater.clock import SystemClock
+from updater.errors import LockError
 from updater.fleetreport import EtcdFleetReporter
 
 
@@ -259,6 +263,34 @@ def test_fleet_records_live_under_a_lease(etcd: EtcdNode) -> None:
     assert [h.id for h in read_hosts(c) if h.id == "lease-test"] == ["lease-test"]
 
 
+def _b64(data: str | bytes) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+def test_hostile_fleet_records_are_skipped_never_a_crash(etcd: EtcdNode) -> None:
+    # anyone who can write etcd can write these; json.loads raised RecursionError
+    c = client(etcd)
+    good = record("hostile-good")
+    hostile = {
+        "hostile-deep": b"[" * 2000,
+        "hostile-deep-field": good.encode().replace(b'"state":"IDLE"', b'"state":' + b"[" * 2000),
+        "hostile-nan": good.encode().replace(b'"updated":1.0', b'"updated":NaN'),
+        "hostile-inf": good.encode().replace(b'"updated":1.0', b'"updated":1e999'),
+        "hostile-bool": good.encode().replace(b'"last_check":1', b'"last_check":true'),
+        "hostile-utf8": b'{"id":"\xff"}',
+    }
+    c.call("kv/put", {"key": _b64(HOSTS_PREFIX + "hostile-good"), "value": _b64(good.encode())})
+    for host_id, value in hostile.items():
+        c.call("kv/put", {"key": _b64(HOSTS_PREFIX + host_id), "value": _b64(value)})
+    with capture_logs() as logs:
+        hosts = [h.id for h in read_hosts(c) if h.id.startswith("hostile")]
+    assert hosts == ["hostile-good"]
+    skipped = {e["key"] for e in logs if e["event"] == "fleet_record_unreadable"}
+    assert {HOSTS_PREFIX + k for k in hostile} <= skipped
+    for host_id in ("hostile-good", *hostile):
+        c.call("kv/deleterange", {"key": _b64(HOSTS_PREFIX + host_id)})
+
+
 def test_summarize() -> None:
     hosts = [
         record("a", booted_version="1.1.0"),
@@ -289,3 +321,40 @@ def test_fleet_status_cli(etcd: EtcdNode, group: str, host: Host) -> None:
     assert "Holding a reboot slot:" in text and "node-cli-a" in text
     assert "node-cli-b" in text and "timeout" in text
     json.dumps(doc)
+
+
+class _LeaseAnswers:
+    """An etcd client stand-in whose lease answers are whatever the test says."""
+
+    def __init__(self, grant: dict[str, object], keepalive: dict[str, object]) -> None:
+        self.answers = {"lease/grant": grant, "lease/keepalive": keepalive, "kv/put": {}}
+        self.calls: list[str] = []
+
+    def call(self, method: str, body: dict[str, object]) -> dict[str, object]:
+        self.calls.append(method)
+        return self.answers[method]
+
+
+@pytest.mark.parametrize(
+    "grant",
+    [{}, {"ID": None}, {"ID": "x"}, {"ID": [1]}, {"ID": "0"}, {"ID": True}, {"ID": "9" * 5000}],
+)
+def test_a_bad_lease_grant_is_a_lock_error(grant: dict[str, object]) -> None:
+    fake = _LeaseAnswers(grant, {})
+    pub = FleetPublisher(cast(EtcdClient, fake), "h", ttl_s=30)
+    with pytest.raises(LockError) as err:
+        pub.publish(record("h"))
+    assert err.value.kind == "malformed"
+    assert fake.calls == ["lease/grant"]  # nothing written without a lease
+
+
+@pytest.mark.parametrize(
+    "keepalive",
+    [{}, {"result": None}, {"result": []}, {"result": {"TTL": "x"}}, {"result": {"TTL": "-1"}}],
+)
+def test_a_bad_keepalive_answer_takes_a_new_lease(keepalive: dict[str, object]) -> None:
+    fake = _LeaseAnswers({"ID": "7587"}, keepalive)
+    pub = FleetPublisher(cast(EtcdClient, fake), "h", ttl_s=30)
+    pub.publish(record("h"))
+    pub.publish(record("h"))
+    assert fake.calls == ["lease/grant", "kv/put", "lease/keepalive", "lease/grant", "kv/put"]

@@ -217,3 +217,77 @@ def test_release_warns_when_nebraska_would_refuse_or_misorder_the_version(
         assert len(warnings) == 1 and warned in warnings[0] and "Nebraska" in warnings[0]
     if json_output:
         assert len(r.json()["warnings"]) == (warned is not None)
+
+
+def release_args(tmp_path: Path, key: SigningKey, image: Path, *extra: str) -> list[str]:
+    return [
+        "release",
+        "--json",
+        "--image",
+        str(image),
+        "--version",
+        "1.1.0",
+        "--repo",
+        str(tmp_path / "repo"),
+        "--gnupghome",
+        str(key.gnupghome),
+        "--key",
+        key.fingerprint,
+        *extra,
+    ]
+
+
+def test_release_with_kernel_and_initrd(
+    tmp_path: Path, release_key: SigningKey, raw_image: Path
+) -> None:
+    kernel, initrd = tmp_path / "vmlinuz-6.1", tmp_path / "initrd.img-6.1"
+    kernel.write_bytes(b"MZ kernel" * 1000)
+    initrd.write_bytes(b"\x1f\x8b initrd" * 3000)
+    args = release_args(tmp_path, release_key, raw_image, "--kernel", str(kernel))
+    r = updatectl(None, *args, "--initrd", str(initrd))
+    assert r.code == 0, r.err
+    repo = tmp_path / "repo"
+    m = parse((repo / "stable" / "release.json").read_bytes())
+    assert [(b.name, b.url, b.size) for b in m.boot] == [
+        ("vmlinuz", "../images/1.1.0/boot/vmlinuz", kernel.stat().st_size),
+        ("initrd.img", "../images/1.1.0/boot/initrd.img", initrd.stat().st_size),
+    ]
+    for b, src in zip(m.boot, (kernel, initrd), strict=True):
+        published = (repo / "stable" / b.url).resolve()
+        assert published.read_bytes() == src.read_bytes()
+        assert b.sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+    # the manifest beside the image (an Omaha codebase) names them relative to itself
+    beside = parse((repo / "images" / "1.1.0" / "usr.img.zst.json").read_bytes())
+    assert [b.url for b in beside.boot] == ["boot/vmlinuz", "boot/initrd.img"]
+    assert [b["name"] for b in r.json()["boot"]] == ["vmlinuz", "initrd.img"]
+    assert not [p for p in (repo / "images" / "1.1.0" / "boot").iterdir() if p.name[0] == "."]
+
+
+def test_release_with_a_uki(tmp_path: Path, release_key: SigningKey, raw_image: Path) -> None:
+    uki = tmp_path / "os.efi"
+    uki.write_bytes(b"MZ uki" * 100)
+    r = updatectl(None, *release_args(tmp_path, release_key, raw_image, "--uki", str(uki)))
+    assert r.code == 0, r.err
+    m = parse((tmp_path / "repo" / "stable" / "release.json").read_bytes())
+    assert [b.name for b in m.boot] == ["uki.efi"]
+
+
+@pytest.mark.parametrize(
+    ("which", "words"),
+    [
+        (["--uki", "K", "--kernel", "K"], "--uki, or --kernel and --initrd"),
+        (["--initrd", "K"], "an initrd needs a kernel"),
+        (["--kernel", "MISSING"], "no boot file"),
+        (["--kernel", "EMPTY"], "a boot file has 1 to"),
+    ],
+)
+def test_release_refuses_bad_boot_files(
+    tmp_path: Path, release_key: SigningKey, raw_image: Path, which: list[str], words: str
+) -> None:
+    (tmp_path / "K").write_bytes(b"kernel")
+    (tmp_path / "EMPTY").write_bytes(b"")
+    paths = [str(tmp_path / w) if w[0] != "-" else w for w in which]
+    r = updatectl(None, *release_args(tmp_path, release_key, raw_image, *paths))
+    assert r.code == 3, r.err
+    assert words in r.err
+    assert not (tmp_path / "repo" / "stable" / "release.json").exists()

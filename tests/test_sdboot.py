@@ -791,3 +791,140 @@ def test_mtools_store_sees_what_systemd_boot_would(tmp_path: Path) -> None:
         "::/loader/entries/updater-USR-B+1-0.conf",
     ]
     assert isinstance(disk.esp, MtoolsStore)
+
+
+# ---- hostile names and contents: a foreign entry never stops the agent ----------------------
+
+
+def put_raw(esp: Esp, name: str, data: bytes) -> None:
+    """Put a file in loader/entries under a name our store refuses (as another tool would)."""
+    if isinstance(esp.store, DirStore):
+        (esp.store.root / "loader" / "entries" / name).write_bytes(data)
+        return
+    assert isinstance(esp.store, MtoolsStore)
+    source = esp.tmp_path / "raw.conf"
+    source.write_bytes(data)
+    run(
+        ["mcopy", "-i", esp.store.drive, str(source), f"::/loader/entries/{name}"],
+        env={"MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": "/dev/null"},
+    )
+
+
+def clean_snapshot(esp: Esp) -> tuple[list[str], dict[str, bytes]]:
+    names = esp.entries()
+    return names, {
+        n: esp.store.read(f"loader/entries/{n}") for n in names if "[" not in n and n.isprintable()
+    }
+
+
+def foreign_names(medium: str) -> list[str]:
+    names = ["debian[1].conf", "x]y.conf"]  # legal on FAT, globbing characters to mtools
+    if medium == "dir":  # FAT refuses these; a /boot (XBOOTLDR) on ext4 does not
+        names += ["a*b.conf", "q?.conf", "b\\s.conf", "ctl\x01x.conf", "tab\tx.conf"]
+        names += ["esc\x1b[31m.conf", "del\x7f.conf", "nl\nx.conf"]
+    return names
+
+
+@pytest.mark.parametrize("medium", ["dir", "mtools"])
+def test_a_foreign_entry_with_an_unusable_name_is_ignored(medium: str, tmp_path: Path) -> None:
+    disk = make_esp_disk(tmp_path / "disk.img", slot_size=MiB)
+    esp = Esp(esp_store(disk, medium, tmp_path / "mnt"), disk.path, tmp_path)
+    a, b = control_slots(esp)
+    esp.put("updater-USR-A.conf", entry_text(a))
+    for name in foreign_names(medium):
+        # sorts first if it were read: the agent cannot know, and says so in the log
+        put_raw(esp, name, b"title Debian\nsort-key aaa\nlinux /vmlinuz\n")
+    control = esp.control()
+    with capture_logs() as logs:
+        assert [s.flags for s in control.slots()] == [GOOD, BAD]
+        assert control.primary() == a
+        control.make_primary(b)
+    assert control.primary() == b
+    ignored = [e for e in logs if e["event"] == "boot_entry_ignored"]
+    assert {e["reason"] for e in ignored} == {"unusable file name"}
+    for name in foreign_names(medium):
+        assert any(repr(name) in e["entry"] for e in ignored), name
+        assert name in esp.entries()  # left alone
+
+
+@pytest.mark.parametrize("medium", ["dir", "mtools"])
+def test_our_entry_with_an_unusable_name_is_boot_entry_invalid(medium: str, tmp_path: Path) -> None:
+    disk = make_esp_disk(tmp_path / "disk.img", slot_size=MiB)
+    esp = Esp(esp_store(disk, medium, tmp_path / "mnt"), disk.path, tmp_path)
+    a = control_slots(esp)[0]
+    esp.put("updater-USR-A.conf", entry_text(a))
+    put_raw(esp, "updater-USR-B[1].conf", entry_text(a).encode())
+    before = clean_snapshot(esp)
+    control = esp.control()
+    for call in (control.slots, control.primary, lambda: control.make_primary(a)):
+        with pytest.raises(DiskError) as err:
+            call()
+        assert err.value.kind == "boot_entry_invalid"
+        assert "'updater-USR-B[1].conf'" in err.value.message
+    assert clean_snapshot(esp) == before
+
+
+@pytest.mark.parametrize(
+    "version", ["²", "٣", "1²", "\U0001d7d9", "1" * 19, "0x1", "-1", "+1", "1_0", "1.0"]
+)
+def test_our_entry_with_a_version_that_is_no_whole_number(esp: Esp, version: str) -> None:
+    a = control_slots(esp)[0]
+    esp.put("updater-USR-A.conf", entry_text(a, 1, version=version))
+    for verb in ("make_primary", "mark_good", "mark_bad"):
+        err = refused(esp, verb, 0)
+        assert err.kind == "boot_entry_invalid"
+        assert "is not a whole number" in err.message
+    with pytest.raises(DiskError):
+        esp.control().slots()
+
+
+@pytest.mark.parametrize("version", ["²", "٣", "1" * 5000, "\u202e", "a-b~c^d"])
+def test_a_foreign_entry_with_any_version_is_ordered(dir_esp: Esp, version: str) -> None:
+    a, b = control_slots(dir_esp)
+    dir_esp.put("updater-USR-A.conf", entry_text(a))
+    dir_esp.put("other.conf", f"title X\nsort-key zzz\nversion {version}\nlinux /vmlinuz\n")
+    dir_esp.put("other2.conf", f"title Y\nsort-key zzz\nversion 1{version}\nlinux /vmlinuz\n")
+    control = dir_esp.control()
+    assert control.primary() == a
+    control.make_primary(b)
+    assert control.primary() == b
+
+
+def test_an_oversized_entry_is_bounded(dir_esp: Esp) -> None:
+    a, b = control_slots(dir_esp)
+    big = b"title big\n" + b"#" * sdboot.MAX_ENTRY_BYTES
+    dir_esp.put("updater-USR-A.conf", entry_text(a))
+    dir_esp.put("huge-foreign.conf", big)
+    control = dir_esp.control()
+    with capture_logs() as logs:
+        assert control.primary() == a
+    assert [e["reason"] for e in logs if e["event"] == "boot_entry_ignored"] == [
+        f"{dir_esp.tmp_path}/mnt/loader/entries/huge-foreign.conf: larger than "
+        f"{sdboot.MAX_ENTRY_BYTES} bytes"
+    ]
+    dir_esp.put("updater-USR-B+1-0.conf", entry_text(b, 2).encode() + big)
+    err = refused(dir_esp, "mark_good", 0)
+    assert err.kind == "boot_entry_invalid" and "larger than" in err.message
+    dir_esp.store.remove("loader/entries/updater-USR-B+1-0.conf")
+    dir_esp.store.write("loader/loader.conf", big)
+    err = refused(dir_esp, "mark_good", 0)
+    assert err.kind == "esp_invalid" and "loader.conf" in err.message
+
+
+def test_a_directory_named_like_a_foreign_entry_is_ignored(dir_esp: Esp) -> None:
+    a = control_slots(dir_esp)[0]
+    dir_esp.put("updater-USR-A.conf", entry_text(a))
+    (dir_esp.tmp_path / "mnt" / "loader" / "entries" / "dir.conf").mkdir()
+    assert dir_esp.control().primary() == a
+
+
+def test_an_oversized_loader_entry_selected_variable_is_no_hint(dir_esp: Esp) -> None:
+    b = control_slots(dir_esp)[1]
+    var = dir_esp.efivars / f"LoaderEntrySelected-{sdboot.LOADER_VENDOR_GUID}"
+    var.write_bytes(sdboot.efivar_bytes("updater-USR-B.conf" + "x" * sdboot.MAX_EFIVAR_BYTES))
+    dir_esp.cmdline.write_text("quiet\n")
+    with pytest.raises(DiskError) as err:
+        dir_esp.control().booted()
+    assert err.value.kind == "booted_unknown"
+    var.write_bytes(sdboot.efivar_bytes("updater-USR-B.conf"))
+    assert dir_esp.control().booted() == b

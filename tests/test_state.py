@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from updater.errors import StateError
-from updater.state import Pending, SlotRecord, State, StateStore
+from updater.state import MAX_STATE_BYTES, Pending, SlotRecord, State, StateStore
 
 
 def test_missing_file_is_a_fresh_state(tmp_path: Path) -> None:
@@ -81,3 +83,48 @@ def test_unwritable_state_dir(tmp_path: Path) -> None:
     with pytest.raises(StateError) as err:
         StateStore(blocker / "state").save(State())
     assert err.value.kind == "unwritable"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[" * 2000,  # json.loads recursed until RecursionError
+        b'{"schema": 1, "agent": ' + b'{"a":' * 2000 + b"1" + b"}" * 2001,
+        b'{"schema": 1, "highest_version": "' + b"9" * MAX_STATE_BYTES + b'"}',  # too large
+        b'{"schema": 1, "failed_versions": ["\xff"]}',  # not UTF-8
+    ],
+    ids=["deep-array", "deep-agent", "too-large", "not-utf8"],
+)
+def test_hostile_file_is_set_aside_never_a_crash(tmp_path: Path, content: bytes) -> None:
+    store = StateStore(tmp_path)
+    store.path.write_bytes(content)
+    with capture_logs() as logs:
+        assert store.load() == State()
+    assert [e["event"] for e in logs] == ["state_corrupt_set_aside"]
+    assert not store.path.exists()
+    (aside,) = tmp_path.glob("state.json.corrupt-*")
+    assert aside.read_bytes() == content  # kept for a post-mortem, byte for byte
+
+
+def test_nan_written_by_python_still_reads(tmp_path: Path) -> None:
+    # json.dumps writes NaN/Infinity; machine.server_interval copes with a NaN
+    store = StateStore(tmp_path)
+    store.save(State(agent={"state": "IDLE", "server_interval_s": float("inf")}))
+    assert store.load().agent == {"state": "IDLE", "server_interval_s": float("inf")}
+
+
+def test_corrupt_file_that_cannot_be_set_aside_is_a_typed_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = StateStore(tmp_path)
+    store.path.write_bytes(b"[" * 2000)
+
+    def refuse(src: object, dst: object) -> None:
+        raise PermissionError(13, "Permission denied")  # a read-only state_dir (as root too)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(StateError) as err:
+        store.load()
+    assert err.value.kind == "unwritable"
+    assert "cannot be moved aside" in err.value.message
+    assert store.path.read_bytes() == b"[" * 2000  # untouched

@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
-import requests
 
 from devtools.host import Host, write_config
 from devtools.repo_server import Fault, RepoServer
@@ -370,38 +370,56 @@ def test_a_redirect_to_a_malformed_url_is_a_download_error(
         fetch_all(transport, f"{served.url}/blob", resume_attempts=0)
 
 
-class _Urllib3Before2:
-    """urllib3 1.26's response as the agent sees it (Debian bookworm's): no ``read1``."""
+@pytest.fixture
+def raw_server() -> Iterator[tuple[str, list[bytes]]]:
+    """A loopback server answering every connection with the bytes put in its list (a
+    response a well-behaved server library would never send), then closing."""
+    answers: list[bytes] = []
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    stop = threading.Event()
 
-    def __init__(self, raw: object) -> None:
-        self._raw = raw
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(answers[0])
+                except OSError:
+                    pass
 
-    def __getattr__(self, name: str) -> object:
-        if name == "read1":
-            raise AttributeError(name)
-        return getattr(self._raw, name)
-
-
-def test_bodies_are_read_without_urllib3s_read1(
-    served: RepoServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The image runs the agent on urllib3 1.26, whose response has no read1."""
-    real_send = requests.Session.send
-
-    def send(self: requests.Session, *args: object, **kwargs: object) -> requests.Response:
-        response = real_send(self, *args, **kwargs)  # type: ignore[arg-type]
-        response.raw = _Urllib3Before2(response.raw)
-        return response
-
-    monkeypatch.setattr(requests.Session, "send", send)
-    t = HttpTransport()
-    assert t.get(served.url + "/blob", max_bytes=len(DATA)).body == DATA
-    stream = t.open_stream(served.url + "/blob")
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
     try:
-        got = bytearray()
-        while piece := stream.read(65536):
-            assert len(piece) <= 65536
-            got += piece
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/blob", answers
     finally:
-        stream.close()
-    assert bytes(got) == DATA
+        stop.set()
+        thread.join()
+        sock.close()
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "\u00b2\u00b2", "-5", "1e3", " 5", "0x5"])
+def test_a_content_length_that_is_no_ascii_number_is_not_believed(
+    raw_server: tuple[str, list[bytes]], length: str
+) -> None:
+    """'²' (Latin-1 0xB2, which is how http.client decodes a header) passes str.isdigit()
+    and int() refuses it: a ValueError out of the download, not a typed error."""
+    url, answers = raw_server
+    body = b"hello"
+    answers.append(
+        b"HTTP/1.1 200 OK\r\nContent-Length: "
+        + length.encode("latin-1")
+        + b"\r\nConnection: close\r\n\r\n"
+        + body
+    )
+    try:
+        got = fetch_all(fast(retries=0), url, size=len(body), resume_attempts=0)
+    except DownloadError:
+        pass  # a typed refusal is as good as reading the body to the close
+    else:
+        assert got == body

@@ -86,6 +86,19 @@ def test_serialize_round_trips() -> None:
         (b"{not json", b"sig", GOOD, EXP, "manifest_malformed"),
         (b"\xff\xfe", b"sig", GOOD, EXP, "manifest_malformed"),
         (b"[]", b"sig", GOOD, EXP, "manifest_malformed"),
+        # hostile JSON: nested deeper than the parser's stack, NaN, a 5000-digit int
+        (b"[" * 2000, b"sig", GOOD, EXP, "manifest_malformed"),
+        (b'{"a":' * 2000 + b"1" + b"}" * 2000, b"sig", GOOD, EXP, "manifest_malformed"),
+        (body(doc(image={"size": float("nan")})), b"sig", GOOD, EXP, "manifest_malformed"),
+        (
+            body(doc()).replace(b": 1000,", b": " + b"9" * 5000 + b","),
+            b"sig",
+            GOOD,
+            EXP,
+            "manifest_malformed",
+        ),
+        (body(doc(image={"size": 1e999})), b"sig", GOOD, EXP, "manifest_malformed"),
+        (body(doc(expires="0001-01-01T00:00:00+01:00")), b"sig", GOOD, EXP, "manifest_malformed"),
         (body(doc(schema=2)), b"sig", GOOD, EXP, "manifest_malformed"),
         (body(doc(schema="1")), b"sig", GOOD, EXP, "manifest_malformed"),
         (body(doc(version="1.1 beta")), b"sig", GOOD, EXP, "manifest_malformed"),
@@ -142,6 +155,23 @@ def test_version_rules(booted: str | None, highest: str | None, version: str, ne
     exp = replace(EXP, booted_version=booted, highest_accepted=highest)
     m = verify_manifest(body(doc(version=version)), b"sig", GOOD, exp)
     assert is_newer(m, booted) is newer
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"channel": "9" * 5000},
+        {"version": "x" * 5000},
+        {"expires": "y" * 5000},
+        {"image": {"compression": "z" * 5000}},
+    ],
+)
+def test_refusal_messages_are_bounded(over: dict[str, Any]) -> None:
+    # found by make fuzz: a 5000-character channel was echoed whole
+    with pytest.raises(VerificationError) as err:
+        verify_manifest(body(doc(**over)), b"sig", GOOD, EXP)
+    assert err.value.kind == "manifest_malformed"
+    assert len(err.value.message) < 200
 
 
 def test_unknown_top_level_fields_are_ignored() -> None:

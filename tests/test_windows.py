@@ -480,7 +480,21 @@ def test_bad_go_durations(text: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["Mars/Olympus", "", "Europe", "utc", "../../etc/passwd", "/etc/localtime", "zone.tab", 5],
+    [
+        "Mars/Olympus",
+        "",
+        "Europe",
+        "utc",
+        "../../etc/passwd",
+        "/etc/localtime",
+        "zone.tab",
+        5,
+        "/".join(["a"] * 2000),  # zoneinfo imported a package per part: RecursionError
+        "Europe/Berlin\x00",
+        "Europe/Berlin\n",
+        "__init__.py",
+        "Europe/__init__.py",
+    ],
 )
 def test_unknown_time_zones_name_file_and_key(name: object) -> None:
     with pytest.raises(ConfigError) as err:

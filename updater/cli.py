@@ -296,6 +296,7 @@ def cmd_release(args: argparse.Namespace, cfg: config.Config | None, out: TextIO
             compression=Compression(args.compression),
             expires_in=timedelta(days=args.expires_days),
             passphrase=passphrase,
+            boot_files=release.boot_files(args.kernel, args.initrd, args.uki),
         ),
         SystemClock().now(),
     )
@@ -316,6 +317,7 @@ def cmd_release(args: argparse.Namespace, cfg: config.Config | None, out: TextIO
                 "size": m.image.size,
                 "raw_size": m.image.raw_size,
                 "expires": format_time(m.expires),
+                "boot": [{"name": b.name, "size": b.size, "sha256": b.sha256} for b in m.boot],
             },
         )
     else:
@@ -324,6 +326,8 @@ def cmd_release(args: argparse.Namespace, cfg: config.Config | None, out: TextIO
             f"({human(m.image.size)}, {m.image.compression.value}, raw {human(m.image.raw_size)}),"
             f" expires {format_time(m.expires)}\n"
         )
+        for b in m.boot:
+            out.write(f"  boot file {b.name} ({human(b.size)})\n")
     return 0
 
 
@@ -410,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="days until the manifest expires (default 30)",
     )
     r.add_argument("--passphrase-file", type=Path, help="file holding the key's passphrase")
+    r.add_argument(
+        "--kernel", type=Path, help="the release's kernel, written to the ESP as /<slot>/vmlinuz"
+    )
+    r.add_argument("--initrd", type=Path, help="its initrd, written as /<slot>/initrd.img")
+    r.add_argument(
+        "--uki", type=Path, help="a unified kernel image instead, written as /<slot>/uki.efi"
+    )
     return p
 
 

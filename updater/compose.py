@@ -38,8 +38,9 @@ from updater.transport import HttpSettings, HttpTransport, SchemeTransport
 from updater.update import Updater
 
 if TYPE_CHECKING:
-    from partitions.filestore import FileStore
+    from partitions.filestore import DirStore, MtoolsStore
     from policies.etcdlock import EtcdLock, EtcdSettings
+    from updater.bootfiles import BootFiles
     from updater.fleetreport import EtcdFleetReporter
 
 # The etcd client (etcd3gw and what it pulls in, ~5 MiB resident) is imported
@@ -150,7 +151,7 @@ def boot_control(config: Config) -> BootControl:
     return GptPrioBootControl(disk, d.slots, d.kernel_cmdline)
 
 
-def boot_files(config: Config, disk: Path, marker: str) -> FileStore:
+def boot_files(config: Config, disk: Path, marker: str) -> DirStore | MtoolsStore:
     """Where the boot loader's files are: [disk] esp_partition (mtools), esp, or found.
 
     ``marker`` (``loader/entries``, the grubenv) picks the mounted directory
@@ -165,6 +166,52 @@ def boot_files(config: Config, disk: Path, marker: str) -> FileStore:
     if d.esp is not None:
         return DirStore(d.esp)
     return DirStore(find_mounted(ESP_CANDIDATES, marker))
+
+
+def slot_boot_files(config: Config) -> BootFiles | ConfigError | None:
+    """Where a release's boot files go: the ESP of [disk] esp / esp_partition, or the one
+    the systemd-boot or grub-env backend uses; None for gpt-prio without an ESP set, and
+    the reason when the boot loader would not boot a slot's own files (an install of a
+    release that carries boot files is then refused, see Updater)."""
+    from updater.bootfiles import EspBootFiles
+
+    d = config.disk
+    if problem := boot_files_unused(config):
+        return problem
+    if d.esp is None and d.esp_partition is None and d.backend == "gpt-prio":
+        return None
+    # the marker finds a mounted ESP when neither is set, as for the backend's own files
+    marker = config.grub_env.path if d.backend == "grub-env" else "loader/entries"
+    return EspBootFiles(boot_files(config, disk_of(config), marker))
+
+
+def boot_files_unused(config: Config) -> ConfigError | None:
+    """Why the configured boot loader would never boot the files a release carries for a
+    slot (``/<label>/<name>`` on the ESP), or None. A new root with the old kernel would
+    boot without its modules: such a release is refused rather than half installed."""
+    d = config.disk
+    if d.backend == "grub-env":
+        return ConfigError(
+            "invalid",
+            "the release carries boot files and the grub-env backend boots one kernel "
+            "(updater_linux) for both slots",
+            key="disk.backend",
+            hint='use backend systemd-boot with linux = "/{label}/vmlinuz" for releases '
+            "that carry a kernel, or publish releases without --kernel/--uki",
+        )
+    if d.backend == "systemd-boot":
+        sd = config.systemd_boot
+        paths = [sd.linux, *sd.initrd]
+        if not all("{label}" in p for p in paths):
+            return ConfigError(
+                "invalid",
+                f"the release carries boot files and the boot entries read {paths} for every "
+                "slot: the new slot would boot the old kernel",
+                key="systemd-boot.linux",
+                hint='point each slot at its own files: linux = "/{label}/vmlinuz", '
+                'initrd = ["/{label}/initrd.img"]',
+            )
+    return None
 
 
 def updater(
@@ -197,6 +244,7 @@ def updater(
         resume_attempts=src.resume_attempts,
         reboot_sentinel=config.agent.reboot_sentinel,
         progress=progress,
+        boot_files=slot_boot_files(config),
     )
 
 

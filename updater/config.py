@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -31,10 +30,13 @@ from partitions.bootcontrol import (
     SDBOOT_TRIES,
 )
 from policies.fleetlock import FleetLock
-from policies.lock import GROUP_RE
+from policies.lock import GROUP_RE, parse_etcd_endpoint
 from updater.errors import ConfigError, LockError
+from updater.fsutil import read_bounded
+from updater.listen import parse_listen
 from updater.log import LogMode
 from updater.manifest import valid_channel
+from updater.urls import parse_url
 
 if TYPE_CHECKING:
     from partitions.sdboot import EntryTemplate
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+MAX_FILE_BYTES = 1024 * 1024  # a config file; a bigger one is a mistake, not a config
 DROPIN_DIRS = (
     Path("/usr/lib/updater/config.d"),
     Path("/run/updater/config.d"),
@@ -221,7 +224,7 @@ def dropin_files(dirs: Sequence[Path] = DROPIN_DIRS) -> list[Path]:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, MAX_FILE_BYTES).decode("utf-8")
     except OSError as exc:
         raise ConfigError("unreadable", exc.strerror or str(exc), file=str(path)) from None
     except UnicodeDecodeError:
@@ -230,6 +233,8 @@ def _read(path: Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("syntax", f"invalid TOML: {exc}", file=str(path)) from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise ConfigError("syntax", "invalid TOML: nested too deeply", file=str(path)) from None
 
 
 def merge(files: Sequence[Path]) -> dict[str, dict[str, _Value]]:
@@ -284,6 +289,8 @@ class _Section:
             return default
         if not isinstance(v.value, str):
             raise self.error(key, "must be a string")
+        if "\0" in v.value:  # no file name, argument or URL holds one (os calls raise)
+            raise self.error(key, "must not contain a NUL character")
         return v.value
 
     def path(self, key: str, default: Path | None, *, allow_empty: bool = False) -> Path | None:
@@ -331,7 +338,14 @@ class _Section:
         value = [v.value] if isinstance(v.value, str) else v.value
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
             raise self.error(key, "must be a string or a list of strings")
+        if any("\0" in x for x in value):
+            raise self.error(key, "must not contain a NUL character")
         return tuple(value)
+
+    def url(self, key: str, text: str, *, schemes: tuple[str, ...], hint: str | None = None) -> str:
+        """``text`` (the value of ``key``, or one of its list) if :func:`parse_url` takes it."""
+        parse_url(text, lambda why: self.error(key, why, hint), schemes=schemes)
+        return text
 
     def raw(self, key: str) -> _Value | None:
         return self._get(key)
@@ -349,11 +363,12 @@ def _source(s: _Section) -> SourceConfig:
     d = SourceConfig()
     url = s.str_("url", d.url)
     if url is not None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https", "file") or (
-            parts.scheme != "file" and not parts.netloc
-        ):
-            raise s.error("url", f"{url!r} is not an http://, https:// or file:// URL")
+        s.url(
+            "url",
+            url,
+            schemes=("http", "https", "file"),
+            hint="the release repository, e.g. https://updates.example.com/repo or file:///srv/repo",
+        )
     channel = s.str_("channel", d.channel) or d.channel
     if not valid_channel(channel):
         raise s.error("channel", f"invalid channel name {channel!r}")
@@ -397,13 +412,12 @@ def _omaha(s: _Section) -> OmahaConfig:
     d = OmahaConfig()
     server = s.str_("server", None)
     if server is not None and server != "disabled":
-        parts = urlsplit(server)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise s.error(
-                "server",
-                f"{server!r} is not an http:// or https:// URL",
-                hint='or "disabled" to turn update checks off',
-            )
+        s.url(
+            "server",
+            server,
+            schemes=("http", "https"),
+            hint='e.g. https://nebraska.example.com/v1/update/, or "disabled" to turn checks off',
+        )
     app_id = s.str_("app_id", d.app_id) or d.app_id
     if not _APP_ID_RE.fullmatch(app_id):
         raise s.error("app_id", f"{app_id!r} is not an app id (a UUID, in braces or not)")
@@ -611,13 +625,14 @@ def reboot_windows(config: RebootConfig) -> Windows | None:
     )
 
 
+_ETCD_HINT = "etcd endpoints are http(s)://HOST[:PORT], e.g. https://10.0.0.1:2379"
+
+
 def _etcd(s: _Section) -> EtcdConfig:
     d = EtcdConfig()
     endpoints = s.str_list("endpoints", d.endpoints) or d.endpoints
     for url in endpoints:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise s.error("endpoints", f"{url!r} is not an http:// or https:// URL")
+        parse_etcd_endpoint(url, lambda why: s.error("endpoints", why, _ETCD_HINT))
     cert, key = s.path("cert_file", None), s.path("key_file", None)
     if (cert is None) != (key is None):
         present, missing = ("key_file", "cert_file") if cert is None else ("cert_file", "key_file")
@@ -673,14 +688,9 @@ def _metrics(s: _Section) -> MetricsConfig:
     listen = s.str_("listen", None)
     if listen == "":
         listen = None
-    if listen is not None and not listen.startswith("unix:/"):
-        host, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit() or host not in ("127.0.0.1", "[::1]", "localhost"):
-            raise s.error(
-                "listen",
-                f"{listen!r} is not a loopback host:port or unix:/path",
-                hint="metrics are served on loopback only, e.g. 127.0.0.1:9464",
-            )
+    if listen is not None:
+        # the agent binds what parse_listen makes of it: checked here, at load, not at bind
+        parse_listen(listen, key="metrics.listen", file=s.file_of("listen"))
     return MetricsConfig(listen=listen)
 
 

@@ -1,9 +1,11 @@
-"""Crash-safe file writes: temp file, fsync, rename, fsync the directory."""
+"""Crash-safe file writes (temp file, fsync, rename, fsync the directory) and bounded reads."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -38,3 +40,19 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_bounded(path: Path, max_bytes: int) -> bytes:
+    """The contents of the regular file ``path``, if it holds at most ``max_bytes``.
+
+    OSError otherwise, as from open(): ``EFBIG`` when it is larger, ``EINVAL``
+    when it is not a regular file (a FIFO or a device would block or never end).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", str(path))
+    return data

@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -24,6 +24,63 @@ from updater.run import run
 from updater.verify import SignatureVerdict
 
 log = structlog.get_logger(__name__)
+
+
+# gpg's status keywords (doc/DETAILS) that say why a signature is not good, the
+# most telling first: one verdict names the worst thing gpg found.
+_PROBLEMS: tuple[tuple[str, str], ...] = (
+    ("BADSIG", "bad_signature"),
+    ("REVKEYSIG", "key_revoked"),
+    ("EXPKEYSIG", "key_expired"),
+    ("EXPSIG", "signature_expired"),
+    ("NO_PUBKEY", "unknown_key"),
+    ("ERRSIG", "check_error"),
+    ("NODATA", "no_signature"),
+    ("UNEXPECTED", "no_signature"),
+)
+_ERRSIG_MISSING_KEY = "9"  # ERRSIG's rc when the public key is missing
+_MAX_USER = 80  # characters of a key's user id kept in a message
+
+
+def _user(text: str) -> str:
+    flat = "".join(c if c.isprintable() else "?" for c in text.strip())
+    return flat if len(flat) <= _MAX_USER else flat[: _MAX_USER - 3] + "..."
+
+
+def explain_status(lines: Iterable[str]) -> tuple[str, str]:
+    """``(reason, detail)`` from gpg's ``[GNUPG:]`` status lines of a verify. Pure.
+
+    ``reason`` is bounded: ``good`` (a GOODSIG and nothing wrong), one of the
+    reasons of ``_PROBLEMS``, or ``no_answer``; ``detail`` says it for a person.
+    """
+    seen: dict[str, list[str]] = {}  # keyword -> its arguments, the first time it came
+    for line in lines:
+        if line.startswith("[GNUPG:] "):
+            keyword, _, rest = line[len("[GNUPG:] ") :].partition(" ")
+            seen.setdefault(keyword, rest.split(" "))
+    for keyword, reason in _PROBLEMS:
+        if keyword not in seen:
+            continue
+        args = seen[keyword]
+        keyid = args[0] or "?"
+        if keyword == "ERRSIG":  # keyid pkalgo hashalgo class time rc [fingerprint]
+            rc = args[5] if len(args) > 5 else "?"
+            if rc == _ERRSIG_MISSING_KEY:
+                return "unknown_key", f"made by key {keyid}, which is not in the keyring"
+            return reason, f"gpg could not check the signature by key {keyid} (error code {rc})"
+        by = f"key {keyid} ({_user(' '.join(args[1:]))})" if len(args) > 1 else f"key {keyid}"
+        return reason, {
+            "bad_signature": f"bad signature by {by}: the data or the signature was changed",
+            "key_revoked": f"made by {by}, which is revoked",
+            "key_expired": f"made by {by}, which has expired",
+            "signature_expired": f"the signature by {by} has expired",
+            "unknown_key": f"made by key {keyid}, which is not in the keyring",
+            "no_signature": "no OpenPGP signature found",
+        }[reason]
+    if "GOODSIG" in seen:
+        args = seen["GOODSIG"]
+        return "good", f"good signature by key {args[0]} ({_user(' '.join(args[1:]))})"
+    return "no_answer", "gpg reported no signature"
 
 
 class SignatureChecker(Protocol):
@@ -92,11 +149,19 @@ class GnupgVerifier:
             result = gpg.verify_data(str(sig_path), data)
         fingerprint = result.pubkey_fingerprint or result.fingerprint
         fingerprint = fingerprint.upper() if fingerprint else None
-        valid = bool(result.valid) and fingerprint in trusted
-        detail = str(result.status or "no signature found")
-        log.info("signature_checked", valid=valid, fingerprint=fingerprint, status=detail)
+        # python-gnupg's .status is the last status it saw: "signature valid"
+        # (VALIDSIG) follows REVKEYSIG, so read gpg's own status lines instead.
+        reason, detail = explain_status(str(result.stderr or "").splitlines())
+        valid = bool(result.valid) and reason == "good" and fingerprint in trusted
+        log.info(
+            "signature_checked",
+            valid=valid,
+            fingerprint=fingerprint,
+            reason=reason,
+            status=detail,
+        )
         return SignatureVerdict(
-            valid=valid, fingerprint=fingerprint, detail=detail, keyring=trusted
+            valid=valid, fingerprint=fingerprint, detail=detail, keyring=trusted, reason=reason
         )
 
 

@@ -127,7 +127,7 @@ def is_journal_stream(stream: TextIO, env: Mapping[str, str]) -> bool:
     pipe in ExecStart=, a test's buffer) keeps the variable but not the file."""
     value = env.get("JOURNAL_STREAM", "")
     dev, sep, ino = value.partition(":")
-    if not sep or not dev.isdigit() or not ino.isdigit():
+    if not sep or not (dev + ino).isascii() or not dev.isdigit() or not ino.isdigit():
         return False
     try:
         st = os.fstat(stream.fileno())

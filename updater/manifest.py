@@ -15,13 +15,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from updater import versions
+from updater import jsonutil, versions
 from updater.errors import VerificationError
 
 SCHEMA = 1
 MAX_MANIFEST_BYTES = 64 * 1024
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A boot file's name on the ESP, under the slot's directory: one plain FAT-safe
+# component, never hidden (a leading "." is the writer's temporary name).
+_BOOT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_BOOT_FILES = 8  # a kernel, an initrd or two, a UKI, a device tree: a handful
+MAX_BOOT_FILE_BYTES = 512 * 1024 * 1024  # each; a UKI of a big initrd fits, an ESP rarely more
+# The names `updatectl release` gives them (--kernel, --initrd, --uki)
+KERNEL_NAME = "vmlinuz"
+INITRD_NAME = "initrd.img"
+UKI_NAME = "uki.efi"
 
 
 class Compression(enum.StrEnum):
@@ -46,6 +55,17 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
+class BootFileRef:
+    """A file the boot loader reads (kernel, initrd, UKI), written to the ESP as
+    ``/<slot label>/<name>`` before the slot may boot."""
+
+    name: str  # matches _BOOT_NAME_RE; unique (case-insensitively: FAT) in the manifest
+    url: str  # relative to the manifest's URL, or absolute
+    size: int  # bytes, as downloaded and as written (boot files are not compressed)
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     channel: str
     version: str
@@ -53,6 +73,7 @@ class Manifest:
     expires: datetime
     image: ImageRef
     schema: int = SCHEMA
+    boot: tuple[BootFileRef, ...] = ()  # optional key "boot"; older agents ignore it
 
 
 def valid_channel(channel: str) -> bool:
@@ -84,32 +105,76 @@ def _time(obj: dict[str, Any], key: str) -> datetime:
     try:
         t = datetime.fromisoformat(text)
     except ValueError:
-        raise _bad(f"field {key} is not an ISO 8601 time: {text!r}") from None
+        raise _bad(f"field {key} is not an ISO 8601 time: {text[:64]!r}") from None
     if t.tzinfo is None:
-        raise _bad(f"field {key} has no time zone: {text!r}")
-    return t.astimezone(UTC)
-
-
-def _size(obj: dict[str, Any], key: str) -> int:
-    value: int = _field(obj, key, int, "image.")
-    if value <= 0:
-        raise _bad(f"field image.{key} must be positive")
-    return value
-
-
-def _sha(obj: dict[str, Any], key: str) -> str:
-    value: str = _field(obj, key, str, "image.")
-    if not _SHA256_RE.fullmatch(value):
-        raise _bad(f"field image.{key} is not a lowercase hex SHA-256")
-    return value
-
-
-def parse(data: bytes) -> Manifest:
-    """Parse verified manifest bytes; raises VerificationError(manifest_malformed)."""
+        raise _bad(f"field {key} has no time zone: {text[:64]!r}")
     try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"not JSON: {exc}") from None
+        return t.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise _bad(f"field {key} is out of range: {text[:64]!r}") from None
+
+
+def _size(obj: dict[str, Any], key: str, where: str = "image.") -> int:
+    value: int = _field(obj, key, int, where)
+    if value <= 0:
+        raise _bad(f"field {where}{key} must be positive")
+    return value
+
+
+def _sha(obj: dict[str, Any], key: str, where: str = "image.") -> str:
+    value: str = _field(obj, key, str, where)
+    if not _SHA256_RE.fullmatch(value):
+        raise _bad(f"field {where}{key} is not a lowercase hex SHA-256")
+    return value
+
+
+def _url(obj: dict[str, Any], where: str) -> str:
+    url: str = _field(obj, "url", str, where)
+    if not url or any(c.isspace() for c in url):
+        raise _bad(f"field {where}url is empty or contains white space")
+    return url
+
+
+def valid_boot_name(name: str) -> bool:
+    return _BOOT_NAME_RE.fullmatch(name) is not None
+
+
+def _boot_files(obj: dict[str, Any]) -> tuple[BootFileRef, ...]:
+    """The optional ``boot`` list: at most MAX_BOOT_FILES, each bounded, names unique."""
+    if "boot" not in obj:
+        return ()
+    items = _field(obj, "boot", list)
+    if len(items) > MAX_BOOT_FILES:
+        raise _bad(f"field boot lists {len(items)} files; at most {MAX_BOOT_FILES}")
+    refs: list[BootFileRef] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"boot[{i}]."
+        if not isinstance(item, dict):
+            raise _bad(f"field boot[{i}] must be dict, not {type(item).__name__}")
+        name: str = _field(item, "name", str, where)
+        if not valid_boot_name(name):
+            raise _bad(
+                f"field {where}name {name[:64]!r} is not a plain file name "
+                "(letters, digits, '.', '_', '-'; not starting with '.')"
+            )
+        if name.lower() in seen:  # FAT folds case: VMLINUZ is vmlinuz
+            raise _bad(f"field {where}name {name!r} is listed twice")
+        seen.add(name.lower())
+        size = _size(item, "size", where)
+        if size > MAX_BOOT_FILE_BYTES:
+            raise _bad(f"field {where}size {size} is above the cap of {MAX_BOOT_FILE_BYTES} bytes")
+        refs.append(BootFileRef(name, _url(item, where), size, _sha(item, "sha256", where)))
+    return tuple(refs)
+
+
+def parse(data: bytes, max_bytes: int = MAX_MANIFEST_BYTES) -> Manifest:
+    """Parse verified manifest bytes; raises VerificationError(manifest_malformed).
+
+    Bounded: at most ``max_bytes`` and :data:`updater.jsonutil.MAX_DEPTH` levels
+    of nesting; ``NaN`` and ``Infinity`` are not JSON.
+    """
+    obj = jsonutil.loads(data, _bad, max_bytes=max_bytes)
     if not isinstance(obj, dict):
         raise _bad("top level must be an object")
     schema = _field(obj, "schema", int)
@@ -117,18 +182,16 @@ def parse(data: bytes) -> Manifest:
         raise _bad(f"schema {schema} is not supported (this agent reads schema {SCHEMA})")
     channel = _field(obj, "channel", str)
     if not valid_channel(channel):
-        raise _bad(f"invalid channel {channel!r}")
+        raise _bad(f"invalid channel {channel[:64]!r}")
     version = _field(obj, "version", str)
     if not versions.is_valid(version):
-        raise _bad(f"invalid version {version!r}")
+        raise _bad(f"invalid version {version[:64]!r}")
     image = _field(obj, "image", dict)
-    url = _field(image, "url", str, "image.")
-    if not url or any(c.isspace() for c in url):
-        raise _bad("field image.url is empty or contains white space")
+    url = _url(image, "image.")
     try:
         compression = Compression(_field(image, "compression", str, "image."))
     except ValueError:
-        raise _bad(f"unknown compression {image['compression']!r}") from None
+        raise _bad(f"unknown compression {image['compression'][:64]!r}") from None
     ref = ImageRef(
         url=url,
         size=_size(image, "size"),
@@ -146,11 +209,12 @@ def parse(data: bytes) -> Manifest:
         created=_time(obj, "created"),
         expires=_time(obj, "expires"),
         image=ref,
+        boot=_boot_files(obj),
     )
 
 
 def serialize(m: Manifest) -> bytes:
-    doc = {
+    doc: dict[str, Any] = {
         "schema": m.schema,
         "channel": m.channel,
         "version": m.version,
@@ -165,4 +229,8 @@ def serialize(m: Manifest) -> bytes:
             "raw_sha256": m.image.raw_sha256,
         },
     }
+    if m.boot:
+        doc["boot"] = [
+            {"name": b.name, "url": b.url, "size": b.size, "sha256": b.sha256} for b in m.boot
+        ]
     return (json.dumps(doc, indent=2) + "\n").encode()

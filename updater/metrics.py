@@ -11,7 +11,6 @@ on the network.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import selectors
 import socket
@@ -19,11 +18,10 @@ import socketserver
 import stat
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -33,6 +31,7 @@ from prometheus_client.exposition import choose_encoder
 from updater import errors
 from updater.agentapi import STATES
 from updater.errors import ConfigError, RefusedError
+from updater.listen import ListenAddress, parse_listen
 
 log = structlog.get_logger(__name__)
 
@@ -169,64 +168,12 @@ class Metrics:
         return generate_latest(self.registry)
 
     def serve(self, listen: str) -> MetricsServer:
-        """Serve ``/metrics`` on ``listen`` (see :func:`parse_listen`) from a thread."""
-        return MetricsServer(self.registry, parse_listen(listen))
+        """Serve ``/metrics`` on ``listen`` (see :func:`parse_listen`; port 0: any free one)
+        from a thread."""
+        return MetricsServer(self.registry, parse_listen(listen, allow_port_zero=True))
 
     def _bounded(self, kind: str) -> str:
         return kind if kind in self.kinds else OTHER_KIND
-
-
-# ---- where to listen ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ListenAddress:
-    family: Literal["tcp", "unix"]
-    host: str = ""  # tcp: a loopback IP literal
-    port: int = 0  # tcp: 0 picks a free port
-    path: Path | None = None  # unix
-
-    def __str__(self) -> str:
-        if self.family == "unix":
-            return f"unix:{self.path}"
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-_HINT = 'use "127.0.0.1:PORT", "[::1]:PORT" or "unix:/run/updater/metrics.sock"'
-
-
-def parse_listen(listen: str, *, key: str | None = None) -> ListenAddress:
-    """``127.0.0.1:9464``, ``[::1]:9464`` or ``unix:/abs/path``; anything that is
-    not loopback is refused (ConfigError ``invalid``; ``key`` names the setting)."""
-
-    def bad(why: str) -> ConfigError:
-        return ConfigError(
-            "invalid", f"metrics listen address {listen!r}: {why}", key=key, hint=_HINT
-        )
-
-    if listen.startswith("unix:"):
-        path = Path(listen[len("unix:") :])
-        if not path.is_absolute() or path.name in ("", ".", ".."):
-            raise bad("a Unix socket needs an absolute file path")
-        if len(os.fsencode(path)) >= 108:  # sun_path
-            raise bad("the socket path is too long")
-        return ListenAddress("unix", path=path)
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not host:
-        raise bad("expected HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise bad("write an IPv6 address in brackets")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise bad("the host must be a loopback IP address, not a name") from None
-    if not ip.is_loopback:
-        raise bad("only loopback addresses are allowed")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise bad("the port must be a number from 0 to 65535")
-    return ListenAddress("tcp", host=str(ip), port=int(port_text))
 
 
 # ---- the HTTP server ---------------------------------------------------------------------------

@@ -166,7 +166,7 @@ class OmahaClient:
     def _read(self, url: str, resp: requests.Response) -> bytes:
         cap = self.max_response_bytes
         declared = resp.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > cap:
+        if declared.isascii() and declared.isdigit() and int(declared) > cap:
             raise OmahaError(
                 "too_large", f"{url}: the answer is {declared} bytes, more than {cap} allowed"
             )

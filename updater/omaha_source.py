@@ -21,9 +21,10 @@ from pathlib import Path
 
 import structlog
 
+from updater import jsonutil
 from updater.errors import UpdaterError
 from updater.fsutil import atomic_write
-from updater.manifest import Manifest
+from updater.manifest import BootFileRef, Manifest
 from updater.omaha import (
     Deferred as OmahaDeferred,
 )
@@ -42,11 +43,13 @@ from updater.source import (
     SignedFetcher,
     SourceAnswer,
     resolve_image_url,
+    resolve_url,
 )
 
 log = structlog.get_logger(__name__)
 
 MAX_PENDING_EVENTS = 64  # a server gone for weeks does not grow the file forever
+MAX_EVENTS_FILE_BYTES = 1024 * 1024  # 64 events are a few KiB
 
 
 def omaha_event(h: Happening) -> OmahaEvent:
@@ -77,7 +80,11 @@ class EventQueue:
 
     def pending(self) -> list[OmahaEvent]:
         try:
-            raw = json.loads(self.path.read_bytes())
+            with self.path.open("rb") as fh:
+                data = fh.read(MAX_EVENTS_FILE_BYTES + 1)
+            raw = jsonutil.loads(
+                data, ValueError, max_bytes=MAX_EVENTS_FILE_BYTES, allow_constants=True
+            )
             return [OmahaEvent.from_dict(e) for e in raw]
         except FileNotFoundError:
             return []
@@ -140,6 +147,11 @@ class OmahaSource:
             raise RuntimeError("image_url before an offer")
         return resolve_image_url(self._offer.manifest_url, manifest)
 
+    def boot_url(self, manifest: Manifest, ref: BootFileRef) -> str:
+        if self._offer is None:
+            raise RuntimeError("boot_url before an offer")
+        return resolve_url(self._offer.manifest_url, ref.url)
+
     def report(self, happening: Happening) -> None:
         """Tell the server; never raises (the source contract): a report is best
         effort, and what cannot be sent now stays queued for the next request."""
@@ -181,6 +193,9 @@ class DisabledSource:
         return NoOffer()
 
     def image_url(self, manifest: Manifest) -> str:
+        raise RuntimeError("update checks are disabled")
+
+    def boot_url(self, manifest: Manifest, ref: BootFileRef) -> str:
         raise RuntimeError("update checks are disabled")
 
     def report(self, happening: Happening) -> None:

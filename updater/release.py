@@ -5,6 +5,7 @@ Layout written (DESIGN.md, "Release repository")::
     <repo>/<channel>/release.json       manifest, schema 1
     <repo>/<channel>/release.json.asc   detached armored OpenPGP signature
     <repo>/images/<version>/<name>      the image, maybe compressed
+    <repo>/images/<version>/boot/<file> boot files (kernel, initrd, UKI), as they are
     <repo>/images/<version>/<name>.json the same manifest, image URL relative to it,
     <repo>/images/<version>/<name>.json.asc   and its signature (for an Omaha
                                         server whose package codebase is that directory)
@@ -36,7 +37,20 @@ from updater import versions
 from updater.errors import ConfigError
 from updater.fsutil import atomic_write
 from updater.gpg import sign_detached
-from updater.manifest import Compression, ImageRef, Manifest, serialize, valid_channel
+from updater.manifest import (
+    INITRD_NAME,
+    KERNEL_NAME,
+    MAX_BOOT_FILE_BYTES,
+    MAX_BOOT_FILES,
+    UKI_NAME,
+    BootFileRef,
+    Compression,
+    ImageRef,
+    Manifest,
+    serialize,
+    valid_boot_name,
+    valid_channel,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -59,6 +73,23 @@ class ReleaseRequest:
     expires_in: timedelta = DEFAULT_EXPIRY
     passphrase: str | None = None
     zstd_level: int = 10
+    boot_files: tuple[tuple[str, Path], ...] = ()  # (name on the ESP, file), see boot_files()
+
+
+def boot_files(
+    kernel: Path | None = None, initrd: Path | None = None, uki: Path | None = None
+) -> tuple[tuple[str, Path], ...]:
+    """`--kernel`/`--initrd` or `--uki` as named boot files (vmlinuz, initrd.img, uki.efi)."""
+    if uki is not None and (kernel is not None or initrd is not None):
+        raise ConfigError(
+            "invalid",
+            "a unified kernel image carries its own initrd: give --uki, or --kernel and --initrd",
+            key="--uki",
+        )
+    if initrd is not None and kernel is None:
+        raise ConfigError("invalid", "an initrd needs a kernel", key="--initrd")
+    named = ((KERNEL_NAME, kernel), (INITRD_NAME, initrd), (UKI_NAME, uki))
+    return tuple((name, path) for name, path in named if path is not None)
 
 
 @dataclass(frozen=True)
@@ -156,6 +187,7 @@ def publish(req: ReleaseRequest, now: datetime) -> Published:
         raise ConfigError("missing", f"no image file at {req.image}", key="--image")
     if req.expires_in <= timedelta(0):
         raise ConfigError("invalid", "the expiry must lie in the future", key="--expires")
+    _check_boot_files(req.boot_files)
 
     name = req.image.name + req.compression.suffix
     image_dir = req.repo / "images" / req.version
@@ -172,6 +204,7 @@ def publish(req: ReleaseRequest, now: datetime) -> Published:
         Path(tmp).unlink(missing_ok=True)
         raise
 
+    boot = tuple(_publish_boot_file(image_dir, name, path) for name, path in req.boot_files)
     manifest = Manifest(
         channel=req.channel,
         version=req.version,
@@ -185,6 +218,7 @@ def publish(req: ReleaseRequest, now: datetime) -> Published:
             raw_size=raw_size,
             raw_sha256=raw_sha,
         ),
+        boot=tuple(replace(b, url=f"../images/{req.version}/{b.url}") for b in boot),
     )
     channel_dir = req.repo / req.channel
     channel_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +226,7 @@ def publish(req: ReleaseRequest, now: datetime) -> Published:
     signature_path = channel_dir / "release.json.asc"
     # Beside the image, for an Omaha server whose codebase is images/<version>/:
     # the same manifest with the image URL relative to it.
-    beside = replace(manifest, image=replace(manifest.image, url=name))
+    beside = replace(manifest, image=replace(manifest.image, url=name), boot=boot)
     _write_signed(req, image_dir / f"{name}.json", serialize(beside))
     _write_signed(req, manifest_path, serialize(manifest))
     log.info(
@@ -202,5 +236,48 @@ def publish(req: ReleaseRequest, now: datetime) -> Published:
         compression=req.compression.value,
         raw_size=raw_size,
         size=size,
+        boot_files=[b.name for b in boot],
     )
     return Published(manifest, manifest_path, signature_path, image_path)
+
+
+def _check_boot_files(files: tuple[tuple[str, Path], ...]) -> None:
+    """What the agent's manifest parser would refuse, refused before anything is written."""
+    if len(files) > MAX_BOOT_FILES:
+        raise ConfigError("invalid", f"{len(files)} boot files; at most {MAX_BOOT_FILES}")
+    seen: set[str] = set()
+    for name, path in files:
+        if not valid_boot_name(name) or name.lower() in seen:
+            raise ConfigError("invalid", f"boot file name {name!r} is not plain or is repeated")
+        seen.add(name.lower())
+        if not path.is_file():
+            raise ConfigError("missing", f"no boot file at {path}", key=f"boot file {name}")
+        size = path.stat().st_size
+        if not 0 < size <= MAX_BOOT_FILE_BYTES:
+            raise ConfigError(
+                "invalid",
+                f"{path}: {size} bytes; a boot file has 1 to {MAX_BOOT_FILE_BYTES}",
+                key=f"boot file {name}",
+            )
+
+
+def _publish_boot_file(image_dir: Path, name: str, src: Path) -> BootFileRef:
+    """Copy ``src`` to ``<image_dir>/boot/<name>`` (temporary name, fsync, rename)."""
+    boot_dir = image_dir / "boot"
+    boot_dir.mkdir(exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=boot_dir)
+    try:
+        with os.fdopen(fd, "wb") as out, src.open("rb") as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, boot_dir / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return BootFileRef(name=name, url=f"boot/{name}", size=size, sha256=digest.hexdigest())

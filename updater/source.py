@@ -18,9 +18,10 @@ from urllib.parse import urljoin, urlsplit
 
 import structlog
 
+from updater import jsonutil
 from updater.errors import DownloadError, UpdaterError, VerificationError
 from updater.fsutil import atomic_write
-from updater.manifest import MAX_MANIFEST_BYTES, Manifest
+from updater.manifest import MAX_MANIFEST_BYTES, BootFileRef, Manifest
 from updater.transport import Transport
 
 log = structlog.get_logger(__name__)
@@ -93,9 +94,17 @@ class UpdateSource(Protocol):
 
     def image_url(self, manifest: Manifest) -> str: ...
 
+    def boot_url(self, manifest: Manifest, ref: BootFileRef) -> str:
+        """Where one of the manifest's boot files is (its URL is relative to the manifest)."""
+        ...
+
     def report(self, happening: Happening) -> None:
         """Tell the server (best effort: kept and retried, never raises)."""
         ...
+
+
+# base64 of a manifest (or signature) of at most MAX_MANIFEST_BYTES, and its URL and ETag
+_MAX_CACHE_FILE_BYTES = 2 * MAX_MANIFEST_BYTES + 64 * 1024
 
 
 class HttpCache:
@@ -109,7 +118,11 @@ class HttpCache:
 
     def get(self, url: str) -> tuple[str, bytes] | None:
         try:
-            doc = json.loads(self._path(url).read_bytes())
+            with self._path(url).open("rb") as fh:
+                data = fh.read(_MAX_CACHE_FILE_BYTES + 1)
+            doc = jsonutil.loads(
+                data, ValueError, max_bytes=_MAX_CACHE_FILE_BYTES, allow_constants=True
+            )
             if doc["url"] != url:
                 return None
             return str(doc["etag"]), base64.b64decode(doc["body"])
@@ -164,12 +177,17 @@ class SignedFetcher:
 
 def resolve_image_url(manifest_url: str, manifest: Manifest) -> str:
     """The image's URL, relative to the manifest's; it may not change scheme family."""
-    url = urljoin(manifest_url, manifest.image.url)
+    return resolve_url(manifest_url, manifest.image.url)
+
+
+def resolve_url(manifest_url: str, relative: str) -> str:
+    """A URL the manifest names, relative to the manifest's; it may not change scheme family."""
+    url = urljoin(manifest_url, relative)
     web = {"http", "https"}
     ours, theirs = urlsplit(manifest_url).scheme, urlsplit(url).scheme
     if not (ours == theirs or {ours, theirs} <= web):
         raise VerificationError(
-            "manifest_malformed", f"image URL {url} leaves the repository's scheme ({ours})"
+            "manifest_malformed", f"URL {url} leaves the repository's scheme ({ours})"
         )
     return url
 
@@ -192,3 +210,6 @@ class StaticSource:
 
     def image_url(self, manifest: Manifest) -> str:
         return resolve_image_url(self.manifest_url, manifest)
+
+    def boot_url(self, manifest: Manifest, ref: BootFileRef) -> str:
+        return resolve_url(self.manifest_url, ref.url)

@@ -1,7 +1,9 @@
 """The agent's persisted state under ``state_dir`` (schema-versioned JSON).
 
-Written atomically. A file that cannot be parsed or fails validation is moved
-aside (``state.json.corrupt-<time>``) and never trusted; a file with a newer
+Written atomically. A file that cannot be parsed (not JSON, larger than
+:data:`MAX_STATE_BYTES`, nested deeper than :data:`updater.jsonutil.MAX_DEPTH`)
+or fails validation is moved aside (``state.json.corrupt-<time>``) and never
+trusted; if it cannot be moved aside, loading is a ``StateError("unwritable")``; a file with a newer
 schema is refused, not misread (a rolled-back, older agent must not clobber
 what a newer one wrote). Every older schema stays readable.
 """
@@ -19,7 +21,7 @@ from typing import Any, Literal, cast
 
 import structlog
 
-from updater import versions
+from updater import jsonutil, versions
 from updater.errors import StateError
 from updater.fsutil import atomic_write
 
@@ -27,9 +29,19 @@ log = structlog.get_logger(__name__)
 
 SCHEMA = 1
 STATE_FILE = "state.json"
+MAX_STATE_BYTES = 4 * 1024 * 1024  # ours is a few KiB; more is not a state file we wrote
 
 SlotCondition = Literal["installing", "installed", "good", "bad"]
 _CONDITIONS: frozenset[str] = frozenset({"installing", "installed", "good", "bad"})
+
+
+@dataclass(frozen=True)
+class BootFileRecord:
+    """One of a slot's boot files on the ESP (``/<label>/<name>``), as installed."""
+
+    name: str
+    size: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,7 @@ class SlotRecord:
     raw_size: int | None = None
     raw_sha256: str | None = None
     updated: str = ""  # ISO 8601 UTC
+    boot: tuple[BootFileRecord, ...] = ()  # the release's boot files, written with the slot
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,25 @@ def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def _boot_records(uuid: str, raw: Any) -> tuple[BootFileRecord, ...]:
+    if not isinstance(raw, list):
+        raise _Invalid(f"slot {uuid}: boot must be a list")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise _Invalid(f"slot {uuid}: a boot file must be an object")
+        name, size, sha256 = item.get("name"), item.get("size"), item.get("sha256")
+        if (
+            not isinstance(name, str)
+            or not isinstance(sha256, str)
+            or not isinstance(size, int)
+            or isinstance(size, bool)
+        ):
+            raise _Invalid(f"slot {uuid}: a boot file needs name, size and sha256")
+        out.append(BootFileRecord(name, size, sha256))
+    return tuple(out)
+
+
 def _from_json(doc: Any) -> State:
     if not isinstance(doc, dict):
         raise _Invalid("top level must be an object")
@@ -133,6 +165,7 @@ def _from_json(doc: Any) -> State:
             raw_size=raw_size,
             raw_sha256=_opt_str(rec, "raw_sha256"),
             updated=_opt_str(rec, "updated") or "",
+            boot=_boot_records(uuid, rec.get("boot", [])),
         )
     pending = None
     raw_pending = doc.get("pending")
@@ -177,6 +210,7 @@ def _to_json(state: State) -> dict[str, Any]:
                 "raw_size": r.raw_size,
                 "raw_sha256": r.raw_sha256,
                 "updated": r.updated,
+                "boot": [{"name": b.name, "size": b.size, "sha256": b.sha256} for b in r.boot],
             }
             for uuid, r in sorted(state.slots.items())
         },
@@ -223,22 +257,34 @@ class StateStore:
 
     def _load(self) -> State:
         try:
-            data = self.path.read_bytes()
+            with self.path.open("rb") as fh:
+                data = fh.read(MAX_STATE_BYTES + 1)  # never the whole of a runaway file
         except FileNotFoundError:
             return State()
         except OSError as exc:
             raise StateError("unwritable", f"{self.path}: {exc.strerror}") from None
         try:
-            return _from_json(json.loads(data))
-        except (ValueError, _Invalid) as exc:
-            aside = self.path.with_name(
-                f"{STATE_FILE}.corrupt-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
-            )
-            os.replace(self.path, aside)
-            log.error(
-                "state_corrupt_set_aside", path=str(self.path), moved_to=str(aside), error=str(exc)
-            )
+            # allow_constants: Python's json.dumps writes NaN and Infinity, and
+            # updater.machine copes with a NaN from a hand-edited file.
+            doc = jsonutil.loads(data, _Invalid, max_bytes=MAX_STATE_BYTES, allow_constants=True)
+            return _from_json(doc)
+        except _Invalid as exc:
+            self._set_aside(str(exc))
             return State()
+
+    def _set_aside(self, why: str) -> None:
+        aside = self.path.with_name(
+            f"{STATE_FILE}.corrupt-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
+        )
+        try:
+            os.replace(self.path, aside)
+        except OSError as exc:
+            raise StateError(
+                "unwritable",
+                f"{self.path} is corrupt ({why}) and cannot be moved aside: {exc.strerror}",
+                hint="move or delete the file; the agent starts afresh without it",
+            ) from None
+        log.error("state_corrupt_set_aside", path=str(self.path), moved_to=str(aside), error=why)
 
     def save(self, state: State) -> None:
         data = (json.dumps(_to_json(state), indent=2) + "\n").encode()

@@ -36,6 +36,7 @@ from urllib3.util.retry import Retry
 
 from updater import __version__
 from updater.errors import DownloadError
+from updater.httpbody import read1
 
 log = structlog.get_logger(__name__)
 
@@ -204,13 +205,14 @@ class _HttpStream:
         self._floor = floor
         self.start = start
         length = response.headers.get("Content-Length")
-        self.length = int(length) if length and length.isdigit() else None
+        # ASCII only: Latin-1 "\u00b2" passes isdigit() and int() refuses it
+        self.length = int(length) if length and length.isascii() and length.isdigit() else None
         self.validator = response.headers.get("ETag")
 
     def read(self, n: int) -> bytes:
         started = self._floor.clock()
         try:
-            data = _read1(self._response, n)
+            data: bytes = read1(self._response.raw, n)
         except FOREIGN_ERRORS as exc:
             raise wrap_error(self._url, exc) from exc
         self._floor.note(len(data), started)
@@ -221,7 +223,7 @@ class _HttpStream:
         started = self._floor.clock()
         try:
             if body is None:
-                data = _read1(self._response, len(buf))
+                data = read1(self._response.raw, len(buf))
                 n = len(data)
                 buf[:n] = data
             else:
@@ -233,24 +235,6 @@ class _HttpStream:
 
     def close(self) -> None:
         self._response.close()
-
-
-def _read1(response: requests.Response, n: int) -> bytes:
-    """At most ``n`` bytes of the body as served (not decoded), with at most one socket read.
-
-    urllib3 2.x has ``read1``; 1.26 (Debian bookworm's) has not: there the
-    http.client response under it reads (its ``read1`` does one read, chunked or
-    not), and without one, urllib3's ``read`` (which may wait for all ``n``).
-    """
-    read1 = getattr(response.raw, "read1", None)
-    if read1 is not None:
-        data: bytes = read1(n, decode_content=False)
-        return data
-    body = _http_client_body(response)
-    if body is not None:
-        return body.read1(n)
-    data = response.raw.read(n, decode_content=False)
-    return data
 
 
 def _http_client_body(response: requests.Response) -> http.client.HTTPResponse | None:
@@ -374,7 +358,7 @@ class HttpTransport:
         try:
             while len(out) <= max_bytes:
                 started = floor.clock()
-                piece = _read1(response, max_bytes + 1 - len(out))
+                piece = read1(response.raw, max_bytes + 1 - len(out))
                 floor.note(len(piece), started)
                 if not piece:
                     break

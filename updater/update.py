@@ -17,11 +17,13 @@ from typing import Literal
 
 import structlog
 
-from partitions.bootcontrol import BootControl, Slot, SlotFlags, SlotStatus
+from partitions.bootcontrol import BootControl, Slot, SlotFlags, SlotStatus, check_write_target
 from updater import download, osrelease, versions
+from updater.bootfiles import BootFiles, checked
 from updater.clock import Clock
 from updater.errors import (
     Cancelled,
+    ConfigError,
     DiskError,
     OmahaError,
     RefusedError,
@@ -35,7 +37,15 @@ from updater.lock import exclusive, is_held
 from updater.manifest import Manifest
 from updater.slotio import SlotDevice
 from updater.source import Deferred, Happening, ImageClaim, NoOffer, UpdateSource
-from updater.state import BootReport, Pending, SlotRecord, State, StateStore, now_iso
+from updater.state import (
+    BootFileRecord,
+    BootReport,
+    Pending,
+    SlotRecord,
+    State,
+    StateStore,
+    now_iso,
+)
 from updater.transport import Transport
 from updater.verify import Expectations, is_newer, verify_manifest
 
@@ -225,8 +235,13 @@ class Updater:
         resume_attempts: int = 5,
         reboot_sentinel: Path | None = None,
         progress: ProgressFn | None = None,
+        boot_files: BootFiles | ConfigError | None = None,
     ) -> None:
         self.boot = boot
+        # None: no ESP configured (gpt-prio); a ConfigError: why the boot loader would not
+        # boot a slot's own files (see _install_locked, which refuses such a release)
+        self._boot_files_refusal = boot_files if isinstance(boot_files, ConfigError) else None
+        self.boot_files = None if isinstance(boot_files, ConfigError) else boot_files
         self.store = store
         self.clock = clock
         self.os_release = os_release
@@ -250,7 +265,21 @@ class Updater:
         other = [s for s in slots if s.slot.part_uuid != booted.part_uuid]
         if len(mine) != 1 or len(other) != 1:
             raise DiskError("booted_unknown", "the booted partition is not one of the two slots")
+        check_write_target(mine[0].slot, other[0].slot)
         return mine[0], other[0]
+
+    def _recheck_target(self, booted: Slot, target: Slot) -> None:
+        """Right before the write: the slots are still where they were when it was planned."""
+        now_booted, now_target = self._slots()
+        if now_booted.slot != booted or now_target.slot != target:
+            raise DiskError(
+                "gpt_invalid",
+                f"the slots changed during the install (target {target.label} partition "
+                f"{target.index} at {target.offset}+{target.size} is now {now_target.slot.label} "
+                f"partition {now_target.slot.index} at {now_target.slot.offset}+"
+                f"{now_target.slot.size}); refusing to write",
+                hint="was the disk repartitioned? check it with `sgdisk -v`, then retry",
+            )
 
     def _booted_version(self, state: State, booted: Slot) -> str | None:
         return slot_version(state, booted, booted, osrelease.image_version(self.os_release))
@@ -401,6 +430,25 @@ class Updater:
         uuid = str(slot.part_uuid)
         url = self.source.image_url(m) if self.source else m.image.url
         now = now_iso(self.clock.now())
+        if m.boot and self.boot_files is None:
+            # Before anything changes: the new kernel would never reach the boot loader.
+            refusal = self._boot_files_refusal or ConfigError(
+                "missing",
+                f"release {m.version} carries boot files "
+                f"({', '.join(b.name for b in m.boot)}) and no ESP is configured to put them on",
+                key="disk.esp",
+                hint="set [disk] esp (the mounted ESP) or esp_partition, where the boot "
+                "loader reads /<slot>/<file>",
+            )
+            log.error(
+                "install_failed",
+                version=m.version,
+                slot=slot.label,
+                error_kind=refusal.kind,
+                error=refusal.message,
+            )
+            self._report(Happening("failed", version=m.version, error=refusal))
+            raise refusal
         log.info("install_started", version=m.version, slot=slot.label, url=url)
 
         # 1. From here on a crash must never leave the target bootable.
@@ -425,6 +473,7 @@ class Updater:
         assert self.transport is not None and self.source is not None
         self._report(Happening("download_started", version=m.version))
         try:
+            self._recheck_target(booted.slot, slot)
             with self.open_slot(slot) as device:
                 result = write_image(
                     download.Download(
@@ -441,6 +490,8 @@ class Updater:
                     progress=progress,
                     cancel=cancel,
                 )
+            # 5b. The slot's own boot files, before it may boot (the booted slot's: never).
+            boot = self._write_boot_files(m, booted.slot, slot, cancel)
         except Exception as exc:
             # any failure, ours or not, ends the same way: nothing pending, reported
             error = internal_error(exc, "install")
@@ -470,6 +521,7 @@ class Updater:
             result.raw_size,
             result.raw_sha256,
             now_iso(self.clock.now()),
+            boot,
         )
         previous = self._booted_version(self.store.load(), booted.slot) or ""
         self.store.update(
@@ -485,6 +537,60 @@ class Updater:
             "update_staged", version=m.version, slot=slot.label, seconds=round(result.seconds, 3)
         )
         return result
+
+    def _write_boot_files(
+        self, m: Manifest, booted: Slot, target: Slot, cancel: threading.Event | None
+    ) -> tuple[BootFileRecord, ...]:
+        """Download each boot file (size and sha256 checked while it streams) to the ESP.
+
+        Each lands under a temporary name and is renamed into place only once
+        every byte matched (:func:`updater.bootfiles.checked`); with readback on,
+        it is read back and hashed. The target is still unbootable here: its
+        boot entry is written by ``make_primary``, after this.
+        """
+        if not m.boot:
+            return ()
+        assert self.boot_files is not None and self.source is not None
+        assert self.transport is not None
+        for ref in m.boot:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled", "the install was stopped")
+            url = self.source.boot_url(m, ref)
+            self._recheck_target(booted, target)
+            chunks = download.Download(
+                self.transport,
+                url,
+                size=ref.size,
+                chunk_size=self.chunk_size,
+                resume_attempts=self.resume_attempts,
+            )
+            try:
+                self.boot_files.write(
+                    target, ref.name, checked(chunks, ref, url, cancel), booted=booted
+                )
+            finally:
+                chunks.close()
+            if self.readback:
+                on_disk = self.boot_files.digest(target, ref.name)
+                if on_disk != (ref.size, ref.sha256):
+                    raise DiskError(
+                        "readback_mismatch",
+                        f"boot file {ref.name} of {target.label} reads back as {on_disk}, "
+                        f"{(ref.size, ref.sha256)} was written",
+                        hint="the ESP may be failing; check it with `fsck.vfat -n`",
+                    )
+        return tuple(BootFileRecord(b.name, b.size, b.sha256) for b in m.boot)
+
+    def _boot_files_problem(self, slot: Slot, record: SlotRecord) -> str | None:
+        """Why ``slot``'s boot files are not the ones installed with it, or None."""
+        if not record.boot:
+            return None
+        if self.boot_files is None:
+            return "its boot files cannot be checked: no ESP is configured"
+        for b in record.boot:
+            if self.boot_files.digest(slot, b.name) != (b.size, b.sha256):
+                return f"its boot file {b.name} no longer matches what was installed"
+        return None
 
     def _report(self, happening: Happening) -> None:
         """Tell the update server what happened. Best effort (``UpdateSource.report``
@@ -636,6 +742,8 @@ class Updater:
                 with self.open_slot(other.slot) as device:
                     if device.hash(rec.raw_size, self.chunk_size) != rec.raw_sha256:
                         why = "the other slot's bytes no longer match what was installed"
+            if why is None and rec is not None:
+                why = self._boot_files_problem(other.slot, rec)
             if why is not None:
                 raise RefusedError("rollback_refused", f"rollback refused: {why}")
             self.boot.make_primary(other.slot)

@@ -21,8 +21,24 @@ class SignatureVerdict:
 
     valid: bool  # cryptographically good, by a key that is in ``keyring``
     fingerprint: str | None  # primary key fingerprint of the signer, upper-case hex
-    detail: str  # gpg's status, for messages
+    detail: str  # what gpg said, for messages
     keyring: frozenset[str]  # fingerprints of every configured key
+    reason: str = "good"  # bounded: good, bad_signature, key_revoked, key_expired,
+    # signature_expired, unknown_key, check_error, no_signature, no_answer
+
+
+# What to do about each reason a signature is not good.
+_HINTS = {
+    "bad_signature": "the manifest or its signature was altered, or they do not belong together",
+    "key_revoked": "the publisher revoked this key: it must re-sign with a current key, "
+    "and [source] keyring must hold that key",
+    "key_expired": "the publisher must extend the key's expiry (and republish its public key) "
+    "or re-sign with a current key",
+    "signature_expired": "the publisher must sign the release again",
+    "unknown_key": "the signing key is not in [source] keyring: pin the publisher's key, "
+    "or the release is not from your publisher",
+    "no_signature": "release.json.asc must be an armored detached OpenPGP signature",
+}
 
 
 @dataclass(frozen=True)
@@ -64,7 +80,9 @@ def verify_manifest(
         )
     if not verdict.valid:
         raise VerificationError(
-            "signature_invalid", f"the manifest signature is not valid: {verdict.detail}"
+            "signature_invalid",
+            f"the manifest signature is not valid: {verdict.detail}",
+            hint=_HINTS.get(verdict.reason),
         )
     if verdict.fingerprint is None or verdict.fingerprint.upper() not in verdict.keyring:
         raise VerificationError(
@@ -72,7 +90,7 @@ def verify_manifest(
             f"the manifest is signed by {verdict.fingerprint}, which is not a trusted key",
         )
 
-    manifest = parse(data)
+    manifest = parse(data, exp.max_manifest_bytes)
 
     if manifest.expires <= exp.now:
         raise VerificationError(
