@@ -645,12 +645,10 @@ def assemble_disk(
         # No `default`: it would defeat boot counting (see partitions/sdboot.py).
         "/loader/loader.conf": b"timeout 0\nconsole-mode keep\neditor no\n",
     }
-    # Both slots start with this image's boot files: ROOT-B's are replaced by
-    # the agent with those of the release it installs there (when the release
-    # carries them); until then a release without boot files boots this kernel.
-    for slot_label in SLOT_LABELS:
-        files[BOOT_LINUX.format(label=slot_label)] = vmlinuz
-        files[BOOT_INITRD.format(label=slot_label)] = initrd
+    # ROOT-A's boot files; ROOT-B gets its own with the release the agent
+    # installs there (``updatectl release --kernel --initrd``).
+    files[BOOT_LINUX.format(label=label)] = vmlinuz
+    files[BOOT_INITRD.format(label=label)] = initrd
     esp_put(disk, files, runner=runner)
     mtools(["mmd", "-i", disk.esp_image, "::/loader/entries"], runner=runner)
     with tempfile.TemporaryDirectory(prefix="osimage-cfg-") as tmp:

@@ -284,7 +284,7 @@ def cached_signing_key(cache: Path | None = None) -> Iterator[SigningKey]:
 
 
 def publish(repo: Path, image: osimage.OsImage, key: SigningKey) -> None:
-    """``updatectl release`` of the image's slot file system as its version."""
+    """``updatectl release`` of the image's slot file system and boot files as its version."""
     argv = [
         "release",
         "--image", str(image.root_fs),
@@ -292,6 +292,10 @@ def publish(repo: Path, image: osimage.OsImage, key: SigningKey) -> None:
         "--repo", str(repo),
         "--gnupghome", str(key.gnupghome),
         "--key", key.fingerprint,
+        # the version's own kernel and initrd: the agent writes them to the
+        # ESP as /<slot>/vmlinuz and /<slot>/initrd.img before the slot's entry
+        "--kernel", str(image.vmlinuz),
+        "--initrd", str(image.initrd),
     ]  # fmt: skip
     out, err = io.StringIO(), io.StringIO()
     try:

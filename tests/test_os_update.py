@@ -160,6 +160,8 @@ def test_1_the_agent_installs_the_release_reboots_and_blesses_the_new_slot(
     assert second.facts["entry"].startswith("updater-ROOT-B+"), second.facts  # on trial
     assert "initrd=\\ROOT-B\\initrd.img" in second.facts["cmdline"]  # the slot's own files
     assert second.facts["kernel"] == image.kernel_release
+    assert second.facts["initrd-version"] == "1.1.0"  # the release's own boot files ran
+    assert first.facts["initrd-version"] == "1.0.0"
     # updater-mark-good.service: after boot-complete.target, health checks, blessed
     assert "marked_good" in [e.name for e in agent_events(second, "updater-mark-good")], why(second)
     status = assert_settled(second)
@@ -209,6 +211,7 @@ def test_2_a_release_that_fails_its_health_check_is_rolled_back_and_never_taken_
     trial = life.machine.boot()
     assert (trial.slot, trial.version) == ("ROOT-A", "1.2.0"), why(trial)
     assert trial.facts["entry"].startswith("updater-ROOT-A+"), trial.facts
+    assert trial.facts["initrd-version"] == "1.2.0"  # ROOT-A's boot files: 1.2.0's now
     mark_good = [e.name for e in agent_events(trial, "updater-mark-good")]
     assert in_order(mark_good, ["health_check_failed", "marked_bad"]), why(trial)
     assert "marked_good" not in mark_good
