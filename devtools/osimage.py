@@ -115,7 +115,9 @@ sed -n 's/^IMAGE_VERSION=//p' /usr/lib/os-release > "$DESTDIR/etc/image-version"
 """
 INITRD_SCRIPT = r"""#!/bin/sh
 case "$1" in prereqs) exit 0 ;; esac
-cp /etc/image-version /run/image-initrd-version
+# shell built-ins only: without busybox in the image, the initrd has klibc's few tools
+read -r version < /etc/image-version
+echo "$version" > /run/image-initrd-version
 """
 
 SLOT_LABELS = ("ROOT-A", "ROOT-B")

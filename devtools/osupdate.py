@@ -59,7 +59,7 @@ echo "BOOT initrd-version=$(cat /run/image-initrd-version 2>/dev/null || echo -)
 echo "BOOT cmdline=$(cat /proc/cmdline)"
 # systemd-boot's choice (a counted entry's name shows the tries left: on trial)
 efivar=/sys/firmware/efi/efivars/LoaderEntrySelected-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f
-echo "BOOT entry=$(tail -c +5 "$efivar" | tr -d '\0')"
+echo "BOOT entry=$(cat "$efivar" | tail -c +5 | tr -d '\0')"
 echo "BOOT machine-id=$(cat /etc/machine-id)"
 echo "BOOT uptime=$(cut -d' ' -f1 /proc/uptime)"
 exec journalctl -b -f -n all -o json --output-fields=EVENT,MESSAGE,_SYSTEMD_UNIT \
