@@ -897,10 +897,12 @@ def _die_with_parent() -> None:
 
 
 PR_SET_PDEATHSIG = 1
-Watcher = Callable[[str], bool]  # a console line -> True: cut the power now
+# A console line -> True: cut the power now. Also called with "" about five
+# times a second, so that it can act on time alone.
+Watcher = Callable[[str], bool]
 
 
-class _LineFeed:
+class LineFeed:
     """The console file as it grows, handed to a watcher one complete line at a time."""
 
     def __init__(self, path: Path, watch: Watcher | None) -> None:
@@ -920,12 +922,12 @@ class _LineFeed:
         if final and self.partial:
             complete.append(self.partial)
             self.partial = b""
-        cut = False
-        for raw in complete:
-            if self.watch(clean_console(raw)) and not final:
-                cut = True
-                break
-        return cut
+        if final:
+            for raw in complete:
+                self.watch(clean_console(raw))
+            return False
+        # then "" as a tick: a watcher can act on time alone, between lines
+        return any(self.watch(clean_console(raw)) for raw in complete) or self.watch("")
 
 
 def boot(
@@ -965,7 +967,7 @@ def boot(
             credentials=credentials,
             cpus=cpus,
         )
-        feed = _LineFeed(serial, watch)
+        feed = LineFeed(serial, watch)
         started = time.monotonic()
         with open(Path(tmp) / "stderr", "w+b") as stderr:
             proc = subprocess.Popen(

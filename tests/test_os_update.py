@@ -240,7 +240,8 @@ def test_3_a_power_cut_mid_install_boots_the_old_slot_and_the_install_completes(
     started = time.monotonic()
     with fleet(world, "power-cut") as f:
         f.publish(world, "1.1.0")
-        cut = f.machine.boot(watch=osupdate.cut_power_after("install_started", 20.0))
+        # ~8 s into a ~25 s download and write (two virtual CPUs under TCG)
+        cut = f.machine.boot(watch=osupdate.cut_power_after("state=DOWNLOADING", 8.0))
         assert cut.ended == "power cut", why(cut)
         names = [e.name for e in agent_events(cut)]
         assert "install_started" in names and "image_written" not in names, why(cut)
@@ -290,3 +291,27 @@ def test_the_credential_is_a_config_drop_in_the_agent_accepts(tmp_path: Path) ->
     )  # fmt: skip
     smbios = argv[argv.index("-smbios") + 1]
     assert smbios == "type=11,value=io.systemd.credential.binary:updater.config=W2FdCmIgPSAxLDIK"
+
+
+def test_a_watcher_sees_each_console_line_then_a_tick(tmp_path: Path) -> None:
+    serial = tmp_path / "serial"
+    serial.write_bytes(b"\x1b[0mone\r\nEVENT updater state_changed state=DOWNLOADING\npart")
+    seen: list[str] = []
+
+    def watch(line: str) -> bool:
+        seen.append(line)
+        return False
+
+    feed = osimage.LineFeed(serial, watch)
+    assert not feed.poll()
+    assert seen == ["one", "EVENT updater state_changed state=DOWNLOADING", ""]
+    with serial.open("ab") as fh:
+        fh.write(b"ial\n")
+    feed.poll(final=True)
+    assert seen[-1] == "partial"
+    # the plug is pulled on a tick once the delay has passed, with no new line
+    cut = osupdate.cut_power_after("state=DOWNLOADING", 0.3)
+    timed = osimage.LineFeed(serial, cut)
+    assert not timed.poll()
+    time.sleep(0.35)
+    assert timed.poll()
