@@ -75,7 +75,9 @@ for line in sys.stdin:
     if not entry.get("EVENT") or not isinstance(message, str):
         continue
     unit = (entry.get("_SYSTEMD_UNIT") or "-").removesuffix(".service")
-    print("EVENT", unit, message.splitlines()[0], flush=True)
+    # one write, from a fresh line (a login prompt may have left one open)
+    sys.stdout.write(f"\nEVENT {unit} {message.splitlines()[0]}\n")
+    sys.stdout.flush()
 """
 CONSOLE_UNIT = """[Unit]
 Description=The boot's facts and the agent's events on the console (test image only)
@@ -110,7 +112,9 @@ def run(*argv):
 
 
 def say(key, value):
-    print(f"REPORT {key}=" + " ".join(str(value).split()), flush=True)
+    # one write, from a fresh line (a login prompt may have left one open)
+    sys.stdout.write(f"\nREPORT {key}=" + " ".join(str(value).split()) + "\n")
+    sys.stdout.flush()
 
 
 def status():
@@ -141,7 +145,6 @@ while True:
         say("settled", "no")
         break
     time.sleep(3)
-print(flush=True)
 say("waited", round(time.monotonic() - started))
 say("mark-good", show("ActiveState,Result", "updater-mark-good.service").replace("\n", ","))
 say("updater", show("ActiveState"))
@@ -190,11 +193,11 @@ ExecStart=-/sbin/agetty --autologin root --keep-baud 115200,57600,38400,9600 %I 
 # The agent runs it after staging an update, before asking logind to reboot.
 STAGED_HOOK = r"""#!/bin/sh
 exec >/dev/console 2>&1
-echo
-echo "STAGED reboot-required=$(test -e /run/reboot-required && echo yes || echo no)"
-echo "STAGED updater="$(systemctl show -p ActiveState,SubState,Type --value updater.service)
-echo "STAGED status-text=$(systemctl show -p StatusText --value updater.service)"
-echo "STAGED status=$(updatectl status --json | python3 -m json.tool --compact)"
+say() { printf '\n%s\n' "$*"; }  # one line, from a fresh line
+say "STAGED reboot-required=$(test -e /run/reboot-required && echo yes || echo no)"
+say "STAGED updater="$(systemctl show -p ActiveState,SubState,Type --value updater.service)
+say "STAGED status-text=$(systemctl show -p StatusText --value updater.service)"
+say "STAGED status=$(updatectl status --json | python3 -m json.tool --compact)"
 """
 # Pings every 15 s (half of it): a test sees them within a boot.
 AGENT_TEST_DROPIN = "[Service]\nWatchdogSec=30s\n"
