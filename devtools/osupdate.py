@@ -311,6 +311,11 @@ def publish(repo: Path, image: osimage.OsImage, key: SigningKey) -> None:
 
 # ---- a machine --------------------------------------------------------------------------------
 
+# Events a person watching the demo can do without.
+BOOKKEEPING = frozenset(
+    {"state_changed", "dbus_service_started", "dbus_service_stopped", "agent_stopped",
+     "reported_steady", "health_checks_finished"}
+)  # fmt: skip
 _EVENT_RE = re.compile(r"^(?P<unit>\S+) (?P<event>[a-z_]+)(?: (?P<rest>.*))?$")
 
 
@@ -375,13 +380,18 @@ class Boot:
         doc: dict[str, object] = json.loads(self.staged.get("status", "{}") or "{}")
         return doc
 
-    def summary(self) -> str:
+    def summary(self, *, brief: bool = False) -> str:
+        """The boot in a few lines; ``brief``: without the agent's bookkeeping events."""
         lines = [
             f"boot {self.number}: {self.slot} version {self.version}, kernel "
             f"{self.facts.get('kernel', '?')} (initrd of {self.facts.get('initrd-version', '?')})"
             f", {self.log.seconds:.0f}s, ended by {self.ended}"
         ]
-        lines += [f"  {e.unit}: {e.name} {e.text}".rstrip() for e in self.events]
+        lines += [
+            f"  {e.unit}: {e.name} {e.text}".rstrip()[:200]
+            for e in self.events
+            if not (brief and e.name in BOOKKEEPING)
+        ]
         return "\n".join(lines)
 
 
@@ -465,6 +475,9 @@ def say(text: str) -> None:
 
 def live_summary(line: str) -> bool:
     """Print what matters of a console line as it comes (for a person watching)."""
+    m = _EVENT_RE.match(line.removeprefix("EVENT ")) if line.startswith("EVENT ") else None
+    if m is not None and m["event"] in BOOKKEEPING:
+        return False
     for prefix in ("BOOT ", "EVENT ", "STAGED reboot-required", "REPORT settled"):
         if line.startswith(prefix) and "cmdline=" not in line and "kernel-build" not in line:
             print(f"   {line[:160]}", flush=True)
@@ -499,7 +512,7 @@ def run_demo(workdir: Path) -> int:
                 print(f"   ended by {boot.ended} after {boot.log.seconds:.0f}s")
     say("Summary")
     for b in machine.boots:
-        print(b.summary())
+        print(b.summary(brief=True))
     last = machine.boots[-1]
     ok = (
         [b.slot for b in machine.boots] == ["ROOT-A", "ROOT-B"]
