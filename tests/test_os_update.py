@@ -265,8 +265,8 @@ def test_3_a_power_cut_mid_install_boots_the_old_slot_and_the_install_completes(
         after = booted(f.machine)
         assert (after.slot, after.version) == ("ROOT-A", "1.0.0"), why(after)
         assert after.facts["entry"] == "updater-root-a.conf", after.facts
-        started = next(e for e in agent_events(after) if e.name == "agent_started")
-        assert started.field("resume") == "work_interrupted", why(after)  # it knew
+        agent = next(e for e in agent_events(after) if e.name == "agent_started")
+        assert agent.field("resume") == "work_interrupted", why(after)  # it knew
         assert_installs_and_reboots(after, "1.1.0", "ROOT-B")
     TIMES["scenario 3"] = time.monotonic() - started
 
