@@ -435,15 +435,25 @@ class MtoolsStore:
         cleaned = clean_path(path)
         if not cleaned:
             return True
-        done = self._mtools("mdir", "-b", self._target(cleaned), check=False)
-        return done.returncode == 0
+        return self._listed(self._target(cleaned), cleaned)
 
     def _is_dir(self, path: str) -> bool:
         cleaned = clean_path(path)
         if not cleaned:
             return True
         # with a trailing slash, mdir lists a directory and fails on a file
-        return self._mtools("mdir", "-b", self._target(cleaned) + "/", check=False).returncode == 0
+        return self._listed(self._target(cleaned) + "/", cleaned)
+
+    def _listed(self, target: str, path: str) -> bool:
+        """Whether mdir finds ``target``: no only when mtools says "not found"; any other
+        failure (a killed mdir at shutdown, an unreadable image) is an error, never a
+        missing file (a boot entry's kernel reported missing that is there)."""
+        done = self._mtools("mdir", "-b", target, check=False)
+        if done.returncode == 0:
+            return True
+        if done.returncode > 0 and b"not found" in done.stderr:
+            return False
+        raise self._failed(done, path)
 
     def remove(self, path: str) -> None:
         _parent_and_name(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -230,6 +231,30 @@ def test_missing_mtools_is_an_io_error_with_a_hint(tmp_path: Path) -> None:
     with pytest.raises(DiskError) as err:
         store.read("x")
     assert err.value.kind == "io" and err.value.hint == "install mtools"
+
+
+def test_an_mdir_that_fails_is_no_missing_file(tmp_path: Path) -> None:
+    """Only mtools' "not found" means absent: an mdir killed by a signal (the service
+    stopping at shutdown) or an image it cannot open is an io error, not a boot entry's
+    kernel reported missing."""
+    disk = make_esp_disk(tmp_path / "disk.img", slot_size=MiB)
+    real = MtoolsStore(disk.path, disk.esp.offset)
+    real.makedirs("USR-A")
+    real.write("USR-A/vmlinuz", b"k")
+    assert real.exists("USR-A/vmlinuz") and not real.exists("USR-A/initrd.img")
+
+    def killed(argv: Sequence[str], **kwargs: Any) -> Completed:
+        if argv[0] == "mdir":
+            return Completed(tuple(argv), -15, b"", b"")
+        return run(argv, **kwargs)
+
+    store = MtoolsStore(disk.path, disk.esp.offset, runner=killed)
+    with pytest.raises(DiskError) as err:
+        store.exists("USR-A/vmlinuz")
+    assert err.value.kind == "io" and "USR-A/vmlinuz" in err.value.message
+    gone = MtoolsStore(tmp_path / "no-such.img", 0)
+    with pytest.raises(DiskError):
+        gone.exists("USR-A/vmlinuz")
 
 
 def test_fat_partition(make_image: MakeImage) -> None:
