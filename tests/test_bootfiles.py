@@ -234,10 +234,10 @@ OLD_KERNEL = b"\x7fkernel 1.0.0 " * 900
 OLD_INITRD = b"initrd 1.0.0 " * 2500
 
 
-@pytest.fixture
-def esp_host(
+def esp_host_with_boot_files(
     tmp_path: Path, usr_images: dict[str, Path], repo: Repo, release_key: SigningKey
 ) -> EspHost:
+    """A systemd-boot host on 1.0.0 from USR-A, with USR-A's own kernel and initrd."""
     return provision_esp_host(
         tmp_path / "host",
         slot_size=HOST_SLOT_SIZE,
@@ -248,6 +248,13 @@ def esp_host(
         repo_url=repo.url,
         keyring=release_key.public_key,
     )
+
+
+@pytest.fixture
+def esp_host(
+    tmp_path: Path, usr_images: dict[str, Path], repo: Repo, release_key: SigningKey
+) -> EspHost:
+    return esp_host_with_boot_files(tmp_path, usr_images, repo, release_key)
 
 
 def publish_with_boot_files(repo: Repo, image: Path, tmp_path: Path) -> None:

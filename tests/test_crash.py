@@ -26,11 +26,12 @@ from pathlib import Path
 import pytest
 
 from devtools.gpgkeys import SigningKey
-from devtools.host import LABELS, EspHost, Host, esp_files, provision_esp_host, systemd_boot_choice
+from devtools.host import LABELS, EspHost, Host, esp_files, systemd_boot_choice
 from devtools.repo_server import Fault
 from partitions.filestore import MtoolsStore, fat_partition
 from partitions.firmware import boot_disk_image
-from tests.conftest import HOST_SLOT_SIZE, Repo, updatectl
+from tests.conftest import Repo, updatectl
+from tests.test_bootfiles import esp_host_with_boot_files
 
 KILLS = 50
 SLOW = Fault(chunk_delay_s=0.01)  # ~0.3 s of download: kills land inside the stream
@@ -153,8 +154,6 @@ def test_kill_at_random_points(
 
 KERNEL = b"\x7fkernel 1.1.0 " * 40_000  # ~0.6 MiB: kills land inside its download and copy
 INITRD = b"initrd 1.1.0 " * 80_000
-OLD_KERNEL = b"\x7fkernel 1.0.0 " * 1000
-OLD_INITRD = b"initrd 1.0.0 " * 2000
 ESP_KILLS = 30
 
 
@@ -181,16 +180,7 @@ def test_kill_at_random_points_while_boot_files_are_written(
     release_key: SigningKey,
     tmp_path: Path,
 ) -> None:
-    m: EspHost = provision_esp_host(
-        tmp_path / "host",
-        slot_size=HOST_SLOT_SIZE,
-        first_image=usr_images["1.0.0"],
-        first_version="1.0.0",
-        kernel=OLD_KERNEL,
-        initrd=OLD_INITRD,
-        repo_url=repo.url,
-        keyring=release_key.public_key,
-    )
+    m: EspHost = esp_host_with_boot_files(tmp_path, usr_images, repo, release_key)
     host, efivars = m.host, m.host.root / "efivars"
     kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
     kernel.write_bytes(KERNEL)
