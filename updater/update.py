@@ -27,6 +27,7 @@ from updater.errors import (
     DiskError,
     OmahaError,
     RefusedError,
+    UpdaterError,
     VerificationError,
     internal_error,
 )
@@ -440,13 +441,7 @@ class Updater:
                 hint="set [disk] esp (the mounted ESP) or esp_partition, where the boot "
                 "loader reads /<slot>/<file>",
             )
-            log.error(
-                "install_failed",
-                version=m.version,
-                slot=slot.label,
-                error_kind=refusal.kind,
-                error=refusal.message,
-            )
+            _log_install_failed(m.version, slot, refusal)
             self._report(Happening("failed", version=m.version, error=refusal))
             raise refusal
         log.info("install_started", version=m.version, slot=slot.label, url=url)
@@ -495,13 +490,7 @@ class Updater:
         except Exception as exc:
             # any failure, ours or not, ends the same way: nothing pending, reported
             error = internal_error(exc, "install")
-            log.error(
-                "install_failed",
-                version=m.version,
-                slot=slot.label,
-                error_kind=error.kind,
-                error=error.message,
-            )
+            _log_install_failed(m.version, slot, error)
             self.store.update(lambda st: replace(st, pending=None))
             if not isinstance(error, Cancelled):
                 self._report(Happening("failed", version=m.version, error=error))
@@ -775,3 +764,13 @@ def as_dict(report: StatusReport) -> Mapping[str, object]:
             for s in report.slots
         ],
     }
+
+
+def _log_install_failed(version: str, slot: Slot, error: UpdaterError) -> None:
+    log.error(
+        "install_failed",
+        version=version,
+        slot=slot.label,
+        error_kind=error.kind,
+        error=error.message,
+    )
