@@ -82,6 +82,23 @@ def test_checks_run_in_name_order_with_a_minimal_environment(tmp_path: Path) -> 
     assert events[-1] == "health_checks_finished"
 
 
+def test_pre_reboot_hooks_log_under_their_own_name(tmp_path: Path) -> None:
+    """The same runner serves the pre-reboot hooks: their events say so, not health_check_*."""
+    d = tmp_path / "pre-reboot.d"
+    script(d, "10-drain", "exit 0\n")
+    script(d, "20-refuse", "exit 1\n")
+    with capture_logs() as logs:
+        report = run(HealthChecker(d, timeout_s=10, event="pre_reboot_hook"))
+    assert [r.ok for r in report.results] == [True, False]
+    events = [e["event"] for e in logs]
+    assert events == [
+        "pre_reboot_hook_passed",
+        "pre_reboot_hook_failed",
+        "pre_reboot_hooks_finished",
+    ]
+    assert not [e for e in events if e.startswith("health_check")]
+
+
 def test_a_failing_check_reports_its_output(tmp_path: Path) -> None:
     d = tmp_path / "health.d"
     script(d, "10-ok", "exit 0\n")

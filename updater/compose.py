@@ -383,7 +383,11 @@ async def run_agent(config: Config) -> None:
         notifier=Notifier(),
         metrics=metrics,
         timing=timing(config),
-        pre_reboot=HealthChecker(config.reboot.pre_reboot_dir, config.reboot.pre_reboot_timeout_s),
+        pre_reboot=HealthChecker(
+            config.reboot.pre_reboot_dir,
+            config.reboot.pre_reboot_timeout_s,
+            event="pre_reboot_hook",
+        ),
         release_after_s=config.reboot.release_after_s,
         fleet=fleet_reporter(config),
     )

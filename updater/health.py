@@ -99,6 +99,7 @@ class HealthChecker:
         *,
         kill_grace_s: float = 5.0,  # between SIGTERM and SIGKILL of a check that timed out
         output_limit: int = OUTPUT_LIMIT,  # bytes
+        event: str = "health_check",  # its log events prefix; pre-reboot hooks: pre_reboot_hook
     ) -> None:
         self.checks_dir = checks_dir
         self.timeout_s = timeout_s
@@ -106,6 +107,7 @@ class HealthChecker:
         self._unit_states = unit_states
         self.kill_grace_s = kill_grace_s
         self.output_limit = output_limit
+        self.event = event
 
     async def run(self) -> HealthReport:
         start = time.monotonic()
@@ -118,7 +120,7 @@ class HealthChecker:
                 results.append(await self._check_unit(states, unit))
         report = HealthReport(ok=all(r.ok for r in results), results=tuple(results))
         (log.info if report.ok else log.warning)(
-            "health_checks_finished",
+            f"{self.event}s_finished",
             ok=report.ok,
             checks=len(results),
             failed=[r.name for r in report.failures],
@@ -134,7 +136,7 @@ class HealthChecker:
         except FileNotFoundError:
             return []
         except OSError as exc:  # unreadable, not a directory: fail closed
-            log.warning("health_checks_unlistable", dir=str(self.checks_dir), error=str(exc))
+            log.warning(f"{self.event}s_unlistable", dir=str(self.checks_dir), error=str(exc))
             results.append(
                 CheckResult(str(self.checks_dir), False, "check_failed", f"cannot list: {exc}", 0.0)
             )
@@ -150,7 +152,7 @@ class HealthChecker:
             if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
                 found.append(Path(e.path))
             else:
-                log.debug("health_check_skipped", name=e.name)
+                log.debug(f"{self.event}_skipped", name=e.name)
         return found
 
     async def _run_check(self, path: Path) -> CheckResult:
@@ -170,7 +172,7 @@ class HealthChecker:
         except OSError as exc:
             capture.close()
             result = CheckResult(name, False, "check_failed", f"cannot run: {exc}", 0.0)
-            log.warning("health_check_failed", check=name, detail=result.detail)
+            log.warning(f"{self.event}_failed", check=name, detail=result.detail)
             return result
         capture.start()
         timed_out = False
@@ -184,7 +186,7 @@ class HealthChecker:
         finally:
             # Whatever it left behind in its group goes too (also when we are cancelled).
             if _signal_group(proc.pid, signal.SIGKILL):
-                log.info("health_check_leftovers_killed", check=name)
+                log.info(f"{self.event}_leftovers_killed", check=name)
             try:
                 if proc.returncode is None:  # cancelled: reap it before the loop goes away
                     await _wait_quietly(proc.wait(), timeout_s=5.0)
@@ -195,14 +197,14 @@ class HealthChecker:
         output = capture.text()
         if timed_out:
             detail = f"timed out after {self.timeout_s:g} s"
-            log.warning("health_check_timeout", check=name, seconds=seconds, output=output)
+            log.warning(f"{self.event}_timeout", check=name, seconds=seconds, output=output)
             return CheckResult(name, False, "check_timeout", detail, seconds, output)
         detail = _describe_exit(returncode)
         if returncode == 0:
-            log.info("health_check_passed", check=name, seconds=seconds)
+            log.info(f"{self.event}_passed", check=name, seconds=seconds)
             return CheckResult(name, True, None, detail, seconds, output)
         log.warning(
-            "health_check_failed", check=name, detail=detail, seconds=seconds, output=output
+            f"{self.event}_failed", check=name, detail=detail, seconds=seconds, output=output
         )
         return CheckResult(name, False, "check_failed", detail, seconds, output)
 
