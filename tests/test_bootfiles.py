@@ -20,7 +20,8 @@ from devtools.repo_server import Fault
 from partitions.bootcontrol import Slot
 from partitions.filestore import StreamingStore
 from partitions.firmware import kernel_cmdline
-from tests.conftest import HOST_SLOT_SIZE, Repo, updatectl
+from tests.conftest import HOST_SLOT_SIZE, Published, Repo, updatectl
+from tests.omaha_server import Answer, OmahaServer, Release
 from updater import config
 from updater.bootfiles import EspBootFiles, checked
 from updater.compose import boot_files_unused
@@ -257,11 +258,11 @@ def esp_host(
     return esp_host_with_boot_files(tmp_path, usr_images, repo, release_key)
 
 
-def publish_with_boot_files(repo: Repo, image: Path, tmp_path: Path) -> None:
+def publish_with_boot_files(repo: Repo, image: Path, tmp_path: Path) -> Published:
     kernel, initrd = tmp_path / "vmlinuz-new", tmp_path / "initrd-new"
     kernel.write_bytes(KERNEL)
     initrd.write_bytes(INITRD)
-    repo.publish("1.1.0", image, boot_files=(("vmlinuz", kernel), ("initrd.img", initrd)))
+    return repo.publish("1.1.0", image, boot_files=(("vmlinuz", kernel), ("initrd.img", initrd)))
 
 
 def booted_side(m: EspHost) -> tuple[dict[str, bytes], dict[str, bytes], bytes]:
@@ -301,6 +302,37 @@ def test_a_release_with_boot_files_installs_them_for_the_target_slot(
         {"name": "vmlinuz", "size": len(KERNEL), "sha256": sha(KERNEL)},
         {"name": "initrd.img", "size": len(INITRD), "sha256": sha(INITRD)},
     ]
+
+
+def test_boot_files_travel_through_the_omaha_source(
+    esp_host: EspHost, repo: Repo, usr_images: dict[str, Path], tmp_path: Path
+) -> None:
+    """Omaha offers the package; the signed manifest beside it names the boot files, which
+    the agent fetches from beside the manifest and checks exactly as from the repository."""
+    package = publish_with_boot_files(repo, usr_images["1.1.0"], tmp_path).image_path
+    data = package.read_bytes()
+    release = Release(
+        version="1.1.0",
+        codebase=f"{repo.url}/images/1.1.0/",
+        package=package.name,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    before = booted_side(esp_host)
+    with OmahaServer(release=release, answer=Answer.UPDATE) as server:
+        host = esp_host.host
+        host.config.write_text(
+            host.config.read_text().replace("[source]\n", '[source]\nkind = "omaha"\n')
+            + f'\n[omaha]\nserver = "{server.url}"\ngroup = "stable"\nflatcar_conf = false\n'
+        )
+        r = updatectl(host, "-v", "check", "--install", "--json")
+    assert r.code == 0, r.err
+    assert esp_host.esp.read("USR-B/vmlinuz") == KERNEL
+    assert esp_host.esp.read("USR-B/initrd.img") == INITRD
+    assert booted_side(esp_host) == before
+    assert esp_host.next_boot() == "USR-B"
+    fetched = {req.path for req in repo.server.requests}
+    assert {"/images/1.1.0/boot/vmlinuz", "/images/1.1.0/boot/initrd.img"} <= fetched, fetched
 
 
 def flip_first_byte(repo: Repo, path: str) -> None:
