@@ -814,12 +814,18 @@ def qemu_argv(
     uuid: UUID,
     credentials: Mapping[str, bytes] | None = None,
     cpus: int = 1,
+    forwards: Sequence[tuple[int, int]] = (),
 ) -> list[str]:
     """QEMU (TCG) with OVMF: the disk on virtio-blk, a NIC on QEMU's user network.
 
     ``serial`` is QEMU's character device for the console (``file:<path>``,
-    ``mon:stdio``). The guest reaches this machine's loopback as 10.0.2.2.
+    ``mon:stdio``). The guest reaches this machine's loopback as 10.0.2.2;
+    ``forwards`` (host port, guest port) pairs make guest TCP services reachable
+    on this machine's 127.0.0.1.
     """
+    netdev = "user,id=net0" + "".join(
+        f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in forwards
+    )
     return [
         "qemu-system-x86_64",
         "-machine", "q35",
@@ -837,7 +843,7 @@ def qemu_argv(
         "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
         "-drive", f"if=none,id=disk0,format=raw,file={disk}",
         "-device", "virtio-blk-pci,drive=disk0,bootindex=0",
-        "-netdev", "user,id=net0",
+        "-netdev", netdev,
         "-device", "virtio-net-pci,netdev=net0",
         *smbios_credentials(credentials or {}),
     ]  # fmt: skip
@@ -940,6 +946,7 @@ def boot(
     credentials: Mapping[str, bytes] | None = None,
     watch: Watcher | None = None,
     cpus: int = 1,
+    forwards: Sequence[tuple[int, int]] = (),
 ) -> BootLog:
     """Power ``disk`` on once under QEMU until the guest powers off or reboots (QEMU
     runs with -no-reboot), or ``timeout_s`` passes.
@@ -966,6 +973,7 @@ def boot(
             uuid=uuid,
             credentials=credentials,
             cpus=cpus,
+            forwards=forwards,
         )
         feed = LineFeed(serial, watch)
         started = time.monotonic()

@@ -203,6 +203,66 @@ say "STAGED status=$(updatectl status --json | python3 -m json.tool --compact)"
 """
 # Pings every 15 s (half of it): a test sees them within a boot.
 AGENT_TEST_DROPIN = "[Service]\nWatchdogSec=30s\n"
+# The machine's own job: a small HTTP service (what the fleet test's client
+# calls, failing over between machines as a load balancer would). It answers
+# with the booted version and slot, so a client sees the rollout.
+WEB_PORT = 8080
+WEB_SCRIPT = r"""import http.server, os
+
+def fact(path, key):
+    try:
+        for line in open(path):
+            if line.startswith(key + "="):
+                return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return "-"
+
+BODY = (
+    f"version={fact('/usr/lib/os-release', 'IMAGE_VERSION')} "
+    f"machine={open('/etc/machine-id').read().strip()}\n"
+).encode()
+
+class Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("", @PORT@), Answer).serve_forever()
+""".replace("@PORT@", str(WEB_PORT))
+WEB_UNIT = """[Unit]
+Description=The machine's service, answering HTTP on port 8080 (test image only)
+After=network.target
+
+[Service]
+ExecStart=/usr/bin/python3 /usr/libexec/osimage-test-web
+DynamicUser=yes
+
+[Install]
+WantedBy=multi-user.target
+"""
+# A health check as an admin would write one: the new slot is good only once the
+# machine's service answers.
+WEB_CHECK = r"""#!/usr/bin/python3
+import sys, time, urllib.request
+
+for _ in range(40):
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:@PORT@/", timeout=2) as answer:
+            if answer.status == 200:
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(1)
+print("the service on port @PORT@ does not answer", file=sys.stderr)
+sys.exit(1)
+""".replace("@PORT@", str(WEB_PORT))
 FAILING_CHECK = (
     '#!/bin/sh\necho "the application does not answer (this release broke it)" >&2\nexit 1\n'
 )
@@ -223,6 +283,9 @@ def test_settings(
         ),
         ("/usr/lib/systemd/system/osimage-test-report.service", REPORT_UNIT.encode(), 0o644),
         ("/etc/updater/pre-reboot.d/50-osimage-test-staged", STAGED_HOOK.encode(), 0o755),
+        ("/usr/libexec/osimage-test-web", WEB_SCRIPT.encode(), 0o644),
+        ("/usr/lib/systemd/system/osimage-test-web.service", WEB_UNIT.encode(), 0o644),
+        ("/etc/updater/health.d/40-web-answers", WEB_CHECK.encode(), 0o755),
         (
             "/usr/lib/systemd/system/updater.service.d/50-osimage-test.conf",
             AGENT_TEST_DROPIN.encode(),
@@ -240,23 +303,28 @@ def test_settings(
         version=version,
         keyring=keyring,
         extra_files=tuple(files),
-        enable=("osimage-test-console.service", "osimage-test-report.service"),
+        enable=(
+            "osimage-test-console.service",
+            "osimage-test-report.service",
+            "osimage-test-web.service",
+        ),
     )
 
 
-def agent_config(repo_url: str) -> bytes:
-    """The credential ``updater.config``: the repository, and short delays for a test."""
+def agent_config(repo_url: str, extra: str = "", *, poll_interval_s: int = 600) -> bytes:
+    """The credential ``updater.config``: the repository, and short delays for a test;
+    ``extra``: more TOML after it (a fleet's lock settings)."""
     return (
         "[source]\n"
         f'url = "{repo_url}"\n'
         "\n"
         "[agent]\n"
         "first_check_delay_s = 3\n"
-        "poll_interval_s = 600\n"
+        f"poll_interval_s = {poll_interval_s}\n"
         "jitter = 0\n"
         "retry_base_s = 10\n"
         "retry_cap_s = 60\n"
-        "coreos_compat = true\n"
+        "coreos_compat = true\n" + extra
     ).encode()
 
 
@@ -417,6 +485,10 @@ class Machine:
     repo_url: str
     cpus: int = GUEST_CPUS
     boots: list[Boot] = field(default_factory=list)
+    extra_config: str = ""  # more of the credential's TOML (agent_config)
+    forwards: tuple[tuple[int, int], ...] = ()  # (host port, guest port): QEMU's hostfwd
+    report: bool = True  # the report unit runs: the guest powers off once settled
+    poll_interval_s: int = 600
 
     @classmethod
     def create(cls, workdir: Path, image: osimage.OsImage, repo_url: str) -> Machine:
@@ -433,7 +505,14 @@ class Machine:
         return machine
 
     def credentials(self) -> dict[str, bytes]:
-        return {osimage.CREDENTIAL: agent_config(self.repo_url), REPORT_CREDENTIAL: b"1"}
+        creds = {
+            osimage.CREDENTIAL: agent_config(
+                self.repo_url, self.extra_config, poll_interval_s=self.poll_interval_s
+            )
+        }
+        if self.report:
+            creds[REPORT_CREDENTIAL] = b"1"
+        return creds
 
     def boot(
         self, *, timeout_s: float = BOOT_TIMEOUT_S, watch: osimage.Watcher | None = None
@@ -448,6 +527,7 @@ class Machine:
             watch=watch,
             serial_log=self.workdir / f"console-{number}.log",
             cpus=self.cpus,
+            forwards=self.forwards,
         )
         booted = parse_boot(number, log)
         self.boots.append(booted)

@@ -20,7 +20,7 @@ from devtools.repo_server import Fault
 from partitions.bootcontrol import Slot
 from partitions.filestore import StreamingStore
 from partitions.firmware import kernel_cmdline
-from tests.conftest import HOST_SLOT_SIZE, Published, Repo, updatectl
+from tests.conftest import HOST_SLOT_SIZE, Repo, updatectl
 from tests.omaha_server import Answer, OmahaServer, Release
 from updater import config
 from updater.bootfiles import EspBootFiles, checked
@@ -36,6 +36,7 @@ from updater.manifest import (
     parse,
     serialize,
 )
+from updater.release import Published
 
 T0 = datetime(2026, 11, 28, tzinfo=UTC)
 KERNEL = b"\x7fkernel 1.1.0 " * 1000
