@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-vm deb image demo-os boot-os test lint typecheck unit fuzz bench clean
+.PHONY: setup demo demo-vm deb image demo-os boot-os demo-fleet test lint typecheck unit fuzz bench clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -34,6 +34,13 @@ demo-os: setup
 # Boot the demo's machine again, its serial console on this terminal (Ctrl-A X quits).
 boot-os: setup
 	$(PY) -m devtools.osupdate boot --workdir build/os-demo
+
+# A fleet rolling out a release under the etcd reboot lock (root; ~10 minutes):
+# MACHINES VMs of the image, a 3-member etcd cluster on loopback, a client
+# calling each machine's service and failing over; each machine's version and
+# state over time, `updatectl fleet status`, and the client's answered/failed count.
+demo-fleet: setup
+	$(PY) -m devtools.osfleet --workdir build/fleet-demo --machines $(or $(MACHINES),2)
 
 lint: setup
 	$(VENV)/bin/ruff check .

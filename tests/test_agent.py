@@ -727,3 +727,97 @@ def test_a_forced_reboot_that_crashes_answers_the_caller_and_is_counted(
     assert calls == ["call"]
     assert h.agent.status().state == "UPDATED_NEED_REBOOT"
     assert h.agent._m.reboot_refusals == 1 and h.agent.status().last_error_kind == "internal"
+
+
+# ---- one reboot attempt at a time; a host going down keeps its slot ---------------------------
+
+
+class RecordingLock:
+    """A lock strategy that grants the slot and records what it was asked."""
+
+    name = "lock"
+
+    def __init__(self) -> None:
+        self.asked = 0
+        self.released = 0
+        self.held = False
+
+    @property
+    def holding(self) -> bool | None:
+        return self.held
+
+    def can_finalize(self) -> bool:
+        self.asked += 1
+        self.held = True
+        return True
+
+    def report_steady(self) -> None:
+        self.released += 1
+        self.held = False
+
+
+class CountingHooks:
+    """Pre-reboot hooks that take ``seconds`` (real time) and pass, or fail once told to."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.runs = 0
+        self.fail = False
+
+    async def run(self) -> HealthReport:
+        self.runs += 1
+        await asyncio.sleep(self.seconds)
+        if self.fail:
+            from updater.health import CheckResult  # noqa: PLC0415
+
+            return HealthReport(False, (CheckResult("drain", False, "check_failed", "x", 0),))
+        return HealthReport(True, ())
+
+
+def test_the_retry_timer_during_slow_pre_reboot_hooks_is_not_a_second_attempt(
+    host: Host, repo: Repo, usr_images: dict[str, Path], notify: NotifySocket
+) -> None:
+    """Found by the fleet test: hooks that outlast reboot_retry_s ran twice at once, and
+    the second, killed by the shutdown the first started, gave the slot back while the
+    host was still going down, so a second host rebooted with it."""
+    repo.publish("1.1.0", usr_images["1.1.0"])
+    lock, hooks = RecordingLock(), CountingHooks(seconds=1.0)  # > 3 reboot_retry_s
+    h = Harness(host, notify, lock, pre_reboot=hooks)
+
+    async def scenario() -> None:
+        async with running(h):
+            await until(lambda: len(h.rebooter.calls) == 1)
+            lock.released = 0  # (the start's steady step released whatever was held)
+            hooks.fail = True  # what a shutdown does to hooks still running
+            await asyncio.sleep(1.5)  # five more retry periods
+            await h.agent.reboot_now()  # the machine is going down: nothing more to do
+
+    with capture_logs() as logs:
+        asyncio.run(scenario())
+    assert (hooks.runs, lock.asked, len(h.rebooter.calls)) == (1, 1, 1)
+    assert lock.released == 0 and lock.held  # the next boot's steady step gives it back
+    events = [e["event"] for e in logs]
+    assert "reboot_attempt_under_way" in events  # a retry came while the hooks ran
+    assert "reboot_lock_given_back" not in events
+
+
+def test_a_reboot_that_never_happens_is_asked_again_after_the_patience(
+    host: Host, repo: Repo, usr_images: dict[str, Path], notify: NotifySocket
+) -> None:
+    from updater.agent import REBOOT_PATIENCE_S  # noqa: PLC0415
+
+    repo.publish("1.1.0", usr_images["1.1.0"])
+    clock = VirtualClock()
+    lock, hooks = RecordingLock(), CountingHooks()
+    h = Harness(host, notify, lock, clock=clock, pre_reboot=hooks)
+    times: list[float] = []
+    released: list[int] = []
+
+    async def reboot() -> None:
+        times.append(clock.monotonic())
+        released.append(lock.released)
+
+    h.rebooter.reboot = reboot  # type: ignore[method-assign]
+    run_until(h, lambda: len(times) >= 2)
+    assert times[1] - times[0] >= REBOOT_PATIENCE_S
+    assert hooks.runs == 2 and released[0] == released[1]  # kept all along

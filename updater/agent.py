@@ -40,6 +40,10 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 STOP_GRACE_S = 3.0  # how long a stop waits for running work to wind down
+# Once logind accepted a reboot, the machine is going down: no second attempt (its
+# pre-reboot hooks would die in the shutdown and give the slot back while the host is
+# still rebooting) until this long has passed with the agent still running.
+REBOOT_PATIENCE_S = 600.0
 
 
 class Notifier(Protocol):
@@ -238,6 +242,8 @@ class Agent:
         self._last_status: AgentStatus | None = None
         self._steady_task: asyncio.Task[None] | None = None
         self._refused_since: float | None = None  # monotonic time of the first refusal
+        self._finalizing = False  # one reboot attempt at a time
+        self._reboot_started: float | None = None  # monotonic time logind accepted a reboot
 
     # ---- AgentControl ---------------------------------------------------------------------------
 
@@ -534,7 +540,30 @@ class Agent:
 
         A crash of any of them is a failed reboot attempt (asked again later,
         backing off) and gives back the cluster lock taken for it.
+
+        One attempt at a time: the retry timer may fire while the hooks of the
+        last attempt still run. Once logind accepted the reboot, no attempt until
+        REBOOT_PATIENCE_S has passed, and the slot is never given back (see
+        :meth:`_release`): the host is going down holding it.
         """
+        if self._finalizing:
+            log.info("reboot_attempt_under_way", forced=force)
+            if force:
+                raise RefusedError(
+                    "reboot_refused",
+                    "a reboot attempt is under way (waiting for the policy or the "
+                    "pre-reboot hooks)",
+                    hint="ask again once it has ended (updatectl status)",
+                )
+            return
+        if self._reboot_started is not None:
+            since = self.clock.monotonic() - self._reboot_started
+            if since < REBOOT_PATIENCE_S:
+                log.debug("reboot_already_started", seconds_ago=round(since, 1))
+                return
+            log.warning("reboot_did_not_happen", seconds_ago=round(since, 1))
+            self._reboot_started = None
+        self._finalizing = True
         try:
             await self._try_finalize(force)
         except RefusedError:
@@ -546,6 +575,8 @@ class Agent:
                 raise
             if force:
                 raise error from exc
+        finally:
+            self._finalizing = False
 
     async def _try_finalize(self, force: bool) -> None:
         if not force:
@@ -603,6 +634,7 @@ class Agent:
                 raise
             return
         self._refused_since = None
+        self._reboot_started = self.clock.monotonic()
         await self._dispatch(mc.RebootStarted())
 
     def _report_to_fleet(self) -> None:
@@ -628,7 +660,15 @@ class Agent:
             self._fleet_reported = current
 
     async def _release(self, why: str) -> None:
-        """Give back what the strategy holds for a reboot that is not happening now."""
+        """Give back what the strategy holds for a reboot that is not happening now.
+
+        Never once logind accepted a reboot: whatever fails then (a hook killed by
+        the shutdown) happens on a host that is going down, and its slot is what
+        keeps the next host from going down with it. The next boot's steady step
+        gives it back."""
+        if self._reboot_started is not None:
+            log.warning("reboot_lock_kept", reason=why, why="the reboot already started")
+            return
         try:
             await run_blocking(self.strategy.report_steady)
             log.info("reboot_lock_given_back", reason=why)
