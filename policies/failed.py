@@ -37,12 +37,12 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import structlog
 
 from policies.lock import check_group
-from updater.errors import LockError
+from updater.errors import LockError, RefusedError, UpdaterError
 from updater.jsonutil import loads as load_json
 from updater.versions import VERSION_RE
 
@@ -149,7 +149,7 @@ class FailedRecord:
         return cls(version, tuple(failures))
 
 
-def _text(value: Any, limit: int) -> bool:
+def _text(value: Any, limit: int) -> TypeGuard[str]:
     if not isinstance(value, str) or not 0 < len(value) <= limit or not value.isprintable():
         return False
     try:
@@ -198,6 +198,16 @@ def decide(version: str, stored: FailedRecord | LockError | None, max_failures: 
     if stored is None:
         return Verdict(version, False)
     return Verdict(version, len(stored.hosts) >= max_failures, stored)
+
+
+def refusal(verdict: Verdict) -> RefusedError:
+    """The typed refusal of a blocked version (install or reboot)."""
+    return RefusedError(
+        "version_blocked",
+        verdict.describe(),
+        hint=f"find out why it failed; once it is fixed or known good, "
+        f"`updatectl fleet unblock {verdict.version}` lets the group take it",
+    )
 
 
 # ---- etcd requests (the gateway's JSON; no client library needed here) -------------------------
@@ -376,6 +386,32 @@ class FailedVersions:
 
     def _backoff(self, attempt: int) -> None:
         self._sleep(self._rng.uniform(0, min(0.5, 0.01 * 2**attempt)))
+
+
+class GroupBlocks:
+    """One host's view of its group's failed versions: the agent's port
+    (updater.update.VersionBlocks). The store and the host id are made on first
+    use: a status query reads neither etcd's password file nor the machine id."""
+
+    def __init__(
+        self, group: str, store: Callable[[], FailedVersions], host: Callable[[], str]
+    ) -> None:
+        self.group = check_group(group)
+        self._make_store = store
+        self._store: FailedVersions | None = None
+        self.host = host
+
+    @property
+    def store(self) -> FailedVersions:
+        if self._store is None:
+            self._store = self._make_store()
+        return self._store
+
+    def verdict(self, version: str) -> Verdict:
+        return self.store.verdict(version)
+
+    def record(self, version: str, kind: str, at: float) -> FailedRecord | UpdaterError:
+        return self.store.record(version, self.host(), kind, at)
 
 
 def verdicts_as_dict(verdicts: list[Verdict]) -> list[Mapping[str, Any]]:
