@@ -276,7 +276,9 @@ def _to_json(state: State) -> dict[str, Any]:
             "version": state.boot_report.version,
             "previous_version": state.boot_report.previous_version,
         },
-        "unrecorded": [{"version": u.version, "kind": u.kind, "at": u.at} for u in state.unrecorded],
+        "unrecorded": [
+            {"version": u.version, "kind": u.kind, "at": u.at} for u in state.unrecorded
+        ],
     }
 
 

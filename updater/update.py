@@ -448,9 +448,11 @@ class Updater:
         kind = state.slots[uuid].failure or "rolled_back"
         note = Unrecorded(version, kind, now.timestamp())
         self.store.update(
-            lambda st: st.fail(version)
-            .note_unrecorded(note)
-            .with_slot(uuid, replace(st.slots[uuid], condition="bad", updated=when))
+            lambda st: (
+                st.fail(version)
+                .note_unrecorded(note)
+                .with_slot(uuid, replace(st.slots[uuid], condition="bad", updated=when))
+            )
         )
         log.error(
             "rollback_detected", failed_version=version, slot=other.slot.label, failure_kind=kind
@@ -731,9 +733,7 @@ class Updater:
             if rec is not None:
                 # The version joins failed_versions when the old slot has booted
                 # again and the agent reports the rollback (note_rollback).
-                bad = replace(
-                    rec, condition="bad", updated=now_iso(self.clock.now()), failure=kind
-                )
+                bad = replace(rec, condition="bad", updated=now_iso(self.clock.now()), failure=kind)
                 self.store.update(
                     lambda st: settle_booted_install(st, booted.slot).with_slot(uuid, bad)
                 )
