@@ -141,12 +141,22 @@ class FailedRecord:
             host, kind, at = item.get("host"), item.get("kind"), item.get("at")
             if not _text(host, MAX_HOST_LEN) or not _text(kind, MAX_KIND_LEN):
                 raise bad("a failure needs a host and a kind (printable strings)")
-            if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
-                raise bad("a failure's time is not a number")
+            if not _finite(at):
+                raise bad("a failure's time is not a number of seconds")
             failures.append(Failure(host, kind, float(at)))
         if len({f.host for f in failures}) != len(failures):
             raise bad("a host is listed twice")
         return cls(version, tuple(failures))
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number that is a finite float (an integer of 400 digits is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _text(value: Any, limit: int) -> TypeGuard[str]:

@@ -185,6 +185,7 @@ HOSTILE = [
     b'{"failures": [{"host": "\\ud800", "kind": "x", "at": 1}]}',
     b'{"failures": []}' + b" " * (70 * 1024),
     b"\xff\xfe",
+    b'{"failures": [{"host": "a", "kind": "x", "at": 1' + b"0" * 400 + b"}]}",
     b'{"failures": ['
     + b",".join(b'{"host":"h%d","kind":"k","at":1}' % i for i in range(101))
     + b"]}",
