@@ -149,7 +149,7 @@ class FailedRecord:
         return cls(version, tuple(failures))
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[int | float]:
     """A JSON number that is a finite float (an integer of 400 digits is not one)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
