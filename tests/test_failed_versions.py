@@ -29,11 +29,13 @@ from policies.failed import (
     decide,
     failed_key,
 )
+from policies.fleet import FleetPublisher, HostRecord, read_hosts, summarize
 from policies.strategy import LockStrategy, Off
 from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, updatectl
 from tests.test_agent import Harness, image_gets, running, samples, until
 from updater.clock import SystemClock
 from updater.errors import LockError
+from updater.fleetreport import EtcdFleetReporter
 from updater.metrics import Metrics
 
 A, B, C = "aaaa", "bbbb", "cccc"
@@ -104,6 +106,22 @@ def test_a_host_counts_once_and_the_list_is_capped() -> None:
     )
     assert full.with_failure(Failure("one-more", "rolled_back", 1.0)) is full
     assert FailedRecord.decode(full.encode(), "k", "1.2.0") == full
+
+
+def test_metric_shows_each_refused_version_while_refused() -> None:
+    m = Metrics()
+    m.version_blocked("1.2.0", True)
+    m.version_blocked("1.3.0", True)
+    m.version_blocked("1.2.0", False)
+    m.version_blocked("9.9.9", False)  # never shown: nothing to remove
+    shown = {k: v for k, v in samples(m).items() if k.startswith("updater_version_blocked")}
+    assert shown == {"updater_version_blocked{version=1.3.0}": 1.0}
+
+
+def test_host_records_of_older_agents_read_without_a_blocked_version() -> None:
+    doc = json.loads(HostRecord("h", "n", "g", "USR-A", "1", "IDLE", "", 0, "", None, 1.0).encode())
+    del doc["blocked_version"]
+    assert HostRecord.decode(json.dumps(doc).encode()).blocked_version == ""
 
 
 # ---- the store on etcd -------------------------------------------------------------------------
@@ -419,6 +437,7 @@ def test_a_bad_release_stops_at_the_first_host(
     gets = image_gets(repo)
     metrics = Metrics()
     b = lock_harness(hb, etcd, group, B, notify, metrics=metrics)
+    b.agent.fleet = EtcdFleetReporter(FleetPublisher(client, B, 60), B, group)
 
     async def offered() -> None:
         async with running(b):
@@ -434,6 +453,9 @@ def test_a_bad_release_stops_at_the_first_host(
     assert all(s["version"] != "1.2.0" for s in saved["slots"].values())
     assert b.rebooter.calls == []
     assert samples(metrics)["updater_version_blocked{version=1.2.0}"] == 1.0
+    record = next(r for r in read_hosts(client) if r.id == B)
+    assert (record.blocked_version, record.last_error_kind) == ("1.2.0", "version_blocked")
+    assert summarize([record], None, 0).refusing == ((record.hostname, "1.2.0"),)
     assert (
         updatectl(hb, "check", "--install", "--json").json()["error"]["kind"] == "version_blocked"
     )
