@@ -41,6 +41,7 @@ class HostRecord:
     last_error_kind: str
     lock_held: bool | None  # None: this host does not use a cluster lock
     updated: float  # unix seconds of this record
+    blocked_version: str = ""  # a version it refuses (failed on hosts of its group); "" none
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -52,6 +53,8 @@ class HostRecord:
         if not isinstance(doc, dict):
             raise ValueError("not an object")
         fields: dict[str, Any] = {f: doc.get(f) for f in cls.__dataclass_fields__}
+        if fields["blocked_version"] is None:  # a record of an agent from before it
+            fields["blocked_version"] = ""
         for name in (
             "id",
             "hostname",
@@ -61,6 +64,7 @@ class HostRecord:
             "state",
             "staged_version",
             "last_error_kind",
+            "blocked_version",
         ):
             if not isinstance(fields[name], str):
                 raise ValueError(f"{name} must be a string")
@@ -150,6 +154,7 @@ class FleetSummary:
     total_slots: int | None = None
     errors: tuple[tuple[str, str], ...] = ()  # (hostname, last error kind)
     states: dict[str, int] = field(default_factory=dict)
+    refusing: tuple[tuple[str, str], ...] = ()  # (hostname, blocked version it refuses)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,6 +184,7 @@ def summarize(
         total_slots=None if semaphore is None else semaphore.total_slots,
         errors=tuple((h.hostname, h.last_error_kind) for h in hosts if h.last_error_kind),
         states=dict(sorted(Counter(h.state for h in hosts).items())),
+        refusing=tuple((h.hostname, h.blocked_version) for h in hosts if h.blocked_version),
     )
 
 

@@ -33,6 +33,7 @@ def test_defaults_without_any_file(tmp_path: Path) -> None:
     assert cfg.disk.kernel_cmdline == Path("/proc/cmdline")
     assert cfg.agent.state_dir == Path("/var/lib/updater")
     assert cfg.install.readback is True
+    assert cfg.reboot.max_failures == 1  # the first host that rolls back stops the version
     assert cfg.files == ()
 
 
@@ -109,6 +110,9 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ('[reboot]\nstrategy = "locksmith"\n', "reboot.strategy", "invalid"),
         ('[reboot]\nlock = "zookeeper"\n', "reboot.lock", "invalid"),
         ('[reboot]\ngroup = "a b"\n', "reboot.group", "invalid"),
+        ("[reboot]\nmax_failures = 0\n", "reboot.max_failures", "invalid"),
+        ("[reboot]\nmax_failures = 101\n", "reboot.max_failures", "invalid"),
+        ('[reboot]\nmax_failures = "2"\n', "reboot.max_failures", "invalid"),
         ('[reboot]\nwindow_start = "Thu 04:00"\n', "reboot.window_start", "invalid"),
         (
             '[reboot]\nwindow_start = "Thu 4"\nwindow_length = "1h"\n',
@@ -146,6 +150,14 @@ def test_error_names_the_file_that_set_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         config.load(dirs=(usr, run, etc))
     assert err.value.file == str(etc / "20-b.toml")
+
+
+def test_max_failures(tmp_path: Path) -> None:
+    f = tmp_path / "u.toml"
+    f.write_text("[reboot]\nmax_failures = 2\n")
+    assert config.load(f).reboot.max_failures == 2
+    f.write_text("[reboot]\nmax_failures = 100\n")
+    assert config.load(f).reboot.max_failures == 100
 
 
 def test_syntax_error(tmp_path: Path) -> None:
@@ -433,6 +445,7 @@ INT_KEYS = [
     ("install", "chunk_size"),
     ("systemd-boot", "tries"),
     ("etcd", "slots"),
+    ("reboot", "max_failures"),
 ]
 
 

@@ -1,5 +1,6 @@
 """Fuzzing the JSON readers (hypothesis): the release manifest, airlock's etcd
-semaphore, FleetLock answers, fleet host records and the agent's state file.
+semaphore, FleetLock answers, fleet host records, failed-version records and the
+agent's state file.
 Whatever arrives (random bytes, JSON-ish text, deep nesting, mutated valid
 documents) is a result or the reader's typed error; no other exception, no
 hang, bounded memory. And what the semaphore writer writes back reads again."""
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies.etcdlock import Semaphore
+from policies.failed import FailedRecord, Failure, decide
 from policies.fleet import HostRecord
 from policies.fleetlock import MAX_BODY, PRE_REBOOT, STEADY_STATE, FleetLockError, Verdict, judge
 from tests.fuzzing import fewer_examples, parse_or_typed_error
@@ -238,6 +240,49 @@ def test_fuzz_host_records(data: bytes) -> None:
 
     result = parse_or_typed_error(decode)
     assert result is None or isinstance(result, HostRecord), result
+
+
+# ---- failed-version records (policies.failed) --------------------------------------------------
+
+FAILED = FailedRecord(
+    "1.2.0", (Failure("h1", "check_failed", 1.5), Failure("h2", "rolled_back", 1800000000))
+).encode()
+
+
+def _failed(data: bytes) -> None:
+    result = parse_or_typed_error(lambda: FailedRecord.decode(data, "k", "1.2.0"))
+    assert isinstance(result, FailedRecord | LockError), result
+    if isinstance(result, LockError):
+        assert result.kind == "malformed" and len(result.message) < 1000
+        assert decide("1.2.0", result, 100).blocked  # unreadable: blocked, fail safe
+        return
+    # what an agent writes back after adding itself reads again, with it counted once
+    added = result.with_failure(Failure("zz", "rolled_back", 2.0))
+    again = FailedRecord.decode(added.encode(), "k", "1.2.0")
+    assert again == added and again.with_failure(Failure("zz", "x", 3.0)) == again
+
+
+@given(st.one_of(anything, mutations([FAILED]), deep_documents))
+def test_fuzz_failed_records(data: bytes) -> None:
+    _failed(data)
+
+
+@given(
+    st.lists(
+        st.dictionaries(
+            st.sampled_from(["host", "kind", "at", "x"]),
+            json_values | st.integers(-(10**500), 10**500),
+            max_size=2,
+        ),
+        max_size=4,
+    )
+)
+def test_fuzz_failed_record_fields(changes: list[dict[str, object]]) -> None:
+    # valid failures with a field or two replaced, so that every check is reached
+    failures = [
+        {"host": f"h{i}", "kind": "check_failed", "at": 1.0, **c} for i, c in enumerate(changes)
+    ]
+    _failed(json.dumps({"version": "1.2.0", "failures": failures}).encode())
 
 
 # ---- the agent's state file --------------------------------------------------------------------

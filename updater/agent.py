@@ -25,6 +25,7 @@ from typing import Protocol, TypeVar
 import structlog
 
 from partitions.bootcontrol import Slot
+from policies.failed import refusal
 from policies.strategy import RebootStrategy
 from updater import machine as mc
 from updater.agentapi import AgentStatus, StatusListener
@@ -75,6 +76,8 @@ class Metrics(Protocol):
 
     def reboot_refused(self) -> None: ...
 
+    def version_blocked(self, version: str, blocked: bool) -> None: ...
+
 
 class Waiter(Protocol):
     async def __call__(self, timeout: float | None, *events: asyncio.Event) -> None:
@@ -93,7 +96,9 @@ async def wait_any(timeout: float | None, *events: asyncio.Event) -> None:
 
 
 class FleetReporter(Protocol):
-    def report(self, status: AgentStatus, lock_held: bool | None) -> None:
+    def report(
+        self, status: AgentStatus, lock_held: bool | None, blocked_version: str = ""
+    ) -> None:
         """Publish this host's status for the fleet (blocking; run in a thread)."""
         ...
 
@@ -229,7 +234,8 @@ class Agent:
         self.release_after_s = release_after_s
         self.fleet = fleet
         self._fleet_task: asyncio.Task[None] | None = None
-        self._fleet_reported: tuple[AgentStatus, bool | None] | None = None
+        self._fleet_reported: tuple[AgentStatus, bool | None, str] | None = None
+        self.blocked_version = ""  # a version this host refuses: it failed on hosts of the group
         self._m = mc.Machine()
         self._booted = _Booted()
         self._listeners: list[StatusListener] = []
@@ -486,6 +492,12 @@ class Agent:
             self.metrics.checked(self.clock.now().timestamp())
         self._check = result
         m = result.manifest
+        if m is not None and result.blocked is not None:
+            self._note_blocked(m.version, True)
+            await self._fail(refusal(result.blocked))
+            return
+        if m is not None and result.update_available:
+            self._note_blocked(m.version, False)
         if m is not None and result.staged:
             await self._dispatch(mc.AlreadyStaged(m.version))
         elif m is not None and result.update_available:
@@ -579,6 +591,11 @@ class Agent:
             self._finalizing = False
 
     async def _try_finalize(self, force: bool) -> None:
+        # The group's failed versions, before the lock is asked for and again once it is
+        # held: a host that rolled back meanwhile has recorded its version before it let
+        # the slot go (see _report_steady).
+        if await self._reboot_blocked(force):
+            return
         if not force:
             try:
                 allowed = await run_blocking(self.strategy.can_finalize)
@@ -598,6 +615,8 @@ class Agent:
             self._report_to_fleet()  # lock held or not: the fleet shows who waits
             if not allowed:
                 log.info("reboot_deferred", strategy=self.strategy.name, staged=self._m.staged)
+                return
+            if await self._reboot_blocked(force):
                 return
         if self.pre_reboot is not None:
             report = await self.pre_reboot.run()
@@ -637,6 +656,99 @@ class Agent:
         self._reboot_started = self.clock.monotonic()
         await self._dispatch(mc.RebootStarted())
 
+    async def _reboot_blocked(self, force: bool) -> bool:
+        """Refuse to reboot into a staged version the group blocks; True if refused.
+
+        Fails safe: a version whose block could not be looked up is not rebooted
+        into, unless forced (an admin's explicit reboot goes ahead when etcd is
+        down, never into a version known to be blocked). A refusal gives back
+        any reboot slot held, is counted and shows as the last error.
+        """
+        blocks, version = self.updater.blocks, self._m.staged
+        if blocks is None or version is None:
+            return False
+        error: UpdaterError | None = None
+        try:
+            verdict = await run_blocking(functools.partial(blocks.verdict, version))
+        except Exception as exc:
+            error = internal_error(exc, "version block lookup")
+            log.error(
+                "version_block_unknown",
+                version=version,
+                group=blocks.group,
+                error_kind=error.kind,
+                error=error.message,
+                forced=force,
+            )
+            if force:
+                return False
+        else:
+            self._note_blocked(version, verdict.blocked)
+            if not verdict.blocked:
+                return False
+            error = refusal(verdict)
+            log.error(
+                "reboot_refused_version_blocked",
+                version=version,
+                group=blocks.group,
+                hosts=verdict.hosts,
+                reason=verdict.describe(),
+            )
+        if self.metrics is not None:
+            self.metrics.error(error.kind)
+        if self.strategy.holding:
+            await self._release(error.kind)
+        await self._dispatch(mc.RebootRefused(mc.ErrorInfo(error.kind, error.message)))
+        self._report_to_fleet()
+        if force:
+            raise error
+        return True
+
+    def _note_blocked(self, version: str, blocked: bool) -> None:
+        """Show (or stop showing) that this host refuses ``version``."""
+        if blocked:
+            self.blocked_version = version
+        elif self.blocked_version == version:
+            self.blocked_version = ""
+        else:
+            return
+        if self.metrics is not None:
+            try:
+                self.metrics.version_blocked(version, blocked)
+            except Exception:
+                log.exception("metrics_not_counted", error_kind="version_blocked")
+        self._report_to_fleet()
+
+    async def _record_rollbacks(self) -> None:
+        """Record this host's rollbacks for its group (policies.failed); raises while one is
+        left. They wait in the state file, so neither a restart nor etcd being down loses one."""
+        blocks = self.updater.blocks
+        if blocks is None:
+            return
+        for note in self.updater.store.load().unrecorded:
+            try:
+                await run_blocking(
+                    functools.partial(blocks.record, note.version, note.kind, note.at)
+                )
+            except Exception as exc:
+                error = internal_error(exc, "failed version record")
+                log.error(
+                    "failed_version_not_recorded",
+                    version=note.version,
+                    failure_kind=note.kind,
+                    group=blocks.group,
+                    error_kind=error.kind,
+                    error=error.message,
+                )
+                raise
+            self.updater.store.update(lambda st, v=note.version: st.recorded(v))  # type: ignore[misc]
+            log.info(
+                "failed_version_reported",
+                version=note.version,
+                failure_kind=note.kind,
+                group=blocks.group,
+            )
+
     def _report_to_fleet(self) -> None:
         """Refresh the fleet record when something a dashboard shows changed."""
         if self.fleet is None or self._stopping:
@@ -649,7 +761,11 @@ class Agent:
         fleet = self.fleet
         while not self._stopping:
             # progress alone is not fleet news: it would write etcd every percent
-            current = (replace(self.status(), progress=0.0), self.strategy.holding)
+            current = (
+                replace(self.status(), progress=0.0),
+                self.strategy.holding,
+                self.blocked_version,
+            )
             if current == self._fleet_reported:
                 return
             try:
@@ -680,6 +796,9 @@ class Agent:
         delay = self.timing.retry_base_s / 60.0  # seconds: 1 s with the defaults
         while not self._stopping:
             try:
+                # A rollback is recorded for the group first, and the slot held until it is:
+                # the next host must not take the slot before it can see the block.
+                await self._record_rollbacks()
                 await run_blocking(self.strategy.report_steady)
                 log.info("reported_steady", strategy=self.strategy.name)
                 return

@@ -34,7 +34,8 @@ async def bless(updater: Updater, checks: HealthCheck, rebooter: Rebooter | None
     report = await checks.run()
     if report.ok:
         return await asyncio.to_thread(updater.mark_good)
-    bad = await asyncio.to_thread(updater.mark_booted_bad)
+    kind = next((r.kind for r in report.failures if r.kind), "check_failed")
+    bad = await asyncio.to_thread(updater.mark_booted_bad, kind)
     if bad is not None and rebooter is not None:
         log.error("rebooting_into_fallback", slot=bad.label)
         try:

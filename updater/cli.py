@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from policies.identity import host_id
 from updater import compose, config, release, versions
@@ -28,6 +28,10 @@ from updater.machine import Timing, server_interval
 from updater.manifest import Compression, format_time
 from updater.progress import TerminalProgress, human
 from updater.update import CheckResult, StatusReport, as_dict
+
+if TYPE_CHECKING:
+    from policies.etcdlock import EtcdClient
+    from policies.failed import FailedVersions, Verdict
 
 
 def _emit_json(out: TextIO, doc: Any) -> None:
@@ -45,6 +49,7 @@ def _check_doc(result: CheckResult, timing: Timing) -> dict[str, Any]:
         "deferred": result.deferred,
         # what the agent would wait: the server's wish, held to its bounds
         "poll_interval_s": None if interval is None else server_interval(interval, timing),
+        "blocked": None if result.blocked is None else result.blocked.describe(),
     }
     m = result.manifest
     if m is not None:
@@ -85,6 +90,11 @@ def cmd_check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         out.write(f"Up to date: {result.booted_version} is the newest on {m.channel}.\n")
     elif result.staged:
         out.write(f"{m.version} is already installed in {result.target.label}: reboot to apply.\n")
+    elif result.blocked is not None:
+        out.write(
+            f"Update available but refused: {result.blocked.describe()}. "
+            f"`updatectl fleet unblock {m.version}` lets the group take it.\n"
+        )
     elif written is not None:
         rate = written.raw_size / max(written.seconds, 1e-6)
         out.write(
@@ -143,9 +153,15 @@ def cmd_status(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int
         if agent is None:
             raise
         report = None  # e.g. not root: the disk is unreadable, the agent answered
+    failed, failed_error = _group_failed_versions(cfg)
     if args.json:
         doc = dict(as_dict(report)) if report is not None else {}
         doc["agent"] = None if agent is None else dataclasses.asdict(agent)
+        if failed is not None or failed_error is not None:
+            from policies.failed import verdicts_as_dict  # noqa: PLC0415
+
+            doc["failed_versions"] = None if failed is None else verdicts_as_dict(failed)
+            doc["failed_versions_error"] = failed_error
         _emit_json(out, doc)
         return 0
     if agent is not None:
@@ -154,7 +170,22 @@ def cmd_status(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int
         out.write("Agent:          not running (state from the disk and the state file)\n")
     if report is not None:
         _print_status(report, out)
+    if failed_error is not None:
+        out.write(f"Failed versions: unknown ({failed_error})\n")
+    elif failed:
+        _print_failed_versions(failed, out, cfg.reboot.max_failures)
     return 0
+
+
+def _group_failed_versions(cfg: config.Config) -> tuple[list[Verdict] | None, str | None]:
+    """With the etcd lock: the group's failed versions, or why they could not be read."""
+    blocks = compose.version_blocks(cfg)
+    if blocks is None:
+        return None, None
+    try:
+        return blocks.store.verdicts(), None
+    except UpdaterError as exc:
+        return None, f"{exc.kind}: {exc.message}"
 
 
 def cmd_agent(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
@@ -241,13 +272,15 @@ def cmd_lock(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
 
 
 def cmd_fleet(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    from policies.fleet import fleet_status  # noqa: PLC0415 - etcd only when asked for
+    from policies.failed import verdicts_as_dict  # noqa: PLC0415 - etcd only when asked for
+    from policies.fleet import fleet_status  # noqa: PLC0415
 
     lock = compose.etcd_lock(cfg, args.group)
     now = time.time()
     summary = fleet_status(lock.client, lock.status(), now)
+    failed = _failed_versions(cfg, lock.client, lock.group).verdicts()
     if args.json:
-        _emit_json(out, summary.as_dict())
+        _emit_json(out, {**summary.as_dict(), "failed_versions": verdicts_as_dict(failed)})
         return 0
     out.write(f"Hosts: {summary.hosts}")
     if summary.total_slots is not None:
@@ -273,6 +306,70 @@ def cmd_fleet(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         out.write("Last check or install failed:\n")
         for name, kind in summary.errors:
             out.write(f"  {name:30} {kind}\n")
+    _print_failed_versions(failed, out, cfg.reboot.max_failures)
+    if summary.refusing:
+        out.write("Refusing a blocked version:\n")
+        for name, version in summary.refusing:
+            out.write(f"  {name:30} {version}\n")
+    return 0
+
+
+def _failed_versions(cfg: config.Config, client: EtcdClient, group: str) -> FailedVersions:
+    from policies.failed import FailedVersions  # noqa: PLC0415 - etcd only when asked for
+
+    return FailedVersions(client, group, cfg.reboot.max_failures)
+
+
+def _print_failed_versions(verdicts: list[Verdict], out: TextIO, max_failures: int) -> None:
+    if not verdicts:
+        return
+    out.write(
+        f"Failed versions (blocked at {max_failures} host{'s' if max_failures > 1 else ''}):\n"
+    )
+    for v in verdicts:
+        state = "BLOCKED" if v.blocked else "counting"
+        if v.malformed is not None:
+            out.write(f"  {v.version:20} {state}: unreadable record ({v.malformed.message})\n")
+            continue
+        failures = () if v.record is None else v.record.failures
+        out.write(f"  {v.version:20} {state}, {len(failures)} host(s):\n")
+        for f in failures:
+            when = datetime.fromtimestamp(f.at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+            out.write(f"    {f.host:34} {f.kind:16} {when}\n")
+    if any(v.blocked for v in verdicts):
+        out.write("  (`updatectl fleet unblock VERSION` lets the group take a blocked version)\n")
+
+
+def cmd_fleet_unblock(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    from policies.failed import check_version  # noqa: PLC0415 - etcd only when asked for
+
+    lock = compose.etcd_lock(cfg, args.group)
+    store = _failed_versions(cfg, lock.client, lock.group)
+    gone = store.unblock(check_version(args.version))
+    if gone is None:
+        raise RefusedError(
+            "not_blocked",
+            f"nothing is recorded for {args.version} in group {store.group} "
+            f"({store.key(args.version)})",
+            hint="`updatectl fleet status` lists the failed versions",
+        )
+    removed = gone.removed
+    if args.json:
+        doc: dict[str, Any] = {"unblocked": gone.version, "group": store.group, "key": gone.key}
+        if isinstance(removed, UpdaterError):
+            doc["removed"] = None
+            doc["malformed"] = removed.message
+        else:
+            doc["removed"] = removed.as_dict()
+        _emit_json(out, doc)
+        return 0
+    out.write(f"Unblocked {gone.version} in group {store.group} (deleted {gone.key}).\n")
+    if isinstance(removed, UpdaterError):
+        out.write(f"  it held an unreadable record: {removed.message}\n")
+    else:
+        for f in removed.failures:
+            when = datetime.fromtimestamp(f.at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+            out.write(f"  had failed on {f.host} ({f.kind}) at {when}\n")
     return 0
 
 
@@ -398,6 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--group", help="lock group (default: [reboot] group)")
     fs.add_argument("--json", action="store_true", help="print JSON")
     fs.set_defaults(func=cmd_fleet)
+    fu = fsub.add_parser(
+        "unblock",
+        help="let the group take VERSION again (deletes its failed-version record)",
+        description="delete updater/v1/groups/<group>/failed/VERSION: the agents of the group "
+        "install and reboot into VERSION again",
+    )
+    fu.add_argument("version", metavar="VERSION")
+    fu.add_argument("--group", help="lock group (default: [reboot] group)")
+    fu.add_argument("--json", action="store_true", help="print JSON")
+    fu.set_defaults(func=cmd_fleet_unblock)
 
     r = add("release", cmd_release, "publish a signed release into a repository directory")
     r.add_argument("--image", type=Path, required=True, help="the raw image file")

@@ -40,6 +40,7 @@ from updater.update import Updater
 if TYPE_CHECKING:
     from partitions.filestore import DirStore, MtoolsStore
     from policies.etcdlock import EtcdLock, EtcdSettings
+    from policies.failed import GroupBlocks
     from updater.bootfiles import BootFiles
     from updater.fleetreport import EtcdFleetReporter
 
@@ -245,7 +246,25 @@ def updater(
         reboot_sentinel=config.agent.reboot_sentinel,
         progress=progress,
         boot_files=slot_boot_files(config),
+        blocks=version_blocks(config),
     )
+
+
+def version_blocks(config: Config) -> GroupBlocks | None:
+    """With the etcd lock, the group's failed versions (policies.failed): a version that
+    rolled back on ``[reboot] max_failures`` hosts is neither installed nor rebooted into."""
+    if not (config.reboot.strategy == "lock" and config.reboot.lock == "etcd"):
+        return None
+    from policies.failed import FailedVersions, GroupBlocks
+
+    r = config.reboot
+
+    def store() -> FailedVersions:
+        from policies.etcdlock import EtcdClient
+
+        return FailedVersions(EtcdClient(etcd_settings(config)), r.group, r.max_failures)
+
+    return GroupBlocks(r.group, store, host_id)
 
 
 def timing(config: Config) -> Timing:

@@ -29,6 +29,7 @@ from partitions.bootcontrol import (
     SDBOOT_EFIVARS,
     SDBOOT_TRIES,
 )
+from policies.failed import MAX_MAX_FAILURES
 from policies.fleetlock import FleetLock
 from policies.lock import GROUP_RE, parse_etcd_endpoint
 from updater.errors import ConfigError, LockError
@@ -147,6 +148,8 @@ class RebootConfig:
     window_start: str | None = None  # locksmith's form: "Thu 04:00"
     window_length: str | None = None  # locksmith's form: "1h30m"
     windows_file: str | None = None  # where the windows were set, for errors
+    # hosts that must roll back from a version before the group refuses it (with etcd)
+    max_failures: int = 1
 
 
 @dataclass(frozen=True)
@@ -604,6 +607,7 @@ def _reboot(s: _Section) -> RebootConfig:
         window_start=start,
         window_length=length,
         windows_file=windows_file,
+        max_failures=s.int_("max_failures", d.max_failures, minimum=1, maximum=MAX_MAX_FAILURES),
     )
     reboot_windows(config)  # validated here, at start, with file and key
     return config

@@ -148,6 +148,8 @@ class RefusedError(UpdaterError):
             "reboot_refused",
             "no_free_slot",
             "last_bootable_slot",  # the change would leave the boot loader nothing to boot
+            "version_blocked",  # the version rolled back on hosts of the group (policies.failed)
+            "not_blocked",  # `fleet unblock`: nothing recorded for that version
         }
     )
 

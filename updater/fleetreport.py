@@ -18,7 +18,9 @@ class EtcdFleetReporter:
         self.group = group
         self.hostname = socket.gethostname()
 
-    def report(self, status: AgentStatus, lock_held: bool | None) -> None:
+    def report(
+        self, status: AgentStatus, lock_held: bool | None, blocked_version: str = ""
+    ) -> None:
         self.publisher.publish(
             HostRecord(
                 id=self.host_id,
@@ -32,5 +34,6 @@ class EtcdFleetReporter:
                 last_error_kind=status.last_error_kind,
                 lock_held=lock_held,
                 updated=time.time(),
+                blocked_version=blocked_version,
             )
         )

@@ -119,6 +119,12 @@ class Metrics:
         self._reboots_refused = Counter(
             "updater_reboots_refused", "Reboots refused (inhibitors, logind errors)", registry=r
         )
+        self._version_blocked = Gauge(
+            "updater_version_blocked",
+            "1 while the agent refuses a version that failed on hosts of its group",
+            ["version"],
+            registry=r,
+        )
 
     # ---- what the daemon calls ---------------------------------------------------------------
 
@@ -160,6 +166,14 @@ class Metrics:
 
     def reboot_refused(self) -> None:
         self._reboots_refused.inc()
+
+    def version_blocked(self, version: str, blocked: bool) -> None:
+        """``version`` is refused (or no longer is): one series per refused version."""
+        if blocked:
+            self._version_blocked.labels(version=version).set(1)
+        else:
+            with contextlib.suppress(KeyError):
+                self._version_blocked.remove(version)
 
     # ---- exposition ----------------------------------------------------------------------------
 

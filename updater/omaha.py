@@ -188,6 +188,8 @@ ERROR_CODES: Final[Mapping[str, ErrorCode]] = {
             "reboot_refused",
             "no_free_slot",
             "last_bootable_slot",
+            "version_blocked",
+            "not_blocked",
             "unwritable",
             "newer_schema",
             "unavailable",

@@ -11,6 +11,7 @@ what a newer one wrote). Every older schema stays readable.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -55,6 +56,7 @@ class SlotRecord:
     raw_sha256: str | None = None
     updated: str = ""  # ISO 8601 UTC
     boot: tuple[BootFileRecord, ...] = ()  # the release's boot files, written with the slot
+    failure: str | None = None  # "bad": the health check's error kind that gave it up
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,18 @@ class BootReport:
     previous_version: str
 
 
+MAX_UNRECORDED = 16  # rolled-back versions waiting to be recorded for the group
+
+
+@dataclass(frozen=True)
+class Unrecorded:
+    """A version this host rolled back from, not yet recorded for its group (policies.failed)."""
+
+    version: str
+    kind: str  # "rolled_back", or the health check's error kind
+    at: float  # unix seconds of the rollback
+
+
 @dataclass(frozen=True)
 class State:
     highest_version: str | None = None  # highest version this host ever accepted
@@ -83,6 +97,7 @@ class State:
     failed_versions: tuple[str, ...] = ()  # came back on the old slot: never again
     agent: Mapping[str, Any] | None = None  # the daemon's state machine (updater.machine)
     boot_report: BootReport | None = None  # a staged version whose outcome is still untold
+    unrecorded: tuple[Unrecorded, ...] = ()  # rollbacks the group has not heard of yet
 
     def with_slot(self, part_uuid: str, record: SlotRecord) -> State:
         return replace(self, slots={**self.slots, part_uuid: record})
@@ -91,6 +106,14 @@ class State:
         if version in self.failed_versions:
             return self
         return replace(self, failed_versions=(*self.failed_versions, version))
+
+    def note_unrecorded(self, note: Unrecorded) -> State:
+        """Keep ``note`` until it is recorded (the newest MAX_UNRECORDED, one per version)."""
+        kept = tuple(u for u in self.unrecorded if u.version != note.version)
+        return replace(self, unrecorded=(*kept, note)[-MAX_UNRECORDED:])
+
+    def recorded(self, version: str) -> State:
+        return replace(self, unrecorded=tuple(u for u in self.unrecorded if u.version != version))
 
     def accept(self, version: str) -> State:
         if self.highest_version is None or versions.compare(version, self.highest_version) > 0:
@@ -132,6 +155,26 @@ def _boot_records(uuid: str, raw: Any) -> tuple[BootFileRecord, ...]:
     return tuple(out)
 
 
+def _unrecorded(raw: Any) -> tuple[Unrecorded, ...]:
+    if not isinstance(raw, list):
+        raise _Invalid("unrecorded must be a list")
+    out = []
+    for item in raw[-MAX_UNRECORDED:]:
+        if not isinstance(item, dict):
+            raise _Invalid("an unrecorded failure must be an object")
+        version, kind, at = item.get("version"), item.get("kind"), item.get("at")
+        if (
+            not isinstance(version, str)
+            or not isinstance(kind, str)
+            or isinstance(at, bool)
+            or not isinstance(at, int | float)
+            or not math.isfinite(at)
+        ):
+            raise _Invalid("an unrecorded failure needs version, kind and at")
+        out.append(Unrecorded(version, kind, float(at)))
+    return tuple(out)
+
+
 def _from_json(doc: Any) -> State:
     if not isinstance(doc, dict):
         raise _Invalid("top level must be an object")
@@ -166,6 +209,7 @@ def _from_json(doc: Any) -> State:
             raw_sha256=_opt_str(rec, "raw_sha256"),
             updated=_opt_str(rec, "updated") or "",
             boot=_boot_records(uuid, rec.get("boot", [])),
+            failure=_opt_str(rec, "failure"),
         )
     pending = None
     raw_pending = doc.get("pending")
@@ -189,6 +233,7 @@ def _from_json(doc: Any) -> State:
             raise _Invalid("boot_report needs version and previous_version")
         boot_report = BootReport(raw_report["version"], raw_report["previous_version"])
     return State(
+        unrecorded=_unrecorded(doc.get("unrecorded", [])),
         highest_version=_opt_str(doc, "highest_version"),
         slots=slots,
         pending=pending,
@@ -211,6 +256,7 @@ def _to_json(state: State) -> dict[str, Any]:
                 "raw_sha256": r.raw_sha256,
                 "updated": r.updated,
                 "boot": [{"name": b.name, "size": b.size, "sha256": b.sha256} for b in r.boot],
+                "failure": r.failure,
             }
             for uuid, r in sorted(state.slots.items())
         },
@@ -230,6 +276,9 @@ def _to_json(state: State) -> dict[str, Any]:
             "version": state.boot_report.version,
             "previous_version": state.boot_report.previous_version,
         },
+        "unrecorded": [
+            {"version": u.version, "kind": u.kind, "at": u.at} for u in state.unrecorded
+        ],
     }
 
 

@@ -13,11 +13,12 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import structlog
 
 from partitions.bootcontrol import BootControl, Slot, SlotFlags, SlotStatus, check_write_target
+from policies.failed import FailedRecord, Verdict, refusal
 from updater import download, osrelease, versions
 from updater.bootfiles import BootFiles, checked
 from updater.clock import Clock
@@ -45,6 +46,7 @@ from updater.state import (
     SlotRecord,
     State,
     StateStore,
+    Unrecorded,
     now_iso,
 )
 from updater.transport import Transport
@@ -179,6 +181,26 @@ def check_claim(claim: ImageClaim, manifest: Manifest, image_url: str) -> None:
         )
 
 
+# --- ports -------------------------------------------------------------------
+
+
+class VersionBlocks(Protocol):
+    """This host's group's failed versions (policies.failed.GroupBlocks over etcd).
+
+    Blocking calls; LockError when the group's store cannot be asked.
+    """
+
+    group: str
+
+    def verdict(self, version: str) -> Verdict:
+        """May ``version`` be installed or rebooted into?"""
+        ...
+
+    def record(self, version: str, kind: str, at: float) -> FailedRecord | UpdaterError:
+        """Add this host's failure of ``version`` (idempotent); what is stored afterwards."""
+        ...
+
+
 # --- results -----------------------------------------------------------------
 
 
@@ -193,6 +215,7 @@ class CheckResult:
     failed_before: bool = False  # this version rolled back on this host: not again
     deferred: str | None = None  # the server holds an update back (its rollout policy)
     interval_s: float | None = None  # the server's poll interval, if it gave one
+    blocked: Verdict | None = None  # the version failed on hosts of the group: not installed
 
 
 @dataclass(frozen=True)
@@ -237,8 +260,10 @@ class Updater:
         reboot_sentinel: Path | None = None,
         progress: ProgressFn | None = None,
         boot_files: BootFiles | ConfigError | None = None,
+        blocks: VersionBlocks | None = None,
     ) -> None:
         self.boot = boot
+        self.blocks = blocks
         # None: no ESP configured (gpt-prio); a ConfigError: why the boot loader would not
         # boot a slot's own files (see _install_locked, which refuses such a release)
         self._boot_files_refusal = boot_files if isinstance(boot_files, ConfigError) else None
@@ -357,6 +382,7 @@ class Updater:
         failed_before = manifest.version in state.failed_versions
         available = is_newer(manifest, booted_version) and not failed_before
         staged = available and is_staged(state, target, self.boot.primary(), manifest.version)
+        blocked = self.blocked(manifest.version) if available and not staged else None
         log.info(
             "update_checked",
             version=manifest.version,
@@ -364,6 +390,7 @@ class Updater:
             available=available,
             staged=staged,
             failed_before=failed_before,
+            blocked=blocked is not None,
         )
         return CheckResult(
             booted.slot,
@@ -374,7 +401,38 @@ class Updater:
             staged,
             failed_before,
             interval_s=doc.interval_s,
+            blocked=blocked,
         )
+
+    def blocked(self, version: str) -> Verdict | None:
+        """The group's verdict on installing ``version`` if it blocks it, else None.
+
+        A lookup that fails does not stop the install (staging reboots nothing):
+        the reboot asks again and does not happen unless the answer is "not blocked".
+        """
+        if self.blocks is None:
+            return None
+        try:
+            verdict = self.blocks.verdict(version)
+        except UpdaterError as exc:
+            log.warning(
+                "version_block_unknown",
+                version=version,
+                group=self.blocks.group,
+                error_kind=exc.kind,
+                error=exc.message,
+            )
+            return None
+        if not verdict.blocked:
+            return None
+        log.error(
+            "install_refused_version_blocked",
+            version=version,
+            group=self.blocks.group,
+            hosts=verdict.hosts,
+            reason=verdict.describe(),
+        )
+        return verdict
 
     def note_rollback(self) -> str | None:
         """Detect and record a boot that came back on the old slot; its version, or None."""
@@ -384,13 +442,21 @@ class Updater:
         if version is None:
             return None
         uuid = str(other.slot.part_uuid)
-        when = now_iso(self.clock.now())
+        now = self.clock.now()
+        when = now_iso(now)
+        # the group hears of it (policies.failed) before this host gives its reboot slot back
+        kind = state.slots[uuid].failure or "rolled_back"
+        note = Unrecorded(version, kind, now.timestamp())
         self.store.update(
-            lambda st: st.fail(version).with_slot(
-                uuid, replace(st.slots[uuid], condition="bad", updated=when)
+            lambda st: (
+                st.fail(version)
+                .note_unrecorded(note)
+                .with_slot(uuid, replace(st.slots[uuid], condition="bad", updated=when))
             )
         )
-        log.error("rollback_detected", failed_version=version, slot=other.slot.label)
+        log.error(
+            "rollback_detected", failed_version=version, slot=other.slot.label, failure_kind=kind
+        )
         if self.source is not None:
             self._report(Happening("rolled_back", version=version))
             self.store.update(lambda st: replace(st, boot_report=None))
@@ -407,6 +473,8 @@ class Updater:
             raise RuntimeError("install needs a source and a transport")
         if not check.update_available or check.staged or check.manifest is None:
             return None
+        if check.blocked is not None:
+            raise refusal(check.blocked)
         with exclusive(self.store.state_dir):
             booted, target = self._slots()
             if not booted.flags.successful:
@@ -631,7 +699,7 @@ class Updater:
             return False
         return is_staged(state, other, self.boot.primary(), rec.version)
 
-    def mark_booted_bad(self) -> Slot | None:
+    def mark_booted_bad(self, kind: str | None = None) -> Slot | None:
         """Failed health checks on a trial boot: never boot this slot again.
 
         Returns the slot, or None when it is not given up (see
@@ -665,7 +733,7 @@ class Updater:
             if rec is not None:
                 # The version joins failed_versions when the old slot has booted
                 # again and the agent reports the rollback (note_rollback).
-                bad = replace(rec, condition="bad", updated=now_iso(self.clock.now()))
+                bad = replace(rec, condition="bad", updated=now_iso(self.clock.now()), failure=kind)
                 self.store.update(
                     lambda st: settle_booted_install(st, booted.slot).with_slot(uuid, bad)
                 )
