@@ -69,6 +69,8 @@ STATUS: Final = "/v1/status"  # ours, not part of the FleetLock protocol
 MAX_BODY: Final = 16 * 1024  # bytes; Zincati's body is about 90, ours a little more
 MAX_VALUE: Final = 300  # characters of a description quoted back to a client
 FULL_KIND: Final = "failed_lock_semaphore_full"
+LINGER_S: Final = 0.5  # seconds to read what a refused client still sends, before closing
+LINGER_BYTES: Final = 1024 * 1024
 
 # Every kind this server answers, with its HTTP status: a bounded set (clients
 # use kinds as metric labels).
@@ -403,6 +405,8 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "updater-fleetlockd"
     sys_version = ""
 
+    _linger = False  # an error answer left part of the request unread
+
     def setup(self) -> None:
         super().setup()
         # every read (request line, headers, body, the next keep-alive request) times out
@@ -416,8 +420,32 @@ class _Handler(BaseHTTPRequestHandler):
         kind = {414: "uri_too_long", 431: "headers_too_large", 501: "method_not_allowed"}.get(
             code, "bad_request"
         )
-        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # http.server would answer without headers
+            self.request_version = "HTTP/1.0"
+        self.close_connection = self._linger = True
         self._answer_error(ProtocolError(kind, message or "bad request"))
+
+    def finish(self) -> None:
+        super().finish()
+        if self._linger:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Read (briefly) what the client still sends before the connection closes:
+        closing with unread data resets the connection, and the client could lose
+        the error answer it has not read yet."""
+        try:
+            if not isinstance(self.connection, ssl.SSLSocket):
+                self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_S)
+            left = LINGER_BYTES
+            while left > 0:
+                chunk = self.connection.recv(min(65536, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
 
     def do_POST(self) -> None:
         self._dispatch()
@@ -429,17 +457,16 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, list[str]] = {}
         for name, value in self.headers.items():
             headers.setdefault(name.lower(), []).append(value.strip())
+        body_read = False
         try:
-            try:
-                endpoint = route(self.command, self.path)
-            except ProtocolError:
-                self._discard_body(headers)
-                raise
+            endpoint = route(self.command, self.path)
             if endpoint == "status":
+                self._discard_body(headers)
                 self._answer_status()
                 return
             length = body_length(headers)
             body = self.rfile.read(length)
+            body_read = True
             if len(body) != length:
                 self.close_connection = True
                 return  # the client went away mid-body
@@ -449,6 +476,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 service.steady_state(params)
         except ProtocolError as exc:
+            if not body_read:  # else the body would be read as the next request
+                self._discard_body(headers)
             self._answer_error(exc)
             return
         except Exception:  # a bug: answered, logged, and the server keeps serving
@@ -461,12 +490,12 @@ class _Handler(BaseHTTPRequestHandler):
         """Read a small body we do not want, so the connection stays usable; else close it."""
         lengths = headers.get("content-length", [])
         if headers.get("transfer-encoding") or len(lengths) > 1:
-            self.close_connection = True
+            self.close_connection = self._linger = True
         elif lengths:
             if lengths[0].isascii() and lengths[0].isdigit() and int(lengths[0]) <= MAX_BODY:
                 self.rfile.read(int(lengths[0]))
             else:
-                self.close_connection = True
+                self.close_connection = self._linger = True
 
     def _answer_status(self) -> None:
         try:
@@ -477,8 +506,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, json.dumps(doc, indent=2).encode() + b"\n", "application/json")
 
     def _answer_error(self, exc: ProtocolError) -> None:
-        if exc.kind in ("body_too_large", "length_required", "bad_request"):
-            self.close_connection = True  # the body was not read
         self._send(exc.status, exc.body(), "application/json")
 
     def _send(self, status: int, body: bytes, content_type: str | None) -> None:
