@@ -40,11 +40,12 @@ Decisions where the protocol leaves room, failing closed:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -590,3 +591,19 @@ def _peer(address: Any) -> str:
     if isinstance(address, tuple) and address and isinstance(address[0], str):
         return address[0]
     return repr(address)
+
+
+@contextlib.contextmanager
+def running(server: FleetLockServer, *, poll_interval_s: float = 0.2) -> Iterator[FleetLockServer]:
+    """Serve from a thread for the ``with`` block; then stop serving and close the socket
+    (connections still open end with their threads, daemons: nothing waits for them)."""
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": poll_interval_s}, daemon=True
+    )
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -34,6 +34,7 @@ from policies.fleetlockd import (
     ProtocolError,
     ServerSettings,
     parse_body,
+    running,
 )
 from tests.conftest import updatectl
 from updater.errors import LockError
@@ -101,18 +102,10 @@ def serving(
         groups=groups,
         request_timeout_s=request_timeout_s,
     )
-    server = FleetLockServer(
-        settings, FleetLockService(client, groups, failed=failed, clock=clock or StepClock())
-    )
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
-    thread.start()
-    try:
+    service = FleetLockService(client, groups, failed=failed, clock=clock or StepClock())
+    with running(FleetLockServer(settings, service), poll_interval_s=0.01) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-        assert not thread.is_alive()
+    assert server.socket.fileno() == -1  # closed
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -305,7 +306,12 @@ def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextI
     import threading  # noqa: PLC0415
 
     from policies.etcdlock import EtcdClient  # noqa: PLC0415 - etcd only when asked for
-    from policies.fleetlockd import FleetLockServer, FleetLockService, ServerSettings  # noqa: PLC0415
+    from policies.fleetlockd import (  # noqa: PLC0415 - etcd only when asked for
+        FleetLockServer,
+        FleetLockService,
+        ServerSettings,
+        running,
+    )
     from updater.listen import parse_listen  # noqa: PLC0415
     from updater.sdnotify import Notifier  # noqa: PLC0415
 
@@ -342,9 +348,7 @@ def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextI
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2})
-    thread.start()
-    try:
+    with contextlib.closing(client), running(server):
         log = structlog.get_logger("updater.fleetlockd")
         log.info(
             "fleetlock_serving",
@@ -359,11 +363,6 @@ def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextI
         stop.wait()
         notifier.stopping()
         log.info("fleetlock_stopping", url=server.url)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-        client.close()
     return 0
 
 
