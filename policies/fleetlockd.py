@@ -293,7 +293,10 @@ class FleetLockService:
                 )
         except LockError as exc:
             raise self._failed("pre-reboot", params, exc) from None
-        held_s, holders, total_slots = self._held(lock, params.id)
+        try:
+            held_s, holders, total_slots = self._held(lock, params.id)
+        except LockError:  # the slot is taken: only the log misses its age
+            held_s, holders, total_slots = None, None, None
         log.info(
             "fleetlock_locked",
             group=params.group,
@@ -454,6 +457,9 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_POST
 
     def _dispatch(self) -> None:
+        if self.request_version == "HTTP/0.9":  # no headers, so no protocol header either
+            self.send_error(400, "HTTP/0.9 requests are not served")
+            return
         service = self.server.service
         headers: dict[str, list[str]] = {}
         for name, value in self.headers.items():

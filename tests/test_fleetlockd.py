@@ -415,6 +415,7 @@ HOSTILE: list[tuple[str, bytes, int, str]] = [
     ("bad version", pre(id="x", group=H, version="1.0; rm"), 400, "invalid_version"),
     ("version a number", pre(id="x", group=H, version=2), 400, "invalid_version"),
     ("garbage request line", b"\x16\x03\x01 hello\r\n\r\n", 400, "bad_request"),
+    ("HTTP/0.9", b"GET /v1/status\r\n", 400, "bad_request"),
     (
         "an endless header",
         f"POST {P} HTTP/1.1\r\nX: {LONG}\r\n\r\n".encode(),
