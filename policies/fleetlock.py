@@ -224,8 +224,11 @@ class FleetLock:
     def url(self, endpoint: str) -> str:
         return self.base_url + endpoint
 
-    def acquire(self, holder: str) -> bool:
-        verdict = self._call(PRE_REBOOT, holder)
+    def acquire(self, holder: str, *, version: str | None = None) -> bool:
+        """Take a slot; ``version`` (the one about to boot) goes along as
+        ``client_params.version``, which our server checks against the group's
+        failed versions and other servers ignore."""
+        verdict = self._call(PRE_REBOOT, holder, version)
         if verdict.error is None:
             log.info("fleetlock_slot_held", group=self.group, holder=holder, url=self.base_url)
             return True
@@ -260,10 +263,13 @@ class FleetLock:
         )
         return err
 
-    def _call(self, endpoint: str, holder: str) -> Verdict:
+    def _call(self, endpoint: str, holder: str, version: str | None = None) -> Verdict:
         if not holder:
             raise LockError("bad_argument", "FleetLock client id must be a non-empty string")
-        body = json.dumps({"client_params": {"id": holder, "group": self.group}})
+        params = {"id": holder, "group": self.group}
+        if version is not None:
+            params["version"] = version
+        body = json.dumps({"client_params": params})
         deadline = time.monotonic() + self.timeout_s
         try:
             response = self._session.post(

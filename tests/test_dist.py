@@ -38,6 +38,18 @@ def test_the_agent_unit() -> None:
     assert "After=local-fs.target boot-complete.target" in mark_good
 
 
+def test_the_fleetlock_server_unit() -> None:
+    text = (DIST / "updater-fleetlockd.service").read_text()
+    for line in (
+        "Type=notify",
+        "ExecStart=/usr/bin/updatectl fleetlock serve --log=auto $FLEETLOCK_OPTS",
+        "Environment=FLEETLOCK_OPTS=--listen=127.0.0.1:3333",
+        "EnvironmentFile=-/etc/updater/fleetlockd.env",
+        "DynamicUser=yes",
+    ):
+        assert line in text
+
+
 def test_dbus_policy_is_well_formed() -> None:
     policy = DIST / "dbus-1" / "system.d" / "org.updater.Agent1.conf"
     root = ElementTree.parse(policy).getroot()  # our own file, not network input

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -14,6 +15,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+import structlog
 
 from policies.identity import host_id
 from updater import compose, config, release, versions
@@ -373,6 +376,93 @@ def cmd_fleet_unblock(args: argparse.Namespace, cfg: config.Config, out: TextIO)
     return 0
 
 
+def _fleetlock_groups(specs: Sequence[str] | None, cfg: config.Config) -> dict[str, int]:
+    """``--group NAME[=SLOTS]`` options; none: the [reboot] group with [etcd] slots."""
+    from policies.etcdlock import check_slots  # noqa: PLC0415 - etcd only when asked for
+    from policies.lock import check_group  # noqa: PLC0415
+
+    if not specs:
+        return {cfg.reboot.group: cfg.etcd.slots}
+    groups: dict[str, int] = {}
+    for spec in specs:
+        name, sep, slots = spec.partition("=")
+        try:
+            check_group(name)
+            if sep and not (slots.isascii() and slots.isdigit()):
+                raise ConfigError("invalid", f"{slots!r} is not a slot count", key="--group")
+            groups[name] = check_slots(int(slots)) if sep else cfg.etcd.slots
+        except UpdaterError as exc:
+            raise ConfigError(
+                "invalid", f"{spec!r}: {exc.message}", key="--group", hint="NAME or NAME=SLOTS"
+            ) from None
+    return groups
+
+
+def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from policies.etcdlock import EtcdClient  # noqa: PLC0415 - etcd only when asked for
+    from policies.fleetlockd import (  # noqa: PLC0415 - etcd only when asked for
+        FleetLockServer,
+        FleetLockService,
+        ServerSettings,
+        running,
+    )
+    from updater.listen import parse_listen  # noqa: PLC0415
+    from updater.sdnotify import Notifier  # noqa: PLC0415
+
+    configure(logging.DEBUG if args.verbose > 1 else logging.INFO, mode=args.log or "auto")
+    addr = parse_listen(
+        args.listen,
+        key="--listen",
+        allow_port_zero=True,
+        loopback_only=False,
+        what="FleetLock listen address",
+        hint='an IP literal and a port: "0.0.0.0:3333", "127.0.0.1:3333", "[::]:3333"',
+    )
+    if addr.family != "tcp":
+        raise ConfigError("invalid", "FleetLock clients speak HTTP over TCP", key="--listen")
+    etcd = compose.etcd_settings(cfg)
+    if args.etcd:
+        etcd = dataclasses.replace(etcd, endpoints=tuple(args.etcd))
+    settings = ServerSettings(
+        host=addr.host,
+        port=addr.port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        groups=_fleetlock_groups(args.group, cfg),
+    )
+    client = EtcdClient(etcd)
+    service = FleetLockService(client, settings.groups)
+    try:
+        server = FleetLockServer(settings, service)
+    except OSError as exc:
+        client.close()
+        raise ConfigError(
+            "invalid", f"cannot listen on {addr}: {exc.strerror or exc}", key="--listen"
+        ) from None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with contextlib.closing(client), running(server):
+        log = structlog.get_logger("updater.fleetlockd")
+        log.info(
+            "fleetlock_serving",
+            url=server.url,
+            groups=dict(settings.groups),
+            etcd=list(etcd.endpoints),
+        )
+        out.write(f"FleetLock serving on {server.url}\n")
+        out.flush()
+        notifier = Notifier()
+        notifier.ready(f"serving {server.url}")
+        stop.wait()
+        notifier.stopping()
+        log.info("fleetlock_stopping", url=server.url)
+    return 0
+
+
 def cmd_release(args: argparse.Namespace, cfg: config.Config | None, out: TextIO) -> int:
     passphrase = None
     if args.passphrase_file is not None:
@@ -505,6 +595,42 @@ def build_parser() -> argparse.ArgumentParser:
     fu.add_argument("--group", help="lock group (default: [reboot] group)")
     fu.add_argument("--json", action="store_true", help="print JSON")
     fu.set_defaults(func=cmd_fleet_unblock)
+
+    flk = sub.add_parser(
+        "fleetlock",
+        help="a FleetLock server (Zincati's protocol) over the etcd semaphore",
+        description="serve FleetLock over the etcd reboot semaphore",
+    )
+    flsub = flk.add_subparsers(dest="fleetlock_action", required=True, metavar="ACTION")
+    srv = flsub.add_parser(
+        "serve",
+        help="answer FleetLock clients (Zincati, [reboot] lock = fleetlock) from etcd",
+        description="answer FleetLock clients from the etcd semaphore; [etcd] gives TLS and auth",
+    )
+    srv.add_argument(
+        "--listen", default="127.0.0.1:3333", help="IP:PORT (default 127.0.0.1:3333; 0.0.0.0:3333)"
+    )
+    srv.add_argument(
+        "--etcd",
+        action="append",
+        metavar="URL",
+        help="etcd endpoint, repeatable (default: [etcd] endpoints)",
+    )
+    srv.add_argument(
+        "--group",
+        action="append",
+        metavar="NAME[=SLOTS]",
+        help="serve this group, repeatable (default: [reboot] group); SLOTS when it creates"
+        " the semaphore (default: [etcd] slots)",
+    )
+    srv.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate chain")
+    srv.add_argument("--tls-key", type=Path, help="and this PEM private key")
+    srv.add_argument(
+        "--log",
+        choices=["auto", "journal", "console", "json"],
+        help="log destination (default: auto)",
+    )
+    srv.set_defaults(func=cmd_fleetlock_serve, json=False)
 
     r = add("release", cmd_release, "publish a signed release into a repository directory")
     r.add_argument("--image", type=Path, required=True, help="the raw image file")

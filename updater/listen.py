@@ -46,18 +46,21 @@ def parse_listen(
     key: str | None = None,
     file: str | None = None,
     allow_port_zero: bool = False,
+    loopback_only: bool = True,
+    what: str = "metrics listen address",
+    hint: str = _HINT,
 ) -> ListenAddress:
     """``listen`` as an address, or ConfigError ``invalid`` (``file`` and ``key`` name it).
 
     Port 0 (any free port) only with ``allow_port_zero``: nobody could scrape
-    a configured endpoint on a port chosen at random.
+    a configured endpoint on a port chosen at random. A server for other
+    machines (the FleetLock server) passes ``loopback_only=False``: any IP
+    literal then, ``0.0.0.0`` or ``[::]`` for every address.
     """
 
     def bad(why: str) -> ConfigError:
         shown = listen if len(listen) <= 200 else listen[:200] + "..."
-        return ConfigError(
-            "invalid", f"metrics listen address {shown!r}: {why}", file=file, key=key, hint=_HINT
-        )
+        return ConfigError("invalid", f"{what} {shown!r}: {why}", file=file, key=key, hint=hint)
 
     if not isinstance(listen, str):
         raise bad("must be a string")
@@ -67,14 +70,15 @@ def parse_listen(
     if m is None:
         if ":" in listen.rpartition(":")[0] and not listen.startswith("["):
             raise bad("write an IPv6 address in brackets, e.g. [::1]:9464")
-        raise bad("expected IP:PORT with a loopback IP address (not a name) and a port")
+        ip_kind = "a loopback IP address" if loopback_only else "an IP address"
+        raise bad(f"expected IP:PORT with {ip_kind} (not a name) and a port")
     try:
         ip: ipaddress.IPv4Address | ipaddress.IPv6Address = (
             ipaddress.IPv6Address(m["ipv6"]) if m["ipv6"] else ipaddress.IPv4Address(m["ipv4"])
         )
     except ValueError:
         raise bad("the host is not an IP address") from None
-    if not ip.is_loopback:
+    if loopback_only and not ip.is_loopback:
         raise bad("only loopback addresses are allowed")
     port = int(m["port"])
     if port > 65535 or (port == 0 and not allow_port_zero):
