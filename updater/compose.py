@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import structlog
 from dbus_fast import BusType
@@ -324,12 +325,38 @@ def reboot_lock(config: Config) -> RebootLock:
     return NoLock()
 
 
-def reboot_strategy(config: Config, clock: Clock) -> RebootStrategy:
+def reboot_strategy(
+    config: Config, clock: Clock, *, holder: str | None = None, metrics: Metrics | None = None
+) -> RebootStrategy:
+    """The configured strategy; with the lock, ``holder`` (default: this host's id) asks
+    for the slot, and with the etcd lock ``metrics`` gets the holders' ages while waiting."""
     windows = reboot_windows(config.reboot)
     if config.reboot.strategy == "lock":
-        return LockStrategy(reboot_lock(config), host_id(), clock, windows)
+        lock = reboot_lock(config)
+        observe = None
+        if metrics is not None and config.reboot.lock == "etcd":
+            observe = etcd_lock_observer(cast("EtcdLock", lock), metrics)
+        return LockStrategy(lock, holder or host_id(), clock, windows, observe)
     base = STRATEGIES[config.reboot.strategy]()
     return base if windows is None else Windowed(base, windows, clock)
+
+
+def etcd_lock_observer(lock: EtcdLock, metrics: Metrics) -> Callable[[bool], None]:
+    """While this host waits for a slot, read the holders and their start times into
+    the metrics (one more etcd read per refusal); once granted, drop them."""
+
+    def observe(granted: bool) -> None:
+        if granted:
+            metrics.lock_not_waiting(lock.group)
+            return
+        st = lock.status()
+        if st is None:
+            metrics.lock_not_waiting(lock.group)
+            return
+        since = [h.since for h in st.holders if h.since is not None]
+        metrics.lock_waiting(lock.group, len(st.holders), st.total_slots, min(since, default=None))
+
+    return observe
 
 
 def fleet_reporter(config: Config) -> EtcdFleetReporter | None:
@@ -376,7 +403,7 @@ async def run_agent(config: Config) -> None:
     reboot = rebooter(bus)
     agent = Agent(
         updater=up,
-        strategy=reboot_strategy(config, up.clock),
+        strategy=reboot_strategy(config, up.clock, metrics=metrics),
         rebooter=reboot,
         bless=lambda: bless(up, checks, reboot),
         clock=up.clock,
