@@ -359,7 +359,7 @@ def etcd_lock_observer(lock: EtcdLock, metrics: Metrics) -> Callable[[bool], Non
     return observe
 
 
-def fleet_reporter(config: Config) -> EtcdFleetReporter | None:
+def fleet_reporter(config: Config, *, holder: str | None = None) -> EtcdFleetReporter | None:
     """With the etcd lock (and [etcd] publish_status), this host's fleet record."""
     if not (config.reboot.strategy == "lock" and config.reboot.lock == "etcd"):
         return None
@@ -370,8 +370,9 @@ def fleet_reporter(config: Config) -> EtcdFleetReporter | None:
     from updater.fleetreport import EtcdFleetReporter
 
     ttl = 3 * config.agent.poll_interval_s
-    publisher = FleetPublisher(EtcdClient(etcd_settings(config)), host_id(), ttl)
-    return EtcdFleetReporter(publisher, host_id(), config.reboot.group)
+    hid = holder or host_id()
+    publisher = FleetPublisher(EtcdClient(etcd_settings(config)), hid, ttl)
+    return EtcdFleetReporter(publisher, hid, config.reboot.group)
 
 
 class _RebooterOnDemand:
@@ -393,21 +394,24 @@ async def mark_good(config: Config) -> Slot:
     return await bless(updater(config), health_checker(config), _RebooterOnDemand())
 
 
-async def run_agent(config: Config) -> None:
-    """`updatectl agent`: run until SIGTERM or SIGINT."""
-    up = updater(config, need_source=True)
-    bus = await system_bus()
-    metrics = Metrics()
-    server = metrics.serve(config.metrics.listen) if config.metrics.listen else None
+def build_agent(
+    config: Config,
+    up: Updater,
+    reboot: Rebooter,
+    metrics: Metrics,
+    notifier: Notifier,
+    *,
+    holder: str | None = None,
+) -> Agent:
+    """The agent of ``config`` (``holder``: its lock and fleet id, default this host's)."""
     checks = health_checker(config)
-    reboot = rebooter(bus)
-    agent = Agent(
+    return Agent(
         updater=up,
-        strategy=reboot_strategy(config, up.clock, metrics=metrics),
+        strategy=reboot_strategy(config, up.clock, holder=holder, metrics=metrics),
         rebooter=reboot,
         bless=lambda: bless(up, checks, reboot),
         clock=up.clock,
-        notifier=Notifier(),
+        notifier=notifier,
         metrics=metrics,
         timing=timing(config),
         pre_reboot=HealthChecker(
@@ -416,8 +420,17 @@ async def run_agent(config: Config) -> None:
             event="pre_reboot_hook",
         ),
         release_after_s=config.reboot.release_after_s,
-        fleet=fleet_reporter(config),
+        fleet=fleet_reporter(config, holder=holder),
     )
+
+
+async def run_agent(config: Config) -> None:
+    """`updatectl agent`: run until SIGTERM or SIGINT."""
+    up = updater(config, need_source=True)
+    bus = await system_bus()
+    metrics = Metrics()
+    server = metrics.serve(config.metrics.listen) if config.metrics.listen else None
+    agent = build_agent(config, up, rebooter(bus), metrics, Notifier())
     service = None
     if bus is not None and config.agent.dbus:
         service = await dbus_api.serve(agent, bus, coreos_compat=config.agent.coreos_compat)
