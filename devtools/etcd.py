@@ -323,6 +323,8 @@ class EtcdCluster:
     def restart(self, index: int, *, wait: bool = True) -> None:
         """Start member ``index`` again on its old data dir and ports."""
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the cluster is closed")
             m = self.members[index]
             if m.running:
                 raise RuntimeError(f"etcd {m.name} is running")

@@ -451,6 +451,7 @@ def test_real_agents_never_exceed_the_slots_under_harder_faults(tmp_path: Path, 
     repo.publish("1.1.0", new)
     procs: list[subprocess.Popen[bytes]] = []
     hook_pids: list[Path] = []
+    chaos: HarderChaos | None = None
     with NetLab(3) as lab, EtcdCluster(3, hosts=lab.addresses, netns=lab.netns) as cluster:
         try:
             # ---- the hosts
@@ -552,6 +553,7 @@ def test_real_agents_never_exceed_the_slots_under_harder_faults(tmp_path: Path, 
             t_done = time.monotonic()
             chaos.stop.set()
             chaos.join(90)
+            assert not chaos.is_alive(), "the chaos thread did not stop"
             assert chaos.error is None, f"chaos thread failed: {chaos.error!r}"
             cluster.wait_all_healthy()
             logs = {
@@ -561,6 +563,9 @@ def test_real_agents_never_exceed_the_slots_under_harder_faults(tmp_path: Path, 
             for w, p in enumerate(worker_procs):
                 assert p.returncode == 0, f"worker {w} exited {p.returncode}:\n{logs[p][-5000:]}"
         finally:
+            if chaos is not None:  # before the cluster goes: it would restart members
+                chaos.stop.set()
+                chaos.join(90)
             for p in procs:
                 if p.poll() is None:
                     kill_group(p)
