@@ -13,7 +13,14 @@ require the client certificate) and user/password auth (``root`` plus a
 least-privilege ``updater`` user that may only read and write the airlock
 prefix).
 
-Ports are found by binding port 0 and releasing it; another process may take
+Members can also run in network namespaces of their own, at given addresses
+(``EtcdCluster(3, hosts=lab.addresses, netns=lab.netns)`` with a
+:class:`devtools.netns.NetLab`): each is then started through ``ip netns
+exec`` on the standard ports 2379/2380 of its address. ``leader_index()``
+asks the members' status API which of them leads; ``freeze``/``thaw`` stop
+and continue one (SIGSTOP, SIGCONT: a hung member that holds its sockets).
+
+Loopback ports are found by binding port 0 and releasing it; another process may take
 one in between (two test runs on one machine), so a start that fails with
 "address already in use" is retried with new ports.
 """
@@ -42,7 +49,10 @@ from updater.run import run
 
 ETCD = "etcd"
 ETCDCTL = "etcdctl"
+IP = "ip"
 HOST = "127.0.0.1"
+CLIENT_PORT = 2379  # a member in a namespace of its own has the standard ports
+PEER_PORT = 2380
 ROOT_PASSWORD = "root-secret"  # a throwaway test server
 USER = "updater"
 USER_PASSWORD = "updater-secret"
@@ -75,14 +85,16 @@ class EtcdMember:
     log_file: Path
     scheme: str
     proc: subprocess.Popen[bytes] | None = None
+    host: str = HOST
+    netns: str | None = None  # run in this network namespace (ip netns exec)
 
     @property
     def client_url(self) -> str:
-        return f"{self.scheme}://{HOST}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{HOST}:{self.peer_port}"
+        return f"http://{self.host}:{self.peer_port}"
 
     @property
     def running(self) -> bool:
@@ -109,9 +121,17 @@ class EtcdCluster:
         heartbeat_ms: int = 100,
         election_ms: int = 1000,
         base_dir: Path | None = None,
+        hosts: Sequence[str] | None = None,
+        netns: Sequence[str] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("a cluster has at least one member")
+        if (hosts is None) != (netns is None) or (hosts is not None and len(hosts) != size):
+            raise ValueError("hosts and netns go together, one of each per member")
+        if (tls or client_cert_auth) and hosts is not None:
+            raise ValueError("TLS certificates are made for 127.0.0.1 only")
+        self.hosts = tuple(hosts) if hosts is not None else None
+        self.netns = tuple(netns) if netns is not None else None
         self.size = size
         self.tls_enabled = tls or client_cert_auth
         self.client_cert_auth = client_cert_auth
@@ -172,6 +192,21 @@ class EtcdCluster:
             shutil.rmtree(m.data_dir, ignore_errors=True)
             m.log_file.unlink(missing_ok=True)
         scheme = "https" if self.tls_enabled else "http"
+        if self.hosts is not None and self.netns is not None:
+            self.members = [
+                EtcdMember(
+                    name=f"m{i}",
+                    client_port=CLIENT_PORT,
+                    peer_port=PEER_PORT,
+                    data_dir=self.dir / f"m{i}.etcd",
+                    log_file=self.dir / f"m{i}.log",
+                    scheme=scheme,
+                    host=host,
+                    netns=ns,
+                )
+                for i, (host, ns) in enumerate(zip(self.hosts, self.netns, strict=True))
+            ]
+            return
         ports: set[int] = set()
         while len(ports) < 2 * self.size:
             ports.add(free_port())
@@ -190,7 +225,9 @@ class EtcdCluster:
 
     def _argv(self, m: EtcdMember) -> list[str]:
         initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
+        wrap = [IP, "netns", "exec", m.netns] if m.netns is not None else []
         argv = [
+            *wrap,
             ETCD,
             f"--name={m.name}",
             f"--data-dir={m.data_dir}",
@@ -286,12 +323,51 @@ class EtcdCluster:
     def restart(self, index: int, *, wait: bool = True) -> None:
         """Start member ``index`` again on its old data dir and ports."""
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the cluster is closed")
             m = self.members[index]
             if m.running:
                 raise RuntimeError(f"etcd {m.name} is running")
             self._spawn(m)
         if wait:
             self.wait_healthy(m)
+
+    def freeze(self, index: int) -> None:
+        """SIGSTOP member ``index``: it keeps its sockets and answers nothing."""
+        with self._lock:
+            m = self.members[index]
+            if m.proc is not None:
+                _kill(m.proc, signal.SIGSTOP)
+
+    def thaw(self, index: int) -> None:
+        """SIGCONT member ``index`` after :meth:`freeze`."""
+        with self._lock:
+            m = self.members[index]
+            if m.proc is not None:
+                _kill(m.proc, signal.SIGCONT)
+
+    def leader_index(self, timeout_s: float = 1.0) -> int | None:
+        """The member that leads, by the status API of the first that answers; None if none."""
+        kw = self._requests_kwargs()
+        ids: dict[int, int] = {}
+        leader: int | None = None
+        for i, m in enumerate(self.members):
+            if not m.running:
+                continue
+            try:
+                r = requests.post(
+                    f"{m.client_url}/v3/maintenance/status",
+                    json={},
+                    timeout=timeout_s,
+                    **kw,  # type: ignore[arg-type]
+                )
+                doc = r.json()
+                ids[int(doc["header"]["member_id"])] = i
+                if leader is None and int(doc.get("leader") or 0):
+                    leader = int(doc["leader"])
+            except (requests.RequestException, ValueError, KeyError, TypeError):
+                continue
+        return None if leader is None else ids.get(leader)
 
     def stop_member(self, index: int) -> None:
         """SIGTERM member ``index`` (SIGKILL if it does not exit in time)."""
@@ -333,6 +409,9 @@ class EtcdCluster:
     # ---- teardown ------------------------------------------------------------------------------
 
     def _stop_all(self) -> None:
+        for m in self.members:  # a frozen member would never see the SIGTERM
+            if m.proc is not None:
+                _kill(m.proc, signal.SIGCONT)
         # One at a time: members stopped together wait for each other to hand
         # over leadership (seconds); one by one each stops in milliseconds.
         for m in self.members:

@@ -13,6 +13,7 @@ outside its window).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol
 
@@ -100,13 +101,29 @@ class LockStrategy:
     name = "lock"
 
     def __init__(
-        self, lock: RebootLock, holder: str, clock: Clock, windows: WindowCheck | None = None
+        self,
+        lock: RebootLock,
+        holder: str,
+        clock: Clock,
+        windows: WindowCheck | None = None,
+        observe: Callable[[bool], None] | None = None,
     ) -> None:
         self.lock = lock
         self.holder = holder
         self.clock = clock
         self.windows = windows
+        # told each answer of the lock (True: granted), e.g. to export the holders' ages
+        # while waiting; what it raises is logged and changes nothing
+        self.observe = observe
         self.holding: bool | None = None  # unknown until the lock was first asked
+
+    def _observe(self, granted: bool) -> None:
+        if self.observe is None:
+            return
+        try:
+            self.observe(granted)
+        except Exception as exc:
+            log.warning("reboot_lock_not_observed", lock=self.lock.name, error=str(exc))
 
     def _window_open(self) -> bool:
         return self.windows is None or self.windows.is_open(self.clock.now())
@@ -118,8 +135,10 @@ class LockStrategy:
         if not self.lock.acquire(self.holder):  # LockError propagates: fail closed
             log.info("reboot_lock_not_granted", lock=self.lock.name, holder=self.holder)
             self.holding = False
+            self._observe(False)
             return False
         self.holding = True
+        self._observe(True)
         if not self._window_open():
             # The window closed while we waited for the lock: give the slot back.
             log.info("reboot_window_closed_after_lock", lock=self.lock.name)

@@ -8,6 +8,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,23 @@ def test_no_fd_leak_over_many_scrapes() -> None:
         for _ in range(20):
             assert get(server)[0] == 200
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_lock_gauges_while_waiting_for_a_slot() -> None:
+    m = Metrics()
+    since = time.time() - 100
+    m.lock_waiting("web", holders=2, slots=2, oldest_since=since)
+    s = parse(m.render().decode())
+    assert value(s, "updater_lock_holders", group="web") == 2
+    assert value(s, "updater_lock_slots", group="web") == 2
+    age = value(s, "updater_lock_oldest_holder_age_seconds", group="web")
+    assert 100 <= age < 200  # computed when scraped
+    m.lock_waiting("web", holders=1, slots=2, oldest_since=None)  # an age nobody knows
+    s = parse(m.render().decode())
+    assert value(s, "updater_lock_holders", group="web") == 1
+    assert ("updater_lock_oldest_holder_age_seconds", frozenset({("group", "web")})) not in s
+    m.lock_waiting("web", holders=2, slots=2, oldest_since=since)
+    m.lock_not_waiting("web")  # granted: the series go
+    m.lock_not_waiting("db")  # never waited: nothing to remove
+    s = parse(m.render().decode())
+    assert not [k for k in s if k[0].startswith("updater_lock_")]

@@ -124,3 +124,19 @@ def test_app_specific_id_matches_systemd() -> None:
     ).text.strip()
     assert ours == theirs
     assert ours != machine
+
+
+def test_lock_answers_are_observed_and_an_observer_failure_changes_nothing() -> None:
+    seen: list[bool] = []
+    lock = Lock(grant=False)
+    s = LockStrategy(lock, "h", Clock([T]), observe=seen.append)
+    assert s.can_finalize() is False
+    lock.grant = True
+    assert s.can_finalize() is True
+    assert seen == [False, True]
+
+    def broken(granted: bool) -> None:
+        raise LockError("unavailable", "etcd went away between the two reads")
+
+    assert LockStrategy(Lock(grant=True), "h", Clock([T]), observe=broken).can_finalize()
+    assert LockStrategy(Lock(grant=False), "h", Clock([T]), observe=broken).can_finalize() is False

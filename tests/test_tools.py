@@ -41,6 +41,7 @@ DYNAMIC: dict[str, tuple[str, ...]] = {
     "updater/health.py::_run_check": (),  # the admin's health.d executables
     "tests/test_dbus_api.py::python_for": ("python3.11",),  # /usr/bin/python3.X, X of ours
     "tests/test_filestore.py::killed": ("mmd", "mcopy", "mren", "mdir"),  # MtoolsStore's runner
+    "devtools/etcd.py::_argv": ("etcd", "ip"),  # etcd, or etcd in a namespace (ip netns exec)
 }
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import structlog
 from dbus_fast import BusType
@@ -343,15 +344,41 @@ def reboot_lock(config: Config) -> RebootLock:
     return NoLock()
 
 
-def reboot_strategy(config: Config, clock: Clock) -> RebootStrategy:
+def reboot_strategy(
+    config: Config, clock: Clock, *, holder: str | None = None, metrics: Metrics | None = None
+) -> RebootStrategy:
+    """The configured strategy; with the lock, ``holder`` (default: this host's id) asks
+    for the slot, and with the etcd lock ``metrics`` gets the holders' ages while waiting."""
     windows = reboot_windows(config.reboot)
     if config.reboot.strategy == "lock":
-        return LockStrategy(reboot_lock(config), host_id(), clock, windows)
+        lock = reboot_lock(config)
+        observe = None
+        if metrics is not None and config.reboot.lock == "etcd":
+            observe = etcd_lock_observer(cast("EtcdLock", lock), metrics)
+        return LockStrategy(lock, holder or host_id(), clock, windows, observe)
     base = STRATEGIES[config.reboot.strategy]()
     return base if windows is None else Windowed(base, windows, clock)
 
 
-def fleet_reporter(config: Config) -> EtcdFleetReporter | None:
+def etcd_lock_observer(lock: EtcdLock, metrics: Metrics) -> Callable[[bool], None]:
+    """While this host waits for a slot, read the holders and their start times into
+    the metrics (one more etcd read per refusal); once granted, drop them."""
+
+    def observe(granted: bool) -> None:
+        if granted:
+            metrics.lock_not_waiting(lock.group)
+            return
+        st = lock.status()
+        if st is None:
+            metrics.lock_not_waiting(lock.group)
+            return
+        since = [h.since for h in st.holders if h.since is not None]
+        metrics.lock_waiting(lock.group, len(st.holders), st.total_slots, min(since, default=None))
+
+    return observe
+
+
+def fleet_reporter(config: Config, *, holder: str | None = None) -> EtcdFleetReporter | None:
     """With the etcd lock (and [etcd] publish_status), this host's fleet record."""
     if not (config.reboot.strategy == "lock" and config.reboot.lock == "etcd"):
         return None
@@ -362,8 +389,9 @@ def fleet_reporter(config: Config) -> EtcdFleetReporter | None:
     from updater.fleetreport import EtcdFleetReporter
 
     ttl = 3 * config.agent.poll_interval_s
-    publisher = FleetPublisher(EtcdClient(etcd_settings(config)), host_id(), ttl)
-    return EtcdFleetReporter(publisher, host_id(), config.reboot.group)
+    hid = holder or host_id()
+    publisher = FleetPublisher(EtcdClient(etcd_settings(config)), hid, ttl)
+    return EtcdFleetReporter(publisher, hid, config.reboot.group)
 
 
 class _RebooterOnDemand:
@@ -385,21 +413,24 @@ async def mark_good(config: Config) -> Slot:
     return await bless(updater(config), health_checker(config), _RebooterOnDemand())
 
 
-async def run_agent(config: Config) -> None:
-    """`updatectl agent`: run until SIGTERM or SIGINT."""
-    up = updater(config, need_source=True)
-    bus = await system_bus()
-    metrics = Metrics()
-    server = metrics.serve(config.metrics.listen) if config.metrics.listen else None
+def build_agent(
+    config: Config,
+    up: Updater,
+    reboot: Rebooter,
+    metrics: Metrics,
+    notifier: Notifier,
+    *,
+    holder: str | None = None,
+) -> Agent:
+    """The agent of ``config`` (``holder``: its lock and fleet id, default this host's)."""
     checks = health_checker(config)
-    reboot = rebooter(bus)
-    agent = Agent(
+    return Agent(
         updater=up,
-        strategy=reboot_strategy(config, up.clock),
+        strategy=reboot_strategy(config, up.clock, holder=holder, metrics=metrics),
         rebooter=reboot,
         bless=lambda: bless(up, checks, reboot),
         clock=up.clock,
-        notifier=Notifier(),
+        notifier=notifier,
         metrics=metrics,
         timing=timing(config),
         pre_reboot=HealthChecker(
@@ -408,8 +439,17 @@ async def run_agent(config: Config) -> None:
             event="pre_reboot_hook",
         ),
         release_after_s=config.reboot.release_after_s,
-        fleet=fleet_reporter(config),
+        fleet=fleet_reporter(config, holder=holder),
     )
+
+
+async def run_agent(config: Config) -> None:
+    """`updatectl agent`: run until SIGTERM or SIGINT."""
+    up = updater(config, need_source=True)
+    bus = await system_bus()
+    metrics = Metrics()
+    server = metrics.serve(config.metrics.listen) if config.metrics.listen else None
+    agent = build_agent(config, up, rebooter(bus), metrics, Notifier())
     service = None
     if bus is not None and config.agent.dbus:
         service = await dbus_api.serve(agent, bus, coreos_compat=config.agent.coreos_compat)

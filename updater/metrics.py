@@ -17,6 +17,7 @@ import socket
 import socketserver
 import stat
 import threading
+import time
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -125,6 +126,27 @@ class Metrics:
             ["version"],
             registry=r,
         )
+        # The cluster lock as a host waiting for a slot last read it: only waiting
+        # hosts export these, so max by (group) over the fleet is the stuck holder.
+        self._lock_holders = Gauge(
+            "updater_lock_holders",
+            "Holders of the group's reboot lock, as read while waiting for a slot",
+            ["group"],
+            registry=r,
+        )
+        self._lock_slots = Gauge(
+            "updater_lock_slots",
+            "Slots of the group's reboot lock, as read while waiting for a slot",
+            ["group"],
+            registry=r,
+        )
+        self._lock_oldest = Gauge(
+            "updater_lock_oldest_holder_age_seconds",
+            "How long the oldest holder has held its slot (from its start time, at scrape "
+            "time), as read while waiting for a slot",
+            ["group"],
+            registry=r,
+        )
 
     # ---- what the daemon calls ---------------------------------------------------------------
 
@@ -174,6 +196,26 @@ class Metrics:
         else:
             with contextlib.suppress(KeyError):
                 self._version_blocked.remove(version)
+
+    def lock_waiting(
+        self, group: str, holders: int, slots: int, oldest_since: float | None
+    ) -> None:
+        """This host waits for a slot of ``group``'s lock, which ``holders`` hold since
+        ``oldest_since`` at the earliest (unix seconds; None: no holder of known age)."""
+        self._lock_holders.labels(group=group).set(holders)
+        self._lock_slots.labels(group=group).set(slots)
+        if oldest_since is None:
+            with contextlib.suppress(KeyError):
+                self._lock_oldest.remove(group)
+            return
+        since = oldest_since
+        self._lock_oldest.labels(group=group).set_function(lambda: max(0.0, time.time() - since))
+
+    def lock_not_waiting(self, group: str) -> None:
+        """This host holds a slot (or no longer asks): it reports no holders' ages."""
+        for gauge in (self._lock_holders, self._lock_slots, self._lock_oldest):
+            with contextlib.suppress(KeyError):
+                gauge.remove(group)
 
     # ---- exposition ----------------------------------------------------------------------------
 
