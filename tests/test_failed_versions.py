@@ -417,7 +417,12 @@ def test_a_bad_release_stops_at_the_first_host(
 
         async def come_back() -> None:
             async with running(a):
-                await until(lambda: holders(client, group) == [])
+                await until(
+                    lambda: (
+                        holders(client, group) == []
+                        and any(e["event"] == "reported_steady" for e in logs)
+                    )
+                )
 
         asyncio.run(come_back())
     kv = client.range(failed_key(group, "1.2.0"))
