@@ -79,7 +79,7 @@ def fleet_status(config: Path, *, as_json: bool = False) -> tuple[int, str]:
         out=out,
         err=err,
     )
-    return code, out.getvalue() + err.getvalue()
+    return code, out.getvalue() if code == 0 else out.getvalue() + err.getvalue()
 
 
 # ---- one machine ------------------------------------------------------------------------------
@@ -123,6 +123,21 @@ class Node:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(60)
+
+    @property
+    def host_id(self) -> str | None:
+        """The id its agent takes the lock and publishes its record under (from its log)."""
+        with self._lock:
+            for seen in self.timeline:
+                m = re.search(r"\bholder=([0-9a-f]+)", seen.text)
+                if m is not None:
+                    return m.group(1)
+        return None
+
+    def saw(self, text: str) -> bool:
+        """Its console said ``text`` (a substring of a noted line) at some point."""
+        with self._lock:
+            return any(text in seen.text for seen in self.timeline)
 
     @property
     def running(self) -> bool:
