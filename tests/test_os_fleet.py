@@ -194,6 +194,17 @@ def test_2_a_bad_release_stops_at_the_first_machine(running: Running) -> None:
     assert any("updater-mark-good: marked_bad" in t for t in after), story(fleet)
     assert any("rollback_detected failed_version=1.2.0" in t for t in after), story(fleet)
     assert not any("install_started version=1.2.0" in t for t in after[1:]), story(fleet)
+    trial_boot = bad.boots()[-1]  # its last boot that ended: the trial of 1.2.0
+    assert (trial_boot.slot, trial_boot.version) == ("ROOT-A", "1.2.0"), trial_boot.summary()
+    assert trial_boot.facts["entry"].startswith("updater-root-a+"), trial_boot.facts  # counted
+    assert trial_boot.facts["initrd-version"] == "1.2.0"  # ROOT-A's boot files are 1.2.0's
+    mark_good = [e.name for e in trial_boot.events if e.unit == "updater-mark-good"]
+    assert "marked_bad" in mark_good and "marked_good" not in mark_good, trial_boot.summary()
+    assert trial_boot.ended == "reboot", trial_boot.summary()  # the guest rebooted itself
+    # back on 1.1.0, the agent looks at 1.2.0 again and knows it failed here
+    assert bad.saw("update_checked version=1.2.0 booted_version=1.1.0 available=false"), story(
+        fleet
+    )
 
     # etcd: the record names the machine; it was written while that machine still held
     # its slot (the other could not take it before the block was visible)
