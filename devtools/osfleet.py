@@ -16,15 +16,18 @@ lock: what tests/test_os_fleet.py and ``make demo-fleet`` share.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import io
+import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from policies.etcdlock import EtcdClient, EtcdSettings
 from policies.fleet import HostRecord, read_hosts
 from updater import cli
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 GROUP = "fleet"
 GUEST_CPUS = 1  # two machines on two cores: one virtual CPU each
 NODE_BOOT_LIMIT_S = 3600.0  # one boot may wait long for the lock; stop() ends it
@@ -47,8 +51,21 @@ def guest_endpoint(endpoint: str) -> str:
     return re.sub(r"//127\.0\.0\.1:", f"//{osupdate.GUEST_HOST}:", endpoint)
 
 
-def fleet_config(endpoints: Sequence[str], *, group: str = GROUP) -> str:
-    """The TOML a guest's credential adds: reboot under the etcd lock, one slot."""
+def fleet_config(
+    endpoints: Sequence[str], *, group: str = GROUP, fleetlock_url: str | None = None
+) -> str:
+    """The TOML a guest's credential adds: reboot under the etcd lock, one slot; with
+    ``fleetlock_url`` (this machine's loopback) through that FleetLock server instead."""
+    if fleetlock_url is not None:
+        return (
+            "\n[reboot]\n"
+            'strategy = "lock"\n'
+            'lock = "fleetlock"\n'
+            f'group = "{group}"\n'
+            "retry_s = 5\n"
+            "\n[fleetlock]\n"
+            f'url = "{guest_endpoint(fleetlock_url)}"\n'
+        )
     quoted = ", ".join(f'"{guest_endpoint(e)}"' for e in endpoints)
     return (
         "\n[reboot]\n"
@@ -70,6 +87,47 @@ def host_config(path: Path, endpoints: Sequence[str], *, group: str = GROUP) -> 
         f'[reboot]\nstrategy = "lock"\ngroup = "{group}"\n\n[etcd]\nendpoints = [{quoted}]\n'
     )
     return path
+
+
+@contextlib.contextmanager
+def fleetlock_server(
+    endpoints: Sequence[str], workdir: Path, *, group: str = GROUP
+) -> Iterator[str]:
+    """``updatectl fleetlock serve`` over the fleet's etcd, as an admin runs it (a process
+    of its own on this machine's loopback); its URL for the ``with`` block, then SIGTERM."""
+    port = free_port()
+    config = workdir / "fleetlockd.toml"
+    config.write_text(f'[reboot]\ngroup = "{group}"\n')
+    log = workdir / "fleetlockd.log"
+    argv = [
+        sys.executable, "-m", "updater.cli", "--config", str(config),
+        "fleetlock", "serve", "--listen", f"127.0.0.1:{port}", "--group", f"{group}=1",
+        *[f"--etcd={e}" for e in endpoints],
+    ]  # fmt: skip
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            argv,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        if not line.startswith("FleetLock serving on "):
+            raise RuntimeError(f"fleetlock serve did not start: {line!r} {log.read_text()}")
+        yield line.removeprefix("FleetLock serving on ").strip()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def fleet_status(config: Path, *, as_json: bool = False) -> tuple[int, str]:
@@ -102,6 +160,7 @@ class Node:
     name: str
     machine: osupdate.Machine
     port: int  # this machine's loopback port forwarded to the guest's service
+    lock: str = "etcd"  # how its agent takes the reboot slot: etcd, or fleetlock
     t0: float = field(default_factory=time.monotonic)
     version: str = "-"  # of the boot under way
     slot: str = "-"
@@ -300,20 +359,27 @@ class Fleet:
         *,
         count: int = 2,
         ports: Sequence[int],
+        fleetlock_url: str | None = None,
     ) -> Fleet:
+        """``fleetlock_url``: the last machine takes its slot through that FleetLock
+        server (over the same etcd semaphore) instead of from etcd itself."""
         port = server.url.rsplit(":", 1)[1]
         url = f"http://{osupdate.GUEST_HOST}:{port}"
-        extra = fleet_config(cluster.endpoints)
         nodes = []
         t0 = time.monotonic()
         for i in range(count):
+            via_fleetlock = fleetlock_url is not None and i == count - 1
+            extra = fleet_config(
+                cluster.endpoints, fleetlock_url=fleetlock_url if via_fleetlock else None
+            )
             machine = osupdate.Machine.create(workdir / f"vm{i + 1}", image, url)
             machine.cpus = GUEST_CPUS
             machine.report = False  # the machines keep running (and serving) once settled
             machine.extra_config = extra
             machine.poll_interval_s = POLL_INTERVAL_S
             machine.forwards = ((ports[i], osupdate.WEB_PORT),)
-            nodes.append(Node(f"vm{i + 1}", machine, ports[i], t0=t0))
+            lock = "fleetlock" if via_fleetlock else "etcd"
+            nodes.append(Node(f"vm{i + 1}", machine, ports[i], lock=lock, t0=t0))
         admin = host_config(workdir / "admin.toml", cluster.endpoints)
         return cls(workdir, cluster, server, repo, nodes, admin)
 
@@ -348,8 +414,8 @@ class Fleet:
         """Every machine booted ``version``, blessed it, and nobody holds a slot."""
         if not all(n.version == version and n.blessed for n in self.nodes):
             return False
-        records = self.records()
-        if len(records) != len(self.nodes):
+        records = self.records()  # only the etcd-lock machines publish one
+        if len(records) != len([n for n in self.nodes if n.lock == "etcd"]):
             return False
         if any(r.booted_version != version or r.lock_held for r in records.values()):
             return False
@@ -384,7 +450,7 @@ def wait_for(
 DEMO_DIR = Path("build/fleet-demo")
 
 
-def run_demo(workdir: Path, count: int) -> int:
+def run_demo(workdir: Path, count: int, *, fleetlock: bool = True) -> int:
     t0 = time.monotonic()
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -398,14 +464,29 @@ def run_demo(workdir: Path, count: int) -> int:
         }
         repo = workdir / "repo"
         repo.mkdir()
-        with EtcdCluster(3) as cluster, RepoServer(repo) as server:
+        with contextlib.ExitStack() as stack:
+            cluster = stack.enter_context(EtcdCluster(3))
+            server = stack.enter_context(RepoServer(repo))
+            url = None
+            if fleetlock:
+                url = stack.enter_context(fleetlock_server(cluster.endpoints, workdir))
             ports = [free_port() for _ in range(count)]
             fleet = Fleet.create(
-                workdir, images["1.0.0"], cluster, server, repo, count=count, ports=ports
+                workdir,
+                images["1.0.0"],
+                cluster,
+                server,
+                repo,
+                count=count,
+                ports=ports,
+                fleetlock_url=url,
             )
             for n in fleet.nodes:
                 n.on_line = lambda s: print(f"{s.at:6.0f}s {s.node}: {s.text}", flush=True)
             print(f"== {count} machines boot 1.0.0; etcd members: {', '.join(cluster.endpoints)}")
+            for n in fleet.nodes:
+                how = f"through the FleetLock server {url}" if n.lock == "fleetlock" else "in etcd"
+                print(f"   {n.name}: service on 127.0.0.1:{n.port}, takes its reboot slot {how}")
             client = Client(ports)
             try:
                 for n in fleet.nodes:
@@ -451,8 +532,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m devtools.osfleet", description=__doc__)
     p.add_argument("--workdir", type=Path, default=DEMO_DIR)
     p.add_argument("--machines", type=int, default=2)
+    p.add_argument(
+        "--no-fleetlock",
+        action="store_true",
+        help="every machine takes its slot in etcd (default: the last one through "
+        "`updatectl fleetlock serve`, on the same semaphore)",
+    )
     args = p.parse_args(argv)
-    return run_demo(args.workdir.resolve(), args.machines)
+    return run_demo(args.workdir.resolve(), args.machines, fleetlock=not args.no_fleetlock)
 
 
 if __name__ == "__main__":
