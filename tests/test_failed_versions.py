@@ -499,8 +499,8 @@ class RecordsAfterLocking(LockStrategy):
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.record = record
 
-    def can_finalize(self) -> bool:
-        ok = super().can_finalize()
+    def can_finalize(self, version: str | None = None) -> bool:
+        ok = super().can_finalize(version)
         if ok:
             self.record.record("1.2.0", A, "check_failed", 1.0)
         return ok

@@ -37,7 +37,7 @@ from policies.fleetlockd import (
     running,
 )
 from tests.conftest import updatectl
-from updater.errors import LockError
+from updater.errors import LockError, RefusedError
 
 T0 = datetime(2026, 11, 28, 4, 0, 0, tzinfo=UTC)
 ZINCATI_ID = "c988d2509fdf4cdcbed39037c56406fb"  # node_uuid.lower_hex(): 32 hex digits
@@ -64,6 +64,9 @@ class Blocked:
 
     def blocked(self, group: str) -> Collection[str]:
         return self.by_group.get(group, set())
+
+    def record(self, group: str, version: str, host: str, kind: str) -> None:
+        raise AssertionError("nothing is recorded here")
 
 
 @pytest.fixture(scope="module")
@@ -235,10 +238,11 @@ def test_a_body_with_our_version_field_and_without_it(client: EtcdClient, group:
         lock = FleetLock(srv.url, group, timeout_s=10)
         try:
             assert lock.acquire("good", version="2.0.1") is True
-            with pytest.raises(FleetLockError) as exc:
+            with capture_logs() as logs, pytest.raises(RefusedError) as exc:
                 lock.acquire("bad", version="2.0.0")
-            assert (exc.value.kind, exc.value.status) == ("refused", 403)
-            assert exc.value.protocol_kind == "version_blocked"
+            assert exc.value.kind == "version_blocked" and "2.0.0" in exc.value.message
+            (answer,) = [e for e in logs if e["event"] == "fleetlock_request_failed"]
+            assert (answer["status"], answer["protocol_kind"]) == (403, "version_blocked")
             assert holders(client, group) == ["good"]
             # Zincati sends no version: it cannot be refused for one
             assert zincati_post(srv.url, "pre-reboot", ZINCATI_ID, group).status_code == 200
@@ -251,6 +255,9 @@ def test_a_body_with_our_version_field_and_without_it(client: EtcdClient, group:
 def test_a_blocklist_that_cannot_answer_refuses(client: EtcdClient, group: str) -> None:
     class Broken:
         def blocked(self, group: str) -> Collection[str]:
+            raise LockError("unavailable", "etcd is gone")
+
+        def record(self, group: str, version: str, host: str, kind: str) -> None:
             raise LockError("unavailable", "etcd is gone")
 
     with serving(client, {group: 2}) as srv:
