@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from devtools.etcd import EtcdNode
@@ -34,7 +35,7 @@ from policies.strategy import LockStrategy, Off
 from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, updatectl
 from tests.test_agent import Harness, image_gets, running, samples, until
 from updater.clock import SystemClock
-from updater.errors import LockError
+from updater.errors import DiskError, LockError
 from updater.fleetreport import EtcdFleetReporter
 from updater.metrics import Metrics
 
@@ -475,16 +476,20 @@ def test_a_bad_release_stops_at_the_first_host(
 
     asyncio.run(staged())
     assert c.rebooter.calls == [] and holders(client, group) == []
-    assert c.agent.status().state == "UPDATED_NEED_REBOOT"
+    assert c.agent.status().state == "IDLE"  # un-staged: the old slot boots next
+    assert hc.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
 
-    # unblocked by the admin: B installs, C reboots
+    # unblocked by the admin: C stages its bytes again and reboots, B installs
     assert updatectl(hb, "fleet", "unblock", "1.2.0").code == 0
     b2 = lock_harness(hb, etcd, group, B, notify)
     c2 = lock_harness(hc, etcd, group, C, notify)
+    gets = image_gets(repo)
 
     async def proceed() -> None:
-        async with running(b2), running(c2):
+        async with running(c2):
             await until(lambda: len(c2.rebooter.calls) == 1, timeout=30)
+        assert image_gets(repo) == gets  # C re-hashed its slot, downloaded nothing
+        async with running(b2):
             await until(lambda: b2.agent.status().state == "UPDATED_NEED_REBOOT", timeout=60)
 
     asyncio.run(proceed())
@@ -610,3 +615,191 @@ def test_max_failures_two_needs_two_hosts(
 
     asyncio.run(two_failures())  # two hosts: the staged version is not rebooted into
     assert b2.rebooter.calls == [] and holders(client, group) == []
+
+
+# ---- a staged version that gets blocked is un-staged ---------------------------------------------
+
+
+def stage(host: Host, etcd: EtcdNode, group: str, hid: str, notify: NotifySocket) -> None:
+    """``host`` installs the repo's release and keeps it staged (strategy off)."""
+    h = Harness(host, notify, Off())
+    h.updater.blocks = blocks_for(etcd, group, hid)
+
+    async def scenario() -> None:
+        async with running(h):
+            await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT", timeout=60)
+
+    asyncio.run(scenario())
+    assert host.boot_control().primary().label == "USR-B"  # type: ignore[union-attr]
+    assert (host.root / "reboot-required").exists()
+
+
+def slot_record(host: Host, label: str) -> dict[str, object]:
+    saved = json.loads((host.state_dir / "state.json").read_text())
+    return next(s for s in saved["slots"].values() if s["label"] == label)
+
+
+def test_a_staged_version_that_gets_blocked_is_unstaged_and_staged_again_once_unblocked(
+    etcd: EtcdNode,
+    client: EtcdClient,
+    group: str,
+    host: Host,
+    repo: Repo,
+    usr_images: dict[str, Path],
+    notify: NotifySocket,
+) -> None:
+    lock_config(host, etcd, group)
+    repo.publish("1.2.0", usr_images["1.2.0"])
+    stage(host, etcd, group, B, notify)
+    staged_bytes = host.slot_bytes("USR-B")
+    FailedVersions(client, group).record("1.2.0", A, "check_failed", 1.0)
+
+    # B learns 1.2.0 is blocked: the booted slot boots next again, the sentinel goes
+    b = lock_harness(host, etcd, group, B, notify)
+    with capture_logs() as logs:
+
+        async def blocked() -> None:
+            async with running(b):
+                await until(lambda: b.agent.status().last_error_kind == "version_blocked")
+                await until(lambda: b.agent.status().state == "IDLE")
+
+        asyncio.run(blocked())
+    events = [e["event"] for e in logs]
+    assert events.index("reboot_refused_version_blocked") < events.index("update_unstaged")
+    st = b.agent.status()
+    assert (st.state, st.staged_version) == ("IDLE", "")
+    assert "1.2.0" in st.last_error_message and b.rebooter.calls == []
+    assert holders(client, group) == []
+    assert host.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
+    assert not (host.root / "reboot-required").exists()
+    assert not (host.root / "reboot-required.pkgs").exists()
+    assert slot_record(host, "USR-B") | {"updated": ""} == slot_record(host, "USR-B") | {
+        "updated": "",
+        "condition": "installed",
+        "version": "1.2.0",
+        "unstaged": "version_blocked",
+    }
+    assert host.slot_bytes("USR-B") == staged_bytes  # the bytes stay
+    doc = updatectl(host, "status", "--json").json()
+    assert doc["state"] == "idle" and doc["primary"] == "USR-A"
+    assert [s["unstaged"] for s in doc["slots"]] == [None, "version_blocked"]
+    rollback = updatectl(host, "rollback", "--json")
+    assert rollback.code == 7 and "un-staged" in rollback.json()["error"]["message"]
+    assert host.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
+
+    # an unplanned reboot now boots the old version; it is no rollback
+    assert host.reboot() == "USR-A"
+    gets = image_gets(repo)
+    b2 = lock_harness(host, etcd, group, B, notify)
+
+    async def after_reboot() -> None:
+        async with running(b2):
+            await until(lambda: b2.agent.status().last_error_kind == "version_blocked")
+
+    asyncio.run(after_reboot())
+    saved = json.loads((host.state_dir / "state.json").read_text())
+    assert (saved["failed_versions"], saved["unrecorded"]) == ([], [])
+    stored = FailedVersions(client, group).read()["1.2.0"]
+    assert isinstance(stored, FailedRecord) and [f.host for f in stored.failures] == [A]
+    assert image_gets(repo) == gets and b2.rebooter.calls == []
+
+    # unblocked: the next check stages the same bytes again (re-hashed, not downloaded)
+    assert updatectl(host, "fleet", "unblock", "1.2.0").code == 0
+    structlog.reset_defaults()  # updatectl configured logging for its process
+    b3 = Harness(host, notify, Off())
+    b3.updater.blocks = blocks_for(etcd, group, B)
+    with capture_logs() as logs:
+
+        async def unblocked() -> None:
+            async with running(b3):
+                await until(lambda: b3.agent.status().state == "UPDATED_NEED_REBOOT")
+
+        asyncio.run(unblocked())
+    assert "update_restaged" in [e["event"] for e in logs]
+    assert image_gets(repo) == gets
+    assert b3.agent.status().staged_version == "1.2.0"
+    assert host.boot_control().primary().label == "USR-B"  # type: ignore[union-attr]
+    assert (host.root / "reboot-required").exists()
+    assert slot_record(host, "USR-B")["unstaged"] is None
+    assert host.reboot() == "USR-B"  # and it is what boots next
+
+
+def test_an_unstaged_slot_whose_bytes_changed_is_installed_again(
+    etcd: EtcdNode,
+    client: EtcdClient,
+    group: str,
+    host: Host,
+    repo: Repo,
+    usr_images: dict[str, Path],
+    notify: NotifySocket,
+) -> None:
+    lock_config(host, etcd, group)
+    repo.publish("1.2.0", usr_images["1.2.0"])
+    stage(host, etcd, group, B, notify)
+    staged_bytes = host.slot_bytes("USR-B")
+    store = FailedVersions(client, group)
+    store.record("1.2.0", A, "check_failed", 1.0)
+    b = lock_harness(host, etcd, group, B, notify)
+
+    async def blocked() -> None:
+        async with running(b):
+            await until(lambda: b.agent.status().last_error_kind == "version_blocked")
+
+    asyncio.run(blocked())
+    assert host.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
+    offset = host.layout.by_label("USR-B").offset + 4096
+    with host.disk.open("r+b") as disk:  # a byte of the un-staged slot rots
+        disk.seek(offset)
+        old = disk.read(1)
+        disk.seek(offset)
+        disk.write(bytes([old[0] ^ 0xFF]))
+    store.unblock("1.2.0")
+    gets = image_gets(repo)
+    b2 = Harness(host, notify, Off())
+    b2.updater.blocks = blocks_for(etcd, group, B)
+    with capture_logs() as logs:
+
+        async def unblocked() -> None:
+            async with running(b2):
+                await until(lambda: b2.agent.status().state == "UPDATED_NEED_REBOOT", timeout=60)
+
+        asyncio.run(unblocked())
+    (refused,) = [e for e in logs if e["event"] == "restage_refused"]
+    assert "no longer match" in refused["reason"]
+    assert "update_restaged" not in [e["event"] for e in logs]
+    assert image_gets(repo) == gets + 1  # downloaded and written again
+    assert host.slot_bytes("USR-B") == staged_bytes
+    assert host.boot_control().primary().label == "USR-B"  # type: ignore[union-attr]
+
+
+def test_an_unstaging_cut_short_is_finished_and_is_no_rollback(
+    etcd: EtcdNode,
+    client: EtcdClient,
+    group: str,
+    host: Host,
+    repo: Repo,
+    usr_images: dict[str, Path],
+    notify: NotifySocket,
+) -> None:
+    """A power cut after the record and before the boot flags: the record is written first,
+    so the next start finishes the job, and never reads the slot as a rollback."""
+    repo.publish("1.2.0", usr_images["1.2.0"])
+    stage(host, etcd, group, B, notify)
+    up = Harness(host, notify, Off()).updater
+
+    def cut(slot: object) -> None:
+        raise DiskError("io", "the power went")
+
+    up.boot.mark_bad = cut  # type: ignore[method-assign]
+    with pytest.raises(DiskError):
+        up.unstage("1.2.0", "version_blocked")
+    assert host.boot_control().primary().label == "USR-B"  # type: ignore[union-attr]
+    assert slot_record(host, "USR-B")["unstaged"] == "version_blocked"
+    assert up.unstage("9.9.9", "version_blocked") is None  # not what it holds: nothing changes
+
+    again = Harness(host, notify, Off())
+    assert again.updater.note_rollback() is None
+    assert host.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
+    assert not (host.root / "reboot-required").exists()
+    saved = json.loads((host.state_dir / "state.json").read_text())
+    assert (saved["failed_versions"], saved["unrecorded"]) == ([], [])
