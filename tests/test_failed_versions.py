@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,14 @@ from policies.failed import (
     failed_key,
 )
 from policies.fleet import FleetPublisher, HostRecord, read_hosts, summarize
+from policies.fleetlock import FleetLock
+from policies.fleetlockd import (
+    FleetLockServer,
+    FleetLockService,
+    ServerSettings,
+    StoredFailedVersions,
+)
+from policies.fleetlockd import running as running_server
 from policies.strategy import LockStrategy, Off
 from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, updatectl
 from tests.test_agent import Harness, image_gets, running, samples, until
@@ -803,3 +812,155 @@ def test_an_unstaging_cut_short_is_finished_and_is_no_rollback(
     assert not (host.root / "reboot-required").exists()
     saved = json.loads((host.state_dir / "state.json").read_text())
     assert (saved["failed_versions"], saved["unrecorded"]) == ([], [])
+
+
+# ---- FleetLock hosts, through our server -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fleetlock_server(client: EtcdClient, group: str) -> Iterator[FleetLockServer]:
+    service = FleetLockService(client, {group: 1}, failed=StoredFailedVersions(client, 1))
+    settings = ServerSettings(host="127.0.0.1", port=0, groups={group: 1})
+    with running_server(FleetLockServer(settings, service), poll_interval_s=0.01) as server:
+        yield server
+
+
+def fleetlock_harness(host: Host, url: str, group: str, hid: str, notify: NotifySocket) -> Harness:
+    h = Harness(host, notify, LockStrategy(FleetLock(url, group, timeout_s=10), hid, SystemClock()))
+    assert h.updater.blocks is None  # a FleetLock host reads no etcd
+    return h
+
+
+class BrokenStore:
+    """The server's failed-version store with etcd gone."""
+
+    def blocked(self, group: str) -> Collection[str]:
+        raise LockError("unavailable", "etcd is gone")
+
+    def record(self, group: str, version: str, host: str, kind: str) -> None:
+        raise LockError("unavailable", "etcd is gone")
+
+
+def test_fleetlock_hosts_take_part_in_the_block_through_our_server(
+    etcd: EtcdNode,
+    client: EtcdClient,
+    group: str,
+    host: Host,
+    repo: Repo,
+    usr_images: dict[str, Path],
+    tmp_path: Path,
+    notify: NotifySocket,
+) -> None:
+    hb = other_host(tmp_path, "host-b", usr_images, repo)  # etcd lock
+    hc = other_host(tmp_path, "host-c", usr_images, repo)  # FleetLock
+    lock_config(hb, etcd, group)
+    repo.publish("1.2.0", usr_images["1.2.0"])
+    stage(hb, etcd, group, B, notify)
+    stage(hc, etcd, group, C, notify)
+
+    with fleetlock_server(client, group) as srv:
+        # A (FleetLock) reboots into 1.2.0 holding the slot; its trial boot is never blessed
+        a0 = fleetlock_harness(host, srv.url, group, A, notify)
+
+        async def install() -> None:
+            async with running(a0):
+                await until(lambda: len(a0.rebooter.calls) == 1, timeout=60)
+
+        asyncio.run(install())
+        assert holders(client, group) == [A]
+        assert host.reboot() == "USR-B"
+        assert host.reboot() == "USR-A"
+
+        # back on 1.0.0, with the server's store down: the steady-state fails, the slot
+        # stays held and the rollback stays pending in the state file
+        good = srv.service.failed
+        srv.service.failed = BrokenStore()
+        a1 = fleetlock_harness(host, srv.url, group, A, notify)
+        with capture_logs() as logs:
+
+            async def store_down() -> None:
+                async with running(a1):
+                    await until(lambda: any(e["event"] == "report_steady_failed" for e in logs))
+
+            asyncio.run(store_down())
+        failed = next(e for e in logs if e["event"] == "report_steady_failed")
+        assert failed["error_kind"] == "refused" and "etcd_unavailable" in failed["error"]
+        assert holders(client, group) == [A]
+        saved = json.loads((host.state_dir / "state.json").read_text())
+        assert [(u["version"], u["kind"]) for u in saved["unrecorded"]] == [
+            ("1.2.0", "rolled_back")
+        ]
+        assert client.range(failed_key(group, "1.2.0")) is None
+
+        # the store is back: one steady-state request records 1.2.0, then frees the slot
+        srv.service.failed = good
+        a2 = fleetlock_harness(host, srv.url, group, A, notify)
+        with capture_logs() as logs:
+
+            async def come_back() -> None:
+                async with running(a2):
+                    await until(lambda: any(e["event"] == "reported_steady" for e in logs))
+
+            asyncio.run(come_back())
+        events = [e["event"] for e in logs]
+        assert events.index("fleetlock_failed_version_recorded") < events.index(
+            "fleetlock_unlocked"
+        )
+        assert events.index("fleetlock_unlocked") < events.index("failed_version_reported")
+        kv = client.range(failed_key(group, "1.2.0"))
+        assert kv is not None
+        assert [(f["host"], f["kind"]) for f in json.loads(kv.value)["failures"]] == [
+            (A, "rolled_back")
+        ]
+        assert holders(client, group, revision=kv.create_revision) == [A]  # recorded first
+        assert holders(client, group) == []
+        saved = json.loads((host.state_dir / "state.json").read_text())
+        assert saved["unrecorded"] == []
+
+        # C (FleetLock, 1.2.0 staged) is refused by the server: 403 -> version_blocked, un-staged
+        c = fleetlock_harness(hc, srv.url, group, C, notify)
+        with capture_logs() as logs:
+
+            async def c_refused() -> None:
+                async with running(c):
+                    await until(lambda: c.agent.status().last_error_kind == "version_blocked")
+                    await until(lambda: c.agent.status().state == "IDLE")
+
+            asyncio.run(c_refused())
+        answer = next(e for e in logs if e["event"] == "fleetlock_request_failed")
+        assert (answer["status"], answer["protocol_kind"]) == (403, "version_blocked")
+        assert "update_unstaged" in [e["event"] for e in logs]
+        assert c.rebooter.calls == [] and holders(client, group) == []
+        assert c.agent.blocked_version == "1.2.0"
+        assert hc.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
+        assert not (hc.root / "reboot-required").exists()
+
+        # B (etcd lock, 1.2.0 staged) reads the record the server wrote, and refuses too
+        b = lock_harness(hb, etcd, group, B, notify)
+
+        async def b_refused() -> None:
+            async with running(b):
+                await until(lambda: b.agent.status().last_error_kind == "version_blocked")
+                await until(lambda: b.agent.status().state == "IDLE")
+
+        asyncio.run(b_refused())
+        assert b.rebooter.calls == [] and holders(client, group) == []
+        assert hb.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
+
+        # unblocked: both stage their bytes again; C reboots under the lock, B waits for it
+        gets = image_gets(repo)
+        assert FailedVersions(client, group).unblock("1.2.0") is not None
+        c2 = fleetlock_harness(hc, srv.url, group, C, notify)
+        b2 = lock_harness(hb, etcd, group, B, notify)
+
+        async def proceed() -> None:
+            async with running(c2):
+                await until(lambda: len(c2.rebooter.calls) == 1, timeout=30)
+            async with running(b2):
+                await until(lambda: b2.agent.status().state == "UPDATED_NEED_REBOOT", timeout=30)
+                await until(lambda: b2.agent.strategy.holding is False)  # the slot is C's
+
+        asyncio.run(proceed())
+        assert holders(client, group) == [C]
+        assert c2.agent.blocked_version == "" and b2.rebooter.calls == []
+        assert image_gets(repo) == gets  # neither downloaded it again
