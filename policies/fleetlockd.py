@@ -18,7 +18,11 @@ each served group's slots and holders with their ages, and the failed-version
 block of each group. Our own client may add ``"version"`` (the staged
 version) to ``client_params``; a pre-reboot for a version the group has
 recorded as failed is refused (``version_blocked``). Zincati sends no version,
-so it is never refused that way.
+so it is never refused that way. In a steady-state, our client may add
+``"failed_version"`` and ``"failure_kind"`` (a rollback): the failure is
+recorded for the group (:mod:`policies.failed`) before the slot is given back,
+and if it cannot be recorded, neither happens. Servers that are not ours
+(airlock) ignore both fields and only release.
 
 Decisions where the protocol leaves room, failing closed:
 
