@@ -49,7 +49,7 @@ import structlog
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import Etcd3Exception
 
-from policies.lock import check_group, parse_etcd_endpoint
+from policies.lock import FailureReport, check_group, parse_etcd_endpoint
 from updater.clock import Clock, SystemClock
 from updater.errors import ConfigError, LockError
 from updater.jsonutil import loads as load_json
@@ -651,7 +651,9 @@ class EtcdLock:
 
     # ---- RebootLock ----------------------------------------------------------------------------
 
-    def acquire(self, holder: str) -> bool:
+    def acquire(self, holder: str, *, version: str | None = None) -> bool:
+        """``version`` is not checked here: etcd-lock agents read the group's failed
+        versions themselves (policies.failed), before asking and once granted."""
         check_holder(holder)
         sem, rev = self._read_or_create()
         for attempt in range(self._attempts):
@@ -674,8 +676,10 @@ class EtcdLock:
             sem, rev = self._settle(attempt, sem, rev)
         raise self._conflict("acquire")
 
-    def release(self, holder: str) -> None:
+    def release(self, holder: str, *, failed: FailureReport | None = None) -> bool:
+        """``failed`` is not taken along: etcd-lock agents record it themselves first."""
         self._remove(check_holder(holder), event="etcd_lock_released")
+        return False
 
     # ---- admin ---------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -50,8 +51,8 @@ import requests
 import structlog
 import urllib3
 
-from policies.lock import check_group
-from updater.errors import LockError
+from policies.lock import FailureReport, check_group
+from updater.errors import LockError, RefusedError
 from updater.httpbody import read1
 from updater.jsonutil import loads as load_json
 from updater.urls import parse_url
@@ -169,6 +170,13 @@ def judge(
     return fail("refused", generic, _excerpt(text) or "no FleetLock error in the answer")
 
 
+def is_version_blocked(err: FleetLockError) -> bool:
+    """Our server's refusal of a pre-reboot into a version the group has blocked."""
+    return (
+        err.endpoint == PRE_REBOOT and err.status == 403 and err.protocol_kind == "version_blocked"
+    )
+
+
 def _remote_error(doc: object) -> tuple[str, str] | None:
     if not isinstance(doc, dict):
         return None
@@ -227,8 +235,17 @@ class FleetLock:
     def acquire(self, holder: str, *, version: str | None = None) -> bool:
         """Take a slot; ``version`` (the one about to boot) goes along as
         ``client_params.version``, which our server checks against the group's
-        failed versions and other servers ignore."""
-        verdict = self._call(PRE_REBOOT, holder, version)
+        failed versions and other servers ignore. Our server's 403
+        ``version_blocked`` is ``RefusedError("version_blocked")``."""
+        verdict = self._call(PRE_REBOOT, holder, {"version": version})
+        if verdict.error is not None and is_version_blocked(verdict.error):
+            self._failed(verdict.error, holder)
+            raise RefusedError(
+                "version_blocked",
+                f"FleetLock server {self.base_url}: {verdict.error.protocol_value}",
+                hint=f"`updatectl fleet unblock {version}` (where etcd is reachable) once "
+                "the version is fixed or known good",
+            )
         if verdict.error is None:
             log.info("fleetlock_slot_held", group=self.group, holder=holder, url=self.base_url)
             return True
@@ -244,11 +261,27 @@ class FleetLock:
             return False
         raise self._failed(verdict.error, holder)
 
-    def release(self, holder: str) -> None:
-        verdict = self._call(STEADY_STATE, holder)
+    def release(self, holder: str, *, failed: FailureReport | None = None) -> bool:
+        """Give the slot back; ``failed`` goes along as ``client_params.failed_version``
+        and ``failure_kind``: our server records it for the group before it frees the
+        slot (any error answer: neither happened). Other servers (airlock) ignore the
+        fields and only release, so True means "sent with a release that succeeded"."""
+        extra = (
+            {}
+            if failed is None
+            else {"failed_version": failed.version, "failure_kind": failed.sent_kind}
+        )
+        verdict = self._call(STEADY_STATE, holder, extra)
         if verdict.error is not None:
             raise self._failed(verdict.error, holder)
-        log.info("fleetlock_slot_released", group=self.group, holder=holder, url=self.base_url)
+        log.info(
+            "fleetlock_slot_released",
+            group=self.group,
+            holder=holder,
+            url=self.base_url,
+            failed_version=None if failed is None else failed.version,
+        )
+        return failed is not None
 
     def _failed(self, err: FleetLockError, holder: str) -> FleetLockError:
         log.warning(
@@ -263,12 +296,13 @@ class FleetLock:
         )
         return err
 
-    def _call(self, endpoint: str, holder: str, version: str | None = None) -> Verdict:
+    def _call(
+        self, endpoint: str, holder: str, extra: Mapping[str, str | None] | None = None
+    ) -> Verdict:
         if not holder:
             raise LockError("bad_argument", "FleetLock client id must be a non-empty string")
         params = {"id": holder, "group": self.group}
-        if version is not None:
-            params["version"] = version
+        params |= {k: v for k, v in (extra or {}).items() if v is not None}
         body = json.dumps({"client_params": params})
         deadline = time.monotonic() + self.timeout_s
         try:

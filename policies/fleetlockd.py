@@ -18,7 +18,11 @@ each served group's slots and holders with their ages, and the failed-version
 block of each group. Our own client may add ``"version"`` (the staged
 version) to ``client_params``; a pre-reboot for a version the group has
 recorded as failed is refused (``version_blocked``). Zincati sends no version,
-so it is never refused that way.
+so it is never refused that way. In a steady-state, our client may add
+``"failed_version"`` and ``"failure_kind"`` (a rollback): the failure is
+recorded for the group (:mod:`policies.failed`) before the slot is given back,
+and if it cannot be recorded, neither happens. Servers that are not ours
+(airlock) ignore both fields and only release.
 
 Decisions where the protocol leaves room, failing closed:
 
@@ -55,7 +59,8 @@ from urllib.parse import urlsplit
 import structlog
 
 from policies.etcdlock import EtcdClient, EtcdLock, SemaphoreStatus, check_holder, check_slots
-from policies.lock import check_group
+from policies.failed import FailedVersions as FailedVersionStore
+from policies.lock import FAILURE_KIND_RE, check_group
 from updater.clock import Clock, SystemClock
 from updater.errors import ConfigError, LockError
 from updater.jsonutil import loads as load_json
@@ -128,6 +133,9 @@ class ClientParams:
     id: str
     group: str
     version: str | None = None  # ours only: the version the client is about to reboot into
+    # ours only, in a steady-state: a version the client rolled back from, and why
+    failed_version: str | None = None
+    failure_kind: str | None = None
 
 
 def route(method: str, target: str) -> Endpoint:
@@ -190,11 +198,23 @@ def parse_body(body: bytes) -> ClientParams:
         raise ProtocolError(
             "invalid_group", "client_params.group must match [a-zA-Z0-9.-]+"
         ) from None
-    if version is not None and (not isinstance(version, str) or not is_valid_version(version)):
+    failed, kind = params.get("failed_version"), params.get("failure_kind")
+    for v in (version, failed):
+        if v is not None and (not isinstance(v, str) or not is_valid_version(v)):
+            raise ProtocolError(
+                "invalid_version",
+                "client_params.version and failed_version: a version like 1.2.3 "
+                "(at most 64 characters)",
+            )
+    if (failed is None) != (kind is None) or (
+        kind is not None and (not isinstance(kind, str) or not FAILURE_KIND_RE.fullmatch(kind))
+    ):
         raise ProtocolError(
-            "invalid_version", "client_params.version: a version like 1.2.3 (at most 64 characters)"
+            "invalid_client_params",
+            "client_params.failed_version and failure_kind go together; failure_kind: "
+            "1-64 of [a-z0-9_]",
         )
-    return ClientParams(client_id, group, version)
+    return ClientParams(client_id, group, version, failed, kind)
 
 
 def lock_failure(exc: LockError) -> ProtocolError:
@@ -214,18 +234,51 @@ def lock_failure(exc: LockError) -> ProtocolError:
 class FailedVersions(Protocol):
     """The versions a group must not reboot into (part 2's records in etcd).
 
-    ``blocked`` raises :class:`~updater.errors.LockError` when it cannot tell:
-    the pre-reboot is then refused like any etcd failure (fail closed).
+    Both raise :class:`~updater.errors.LockError` when etcd cannot be asked: the
+    request is then refused like any etcd failure (fail closed: no slot taken,
+    none given back).
     """
 
     def blocked(self, group: str) -> Collection[str]: ...
 
+    def record(self, group: str, version: str, host: str, kind: str) -> None:
+        """``host`` rolled back from ``version`` (idempotent per host)."""
+        ...
+
 
 class NoFailedVersions:
-    """Nothing is blocked."""
+    """Nothing is blocked, nothing is recorded (a server without a store, in tests)."""
 
     def blocked(self, group: str) -> Collection[str]:
         return frozenset()
+
+    def record(self, group: str, version: str, host: str, kind: str) -> None:
+        log.warning("fleetlock_failed_version_dropped", group=group, version=version, host=host)
+
+
+class StoredFailedVersions:
+    """The group's failed versions in etcd (policies.failed), blocked at ``max_failures``
+    hosts: the same records and the same decision as the etcd-lock agents'."""
+
+    def __init__(
+        self, client: EtcdClient, max_failures: int = 1, clock: Clock | None = None
+    ) -> None:
+        self.client = client
+        self.max_failures = max_failures
+        self.clock = clock or SystemClock()
+        self._stores: dict[str, FailedVersionStore] = {}
+
+    def store(self, group: str) -> FailedVersionStore:
+        if group not in self._stores:
+            self._stores[group] = FailedVersionStore(self.client, group, self.max_failures)
+        return self._stores[group]
+
+    def blocked(self, group: str) -> Collection[str]:
+        return frozenset(v.version for v in self.store(group).verdicts() if v.blocked)
+
+    def record(self, group: str, version: str, host: str, kind: str) -> None:
+        # a stored value that is not a record is left as it is: it blocks the version already
+        self.store(group).record(version, host, kind, self.clock.now().timestamp())
 
 
 # ---- the service: decisions over the etcd lock --------------------------------------------------
@@ -308,9 +361,25 @@ class FleetLockService:
         )
 
     def steady_state(self, params: ClientParams) -> None:
-        """Give ``params.id``'s slot back (nothing to do if it holds none), or raise."""
+        """Give ``params.id``'s slot back (nothing to do if it holds none), or raise.
+
+        A failed version the client reports is recorded for the group first: if
+        that fails, the slot stays held (the client asks again), so no host takes
+        the slot before it can see the block.
+        """
         lock = self._lock(params.group)
         try:
+            if params.failed_version is not None and params.failure_kind is not None:
+                self.failed.record(
+                    params.group, params.failed_version, params.id, params.failure_kind
+                )
+                log.warning(
+                    "fleetlock_failed_version_recorded",
+                    group=params.group,
+                    holder=params.id,
+                    version=params.failed_version,
+                    failure_kind=params.failure_kind,
+                )
             held_s, _, _ = self._held(lock, params.id)
             lock.release(params.id)
         except LockError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -17,6 +18,7 @@ from updater.errors import LockError, UpdaterError
 from updater.urls import Url, parse_url
 
 GROUP_RE = re.compile(r"^[a-zA-Z0-9.-]+$")
+FAILURE_KIND_RE = re.compile(r"[a-z0-9_]{1,64}")  # what a lock service takes as failure_kind
 
 
 def check_group(group: str) -> str:
@@ -39,15 +41,40 @@ def parse_etcd_endpoint(text: str, error: Callable[[str], UpdaterError]) -> Url:
     return url
 
 
+@dataclass(frozen=True)
+class FailureReport:
+    """A version this host rolled back from, handed to the lock with the release
+    (policies.failed records it for the group before the slot is free)."""
+
+    version: str
+    kind: str  # "rolled_back", or the health check's error kind
+
+    @property
+    def sent_kind(self) -> str:
+        """The kind as a lock service takes it: a state file's odd value is "rolled_back"
+        (a refused report would keep the slot held for good)."""
+        return self.kind if FAILURE_KIND_RE.fullmatch(self.kind) else "rolled_back"
+
+
 class RebootLock(Protocol):
     name: str
 
-    def acquire(self, holder: str) -> bool:
-        """Take a slot for ``holder``; True if it holds one now, False if none is free."""
+    def acquire(self, holder: str, *, version: str | None = None) -> bool:
+        """Take a slot for ``holder``; True if it holds one now, False if none is free.
+
+        ``version``: the staged version the slot is for; a lock service that knows
+        the group's failed versions refuses a blocked one (RefusedError
+        ``version_blocked``). Locks that do not check ignore it.
+        """
         ...
 
-    def release(self, holder: str) -> None:
-        """Give ``holder``'s slot back (nothing to do if it holds none)."""
+    def release(self, holder: str, *, failed: FailureReport | None = None) -> bool:
+        """Give ``holder``'s slot back (nothing to do if it holds none).
+
+        ``failed``: a rollback to record for the group before the slot is given
+        back, in the same request. True if the lock took it along; False if it
+        has nowhere to record it (the caller records it some other way).
+        """
         ...
 
 
@@ -56,8 +83,8 @@ class NoLock:
 
     name = "none"
 
-    def acquire(self, holder: str) -> bool:
+    def acquire(self, holder: str, *, version: str | None = None) -> bool:
         return True
 
-    def release(self, holder: str) -> None:
-        return None
+    def release(self, holder: str, *, failed: FailureReport | None = None) -> bool:
+        return False

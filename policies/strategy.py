@@ -19,7 +19,7 @@ from typing import Protocol
 
 import structlog
 
-from policies.lock import RebootLock
+from policies.lock import FailureReport, RebootLock
 from updater.clock import Clock
 
 log = structlog.get_logger(__name__)
@@ -33,12 +33,17 @@ class RebootStrategy(Protocol):
         """Holds a cluster-lock slot now; None when no lock is involved."""
         ...
 
-    def can_finalize(self) -> bool:
-        """True if a reboot may happen now (False, or an exception, on any doubt)."""
+    def can_finalize(self, version: str | None = None) -> bool:
+        """True if a reboot (into the staged ``version``) may happen now (False, or an
+        exception, on any doubt; RefusedError ``version_blocked``: never into it)."""
         ...
 
-    def report_steady(self) -> None:
-        """The host booted well and is steady: release anything held for the reboot."""
+    def report_steady(self, failed: FailureReport | None = None) -> bool:
+        """The host booted well and is steady: release anything held for the reboot.
+
+        ``failed``: a rollback the lock service should record for the group before
+        the release; True if it went along (see :meth:`RebootLock.release`).
+        """
         ...
 
 
@@ -52,11 +57,11 @@ class Immediate:
     name = "immediate"
     holding: bool | None = None
 
-    def can_finalize(self) -> bool:
+    def can_finalize(self, version: str | None = None) -> bool:
         return True
 
-    def report_steady(self) -> None:
-        return None
+    def report_steady(self, failed: FailureReport | None = None) -> bool:
+        return False
 
 
 class Off:
@@ -65,11 +70,11 @@ class Off:
     name = "off"
     holding: bool | None = None
 
-    def can_finalize(self) -> bool:
+    def can_finalize(self, version: str | None = None) -> bool:
         return False
 
-    def report_steady(self) -> None:
-        return None
+    def report_steady(self, failed: FailureReport | None = None) -> bool:
+        return False
 
 
 class Windowed:
@@ -85,14 +90,14 @@ class Windowed:
     def holding(self) -> bool | None:
         return self.inner.holding
 
-    def can_finalize(self) -> bool:
+    def can_finalize(self, version: str | None = None) -> bool:
         if not self.windows.is_open(self.clock.now()):
             log.info("reboot_window_closed", strategy=self.inner.name)
             return False
-        return self.inner.can_finalize()
+        return self.inner.can_finalize(version)
 
-    def report_steady(self) -> None:
-        self.inner.report_steady()
+    def report_steady(self, failed: FailureReport | None = None) -> bool:
+        return self.inner.report_steady(failed)
 
 
 class LockStrategy:
@@ -128,11 +133,12 @@ class LockStrategy:
     def _window_open(self) -> bool:
         return self.windows is None or self.windows.is_open(self.clock.now())
 
-    def can_finalize(self) -> bool:
+    def can_finalize(self, version: str | None = None) -> bool:
         if not self._window_open():
             log.info("reboot_window_closed", strategy=self.name)
             return False
-        if not self.lock.acquire(self.holder):  # LockError propagates: fail closed
+        # LockError (and a FleetLock server's version_blocked refusal) propagates: fail closed
+        if not self.lock.acquire(self.holder, version=version):
             log.info("reboot_lock_not_granted", lock=self.lock.name, holder=self.holder)
             self.holding = False
             self._observe(False)
@@ -148,10 +154,16 @@ class LockStrategy:
         log.info("reboot_lock_granted", lock=self.lock.name, holder=self.holder)
         return True
 
-    def report_steady(self) -> None:
-        self.lock.release(self.holder)
+    def report_steady(self, failed: FailureReport | None = None) -> bool:
+        carried = self.lock.release(self.holder, failed=failed)
         self.holding = False
-        log.info("reboot_lock_released", lock=self.lock.name, holder=self.holder)
+        log.info(
+            "reboot_lock_released",
+            lock=self.lock.name,
+            holder=self.holder,
+            failed_version=failed.version if failed is not None and carried else None,
+        )
+        return carried
 
 
 STRATEGIES: dict[str, type[Immediate] | type[Off]] = {"immediate": Immediate, "off": Off}

@@ -23,6 +23,7 @@ from devtools.diskimage import cgpt_flags
 from devtools.host import Host
 from devtools.repo_server import Fault
 from partitions.bootcontrol import Slot
+from policies.lock import FailureReport
 from policies.strategy import Immediate, Off, RebootStrategy
 from tests.conftest import NotifySocket, Repo
 from tests.omaha_server import Answer, OmahaServer, Release
@@ -746,14 +747,15 @@ class RecordingLock:
     def holding(self) -> bool | None:
         return self.held
 
-    def can_finalize(self) -> bool:
+    def can_finalize(self, version: str | None = None) -> bool:
         self.asked += 1
         self.held = True
         return True
 
-    def report_steady(self) -> None:
+    def report_steady(self, failed: FailureReport | None = None) -> bool:
         self.released += 1
         self.held = False
+        return False
 
 
 class CountingHooks:

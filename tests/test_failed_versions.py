@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from devtools.etcd import EtcdNode
@@ -30,11 +32,19 @@ from policies.failed import (
     failed_key,
 )
 from policies.fleet import FleetPublisher, HostRecord, read_hosts, summarize
+from policies.fleetlock import FleetLock
+from policies.fleetlockd import (
+    FleetLockServer,
+    FleetLockService,
+    ServerSettings,
+    StoredFailedVersions,
+)
+from policies.fleetlockd import running as running_server
 from policies.strategy import LockStrategy, Off
 from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, updatectl
 from tests.test_agent import Harness, image_gets, running, samples, until
 from updater.clock import SystemClock
-from updater.errors import LockError
+from updater.errors import DiskError, LockError
 from updater.fleetreport import EtcdFleetReporter
 from updater.metrics import Metrics
 
@@ -475,16 +485,20 @@ def test_a_bad_release_stops_at_the_first_host(
 
     asyncio.run(staged())
     assert c.rebooter.calls == [] and holders(client, group) == []
-    assert c.agent.status().state == "UPDATED_NEED_REBOOT"
+    assert c.agent.status().state == "IDLE"  # un-staged: the old slot boots next
+    assert hc.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
 
-    # unblocked by the admin: B installs, C reboots
+    # unblocked by the admin: C stages its bytes again and reboots, B installs
     assert updatectl(hb, "fleet", "unblock", "1.2.0").code == 0
     b2 = lock_harness(hb, etcd, group, B, notify)
     c2 = lock_harness(hc, etcd, group, C, notify)
+    gets = image_gets(repo)
 
     async def proceed() -> None:
-        async with running(b2), running(c2):
+        async with running(c2):
             await until(lambda: len(c2.rebooter.calls) == 1, timeout=30)
+        assert image_gets(repo) == gets  # C re-hashed its slot, downloaded nothing
+        async with running(b2):
             await until(lambda: b2.agent.status().state == "UPDATED_NEED_REBOOT", timeout=60)
 
     asyncio.run(proceed())
@@ -499,8 +513,8 @@ class RecordsAfterLocking(LockStrategy):
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.record = record
 
-    def can_finalize(self) -> bool:
-        ok = super().can_finalize()
+    def can_finalize(self, version: str | None = None) -> bool:
+        ok = super().can_finalize(version)
         if ok:
             self.record.record("1.2.0", A, "check_failed", 1.0)
         return ok
@@ -610,3 +624,343 @@ def test_max_failures_two_needs_two_hosts(
 
     asyncio.run(two_failures())  # two hosts: the staged version is not rebooted into
     assert b2.rebooter.calls == [] and holders(client, group) == []
+
+
+# ---- a staged version that gets blocked is un-staged ---------------------------------------------
+
+
+def stage(host: Host, etcd: EtcdNode, group: str, hid: str, notify: NotifySocket) -> None:
+    """``host`` installs the repo's release and keeps it staged (strategy off)."""
+    h = Harness(host, notify, Off())
+    h.updater.blocks = blocks_for(etcd, group, hid)
+
+    async def scenario() -> None:
+        async with running(h):
+            await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT", timeout=60)
+
+    asyncio.run(scenario())
+    assert host.boot_control().primary().label == "USR-B"  # type: ignore[union-attr]
+    assert (host.root / "reboot-required").exists()
+
+
+def slot_record(host: Host, label: str) -> dict[str, object]:
+    saved = json.loads((host.state_dir / "state.json").read_text())
+    return next(s for s in saved["slots"].values() if s["label"] == label)
+
+
+def test_a_staged_version_that_gets_blocked_is_unstaged_and_staged_again_once_unblocked(
+    etcd: EtcdNode,
+    client: EtcdClient,
+    group: str,
+    host: Host,
+    repo: Repo,
+    usr_images: dict[str, Path],
+    notify: NotifySocket,
+) -> None:
+    lock_config(host, etcd, group)
+    repo.publish("1.2.0", usr_images["1.2.0"])
+    stage(host, etcd, group, B, notify)
+    staged_bytes = host.slot_bytes("USR-B")
+    FailedVersions(client, group).record("1.2.0", A, "check_failed", 1.0)
+
+    # B learns 1.2.0 is blocked: the booted slot boots next again, the sentinel goes
+    b = lock_harness(host, etcd, group, B, notify)
+    with capture_logs() as logs:
+
+        async def blocked() -> None:
+            async with running(b):
+                await until(lambda: b.agent.status().last_error_kind == "version_blocked")
+                await until(lambda: b.agent.status().state == "IDLE")
+
+        asyncio.run(blocked())
+    events = [e["event"] for e in logs]
+    assert events.index("reboot_refused_version_blocked") < events.index("update_unstaged")
+    st = b.agent.status()
+    assert (st.state, st.staged_version) == ("IDLE", "")
+    assert "1.2.0" in st.last_error_message and b.rebooter.calls == []
+    assert holders(client, group) == []
+    assert host.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
+    assert not (host.root / "reboot-required").exists()
+    assert not (host.root / "reboot-required.pkgs").exists()
+    assert slot_record(host, "USR-B") | {"updated": ""} == slot_record(host, "USR-B") | {
+        "updated": "",
+        "condition": "installed",
+        "version": "1.2.0",
+        "unstaged": "version_blocked",
+    }
+    assert host.slot_bytes("USR-B") == staged_bytes  # the bytes stay
+    doc = updatectl(host, "status", "--json").json()
+    assert doc["state"] == "idle" and doc["primary"] == "USR-A"
+    assert [s["unstaged"] for s in doc["slots"]] == [None, "version_blocked"]
+    rollback = updatectl(host, "rollback", "--json")
+    assert rollback.code == 7 and "un-staged" in rollback.json()["error"]["message"]
+    assert host.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
+
+    # an unplanned reboot now boots the old version; it is no rollback
+    assert host.reboot() == "USR-A"
+    gets = image_gets(repo)
+    b2 = lock_harness(host, etcd, group, B, notify)
+
+    async def after_reboot() -> None:
+        async with running(b2):
+            await until(lambda: b2.agent.status().last_error_kind == "version_blocked")
+
+    asyncio.run(after_reboot())
+    saved = json.loads((host.state_dir / "state.json").read_text())
+    assert (saved["failed_versions"], saved["unrecorded"]) == ([], [])
+    stored = FailedVersions(client, group).read()["1.2.0"]
+    assert isinstance(stored, FailedRecord) and [f.host for f in stored.failures] == [A]
+    assert image_gets(repo) == gets and b2.rebooter.calls == []
+
+    # unblocked: the next check stages the same bytes again (re-hashed, not downloaded)
+    assert updatectl(host, "fleet", "unblock", "1.2.0").code == 0
+    structlog.reset_defaults()  # updatectl configured logging for its process
+    b3 = Harness(host, notify, Off())
+    b3.updater.blocks = blocks_for(etcd, group, B)
+    with capture_logs() as logs:
+
+        async def unblocked() -> None:
+            async with running(b3):
+                await until(lambda: b3.agent.status().state == "UPDATED_NEED_REBOOT")
+
+        asyncio.run(unblocked())
+    assert "update_restaged" in [e["event"] for e in logs]
+    assert image_gets(repo) == gets
+    assert b3.agent.status().staged_version == "1.2.0"
+    assert host.boot_control().primary().label == "USR-B"  # type: ignore[union-attr]
+    assert (host.root / "reboot-required").exists()
+    assert slot_record(host, "USR-B")["unstaged"] is None
+    assert host.reboot() == "USR-B"  # and it is what boots next
+
+
+def test_an_unstaged_slot_whose_bytes_changed_is_installed_again(
+    etcd: EtcdNode,
+    client: EtcdClient,
+    group: str,
+    host: Host,
+    repo: Repo,
+    usr_images: dict[str, Path],
+    notify: NotifySocket,
+) -> None:
+    lock_config(host, etcd, group)
+    repo.publish("1.2.0", usr_images["1.2.0"])
+    stage(host, etcd, group, B, notify)
+    staged_bytes = host.slot_bytes("USR-B")
+    store = FailedVersions(client, group)
+    store.record("1.2.0", A, "check_failed", 1.0)
+    b = lock_harness(host, etcd, group, B, notify)
+
+    async def blocked() -> None:
+        async with running(b):
+            await until(lambda: b.agent.status().last_error_kind == "version_blocked")
+
+    asyncio.run(blocked())
+    assert host.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
+    offset = host.layout.by_label("USR-B").offset + 4096
+    with host.disk.open("r+b") as disk:  # a byte of the un-staged slot rots
+        disk.seek(offset)
+        old = disk.read(1)
+        disk.seek(offset)
+        disk.write(bytes([old[0] ^ 0xFF]))
+    store.unblock("1.2.0")
+    gets = image_gets(repo)
+    b2 = Harness(host, notify, Off())
+    b2.updater.blocks = blocks_for(etcd, group, B)
+    with capture_logs() as logs:
+
+        async def unblocked() -> None:
+            async with running(b2):
+                await until(lambda: b2.agent.status().state == "UPDATED_NEED_REBOOT", timeout=60)
+
+        asyncio.run(unblocked())
+    (refused,) = [e for e in logs if e["event"] == "restage_refused"]
+    assert "no longer match" in refused["reason"]
+    assert "update_restaged" not in [e["event"] for e in logs]
+    assert image_gets(repo) == gets + 1  # downloaded and written again
+    assert host.slot_bytes("USR-B") == staged_bytes
+    assert host.boot_control().primary().label == "USR-B"  # type: ignore[union-attr]
+
+
+def test_an_unstaging_cut_short_is_finished_and_is_no_rollback(
+    etcd: EtcdNode,
+    client: EtcdClient,
+    group: str,
+    host: Host,
+    repo: Repo,
+    usr_images: dict[str, Path],
+    notify: NotifySocket,
+) -> None:
+    """A power cut after the record and before the boot flags: the record is written first,
+    so the next start finishes the job, and never reads the slot as a rollback."""
+    repo.publish("1.2.0", usr_images["1.2.0"])
+    stage(host, etcd, group, B, notify)
+    up = Harness(host, notify, Off()).updater
+
+    def cut(slot: object) -> None:
+        raise DiskError("io", "the power went")
+
+    up.boot.mark_bad = cut  # type: ignore[method-assign]
+    with pytest.raises(DiskError):
+        up.unstage("1.2.0", "version_blocked")
+    assert host.boot_control().primary().label == "USR-B"  # type: ignore[union-attr]
+    assert slot_record(host, "USR-B")["unstaged"] == "version_blocked"
+    assert up.unstage("9.9.9", "version_blocked") is None  # not what it holds: nothing changes
+
+    again = Harness(host, notify, Off())
+    assert again.updater.note_rollback() is None
+    assert host.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
+    assert not (host.root / "reboot-required").exists()
+    saved = json.loads((host.state_dir / "state.json").read_text())
+    assert (saved["failed_versions"], saved["unrecorded"]) == ([], [])
+
+
+# ---- FleetLock hosts, through our server -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fleetlock_server(client: EtcdClient, group: str) -> Iterator[FleetLockServer]:
+    service = FleetLockService(client, {group: 1}, failed=StoredFailedVersions(client, 1))
+    settings = ServerSettings(host="127.0.0.1", port=0, groups={group: 1})
+    with running_server(FleetLockServer(settings, service), poll_interval_s=0.01) as server:
+        yield server
+
+
+def fleetlock_harness(host: Host, url: str, group: str, hid: str, notify: NotifySocket) -> Harness:
+    h = Harness(host, notify, LockStrategy(FleetLock(url, group, timeout_s=10), hid, SystemClock()))
+    assert h.updater.blocks is None  # a FleetLock host reads no etcd
+    return h
+
+
+class BrokenStore:
+    """The server's failed-version store with etcd gone."""
+
+    def blocked(self, group: str) -> Collection[str]:
+        raise LockError("unavailable", "etcd is gone")
+
+    def record(self, group: str, version: str, host: str, kind: str) -> None:
+        raise LockError("unavailable", "etcd is gone")
+
+
+def test_fleetlock_hosts_take_part_in_the_block_through_our_server(
+    etcd: EtcdNode,
+    client: EtcdClient,
+    group: str,
+    host: Host,
+    repo: Repo,
+    usr_images: dict[str, Path],
+    tmp_path: Path,
+    notify: NotifySocket,
+) -> None:
+    hb = other_host(tmp_path, "host-b", usr_images, repo)  # etcd lock
+    hc = other_host(tmp_path, "host-c", usr_images, repo)  # FleetLock
+    lock_config(hb, etcd, group)
+    repo.publish("1.2.0", usr_images["1.2.0"])
+    stage(hb, etcd, group, B, notify)
+    stage(hc, etcd, group, C, notify)
+
+    with fleetlock_server(client, group) as srv:
+        # A (FleetLock) reboots into 1.2.0 holding the slot; its trial boot is never blessed
+        a0 = fleetlock_harness(host, srv.url, group, A, notify)
+
+        async def install() -> None:
+            async with running(a0):
+                await until(lambda: len(a0.rebooter.calls) == 1, timeout=60)
+
+        asyncio.run(install())
+        assert holders(client, group) == [A]
+        assert host.reboot() == "USR-B"
+        assert host.reboot() == "USR-A"
+
+        # back on 1.0.0, with the server's store down: the steady-state fails, the slot
+        # stays held and the rollback stays pending in the state file
+        good = srv.service.failed
+        srv.service.failed = BrokenStore()
+        a1 = fleetlock_harness(host, srv.url, group, A, notify)
+        with capture_logs() as logs:
+
+            async def store_down() -> None:
+                async with running(a1):
+                    await until(lambda: any(e["event"] == "report_steady_failed" for e in logs))
+
+            asyncio.run(store_down())
+        failed = next(e for e in logs if e["event"] == "report_steady_failed")
+        assert failed["error_kind"] == "refused" and "etcd_unavailable" in failed["error"]
+        assert holders(client, group) == [A]
+        saved = json.loads((host.state_dir / "state.json").read_text())
+        assert [(u["version"], u["kind"]) for u in saved["unrecorded"]] == [
+            ("1.2.0", "rolled_back")
+        ]
+        assert client.range(failed_key(group, "1.2.0")) is None
+
+        # the store is back: one steady-state request records 1.2.0, then frees the slot
+        srv.service.failed = good
+        a2 = fleetlock_harness(host, srv.url, group, A, notify)
+        with capture_logs() as logs:
+
+            async def come_back() -> None:
+                async with running(a2):
+                    await until(lambda: any(e["event"] == "reported_steady" for e in logs))
+
+            asyncio.run(come_back())
+        events = [e["event"] for e in logs]
+        assert events.index("fleetlock_failed_version_recorded") < events.index(
+            "fleetlock_unlocked"
+        )
+        assert events.index("fleetlock_unlocked") < events.index("failed_version_reported")
+        kv = client.range(failed_key(group, "1.2.0"))
+        assert kv is not None
+        assert [(f["host"], f["kind"]) for f in json.loads(kv.value)["failures"]] == [
+            (A, "rolled_back")
+        ]
+        assert holders(client, group, revision=kv.create_revision) == [A]  # recorded first
+        assert holders(client, group) == []
+        saved = json.loads((host.state_dir / "state.json").read_text())
+        assert saved["unrecorded"] == []
+
+        # C (FleetLock, 1.2.0 staged) is refused by the server: 403 -> version_blocked, un-staged
+        c = fleetlock_harness(hc, srv.url, group, C, notify)
+        with capture_logs() as logs:
+
+            async def c_refused() -> None:
+                async with running(c):
+                    await until(lambda: c.agent.status().last_error_kind == "version_blocked")
+                    await until(lambda: c.agent.status().state == "IDLE")
+
+            asyncio.run(c_refused())
+        answer = next(e for e in logs if e["event"] == "fleetlock_request_failed")
+        assert (answer["status"], answer["protocol_kind"]) == (403, "version_blocked")
+        assert "update_unstaged" in [e["event"] for e in logs]
+        assert c.rebooter.calls == [] and holders(client, group) == []
+        assert c.agent.blocked_version == "1.2.0"
+        assert hc.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
+        assert not (hc.root / "reboot-required").exists()
+
+        # B (etcd lock, 1.2.0 staged) reads the record the server wrote, and refuses too
+        b = lock_harness(hb, etcd, group, B, notify)
+
+        async def b_refused() -> None:
+            async with running(b):
+                await until(lambda: b.agent.status().last_error_kind == "version_blocked")
+                await until(lambda: b.agent.status().state == "IDLE")
+
+        asyncio.run(b_refused())
+        assert b.rebooter.calls == [] and holders(client, group) == []
+        assert hb.boot_control().primary().label == "USR-A"  # type: ignore[union-attr]
+
+        # unblocked: both stage their bytes again; C reboots under the lock, B waits for it
+        gets = image_gets(repo)
+        assert FailedVersions(client, group).unblock("1.2.0") is not None
+        c2 = fleetlock_harness(hc, srv.url, group, C, notify)
+        b2 = lock_harness(hb, etcd, group, B, notify)
+
+        async def proceed() -> None:
+            async with running(c2):
+                await until(lambda: len(c2.rebooter.calls) == 1, timeout=30)
+            async with running(b2):
+                await until(lambda: b2.agent.status().state == "UPDATED_NEED_REBOOT", timeout=30)
+                await until(lambda: b2.agent.strategy.holding is False)  # the slot is C's
+
+        asyncio.run(proceed())
+        assert holders(client, group) == [C]
+        assert c2.agent.blocked_version == "" and b2.rebooter.calls == []
+        assert image_gets(repo) == gets  # neither downloaded it again

@@ -25,6 +25,7 @@ from structlog.testing import capture_logs
 from devtools.etcd import EtcdNode, free_port
 from devtools.tls import TLSFiles, make_tls
 from policies.etcdlock import EtcdClient, EtcdLock, EtcdSettings
+from policies.failed import FailedRecord, FailedVersions
 from policies.fleetlock import FleetLock, FleetLockError
 from policies.fleetlockd import (
     KINDS,
@@ -33,11 +34,13 @@ from policies.fleetlockd import (
     FleetLockService,
     ProtocolError,
     ServerSettings,
+    StoredFailedVersions,
     parse_body,
     running,
 )
+from policies.lock import FailureReport
 from tests.conftest import updatectl
-from updater.errors import LockError
+from updater.errors import LockError, RefusedError
 
 T0 = datetime(2026, 11, 28, 4, 0, 0, tzinfo=UTC)
 ZINCATI_ID = "c988d2509fdf4cdcbed39037c56406fb"  # node_uuid.lower_hex(): 32 hex digits
@@ -64,6 +67,9 @@ class Blocked:
 
     def blocked(self, group: str) -> Collection[str]:
         return self.by_group.get(group, set())
+
+    def record(self, group: str, version: str, host: str, kind: str) -> None:
+        raise AssertionError("nothing is recorded here")
 
 
 @pytest.fixture(scope="module")
@@ -235,10 +241,11 @@ def test_a_body_with_our_version_field_and_without_it(client: EtcdClient, group:
         lock = FleetLock(srv.url, group, timeout_s=10)
         try:
             assert lock.acquire("good", version="2.0.1") is True
-            with pytest.raises(FleetLockError) as exc:
+            with capture_logs() as logs, pytest.raises(RefusedError) as exc:
                 lock.acquire("bad", version="2.0.0")
-            assert (exc.value.kind, exc.value.status) == ("refused", 403)
-            assert exc.value.protocol_kind == "version_blocked"
+            assert exc.value.kind == "version_blocked" and "2.0.0" in exc.value.message
+            (answer,) = [e for e in logs if e["event"] == "fleetlock_request_failed"]
+            assert (answer["status"], answer["protocol_kind"]) == (403, "version_blocked")
             assert holders(client, group) == ["good"]
             # Zincati sends no version: it cannot be refused for one
             assert zincati_post(srv.url, "pre-reboot", ZINCATI_ID, group).status_code == 200
@@ -251,6 +258,9 @@ def test_a_body_with_our_version_field_and_without_it(client: EtcdClient, group:
 def test_a_blocklist_that_cannot_answer_refuses(client: EtcdClient, group: str) -> None:
     class Broken:
         def blocked(self, group: str) -> Collection[str]:
+            raise LockError("unavailable", "etcd is gone")
+
+        def record(self, group: str, version: str, host: str, kind: str) -> None:
             raise LockError("unavailable", "etcd is gone")
 
     with serving(client, {group: 2}) as srv:
@@ -594,6 +604,136 @@ def test_updatectl_fleetlock_serve(
     assert [e["holder"] for e in unlocked] == [ZINCATI_ID]
 
 
+def ours_post(url: str, endpoint: str, params: dict[str, str]) -> requests.Response:
+    """Our client's request: client_params with our extra fields."""
+    return requests.post(
+        f"{url}/v1/{endpoint}",
+        data=json.dumps({"client_params": params}).encode(),
+        headers={"fleet-lock-protocol": "true"},
+        timeout=10,
+    )
+
+
+@pytest.mark.parametrize(("flag", "threshold"), [([], 2), (["--max-failures", "1"], 1)])
+def test_updatectl_fleetlock_serve_uses_the_failed_version_store(
+    etcd: EtcdNode,
+    client: EtcdClient,
+    group: str,
+    tmp_path: Path,
+    flag: list[str],
+    threshold: int,
+) -> None:
+    """[reboot] max_failures (here 2), or --max-failures, as the agents of the group use."""
+    port = free_port()
+    cfg = tmp_path / "updater.toml"
+    cfg.write_text("[reboot]\nmax_failures = 2\n")
+    argv = [sys.executable, "-m", "updater.cli", "--config", str(cfg), "fleetlock", "serve"]
+    argv += ["--listen", f"127.0.0.1:{port}", "--etcd", etcd.endpoint, "--group", group, *flag]
+    argv += ["--log", "json"]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().decode().startswith("FleetLock serving"), proc.stderr
+
+        def blocked() -> list[str]:
+            doc = requests.get(f"{url}/v1/status", timeout=10).json()
+            return list(doc["groups"][0]["blocked_versions"])
+
+        for n, host in enumerate(("h1", "h2"), start=1):
+            assert ours_post(url, "pre-reboot", {"id": host, "group": group}).status_code == 200
+            done = ours_post(
+                url,
+                "steady-state",
+                {
+                    "id": host,
+                    "group": group,
+                    "failed_version": "1.2.0",
+                    "failure_kind": "check_failed",
+                },
+            )
+            assert (done.status_code, done.content) == (200, b"")
+            assert blocked() == (["1.2.0"] if n >= threshold else [])
+        record = FailedVersions(client, group, max_failures=threshold).verdict("1.2.0")
+        assert record.blocked and record.record is not None
+        assert [(f.host, f.kind) for f in record.record.failures][:threshold] == [
+            ("h1", "check_failed"),
+            ("h2", "check_failed"),
+        ][:threshold]
+        refused = ours_post(url, "pre-reboot", {"id": "h3", "group": group, "version": "1.2.0"})
+        assert (refused.status_code, refused.json()["kind"]) == (403, "version_blocked")
+        assert holders(client, group) == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    events = [json.loads(ln) for ln in proc.stderr.read().decode().splitlines() if ln[:1] == "{"]
+    assert events[0]["max_failures"] == threshold
+    recorded = [e for e in events if e["event"] == "fleetlock_failed_version_recorded"]
+    assert [(e["holder"], e["version"]) for e in recorded] == [("h1", "1.2.0"), ("h2", "1.2.0")]
+
+
+BAD_REPORTS = [
+    ({"failed_version": "1.2.0"}, "invalid_client_params"),  # no failure_kind
+    ({"failure_kind": "rolled_back"}, "invalid_client_params"),  # no failed_version
+    ({"failed_version": "1.2.0", "failure_kind": "Rolled Back"}, "invalid_client_params"),
+    ({"failed_version": "1.2.0", "failure_kind": "k" * 65}, "invalid_client_params"),
+    ({"failed_version": "1.2.0", "failure_kind": 7}, "invalid_client_params"),
+    ({"failed_version": "../1.2.0", "failure_kind": "rolled_back"}, "invalid_version"),
+    ({"failed_version": ["1.2.0"], "failure_kind": "rolled_back"}, "invalid_version"),
+]
+
+
+@pytest.mark.parametrize(("extra", "kind"), BAD_REPORTS)
+def test_a_bad_failure_report_is_refused_and_changes_nothing(
+    client: EtcdClient, group: str, extra: dict[str, object], kind: str
+) -> None:
+    with serving(client, {group: 2}, failed=None) as srv:
+        srv.service.failed = StoredFailedVersions(client)
+        assert ours_post(srv.url, "pre-reboot", {"id": "h", "group": group}).status_code == 200
+        answer = ours_post(srv.url, "steady-state", {"id": "h", "group": group, **extra})  # type: ignore[dict-item]
+        assert (answer.status_code, answer.json()["kind"]) == (400, kind)
+        assert holders(client, group) == ["h"]  # still held
+        assert FailedVersions(client, group).read() == {}  # nothing recorded
+
+
+def test_a_failure_report_the_store_cannot_take_keeps_the_slot(
+    client: EtcdClient, group: str
+) -> None:
+    class Down:
+        def blocked(self, group: str) -> Collection[str]:
+            return frozenset()
+
+        def record(self, group: str, version: str, host: str, kind: str) -> None:
+            raise LockError("unavailable", "etcd is gone")
+
+    with serving(client, {group: 2}) as srv:
+        srv.service.failed = Down()
+        lock = FleetLock(srv.url, group, timeout_s=10)
+        try:
+            assert lock.acquire("h") is True
+            with pytest.raises(FleetLockError) as exc:
+                lock.release("h", failed=FailureReport("1.2.0", "rolled_back"))
+            assert (exc.value.status, exc.value.protocol_kind) == (503, "etcd_unavailable")
+            assert holders(client, group) == ["h"]  # not released without the record
+            srv.service.failed = StoredFailedVersions(client)
+            # an odd kind from a state file goes as "rolled_back", never a 400 for good
+            assert lock.release("h", failed=FailureReport("1.2.0", "Odd Kind!")) is True
+            assert holders(client, group) == []
+            stored = FailedVersions(client, group).read()["1.2.0"]
+            assert isinstance(stored, FailedRecord)
+            assert [(f.host, f.kind) for f in stored.failures] == [("h", "rolled_back")]
+            # airlock-style clients (Zincati) send no such fields: a plain release
+            assert lock.release("h") is False
+        finally:
+            lock.close()
+
+
 @pytest.mark.parametrize(
     ("args", "word"),
     [
@@ -604,6 +744,8 @@ def test_updatectl_fleetlock_serve(
         (["--group", "g=many"], "--group"),
         (["--tls-cert", "/nonexistent.pem"], "go together"),
         (["--etcd", "ftp://x"], "endpoints"),
+        (["--max-failures", "0"], "--max-failures"),
+        (["--max-failures", "101"], "--max-failures"),
     ],
 )
 def test_bad_options_are_config_errors(args: list[str], word: str, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from updater.machine import (
     Staged,
     Tick,
     Timing,
+    Unstaged,
     UpdateFound,
     WorkCrashed,
     first_delay,
@@ -76,6 +77,7 @@ TRANSITIONS: list[tuple[Machine, Event, S, tuple[object, ...]]] = [
     (M(S.UPDATED_NEED_REBOOT), RebootRequested(), S.UPDATED_NEED_REBOOT, (Finalize(force=True),)),
     (M(S.UPDATED_NEED_REBOOT), RebootRefused(ERR), S.UPDATED_NEED_REBOOT, ()),
     (M(S.UPDATED_NEED_REBOOT), RebootStarted(), S.UPDATED_NEED_REBOOT, ()),
+    (M(S.UPDATED_NEED_REBOOT), Unstaged(ERR), S.REPORTING_ERROR_EVENT, (ReportError(ERR),)),
     # requests where they make no sense are no-ops, not errors
     *[(M(s), CheckRequested(), s, ()) for s in (*sorted(BUSY), S.UPDATED_NEED_REBOOT)],
     *[(M(s), Tick(), s, ()) for s in sorted(BUSY)],
@@ -108,6 +110,7 @@ INVALID = [
         (ErrorReported(), {S.REPORTING_ERROR_EVENT}),
         (RebootRefused(ERR), {S.UPDATED_NEED_REBOOT}),
         (RebootStarted(), {S.UPDATED_NEED_REBOOT}),
+        (Unstaged(ERR), {S.UPDATED_NEED_REBOOT}),
     ]
     for s in S
     if s not in allowed
@@ -136,6 +139,11 @@ def test_counters() -> None:
     assert m.reboot_refusals == 2
     m, _ = step(M(S.DOWNLOADING, failures=4), Staged("1.1.0"), T)
     assert (m.failures, m.staged, m.progress) == (0, "1.1.0", 1.0)
+    # un-staged: the refusal is reported, then IDLE shows it; the next check backs off
+    m, _ = step(replace(m, reboot_refusals=3), Unstaged(ERR), T)
+    assert (m.staged, m.failures, m.last_error, m.reboot_refusals) == (None, 1, ERR, 0)
+    m, _ = step(m, ErrorReported(), T)
+    assert (m.state, m.last_error) == (S.IDLE, ERR)
 
 
 def test_progress_is_clamped() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from policies.identity import app_specific_id
-from policies.lock import NoLock, check_group
+from policies.lock import FailureReport, NoLock, check_group
 from policies.strategy import STRATEGIES, Immediate, LockStrategy, Off, RebootStrategy, Windowed
 from updater.errors import LockError
 from updater.run import run
@@ -42,14 +42,15 @@ class Lock:
         self.grant, self.fail = grant, fail
         self.calls: list[str] = []
 
-    def acquire(self, holder: str) -> bool:
-        self.calls.append(f"acquire {holder}")
+    def acquire(self, holder: str, *, version: str | None = None) -> bool:
+        self.calls.append(f"acquire {holder}" + ("" if version is None else f" {version}"))
         if self.fail:
             raise LockError("unavailable", "etcd is down")
         return self.grant
 
-    def release(self, holder: str) -> None:
-        self.calls.append(f"release {holder}")
+    def release(self, holder: str, *, failed: FailureReport | None = None) -> bool:
+        self.calls.append(f"release {holder}" + ("" if failed is None else f" {failed}"))
+        return failed is not None
 
 
 def test_simple_strategies() -> None:

@@ -26,6 +26,7 @@ import structlog
 
 from partitions.bootcontrol import Slot
 from policies.failed import refusal
+from policies.lock import FailureReport
 from policies.strategy import RebootStrategy
 from updater import machine as mc
 from updater.agentapi import AgentStatus, StatusListener
@@ -496,7 +497,7 @@ class Agent:
             self._note_blocked(m.version, True)
             await self._fail(refusal(result.blocked))
             return
-        if m is not None and result.update_available:
+        if m is not None and result.update_available and self.updater.blocks is not None:
             self._note_blocked(m.version, False)
         if m is not None and result.staged:
             await self._dispatch(mc.AlreadyStaged(m.version))
@@ -597,9 +598,20 @@ class Agent:
         if await self._reboot_blocked(force):
             return
         if not force:
+            staged = self._m.staged
             try:
-                allowed = await run_blocking(self.strategy.can_finalize)
+                allowed = await run_blocking(functools.partial(self.strategy.can_finalize, staged))
             except Exception as exc:  # fail closed, and count it
+                if isinstance(exc, RefusedError) and exc.kind == "version_blocked" and staged:
+                    # a lock service (our FleetLock server) knows the group's failed versions
+                    log.error(
+                        "reboot_refused_version_blocked",
+                        version=staged,
+                        strategy=self.strategy.name,
+                        reason=exc.message,
+                    )
+                    await self._refuse_blocked(staged, exc)
+                    return
                 kind = exc.kind if isinstance(exc, UpdaterError) else "policy"
                 log.error(
                     "reboot_policy_failed",
@@ -616,6 +628,8 @@ class Agent:
             if not allowed:
                 log.info("reboot_deferred", strategy=self.strategy.name, staged=self._m.staged)
                 return
+            if staged is not None and self.updater.blocks is None:
+                self._note_blocked(staged, False)  # the lock service let it through
             if await self._reboot_blocked(force):
                 return
         if self.pre_reboot is not None:
@@ -668,6 +682,7 @@ class Agent:
         if blocks is None or version is None:
             return False
         error: UpdaterError | None = None
+        verdict_blocked = False
         try:
             verdict = await run_blocking(functools.partial(blocks.verdict, version))
         except Exception as exc:
@@ -687,6 +702,7 @@ class Agent:
             if not verdict.blocked:
                 return False
             error = refusal(verdict)
+            verdict_blocked = True
             log.error(
                 "reboot_refused_version_blocked",
                 version=version,
@@ -694,15 +710,45 @@ class Agent:
                 hosts=verdict.hosts,
                 reason=verdict.describe(),
             )
+        if verdict_blocked:
+            await self._refuse_blocked(version, error)
+        else:
+            if self.metrics is not None:
+                self.metrics.error(error.kind)
+            if self.strategy.holding:
+                await self._release(error.kind)
+            await self._dispatch(mc.RebootRefused(mc.ErrorInfo(error.kind, error.message)))
+            self._report_to_fleet()
+        if force:
+            raise error
+        return True
+
+    async def _refuse_blocked(self, version: str, error: UpdaterError) -> None:
+        """The staged ``version`` is blocked for the group: give back any slot, take it
+        off the next boot (an unplanned reboot must not boot it either) and report the
+        refusal (IDLE, last error ``version_blocked``); the next check decides again.
+        If it cannot be un-staged, the refusal is a refused reboot, asked again later."""
+        self._note_blocked(version, True)
         if self.metrics is not None:
             self.metrics.error(error.kind)
         if self.strategy.holding:
             await self._release(error.kind)
-        await self._dispatch(mc.RebootRefused(mc.ErrorInfo(error.kind, error.message)))
+        try:
+            unstaged = await run_blocking(
+                functools.partial(self.updater.unstage, version, error.kind)
+            )
+        except Exception as exc:
+            failed = internal_error(exc, "unstage")
+            log.error(
+                "unstage_failed", version=version, error_kind=failed.kind, error=failed.message
+            )
+            unstaged = None
+        info = mc.ErrorInfo(error.kind, error.message)
+        if unstaged is None:
+            await self._dispatch(mc.RebootRefused(info))
+        else:
+            await self._dispatch(mc.Unstaged(info))
         self._report_to_fleet()
-        if force:
-            raise error
-        return True
 
     def _note_blocked(self, version: str, blocked: bool) -> None:
         """Show (or stop showing) that this host refuses ``version``."""
@@ -747,6 +793,27 @@ class Agent:
                 version=note.version,
                 failure_kind=note.kind,
                 group=blocks.group,
+            )
+
+    async def _release_steady(self) -> None:
+        """Release for the steady state; without a failed-version store of its own
+        (FleetLock), each pending rollback goes along with the release, and is kept
+        until a release that carried it succeeded (the server records it first)."""
+        notes = () if self.updater.blocks is not None else self.updater.store.load().unrecorded
+        if not notes:
+            await run_blocking(self.strategy.report_steady)
+            return
+        for note in notes:
+            report = FailureReport(note.version, note.kind)
+            carried = await run_blocking(functools.partial(self.strategy.report_steady, report))
+            if not carried:
+                return  # nowhere to record it (no lock service): kept in the state file
+            self.updater.store.update(lambda st, v=note.version: st.recorded(v))  # type: ignore[misc]
+            log.info(
+                "failed_version_reported",
+                version=note.version,
+                failure_kind=note.kind,
+                via=self.strategy.name,
             )
 
     def _report_to_fleet(self) -> None:
@@ -799,7 +866,7 @@ class Agent:
                 # A rollback is recorded for the group first, and the slot held until it is:
                 # the next host must not take the slot before it can see the block.
                 await self._record_rollbacks()
-                await run_blocking(self.strategy.report_steady)
+                await self._release_steady()
                 log.info("reported_steady", strategy=self.strategy.name)
                 return
             except Exception as exc:

@@ -398,6 +398,19 @@ def _fleetlock_groups(specs: Sequence[str] | None, cfg: config.Config) -> dict[s
     return groups
 
 
+def _fleetlock_max_failures(flag: int | None, cfg: config.Config) -> int:
+    """``--max-failures`` or [reboot] max_failures: the agents' own threshold."""
+    from policies.failed import MAX_MAX_FAILURES  # noqa: PLC0415
+
+    if flag is None:
+        return cfg.reboot.max_failures
+    if not 1 <= flag <= MAX_MAX_FAILURES:
+        raise ConfigError(
+            "invalid", f"must be 1..{MAX_MAX_FAILURES}, not {flag}", key="--max-failures"
+        )
+    return flag
+
+
 def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     import signal  # noqa: PLC0415
     import threading  # noqa: PLC0415
@@ -407,6 +420,7 @@ def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextI
         FleetLockServer,
         FleetLockService,
         ServerSettings,
+        StoredFailedVersions,
         running,
     )
     from updater.listen import parse_listen  # noqa: PLC0415
@@ -434,7 +448,9 @@ def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextI
         groups=_fleetlock_groups(args.group, cfg),
     )
     client = EtcdClient(etcd)
-    service = FleetLockService(client, settings.groups)
+    max_failures = _fleetlock_max_failures(args.max_failures, cfg)
+    failed = StoredFailedVersions(client, max_failures)
+    service = FleetLockService(client, settings.groups, failed=failed)
     try:
         server = FleetLockServer(settings, service)
     except OSError as exc:
@@ -452,6 +468,7 @@ def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextI
             url=server.url,
             groups=dict(settings.groups),
             etcd=list(etcd.endpoints),
+            max_failures=max_failures,
         )
         out.write(f"FleetLock serving on {server.url}\n")
         out.flush()
@@ -622,6 +639,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME[=SLOTS]",
         help="serve this group, repeatable (default: [reboot] group); SLOTS when it creates"
         " the semaphore (default: [etcd] slots)",
+    )
+    srv.add_argument(
+        "--max-failures",
+        type=int,
+        metavar="N",
+        help="a version is blocked once N hosts rolled back from it (default: [reboot]"
+        " max_failures, as the agents of the group use)",
     )
     srv.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate chain")
     srv.add_argument("--tls-key", type=Path, help="and this PEM private key")

@@ -142,6 +142,14 @@ class RebootStarted:
     pass
 
 
+@dataclass(frozen=True)
+class Unstaged:
+    """The staged update was taken off the next boot (its version may not be booted):
+    reported as a failure, then IDLE, and the next check decides again."""
+
+    error: ErrorInfo
+
+
 Event = (
     Tick
     | CheckRequested
@@ -157,6 +165,7 @@ Event = (
     | WorkCrashed
     | RebootRefused
     | RebootStarted
+    | Unstaged
 )
 
 # ---- actions ----------------------------------------------------------------------------------
@@ -307,6 +316,19 @@ def step(m: Machine, event: Event, now: float) -> tuple[Machine, tuple[Action, .
         case RebootStarted():
             require(S.UPDATED_NEED_REBOOT)
             return m, ()
+        case Unstaged(error=error):
+            require(S.UPDATED_NEED_REBOOT)
+            return _enter(
+                m,
+                S.REPORTING_ERROR_EVENT,
+                now,
+                staged=None,
+                offer=None,
+                failures=m.failures + 1,
+                last_error=error,
+                progress=0.0,
+                reboot_refusals=0,
+            ), (ReportError(error),)
     raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
 
 

@@ -57,6 +57,8 @@ class SlotRecord:
     updated: str = ""  # ISO 8601 UTC
     boot: tuple[BootFileRecord, ...] = ()  # the release's boot files, written with the slot
     failure: str | None = None  # "bad": the health check's error kind that gave it up
+    # "installed" but no longer the next boot: why it was un-staged (e.g. version_blocked)
+    unstaged: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,7 @@ def _from_json(doc: Any) -> State:
             updated=_opt_str(rec, "updated") or "",
             boot=_boot_records(uuid, rec.get("boot", [])),
             failure=_opt_str(rec, "failure"),
+            unstaged=_opt_str(rec, "unstaged"),
         )
     pending = None
     raw_pending = doc.get("pending")
@@ -257,6 +260,7 @@ def _to_json(state: State) -> dict[str, Any]:
                 "updated": r.updated,
                 "boot": [{"name": b.name, "size": b.size, "sha256": b.sha256} for b in r.boot],
                 "failure": r.failure,
+                "unstaged": r.unstaged,
             }
             for uuid, r in sorted(state.slots.items())
         },

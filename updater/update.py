@@ -77,6 +77,7 @@ def is_staged(state: State, target: SlotStatus, primary: Slot | None, version: s
     return (
         rec is not None
         and rec.condition == "installed"
+        and rec.unstaged is None
         and rec.version == version
         and primary is not None
         and primary.part_uuid == target.slot.part_uuid
@@ -116,6 +117,11 @@ def rollback_refusal(
         return "this agent has no record of what the other slot holds"
     if record.condition not in ("installed", "good"):
         return f"the other slot is {record.condition}, not a complete, verified install"
+    if record.unstaged is not None:
+        return (
+            f"the other slot holds {record.version}, un-staged ({record.unstaged}); "
+            "a check stages it again once it may be booted"
+        )
     if primary is not None and primary.part_uuid == other.slot.part_uuid:
         return "the other slot already boots next"
     return None
@@ -155,11 +161,27 @@ def detect_rollback(state: State, other: SlotStatus) -> str | None:
     rec = state.slots.get(str(other.slot.part_uuid))
     if rec is None or rec.condition not in ("installed", "bad") or rec.version is None:
         return None
+    if rec.unstaged is not None:  # the agent took it off the next boot; it never booted
+        return None
     if other.flags.bootable or other.flags.successful:
         return None
     if rec.version in state.failed_versions:
         return None
     return rec.version
+
+
+def reusable_install(record: SlotRecord | None, m: Manifest) -> bool:
+    """The slot holds ``m``'s image from an earlier install the agent un-staged (a blocked
+    version, unblocked since): what was written and verified then is this manifest's."""
+    return (
+        record is not None
+        and record.condition == "installed"
+        and record.unstaged is not None
+        and record.version == m.version
+        and record.raw_size == m.image.raw_size
+        and record.raw_sha256 == m.image.raw_sha256
+        and record.boot == tuple(BootFileRecord(b.name, b.size, b.sha256) for b in m.boot)
+    )
 
 
 def check_claim(claim: ImageClaim, manifest: Manifest, image_url: str) -> None:
@@ -228,6 +250,7 @@ class SlotReport:
     condition: str | None
     booted: bool
     primary: bool
+    unstaged: str | None = None  # an install taken off the next boot, and why
 
 
 @dataclass(frozen=True)
@@ -437,6 +460,7 @@ class Updater:
     def note_rollback(self) -> str | None:
         """Detect and record a boot that came back on the old slot; its version, or None."""
         _, other = self._slots()
+        self._finish_unstage(other)
         state = self.store.load()
         version = detect_rollback(state, other)
         if version is None:
@@ -485,7 +509,102 @@ class Updater:
                     hint="run `updatectl mark-good` once the system is healthy",
                 )
             manifest = check.manifest
+            restaged = self._restage(manifest, booted, target)
+            if restaged is not None:
+                return restaged
             return self._install_locked(manifest, booted, target, cancel, progress or self.progress)
+
+    def _restage(self, m: Manifest, booted: SlotStatus, target: SlotStatus) -> WriteResult | None:
+        """Stage an un-staged install of ``m`` again without downloading it, if the slot
+        still holds exactly what was verified then (re-hashed here); None: install it."""
+        slot = target.slot
+        uuid = str(slot.part_uuid)
+        rec = self.store.load().slots.get(uuid)
+        if not reusable_install(rec, m):
+            return None
+        assert rec is not None and rec.raw_size is not None and rec.raw_sha256 is not None
+        started = self.clock.monotonic()
+        self._recheck_target(booted.slot, slot)
+        with self.open_slot(slot) as device:
+            digest = device.hash(rec.raw_size, self.chunk_size)
+        problem = self._boot_files_problem(slot, rec)
+        if digest != rec.raw_sha256:
+            problem = "its bytes no longer match what was installed"
+        if problem is not None:
+            log.warning("restage_refused", version=m.version, slot=slot.label, reason=problem)
+            return None
+        self._stage(m, booted.slot, slot, replace(rec, unstaged=None))
+        seconds = self.clock.monotonic() - started
+        log.info("update_restaged", version=m.version, slot=slot.label, seconds=round(seconds, 3))
+        return WriteResult(m.image.sha256, rec.raw_sha256, rec.raw_size, seconds)
+
+    def _stage(self, m: Manifest, booted: Slot, slot: Slot, record: SlotRecord) -> None:
+        """The verified install in ``slot`` boots next, once, on trial; recorded and told."""
+        self.boot.make_primary(slot)
+        record = replace(record, updated=now_iso(self.clock.now()))
+        previous = self._booted_version(self.store.load(), booted) or ""
+        self.store.update(
+            lambda st: replace(
+                st.with_slot(str(slot.part_uuid), record),
+                pending=None,
+                boot_report=BootReport(m.version, previous),
+            )
+        )
+        self._report(Happening("staged", version=m.version, previous_version=previous))
+        self._write_reboot_sentinel(m.version)
+
+    def unstage(self, version: str, reason: str) -> Slot | None:
+        """The staged ``version`` must not boot (``reason``: the refusal's kind, e.g.
+        version_blocked): the booted slot is the next boot again, whatever restarts the
+        machine. The other slot keeps its bytes, recorded as un-staged; a check stages
+        them again (re-hashed, not downloaded) once the version may be booted.
+
+        Returns the slot taken off the next boot, or None if ``version`` is not what
+        the other slot holds as an install (nothing changes then).
+        """
+        with exclusive(self.store.state_dir):
+            booted, other = self._slots()
+            uuid = str(other.slot.part_uuid)
+            rec = self.store.load().slots.get(uuid)
+            if rec is None or rec.condition != "installed" or rec.version != version:
+                log.warning(
+                    "unstage_nothing_staged",
+                    version=version,
+                    slot=other.slot.label,
+                    holds=None if rec is None else rec.version,
+                )
+                return None
+            # 1. The record first: a slot that cannot boot with a plain "installed" record
+            # reads as a rollback (detect_rollback), which this is not.
+            withdrawn = replace(rec, unstaged=reason, updated=now_iso(self.clock.now()))
+            self.store.update(lambda st: replace(st.with_slot(uuid, withdrawn), boot_report=None))
+            # 2. The booted slot boots next; 3. nothing asks for a reboot any more.
+            self.boot.mark_bad(other.slot)
+            self.clear_reboot_sentinel()
+            log.warning(
+                "update_unstaged",
+                version=version,
+                slot=other.slot.label,
+                reason=reason,
+                next_boot=booted.slot.label,
+            )
+            return other.slot
+
+    def _finish_unstage(self, other: SlotStatus) -> None:
+        """An un-staging cut short between its record and the boot flags is finished."""
+        rec = self.store.load().slots.get(str(other.slot.part_uuid))
+        if rec is None or rec.unstaged is None or rec.condition != "installed":
+            return
+        if other.flags.bootable and not other.flags.successful:
+            self.boot.mark_bad(other.slot)
+            self.clear_reboot_sentinel()
+            log.warning(
+                "update_unstaged",
+                version=rec.version,
+                slot=other.slot.label,
+                reason=rec.unstaged,
+                resumed=True,
+            )
 
     def _install_locked(
         self,
@@ -570,26 +689,10 @@ class Updater:
         # 6. Only now may the target boot: once, on trial.
         if progress is not None:
             progress(Progress("finalize", 1, 1))
-        self.boot.make_primary(slot)
         record = SlotRecord(
-            slot.label,
-            "installed",
-            m.version,
-            result.raw_size,
-            result.raw_sha256,
-            now_iso(self.clock.now()),
-            boot,
+            slot.label, "installed", m.version, result.raw_size, result.raw_sha256, boot=boot
         )
-        previous = self._booted_version(self.store.load(), booted.slot) or ""
-        self.store.update(
-            lambda st: replace(
-                st.with_slot(uuid, record),
-                pending=None,
-                boot_report=BootReport(m.version, previous),
-            )
-        )
-        self._report(Happening("staged", version=m.version, previous_version=previous))
-        self._write_reboot_sentinel(m.version)
+        self._stage(m, booted.slot, slot, record)
         log.info(
             "update_staged", version=m.version, slot=slot.label, seconds=round(result.seconds, 3)
         )
@@ -758,6 +861,7 @@ class Updater:
                     condition=rec.condition if rec else None,
                     booted=st.slot.part_uuid == booted.slot.part_uuid,
                     primary=primary is not None and st.slot.part_uuid == primary.part_uuid,
+                    unstaged=rec.unstaged if rec else None,
                 )
             )
         return StatusReport(
@@ -782,7 +886,9 @@ class Updater:
             def blessed(st: State) -> State:
                 rec = st.slots.get(uuid) or SlotRecord(booted.slot.label, "good", version)
                 st = settle_booted_install(st, booted.slot)
-                return st.with_slot(uuid, replace(rec, condition="good", updated=when))
+                return st.with_slot(
+                    uuid, replace(rec, condition="good", updated=when, unstaged=None)
+                )
 
             self.store.update(blessed)
             log.info("marked_good", slot=booted.slot.label, version=version)
@@ -828,6 +934,7 @@ def as_dict(report: StatusReport) -> Mapping[str, object]:
                 "condition": s.condition,
                 "booted": s.booted,
                 "primary": s.primary,
+                "unstaged": s.unstaged,
             }
             for s in report.slots
         ],
