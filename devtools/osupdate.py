@@ -27,6 +27,7 @@ import json
 import re
 import shutil
 import sys
+import tempfile
 import time
 import uuid as uuid_mod
 from collections.abc import Callable, Iterator, Sequence
@@ -377,6 +378,43 @@ def publish(repo: Path, image: osimage.OsImage, key: SigningKey) -> None:
         kill_agents(key.gnupghome)
     if code != 0:
         raise RuntimeError(f"updatectl release {image.version} exited {code}: {err.getvalue()}")
+
+
+@dataclass
+class World:
+    """What the OS image tests share: the release key, the built images, a scratch dir."""
+
+    key: SigningKey
+    images: dict[str, osimage.OsImage]
+    tmp: Path
+
+
+FAILING_VERSION = "1.2.0"  # the test release whose health check fails
+
+
+@contextlib.contextmanager
+def test_world(
+    versions: Sequence[str], prefix: str, times: dict[str, float] | None = None
+) -> Iterator[World]:
+    """The test images of ``versions`` (built once, then cached; :data:`FAILING_VERSION`
+    with a failing health check) and a scratch directory for the machines' disks (~1 GiB
+    each, sparse), removed on the way out; ``times`` gets how long the images took."""
+    started = time.monotonic()
+    with cached_signing_key() as key:
+        keyring = key.public_key.read_bytes()
+        images = {
+            v: osimage.build_image(
+                test_settings(v, keyring=keyring, failing_health_check=v == FAILING_VERSION)
+            )
+            for v in versions
+        }
+        if times is not None:
+            times["images"] = time.monotonic() - started
+        tmp = Path(tempfile.mkdtemp(prefix=prefix))
+        try:
+            yield World(key, images, tmp)
+        finally:
+            shutil.rmtree(tmp)
 
 
 # ---- a machine --------------------------------------------------------------------------------

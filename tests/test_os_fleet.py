@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from devtools import osfleet, osimage, osupdate
+from devtools import osfleet, osupdate
 from devtools.etcd import EtcdCluster, free_port
-from devtools.gpgkeys import SigningKey
+from devtools.osupdate import World
 from devtools.repo_server import RepoServer
 from policies.failed import failed_key
 
@@ -48,33 +45,15 @@ ROLLOUT_LIMIT_S = 1200.0
 TIMES: dict[str, float] = {}
 
 
-@dataclass
-class World:
-    key: SigningKey
-    images: dict[str, osimage.OsImage]
-    tmp: Path
-
-
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     if os.geteuid() != 0:
         pytest.skip("mmdebstrap --mode=root needs root")
-    started = time.monotonic()
-    with osupdate.cached_signing_key() as key:
-        keyring = key.public_key.read_bytes()
-        images = {
-            v: osimage.build_image(
-                osupdate.test_settings(v, keyring=keyring, failing_health_check=v == "1.2.0")
-            )
-            for v in VERSIONS
-        }
-        TIMES["images"] = time.monotonic() - started
-        tmp = Path(tempfile.mkdtemp(prefix="os-fleet-"))
-        try:
-            yield World(key, images, tmp)
-        finally:
-            shutil.rmtree(tmp)
-            print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in TIMES.items()))
+    try:
+        with osupdate.test_world(VERSIONS, "os-fleet-", TIMES) as w:
+            yield w
+    finally:
+        print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in TIMES.items()))
 
 
 @dataclass

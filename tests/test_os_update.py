@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from devtools import osimage, osupdate
-from devtools.gpgkeys import SigningKey
+from devtools.osupdate import World
 from devtools.repo_server import RepoServer
 from updater import config
 
@@ -38,30 +36,15 @@ VERSIONS = ("1.0.0", "1.1.0")
 TIMES: dict[str, float] = {}  # what each scenario took, printed at the end
 
 
-@dataclass
-class World:
-    key: SigningKey
-    images: dict[str, osimage.OsImage]
-    tmp: Path
-
-
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     if os.geteuid() != 0:
         pytest.skip("mmdebstrap --mode=root needs root")
-    started = time.monotonic()
-    with osupdate.cached_signing_key() as key:
-        keyring = key.public_key.read_bytes()
-        images = {
-            v: osimage.build_image(osupdate.test_settings(v, keyring=keyring)) for v in VERSIONS
-        }
-        TIMES["images"] = time.monotonic() - started
-        tmp = Path(tempfile.mkdtemp(prefix="os-update-"))  # disks: ~1 GiB each, sparse
-        try:
-            yield World(key, images, tmp)
-        finally:
-            shutil.rmtree(tmp)
-            print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in TIMES.items()))
+    try:
+        with osupdate.test_world(VERSIONS, "os-update-", TIMES) as w:
+            yield w
+    finally:
+        print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in TIMES.items()))
 
 
 @dataclass
