@@ -58,9 +58,11 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from policies.etcdlock import EtcdClient, EtcdLock, SemaphoreStatus, check_holder, check_slots
+from policies.etcdclient import EtcdClient
+from policies.etcdlock import EtcdLock
 from policies.failed import FailedVersions as FailedVersionStore
 from policies.lock import FAILURE_KIND_RE, check_group
+from policies.semaphore import SemaphoreStatus, check_holder, check_slots
 from updater.clock import Clock, SystemClock
 from updater.errors import ConfigError, LockError
 from updater.jsonutil import loads as load_json

@@ -24,7 +24,8 @@ from structlog.testing import capture_logs
 
 from devtools.etcd import EtcdNode, free_port
 from devtools.tls import TLSFiles, make_tls
-from policies.etcdlock import EtcdClient, EtcdLock, EtcdSettings
+from policies.etcdclient import EtcdClient, EtcdSettings
+from policies.etcdlock import EtcdLock
 from policies.failed import FailedRecord, FailedVersions
 from policies.fleetlock import FleetLock, FleetLockError
 from policies.fleetlockd import (

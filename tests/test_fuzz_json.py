@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.etcdlock import Semaphore
 from policies.failed import FailedRecord, Failure, decide
 from policies.fleet import HostRecord
 from policies.fleetlock import MAX_BODY, PRE_REBOOT, STEADY_STATE, FleetLockError, Verdict, judge
+from policies.semaphore import Semaphore
 from tests.fuzzing import fewer_examples, parse_or_typed_error
 from updater import jsonutil
 from updater.errors import LockError, StateError, VerificationError
