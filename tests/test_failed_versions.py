@@ -34,13 +34,9 @@ from policies.failed import (
 )
 from policies.fleet import FleetPublisher, HostRecord, read_hosts, summarize
 from policies.fleetlock import FleetLock
-from policies.fleetlockd import (
-    FleetLockServer,
-    FleetLockService,
-    ServerSettings,
-    StoredFailedVersions,
-)
+from policies.fleetlockd import FleetLockServer, ServerSettings
 from policies.fleetlockd import running as running_server
+from policies.fleetlockservice import FleetLockService, StoredFailedVersions
 from policies.semaphore import semaphore_key
 from policies.strategy import LockStrategy, Off
 from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, updatectl

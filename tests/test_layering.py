@@ -75,7 +75,12 @@ def test_no_import_cycles() -> None:
 # Pure policy modules: decisions and wire formats, no client library or network I/O
 # (the agent decides on failed versions without loading etcd3gw; etcd's requests
 # are plain data). An import under ``if TYPE_CHECKING:`` is only for annotations.
-PURE_POLICIES = ("policies.etcdtxn", "policies.semaphore", "policies.failed")
+PURE_POLICIES = (
+    "policies.etcdtxn",
+    "policies.semaphore",
+    "policies.failed",
+    "policies.fleetlockproto",
+)
 IO_LIBRARIES = ("etcd3gw", "requests", "urllib3", "http", "socket", "ssl", "policies.etcdclient")
 
 

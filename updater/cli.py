@@ -418,10 +418,12 @@ def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextI
     from policies.etcdclient import EtcdClient  # noqa: PLC0415 - etcd only when asked for
     from policies.fleetlockd import (  # noqa: PLC0415 - etcd only when asked for
         FleetLockServer,
-        FleetLockService,
         ServerSettings,
-        StoredFailedVersions,
         running,
+    )
+    from policies.fleetlockservice import (  # noqa: PLC0415 - etcd only when asked for
+        FleetLockService,
+        StoredFailedVersions,
     )
     from updater.listen import parse_listen  # noqa: PLC0415
     from updater.sdnotify import Notifier  # noqa: PLC0415
