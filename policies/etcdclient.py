@@ -33,7 +33,7 @@ from policies.etcdtxn import (
     key_values,
     request_range,
 )
-from policies.lock import parse_etcd_endpoint
+from policies.rebootlock import parse_etcd_endpoint
 from updater.errors import ConfigError, LockError
 from updater.jsonutil import loads as load_json
 

@@ -33,7 +33,7 @@ from policies.etcdtxn import (
     request_put,
     request_range,
 )
-from policies.lock import FailureReport, check_group
+from policies.rebootlock import FailureReport, check_group
 from policies.semaphore import (
     Holder,
     Semaphore,
@@ -53,7 +53,7 @@ log = structlog.get_logger(__name__)
 
 
 class EtcdLock:
-    """A group's slot in airlock's etcd semaphore (a :class:`policies.lock.RebootLock`)."""
+    """A group's slot in airlock's etcd semaphore (a :class:`policies.rebootlock.RebootLock`)."""
 
     name = "etcd"
 

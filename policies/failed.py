@@ -49,7 +49,7 @@ from policies.etcdtxn import (
     request_put,
     request_range,
 )
-from policies.lock import check_group
+from policies.rebootlock import check_group
 from updater.errors import LockError, RefusedError, UpdaterError
 from updater.jsonutil import loads as load_json
 from updater.versions import VERSION_RE

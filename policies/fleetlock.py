@@ -52,7 +52,7 @@ import structlog
 import urllib3
 
 from policies.fleetlockproto import PRE_REBOOT, PROTOCOL_HEADER, STEADY_STATE, group_base_url
-from policies.lock import FailureReport, check_group
+from policies.rebootlock import FailureReport, check_group
 from updater.errors import LockError, RefusedError
 from updater.httpbody import read1
 from updater.jsonutil import loads as load_json
@@ -192,7 +192,7 @@ def _excerpt(text: str) -> str:
 
 
 class FleetLock:
-    """The FleetLock protocol as a :class:`~policies.lock.RebootLock`."""
+    """The FleetLock protocol as a :class:`~policies.rebootlock.RebootLock`."""
 
     name = "fleetlock"
 

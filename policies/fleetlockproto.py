@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from policies.lock import FAILURE_KIND_RE, check_group
+from policies.rebootlock import FAILURE_KIND_RE, check_group
 from policies.semaphore import check_holder
 from updater.errors import LockError
 from updater.jsonutil import loads as load_json

@@ -20,7 +20,7 @@ from policies.etcdclient import EtcdClient
 from policies.etcdlock import EtcdLock
 from policies.failed import FailedVersions
 from policies.fleetlockproto import FULL_KIND, ClientParams, ProtocolError, lock_failure
-from policies.lock import check_group
+from policies.rebootlock import check_group
 from policies.semaphore import SemaphoreStatus, check_slots
 from updater.clock import Clock, SystemClock
 from updater.errors import LockError

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from policies.etcdtxn import MAX_VALUE_BYTES
-from policies.lock import check_group
+from policies.rebootlock import check_group
 from updater.errors import LockError
 from updater.jsonutil import loads as load_json
 from updater.jsonutil import object_members

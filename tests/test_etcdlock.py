@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from devtools.etcd import USER, USER_PASSWORD, EtcdNode
 from policies.etcdclient import EtcdClient, EtcdSettings
 from policies.etcdlock import EtcdLock
-from policies.lock import RebootLock
+from policies.rebootlock import RebootLock
 from policies.semaphore import Semaphore, holder_key, holders_prefix, semaphore_key
 from updater.errors import ConfigError, LockError
 

@@ -17,7 +17,7 @@ from devtools.fleetlock_server import Fault, FleetLockServer
 from devtools.tls import TLSFiles, make_tls
 from policies.fleetlock import MAX_ANSWER_BYTES, FleetLock, FleetLockError, judge
 from policies.fleetlockproto import PRE_REBOOT, STEADY_STATE
-from policies.lock import RebootLock
+from policies.rebootlock import RebootLock
 from updater.errors import LockError
 
 

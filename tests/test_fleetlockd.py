@@ -31,7 +31,7 @@ from policies.fleetlock import FleetLock, FleetLockError
 from policies.fleetlockd import FleetLockServer, ServerSettings, running
 from policies.fleetlockproto import KINDS, MAX_REQUEST_BYTES, ProtocolError, parse_body
 from policies.fleetlockservice import FleetLockService, StoredFailedVersions
-from policies.lock import FailureReport
+from policies.rebootlock import FailureReport
 from tests.conftest import updatectl
 from updater.errors import LockError, RefusedError
 

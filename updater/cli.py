@@ -378,7 +378,7 @@ def cmd_fleet_unblock(args: argparse.Namespace, cfg: config.Config, out: TextIO)
 
 def _fleetlock_groups(specs: Sequence[str] | None, cfg: config.Config) -> dict[str, int]:
     """``--group NAME[=SLOTS]`` options; none: the [reboot] group with [etcd] slots."""
-    from policies.lock import check_group  # noqa: PLC0415
+    from policies.rebootlock import check_group  # noqa: PLC0415
     from policies.semaphore import check_slots  # noqa: PLC0415 - etcd only when asked for
 
     if not specs:

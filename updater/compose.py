@@ -18,7 +18,7 @@ from partitions.bootcontrol import BootControl, Slot
 from partitions.gptprio import GptPrioBootControl
 from policies.fleetlock import FleetLock
 from policies.identity import host_id
-from policies.lock import NoLock, RebootLock
+from policies.rebootlock import NoLock, RebootLock
 from policies.strategy import STRATEGIES, LockStrategy, RebootStrategy, Windowed
 from updater import dbus_api
 from updater.agent import Agent

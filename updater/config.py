@@ -31,7 +31,7 @@ from partitions.bootcontrol import (
 )
 from policies.failed import MAX_MAX_FAILURES
 from policies.fleetlockproto import group_base_url
-from policies.lock import GROUP_RE, parse_etcd_endpoint
+from policies.rebootlock import GROUP_RE, parse_etcd_endpoint
 from updater.errors import ConfigError, LockError
 from updater.fsutil import read_bounded
 from updater.listen import parse_listen
