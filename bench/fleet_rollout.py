@@ -57,7 +57,9 @@ from typing import Any
 
 from bench.install_throughput import host_description
 from devtools.etcd import ETCD, EtcdNode
-from policies.etcdlock import EtcdClient, EtcdLock, EtcdSettings, Semaphore, semaphore_key
+from policies.etcdclient import EtcdClient, EtcdSettings
+from policies.etcdlock import EtcdLock
+from policies.semaphore import Semaphore, semaphore_key
 from updater.config import AgentConfig, RebootConfig
 from updater.errors import LockError
 from updater.log import configure

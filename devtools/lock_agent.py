@@ -26,7 +26,8 @@ from pathlib import Path
 
 import structlog
 
-from policies.etcdlock import EtcdLock, EtcdSettings
+from policies.etcdclient import EtcdSettings
+from policies.etcdlock import EtcdLock
 from updater.errors import LockError
 
 EXIT_DEADLINE = 3

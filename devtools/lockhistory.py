@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.etcdlock import EtcdClient, Semaphore, semaphore_key
+from policies.etcdclient import EtcdClient
+from policies.semaphore import Semaphore, semaphore_key
 
 
 @dataclass(frozen=True)

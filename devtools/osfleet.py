@@ -35,7 +35,7 @@ from devtools import osimage, osupdate
 from devtools.etcd import EtcdCluster, free_port
 from devtools.lockhistory import holders_over_time, most_holders, semaphore_history
 from devtools.repo_server import RepoServer
-from policies.etcdlock import EtcdClient, EtcdSettings
+from policies.etcdclient import EtcdClient, EtcdSettings
 from policies.fleet import HostRecord, read_hosts
 from updater import cli
 

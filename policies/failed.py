@@ -15,7 +15,7 @@ until an admin deletes the key (`updatectl fleet unblock VERSION`).
 
 The record model and the decision are pure (:class:`FailedRecord`,
 :func:`decide`); :class:`FailedVersions` is the small store over
-:class:`policies.etcdlock.EtcdClient`. Adding a failure is a compare-and-swap
+:class:`policies.etcdclient.EtcdClient`. Adding a failure is a compare-and-swap
 transaction (create if absent, else compare the key's ``mod_revision``): two
 hosts recording at once both count, and a host recording twice counts once.
 A value that is not such a record (hand-written, truncated, hostile) is a
@@ -23,13 +23,13 @@ A value that is not such a record (hand-written, truncated, hostile) is a
 agent, and it blocks the version (fail safe: someone wrote that key) until
 unblocked.
 
-This module imports no etcd client library: the agent's decision code uses
-the model without loading etcd3gw (the client is passed in).
+This module imports no etcd client library (the requests are
+:mod:`policies.etcdtxn`'s plain data): the agent's decision code uses the
+model without loading etcd3gw (the client is passed in).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import random
@@ -41,13 +41,21 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 import structlog
 
-from policies.lock import check_group
+from policies.etcdtxn import (
+    KeyValue,
+    compare_absent,
+    compare_mod_revision,
+    request_delete_range,
+    request_put,
+    request_range,
+)
+from policies.rebootlock import check_group
 from updater.errors import LockError, RefusedError, UpdaterError
 from updater.jsonutil import loads as load_json
 from updater.versions import VERSION_RE
 
 if TYPE_CHECKING:
-    from policies.etcdlock import EtcdClient, KeyValue
+    from policies.etcdclient import EtcdClient
 
 log = structlog.get_logger(__name__)
 
@@ -220,33 +228,6 @@ def refusal(verdict: Verdict) -> RefusedError:
     )
 
 
-# ---- etcd requests (the gateway's JSON; no client library needed here) -------------------------
-
-
-def _b64(data: str | bytes) -> str:
-    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode("ascii")
-
-
-def _put(key: str, value: bytes) -> dict[str, Any]:
-    return {"request_put": {"key": _b64(key), "value": _b64(value)}}
-
-
-def _range(key: str) -> dict[str, Any]:
-    return {"request_range": {"key": _b64(key)}}
-
-
-def _delete(key: str) -> dict[str, Any]:
-    return {"request_delete_range": {"key": _b64(key)}}
-
-
-def _absent(key: str) -> dict[str, Any]:
-    return {"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
-
-
-def _mod_revision_is(key: str, revision: int) -> dict[str, Any]:
-    return {"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
-
-
 # ---- the store ---------------------------------------------------------------------------------
 
 
@@ -308,7 +289,7 @@ class FailedVersions:
         for attempt in range(self._attempts):
             if kv is None:
                 new = FailedRecord(version, (failure,))
-                guard = _absent(key)
+                guard = compare_absent(key)
             else:
                 current = self._decode(kv, version)
                 if isinstance(current, LockError):
@@ -323,8 +304,10 @@ class FailedVersions:
                 new = current.with_failure(failure)
                 if new is current:
                     return current  # this host is on it already (or the list is full)
-                guard = _mod_revision_is(key, kv.mod_revision)
-            result = self.client.txn([guard], [_put(key, new.encode())], [_range(key)])
+                guard = compare_mod_revision(key, kv.mod_revision)
+            result = self.client.txn(
+                [guard], [request_put(key, new.encode())], [request_range(key)]
+            )
             if result.succeeded:
                 log.warning(
                     "failed_version_recorded",
@@ -371,7 +354,9 @@ class FailedVersions:
             kv = self.client.range(key)
             if kv is None:
                 return None
-            result = self.client.txn([_mod_revision_is(key, kv.mod_revision)], [_delete(key)])
+            result = self.client.txn(
+                [compare_mod_revision(key, kv.mod_revision)], [request_delete_range(key)]
+            )
             if result.succeeded:
                 removed = self._decode(kv, version)
                 log.warning(

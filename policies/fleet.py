@@ -10,7 +10,6 @@ reported errors.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 from collections import Counter
@@ -19,7 +18,9 @@ from typing import Any
 
 import structlog
 
-from policies.etcdlock import MAX_VALUE_BYTES, EtcdClient, SemaphoreStatus
+from policies.etcdclient import EtcdClient
+from policies.etcdtxn import MAX_VALUE_BYTES, b64
+from policies.semaphore import SemaphoreStatus
 from updater.errors import LockError
 from updater.jsonutil import loads as load_json
 
@@ -94,10 +95,6 @@ def _gateway_int(value: Any) -> int | None:
         return None
 
 
-def _b64(data: str | bytes) -> str:
-    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
-
-
 class FleetPublisher:
     """Keeps one host's record in etcd under a lease (blocking; call from a thread)."""
 
@@ -122,7 +119,7 @@ class FleetPublisher:
                 raise LockError("malformed", "etcd granted a lease without a valid ID")
             self._lease = str(lease)
         self.client.call(
-            "kv/put", {"key": _b64(self.key), "value": _b64(record.encode()), "lease": self._lease}
+            "kv/put", {"key": b64(self.key), "value": b64(record.encode()), "lease": self._lease}
         )
 
 

@@ -25,8 +25,8 @@ Decisions where the spec leaves room, all failing closed:
   its JSON errors as ``text/plain``.
 * Redirects are never followed (the protocol header exists so that a request
   reaches only the server it was meant for): a 3xx is ``refused``.
-* Bodies are parsed by :mod:`updater.jsonutil` (at most MAX_BODY bytes, bounded
-  nesting, no NaN): whatever the server sends, the answer is a Verdict or a
+* Bodies are parsed by :mod:`updater.jsonutil` (at most MAX_ANSWER_BYTES bytes, bounded
+  nesting, no NaN): whatever the server sends, the answer is an Outcome or a
   :class:`FleetLockError`, never another exception.
 * Transport failures, timeouts and 5xx without a FleetLock body are
   ``unavailable``; a FleetLock error body is ``refused`` (the service said no);
@@ -51,22 +51,18 @@ import requests
 import structlog
 import urllib3
 
-from policies.lock import FailureReport, check_group
+from policies.fleetlockproto import PRE_REBOOT, PROTOCOL_HEADER, STEADY_STATE, group_base_url
+from policies.rebootlock import FailureReport, check_group
 from updater.errors import LockError, RefusedError
 from updater.httpbody import read1
 from updater.jsonutil import loads as load_json
-from updater.urls import parse_url
 
 log = structlog.get_logger(__name__)
 
-PROTOCOL_HEADER: Final = "fleet-lock-protocol"
-PRE_REBOOT: Final = "/v1/pre-reboot"
-STEADY_STATE: Final = "/v1/steady-state"
-GROUP_PLACEHOLDER: Final = "${group}"
 DEFAULT_TIMEOUT_S: Final = 30.0
 FULL_KINDS: Final = frozenset({"failed_lock_semaphore_full", "lock_held"})
-MAX_BODY: Final = 64 * 1024  # bytes; a FleetLock answer is a few dozen
-MAX_VALUE: Final = 512  # characters of a server's description kept for logs
+MAX_ANSWER_BYTES: Final = 64 * 1024  # a FleetLock answer is a few dozen
+MAX_LOGGED_VALUE: Final = 512  # characters of a server's description kept for logs
 # A kind becomes a metric label: refuse anything that does not look bounded.
 _KIND_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -95,7 +91,7 @@ class FleetLockError(LockError):
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Outcome:
     """What an HTTP answer means: success (``error`` None), or a failure that is
     either "no free slot" (``full``) or an error to raise."""
 
@@ -109,12 +105,12 @@ class Verdict:
 
 def judge(
     endpoint: str, status: int, body: bytes | None, full_kinds: frozenset[str] = FULL_KINDS
-) -> Verdict:
-    """Pure: the meaning of ``status`` and ``body`` (None: larger than MAX_BODY)."""
+) -> Outcome:
+    """Pure: the meaning of ``status`` and ``body`` (None: larger than MAX_ANSWER_BYTES)."""
 
     def fail(
         kind: str, pkind: str, value: str, hint: str | None = None, *, full: bool = False
-    ) -> Verdict:
+    ) -> Outcome:
         message = f"FleetLock {endpoint}: HTTP {status}, {pkind}: {value}"
         err = FleetLockError(
             kind,
@@ -125,15 +121,17 @@ def judge(
             protocol_value=value,
             hint=hint,
         )
-        return Verdict(error=err, full=full)
+        return Outcome(error=err, full=full)
 
     generic = f"generic_http_{status}"
     if body is None:
-        return fail("malformed", generic, f"answer larger than {MAX_BODY} bytes")
+        return fail("malformed", generic, f"answer larger than {MAX_ANSWER_BYTES} bytes")
     text = body.decode("utf-8", errors="replace")
     try:
         # bounded: a body nested thousands deep is "not JSON", never a RecursionError
-        doc: object = load_json(body, ValueError, max_bytes=MAX_BODY) if body.strip() else None
+        doc: object = (
+            load_json(body, ValueError, max_bytes=MAX_ANSWER_BYTES) if body.strip() else None
+        )
         is_json = True
     except ValueError:
         doc, is_json = None, False
@@ -146,7 +144,7 @@ def judge(
                 f"200 with a body that is not JSON: {_excerpt(text)}",
                 hint="base_url must point at a FleetLock server, not a web page",
             )
-        return Verdict()
+        return Outcome()
 
     remote = _remote_error(doc)
     if remote is not None:
@@ -185,7 +183,7 @@ def _remote_error(doc: object) -> tuple[str, str] | None:
         return None
     if not isinstance(value, str) or not value:
         return None
-    return kind, value[:MAX_VALUE]
+    return kind, value[:MAX_LOGGED_VALUE]
 
 
 def _excerpt(text: str) -> str:
@@ -194,7 +192,7 @@ def _excerpt(text: str) -> str:
 
 
 class FleetLock:
-    """The FleetLock protocol as a :class:`~policies.lock.RebootLock`."""
+    """The FleetLock protocol as a :class:`~policies.rebootlock.RebootLock`."""
 
     name = "fleetlock"
 
@@ -209,12 +207,7 @@ class FleetLock:
         full_kinds: frozenset[str] = FULL_KINDS,
     ) -> None:
         self.group = check_group(group)
-        url = base_url.replace(GROUP_PLACEHOLDER, group).rstrip("/")
-        parts = parse_url(url, lambda why: LockError("bad_argument", f"FleetLock base_url: {why}"))
-        if parts.query or parts.fragment or url.endswith(("?", "#")):
-            raise LockError(
-                "bad_argument", f"FleetLock base_url {base_url!r} must not have a query or fragment"
-            )
+        url = group_base_url(base_url, group)
         if timeout_s <= 0:
             raise LockError("bad_argument", f"timeout_s must be positive, not {timeout_s}")
         self.base_url = url
@@ -237,29 +230,29 @@ class FleetLock:
         ``client_params.version``, which our server checks against the group's
         failed versions and other servers ignore. Our server's 403
         ``version_blocked`` is ``RefusedError("version_blocked")``."""
-        verdict = self._call(PRE_REBOOT, holder, {"version": version})
-        if verdict.error is not None and is_version_blocked(verdict.error):
-            self._failed(verdict.error, holder)
+        outcome = self._call(PRE_REBOOT, holder, {"version": version})
+        if outcome.error is not None and is_version_blocked(outcome.error):
+            self._failed(outcome.error, holder)
             raise RefusedError(
                 "version_blocked",
-                f"FleetLock server {self.base_url}: {verdict.error.protocol_value}",
+                f"FleetLock server {self.base_url}: {outcome.error.protocol_value}",
                 hint=f"`updatectl fleet unblock {version}` (where etcd is reachable) once "
                 "the version is fixed or known good",
             )
-        if verdict.error is None:
+        if outcome.error is None:
             log.info("fleetlock_slot_held", group=self.group, holder=holder, url=self.base_url)
             return True
-        if verdict.full:
+        if outcome.full:
             log.info(
                 "fleetlock_semaphore_full",
                 group=self.group,
                 holder=holder,
-                status=verdict.error.status,
-                protocol_kind=verdict.error.protocol_kind,
-                value=verdict.error.protocol_value,
+                status=outcome.error.status,
+                protocol_kind=outcome.error.protocol_kind,
+                value=outcome.error.protocol_value,
             )
             return False
-        raise self._failed(verdict.error, holder)
+        raise self._failed(outcome.error, holder)
 
     def release(self, holder: str, *, failed: FailureReport | None = None) -> bool:
         """Give the slot back; ``failed`` goes along as ``client_params.failed_version``
@@ -271,9 +264,9 @@ class FleetLock:
             if failed is None
             else {"failed_version": failed.version, "failure_kind": failed.sent_kind}
         )
-        verdict = self._call(STEADY_STATE, holder, extra)
-        if verdict.error is not None:
-            raise self._failed(verdict.error, holder)
+        outcome = self._call(STEADY_STATE, holder, extra)
+        if outcome.error is not None:
+            raise self._failed(outcome.error, holder)
         log.info(
             "fleetlock_slot_released",
             group=self.group,
@@ -298,7 +291,7 @@ class FleetLock:
 
     def _call(
         self, endpoint: str, holder: str, extra: Mapping[str, str | None] | None = None
-    ) -> Verdict:
+    ) -> Outcome:
         if not holder:
             raise LockError("bad_argument", "FleetLock client id must be a non-empty string")
         params = {"id": holder, "group": self.group}
@@ -346,7 +339,7 @@ class FleetLock:
             if not chunk:
                 return b"".join(chunks)
             size += len(chunk)
-            if size > MAX_BODY:
+            if size > MAX_ANSWER_BYTES:
                 return None
             chunks.append(chunk)
 
@@ -357,7 +350,7 @@ class FleetLock:
             endpoint=endpoint,
             status=None,
             protocol_kind=pkind,
-            protocol_value=str(exc)[:MAX_VALUE],
+            protocol_value=str(exc)[:MAX_LOGGED_VALUE],
             hint="check that the FleetLock server is reachable at base_url",
         )
         log.warning(

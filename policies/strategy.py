@@ -19,7 +19,7 @@ from typing import Protocol
 
 import structlog
 
-from policies.lock import FailureReport, RebootLock
+from policies.rebootlock import FailureReport, RebootLock
 from updater.clock import Clock
 
 log = structlog.get_logger(__name__)

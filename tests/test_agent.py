@@ -23,7 +23,7 @@ from devtools.diskimage import cgpt_flags
 from devtools.host import Host
 from devtools.repo_server import Fault
 from partitions.bootcontrol import Slot
-from policies.lock import FailureReport
+from policies.rebootlock import FailureReport
 from policies.strategy import Immediate, Off, RebootStrategy
 from tests.conftest import NotifySocket, Repo
 from tests.omaha_server import Answer, OmahaServer, Release

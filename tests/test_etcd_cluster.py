@@ -15,7 +15,8 @@ from structlog.testing import capture_logs
 
 import devtools.etcd
 from devtools.etcd import EtcdCluster, EtcdNode, free_port
-from policies.etcdlock import EtcdClient, EtcdLock, EtcdSettings
+from policies.etcdclient import EtcdClient, EtcdSettings
+from policies.etcdlock import EtcdLock
 from updater.errors import LockError
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="needs etcd")

@@ -16,16 +16,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from devtools.etcd import USER, USER_PASSWORD, EtcdNode
-from policies.etcdlock import (
-    EtcdClient,
-    EtcdLock,
-    EtcdSettings,
-    Semaphore,
-    holder_key,
-    holders_prefix,
-    semaphore_key,
-)
-from policies.lock import RebootLock
+from policies.etcdclient import EtcdClient, EtcdSettings
+from policies.etcdlock import EtcdLock
+from policies.rebootlock import RebootLock
+from policies.semaphore import Semaphore, holder_key, holders_prefix, semaphore_key
 from updater.errors import ConfigError, LockError
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="needs etcd")

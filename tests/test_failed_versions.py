@@ -21,7 +21,8 @@ from structlog.testing import capture_logs
 
 from devtools.etcd import EtcdNode
 from devtools.host import Host, provision
-from policies.etcdlock import EtcdClient, EtcdLock, EtcdSettings, semaphore_key
+from policies.etcdclient import EtcdClient, EtcdSettings
+from policies.etcdlock import EtcdLock
 from policies.failed import (
     MAX_FAILURES_KEPT,
     FailedRecord,
@@ -33,13 +34,10 @@ from policies.failed import (
 )
 from policies.fleet import FleetPublisher, HostRecord, read_hosts, summarize
 from policies.fleetlock import FleetLock
-from policies.fleetlockd import (
-    FleetLockServer,
-    FleetLockService,
-    ServerSettings,
-    StoredFailedVersions,
-)
+from policies.fleetlockd import FleetLockServer, ServerSettings
 from policies.fleetlockd import running as running_server
+from policies.fleetlockservice import FleetLockService, StoredFailedVersions
+from policies.semaphore import semaphore_key
 from policies.strategy import LockStrategy, Off
 from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, updatectl
 from tests.test_agent import Harness, image_gets, running, samples, until

@@ -15,8 +15,9 @@ from structlog.testing import capture_logs
 
 from devtools.fleetlock_server import Fault, FleetLockServer
 from devtools.tls import TLSFiles, make_tls
-from policies.fleetlock import MAX_BODY, PRE_REBOOT, STEADY_STATE, FleetLock, FleetLockError, judge
-from policies.lock import RebootLock
+from policies.fleetlock import MAX_ANSWER_BYTES, FleetLock, FleetLockError, judge
+from policies.fleetlockproto import PRE_REBOOT, STEADY_STATE
+from policies.rebootlock import RebootLock
 from updater.errors import LockError
 
 
@@ -186,7 +187,7 @@ HOSTILE: list[tuple[str, Fault, str, str, int | None]] = [
     ("JSON list", Fault(status=400, body=b"[1, 2]"), "malformed", "generic_http_400", 400),
     (
         "endless body",
-        Fault(status=500, body=b"x" * (MAX_BODY + 1)),
+        Fault(status=500, body=b"x" * (MAX_ANSWER_BYTES + 1)),
         "malformed",
         "generic_http_500",
         500,
@@ -220,7 +221,7 @@ HOSTILE: list[tuple[str, Fault, str, str, int | None]] = [
     ),
     (
         "200 endless",
-        Fault(status=200, body=b"[" + b"1," * MAX_BODY + b"1]"),
+        Fault(status=200, body=b"[" + b"1," * MAX_ANSWER_BYTES + b"1]"),
         "malformed",
         "generic_http_200",
         200,
@@ -265,7 +266,9 @@ def test_hostile_answers_fail_closed(
     assert [(e["kind"], e["protocol_kind"]) for e in failed] == [(kind, protocol_kind)]
 
 
-@pytest.mark.parametrize("body", [b"[" * 5000, b"{" * 100_000, b"NaN", b"x" * (MAX_BODY + 1)])
+@pytest.mark.parametrize(
+    "body", [b"[" * 5000, b"{" * 100_000, b"NaN", b"x" * (MAX_ANSWER_BYTES + 1)]
+)
 def test_a_hostile_answer_changes_nothing_and_the_next_good_one_works(
     server: FleetLockServer, body: bytes
 ) -> None:

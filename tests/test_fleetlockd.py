@@ -24,21 +24,14 @@ from structlog.testing import capture_logs
 
 from devtools.etcd import EtcdNode, free_port
 from devtools.tls import TLSFiles, make_tls
-from policies.etcdlock import EtcdClient, EtcdLock, EtcdSettings
+from policies.etcdclient import EtcdClient, EtcdSettings
+from policies.etcdlock import EtcdLock
 from policies.failed import FailedRecord, FailedVersions
 from policies.fleetlock import FleetLock, FleetLockError
-from policies.fleetlockd import (
-    KINDS,
-    MAX_BODY,
-    FleetLockServer,
-    FleetLockService,
-    ProtocolError,
-    ServerSettings,
-    StoredFailedVersions,
-    parse_body,
-    running,
-)
-from policies.lock import FailureReport
+from policies.fleetlockd import FleetLockServer, ServerSettings, running
+from policies.fleetlockproto import KINDS, MAX_REQUEST_BYTES, ProtocolError, parse_body
+from policies.fleetlockservice import FleetLockService, StoredFailedVersions
+from policies.rebootlock import FailureReport
 from tests.conftest import updatectl
 from updater.errors import LockError, RefusedError
 
@@ -60,7 +53,7 @@ class StepClock:
 
 
 class Blocked:
-    """A FailedVersions with fixed records: what part 2's etcd records will answer."""
+    """A GroupFailedVersions with fixed records: what part 2's etcd records will answer."""
 
     def __init__(self, by_group: dict[str, set[str]]) -> None:
         self.by_group = by_group
@@ -392,7 +385,12 @@ HOSTILE: list[tuple[str, bytes, int, str]] = [
         404,
         "not_found",
     ),
-    ("oversize body", _post(P, b"{" + b" " * (MAX_BODY + 1) + b"}", PROTO), 413, "body_too_large"),
+    (
+        "oversize body",
+        _post(P, b"{" + b" " * (MAX_REQUEST_BYTES + 1) + b"}", PROTO),
+        413,
+        "body_too_large",
+    ),
     (
         "a huge Content-Length",
         _post(P, b"", PROTO, "Content-Length: 99999999999999999999"),

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from policies.etcdlock import EtcdSettings
+from policies.etcdclient import EtcdSettings
 from policies.fleetlock import FleetLock
 from policies.windows import Windows, parse_go_duration, parse_windows
 from tests.fuzzing import parse_or_typed_error

@@ -16,10 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.etcdlock import Semaphore
 from policies.failed import FailedRecord, Failure, decide
 from policies.fleet import HostRecord
-from policies.fleetlock import MAX_BODY, PRE_REBOOT, STEADY_STATE, FleetLockError, Verdict, judge
+from policies.fleetlock import MAX_ANSWER_BYTES, FleetLockError, Outcome, judge
+from policies.fleetlockproto import PRE_REBOOT, STEADY_STATE
+from policies.semaphore import Semaphore
 from tests.fuzzing import fewer_examples, parse_or_typed_error
 from updater import jsonutil
 from updater.errors import LockError, StateError, VerificationError
@@ -205,7 +206,7 @@ def test_fuzz_semaphore_fields(slots: object, holders: object, extra: dict[str, 
 def _judged(status: int, body: bytes | None) -> None:
     for endpoint in (PRE_REBOOT, STEADY_STATE):
         verdict = parse_or_typed_error(lambda e=endpoint: judge(e, status, body))  # type: ignore[misc]
-        assert isinstance(verdict, Verdict), verdict  # judge never raises: it returns the error
+        assert isinstance(verdict, Outcome), verdict  # judge never raises: it returns the error
         if verdict.error is not None:
             assert isinstance(verdict.error, FleetLockError)
             assert verdict.error.kind in LockError.kinds
@@ -222,7 +223,7 @@ def _judged(status: int, body: bytes | None) -> None:
     st.one_of(anything, mutations(FLEETLOCK_BODIES), deep_documents, st.none()),
 )
 def test_fuzz_fleetlock_answers(status: int, body: bytes | None) -> None:
-    if body is not None and len(body) > MAX_BODY:
+    if body is not None and len(body) > MAX_ANSWER_BYTES:
         body = None  # the client stops reading there
     _judged(status, body)
 

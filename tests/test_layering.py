@@ -70,3 +70,46 @@ def test_no_import_cycles() -> None:
     for name in graph:
         if name not in state:
             visit(name, [name])
+
+
+# Pure policy modules: decisions and wire formats, no client library or network I/O
+# (the agent decides on failed versions without loading etcd3gw; etcd's requests
+# are plain data). An import under ``if TYPE_CHECKING:`` is only for annotations.
+PURE_POLICIES = (
+    "policies.etcdtxn",
+    "policies.semaphore",
+    "policies.failed",
+    "policies.fleetlockproto",
+)
+IO_LIBRARIES = ("etcd3gw", "requests", "urllib3", "http", "socket", "ssl", "policies.etcdclient")
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """Every module ``path`` imports when it runs (not those under ``if TYPE_CHECKING:``)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in (
+            "TYPE_CHECKING",
+            "typing.TYPE_CHECKING",
+        ):
+            for stmt in node.orelse:
+                visit(stmt)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+def test_pure_policies_load_no_client_library() -> None:
+    mods = modules()
+    for name in PURE_POLICIES:
+        used = runtime_imports(mods[name])
+        bad = {m for m in used if any(m == lib or m.startswith(lib + ".") for lib in IO_LIBRARIES)}
+        assert not bad, f"{name} imports {sorted(bad)} at run time"

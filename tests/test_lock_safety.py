@@ -45,14 +45,9 @@ from devtools.etcd import EtcdCluster
 from devtools.fsimage import make_usr_image
 from devtools.host import Host, provision
 from devtools.netns import NetLab
-from policies.etcdlock import (
-    EtcdClient,
-    EtcdLock,
-    EtcdSettings,
-    Semaphore,
-    holders_prefix,
-    semaphore_key,
-)
+from policies.etcdclient import EtcdClient, EtcdSettings
+from policies.etcdlock import EtcdLock
+from policies.semaphore import Semaphore, holders_prefix, semaphore_key
 from tests.conftest import Repo, updatectl
 from tests.test_metrics import Samples, UnixHTTPConnection
 from tests.test_metrics import parse as parse_metrics

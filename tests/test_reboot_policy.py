@@ -19,16 +19,11 @@ from devtools.etcd import EtcdNode
 from devtools.fleetlock_server import Fault as FleetFault
 from devtools.fleetlock_server import FleetLockServer
 from devtools.host import Host, provision
-from policies.etcdlock import (
-    EtcdClient,
-    EtcdLock,
-    EtcdSettings,
-    Holder,
-    SemaphoreStatus,
-    semaphore_key,
-)
+from policies.etcdclient import EtcdClient, EtcdSettings
+from policies.etcdlock import EtcdLock
 from policies.fleet import HOSTS_PREFIX, FleetPublisher, HostRecord, read_hosts, summarize
 from policies.fleetlock import FleetLock
+from policies.semaphore import Holder, SemaphoreStatus, semaphore_key
 from policies.strategy import LockStrategy
 from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, updatectl
 from tests.test_agent import Harness, running, until

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from policies.identity import app_specific_id
-from policies.lock import FailureReport, NoLock, check_group
+from policies.rebootlock import FailureReport, NoLock, check_group
 from policies.strategy import STRATEGIES, Immediate, LockStrategy, Off, RebootStrategy, Windowed
 from updater.errors import LockError
 from updater.run import run

@@ -26,7 +26,7 @@ import structlog
 
 from partitions.bootcontrol import Slot
 from policies.failed import refusal
-from policies.lock import FailureReport
+from policies.rebootlock import FailureReport
 from policies.strategy import RebootStrategy
 from updater import machine as mc
 from updater.agentapi import AgentStatus, StatusListener

@@ -33,7 +33,7 @@ from updater.progress import TerminalProgress, human
 from updater.update import CheckResult, StatusReport, as_dict
 
 if TYPE_CHECKING:
-    from policies.etcdlock import EtcdClient
+    from policies.etcdclient import EtcdClient
     from policies.failed import FailedVersions, Verdict
 
 
@@ -378,8 +378,8 @@ def cmd_fleet_unblock(args: argparse.Namespace, cfg: config.Config, out: TextIO)
 
 def _fleetlock_groups(specs: Sequence[str] | None, cfg: config.Config) -> dict[str, int]:
     """``--group NAME[=SLOTS]`` options; none: the [reboot] group with [etcd] slots."""
-    from policies.etcdlock import check_slots  # noqa: PLC0415 - etcd only when asked for
-    from policies.lock import check_group  # noqa: PLC0415
+    from policies.rebootlock import check_group  # noqa: PLC0415
+    from policies.semaphore import check_slots  # noqa: PLC0415 - etcd only when asked for
 
     if not specs:
         return {cfg.reboot.group: cfg.etcd.slots}
@@ -415,13 +415,15 @@ def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextI
     import signal  # noqa: PLC0415
     import threading  # noqa: PLC0415
 
-    from policies.etcdlock import EtcdClient  # noqa: PLC0415 - etcd only when asked for
+    from policies.etcdclient import EtcdClient  # noqa: PLC0415 - etcd only when asked for
     from policies.fleetlockd import (  # noqa: PLC0415 - etcd only when asked for
         FleetLockServer,
-        FleetLockService,
         ServerSettings,
-        StoredFailedVersions,
         running,
+    )
+    from policies.fleetlockservice import (  # noqa: PLC0415 - etcd only when asked for
+        FleetLockService,
+        StoredFailedVersions,
     )
     from updater.listen import parse_listen  # noqa: PLC0415
     from updater.sdnotify import Notifier  # noqa: PLC0415

@@ -18,7 +18,7 @@ from partitions.bootcontrol import BootControl, Slot
 from partitions.gptprio import GptPrioBootControl
 from policies.fleetlock import FleetLock
 from policies.identity import host_id
-from policies.lock import NoLock, RebootLock
+from policies.rebootlock import NoLock, RebootLock
 from policies.strategy import STRATEGIES, LockStrategy, RebootStrategy, Windowed
 from updater import dbus_api
 from updater.agent import Agent
@@ -40,7 +40,8 @@ from updater.update import Updater
 
 if TYPE_CHECKING:
     from partitions.filestore import DirStore, MtoolsStore
-    from policies.etcdlock import EtcdLock, EtcdSettings
+    from policies.etcdclient import EtcdSettings
+    from policies.etcdlock import EtcdLock
     from policies.failed import GroupBlocks
     from updater.bootfiles import BootFiles
     from updater.fleetreport import EtcdFleetReporter
@@ -261,7 +262,7 @@ def version_blocks(config: Config) -> GroupBlocks | None:
     r = config.reboot
 
     def store() -> FailedVersions:
-        from policies.etcdlock import EtcdClient
+        from policies.etcdclient import EtcdClient
 
         return FailedVersions(EtcdClient(etcd_settings(config)), r.group, r.max_failures)
 
@@ -299,7 +300,7 @@ def rebooter(bus: MessageBus | None) -> Rebooter:
 
 
 def etcd_settings(config: Config) -> EtcdSettings:
-    from policies.etcdlock import EtcdSettings
+    from policies.etcdclient import EtcdSettings
 
     e = config.etcd
     password = None
@@ -384,7 +385,7 @@ def fleet_reporter(config: Config, *, holder: str | None = None) -> EtcdFleetRep
         return None
     if not config.etcd.publish_status:
         return None
-    from policies.etcdlock import EtcdClient
+    from policies.etcdclient import EtcdClient
     from policies.fleet import FleetPublisher
     from updater.fleetreport import EtcdFleetReporter
 

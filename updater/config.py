@@ -30,8 +30,8 @@ from partitions.bootcontrol import (
     SDBOOT_TRIES,
 )
 from policies.failed import MAX_MAX_FAILURES
-from policies.fleetlock import FleetLock
-from policies.lock import GROUP_RE, parse_etcd_endpoint
+from policies.fleetlockproto import group_base_url
+from policies.rebootlock import GROUP_RE, parse_etcd_endpoint
 from updater.errors import ConfigError, LockError
 from updater.fsutil import read_bounded
 from updater.listen import parse_listen
@@ -665,7 +665,7 @@ def _fleetlock(s: _Section) -> FleetLockConfig:
     url = s.str_("url", None)
     if url is not None:
         try:
-            FleetLock(url, "default").close()  # the client's own checks, at start
+            group_base_url(url, "default")  # the client's own check, at start
         except LockError as exc:
             raise s.error("url", exc.message) from None
     return FleetLockConfig(

@@ -1,4 +1,6 @@
-"""The cluster reboot lock: a counting semaphore per group of hosts.
+"""The cluster reboot lock: a counting semaphore per group of hosts, so only so
+many of them reboot at once. (Not the host update lock of ``updater``, which
+keeps two update runs on one host apart.)
 
 ``acquire`` answers whether this holder has a slot (idempotent: asking again
 while holding one is yes); ``release`` gives it back (idempotent: releasing
