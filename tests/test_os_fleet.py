@@ -173,6 +173,8 @@ def test_2_a_bad_release_stops_at_the_first_machine(running: Running) -> None:
             (bad.slot, bad.version, bad.blessed) == ("ROOT-B", "1.1.0", True)
             and bad.saw("failed_version_reported")
             and bad.saw("reboot_lock_released")
+            # its first check back on 1.1.0 (the agent looks at 1.2.0 again)
+            and bad.saw("update_checked version=1.2.0 booted_version=1.1.0")
             and (
                 other.saw("reboot_refused_version_blocked")
                 or other.saw("install_refused_version_blocked")
@@ -229,6 +231,8 @@ def test_2_a_bad_release_stops_at_the_first_machine(running: Running) -> None:
     assert [(b.slot, b.version) for b in other.boots()] == [("ROOT-A", "1.0.0")]
     assert (other.slot, other.version) == ("ROOT-B", "1.1.0")
     assert not other.saw("booted ROOT-A version 1.2.0")
+    if other.saw("update_staged version=1.2.0"):  # it had staged it before the block:
+        assert other.saw("update_unstaged version=1.2.0"), story(fleet)  # not the next boot
     code, text = osfleet.fleet_status(fleet.admin_config)
     assert code == 0 and "1.2.0" in text, text
     status = json.loads(osfleet.fleet_status(fleet.admin_config, as_json=True)[1])
