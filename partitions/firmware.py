@@ -20,7 +20,7 @@ from pathlib import Path
 import structlog
 
 from partitions import gpt, gptprio
-from partitions.bootcontrol import Slot, SlotFlags
+from partitions.bootcontrol import DEFAULT_LABELS, Slot, SlotFlags, find_slots
 from updater.errors import UpdaterError
 from updater.fsutil import atomic_write
 
@@ -73,7 +73,7 @@ def boot_disk_image(
     found: list[BootResult] = []
 
     def decide(table: gpt.GptTable) -> dict[int, int]:
-        slots = gptprio.find_slots(table, disk, labels)
+        slots = find_slots(table, disk, labels)
         before = {s.index: gptprio.decode_flags(table.entry(s.index).attributes) for s in slots}
         chosen, after = select_boot(before)
         slot = next(s for s in slots if s.index == chosen)
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--labels",
-        default=",".join(gptprio.DEFAULT_LABELS),
+        default=",".join(DEFAULT_LABELS),
         help="comma-separated slot partition names (default: %(default)s)",
     )
     parser.add_argument("--extra-args", default="ro", help="more kernel parameters")

@@ -17,10 +17,13 @@ import structlog
 from partitions import booted as booted_mod
 from partitions import gpt
 from partitions.bootcontrol import (
+    DEFAULT_LABELS,
+    MAX_PRIORITY,
     MAX_TRIES,
     Slot,
     SlotFlags,
     SlotStatus,
+    find_slots,
     flags_of,
     not_a_slot_of,
     same_slot,
@@ -29,11 +32,9 @@ from updater.errors import DiskError
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_LABELS = ("USR-A", "USR-B")
 PRIORITY_SHIFT = 48
 TRIES_SHIFT = 52
 SUCCESSFUL_SHIFT = 56
-MAX_PRIORITY = 15
 _NIBBLE = 0xF
 _FLAGS_MASK = (_NIBBLE << PRIORITY_SHIFT) | (_NIBBLE << TRIES_SHIFT) | (1 << SUCCESSFUL_SHIFT)
 
@@ -152,52 +153,6 @@ def changed(
 ) -> dict[int, SlotFlags]:
     """The entries of ``after`` that differ from ``before``."""
     return {i: f for i, f in after.items() if before.get(i) != f}
-
-
-# ---- slots on a disk ------------------------------------------------------------------------
-
-
-def find_slots(table: gpt.GptTable, disk: Path, labels: Sequence[str]) -> tuple[Slot, ...]:
-    """The slots named ``labels`` in ``table``, in the order of ``labels``."""
-    out: list[Slot] = []
-    for label in labels:
-        found = table.named(label)
-        if not found:
-            names = sorted({e.name for e in table.entries})
-            raise DiskError(
-                "slot_not_found",
-                f"{disk}: no partition named {label!r} (found: {', '.join(names) or 'none'})",
-                hint="set [disk] slots to the partition names of the A/B slots",
-            )
-        if len(found) > 1:
-            raise DiskError(
-                "gpt_invalid",
-                f"{disk}: partitions {', '.join(str(e.index) for e in found)} "
-                f"are all named {label!r}: which one is the slot?",
-                hint="give each slot partition a unique name (sgdisk -c N:NAME); "
-                "nothing was written",
-            )
-        e = found[0]
-        out.append(
-            Slot(
-                label=label,
-                index=e.index,
-                part_uuid=e.part_uuid,
-                disk=disk,
-                offset=table.offset(e),
-                size=table.size(e),
-            )
-        )
-    sizes = {slot.size for slot in out}
-    if len(sizes) > 1:
-        raise DiskError(
-            "gpt_invalid",
-            f"{disk}: the slots differ in size: "
-            + ", ".join(f"partition {s.index} ({s.label}) {s.size} bytes" for s in out),
-            hint="A/B slots must be the same size so that every image fits either; "
-            "nothing was written",
-        )
-    return tuple(out)
 
 
 class GptPrioBootControl:

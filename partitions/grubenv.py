@@ -46,13 +46,16 @@ from pathlib import Path
 import structlog
 
 from partitions import booted as booted_mod
-from partitions import bootsource, gpt, gptprio
+from partitions import bootsource, gpt
 from partitions.bootcontrol import (
+    DEFAULT_LABELS,
     GRUBENV_NAMES,
     GRUBENV_PATH,
+    MAX_PRIORITY,
     Slot,
     SlotFlags,
     SlotStatus,
+    find_slots,
     flags_of,
     not_a_slot_of,
     same_slot,
@@ -217,7 +220,7 @@ def slot_flags(state: GrubState) -> dict[str, SlotFlags]:
     bootable = [n for n in state.order if state.bootable(n)]
     flags = dict.fromkeys(state.slots, _BAD)
     for position, name in enumerate(bootable):
-        priority = min(len(bootable) - position, gptprio.MAX_PRIORITY)
+        priority = min(len(bootable) - position, MAX_PRIORITY)
         flags[name] = SlotFlags(priority=priority, tries=1, successful=True)
     for name, v in state.slots.items():
         if name not in bootable and v.ok and not v.tried:
@@ -274,7 +277,7 @@ class GrubEnvControl:
         self,
         store: FileStore,
         disk: Path,
-        labels: Sequence[str] = gptprio.DEFAULT_LABELS,
+        labels: Sequence[str] = DEFAULT_LABELS,
         kernel_cmdline: Path = booted_mod.DEFAULT_CMDLINE,
         *,
         env_path: str = DEFAULT_ENV_PATH,
@@ -311,7 +314,7 @@ class GrubEnvControl:
     # -- reading
 
     def _slots(self) -> tuple[Slot, ...]:
-        return gptprio.find_slots(gpt.read_table(self.disk), self.disk, self.labels)
+        return find_slots(gpt.read_table(self.disk), self.disk, self.labels)
 
     def read_variables(self) -> dict[str, str]:
         """The variables of the block (grubenv_invalid if missing or corrupt)."""

@@ -65,14 +65,17 @@ from uuid import UUID
 import structlog
 
 from partitions import booted as booted_mod
-from partitions import bootsource, gpt, gptprio
+from partitions import bootsource, gpt
 from partitions.bootcontrol import (
+    DEFAULT_LABELS,
+    MAX_PRIORITY,
     MAX_TRIES,
     SDBOOT_EFIVARS,
     SDBOOT_TRIES,
     Slot,
     SlotFlags,
     SlotStatus,
+    find_slots,
     flags_of,
     not_a_slot_of,
     same_slot,
@@ -269,7 +272,7 @@ def slot_flags(state: EspState, labels: Sequence[str]) -> dict[str, SlotFlags]:
     flags = dict.fromkeys(labels, _BAD)
     for position, entry in enumerate(ranked):
         assert entry.label is not None
-        priority = min(len(ranked) - position, gptprio.MAX_PRIORITY)
+        priority = min(len(ranked) - position, MAX_PRIORITY)
         if entry.name.counting:
             left = entry.name.left or 0
             flags[entry.label] = SlotFlags(priority, min(left, MAX_TRIES), successful=False)
@@ -511,7 +514,7 @@ class SdBootControl:
         self,
         store: FileStore,
         disk: Path,
-        labels: Sequence[str] = gptprio.DEFAULT_LABELS,
+        labels: Sequence[str] = DEFAULT_LABELS,
         kernel_cmdline: Path = booted_mod.DEFAULT_CMDLINE,
         *,
         entry: EntryTemplate,
@@ -545,7 +548,7 @@ class SdBootControl:
     # -- reading
 
     def _slots(self) -> tuple[Slot, ...]:
-        return gptprio.find_slots(gpt.read_table(self.disk), self.disk, self.labels)
+        return find_slots(gpt.read_table(self.disk), self.disk, self.labels)
 
     def read_state(self, slots: Sequence[Slot] | None = None) -> EspState:
         """Read and validate the ESP (raises esp_invalid / boot_entry_invalid)."""

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from partitions import gpt, gptprio
+from partitions import bootcontrol, gpt
 from partitions.bootcontrol import SlotStatus
 from partitions.filestore import TooLarge, check_size, clean_path
 from partitions.grubenv import (
@@ -99,7 +99,9 @@ def _use(path: Path) -> None:
         assert isinstance(result, DiskError), result
         return
     _check_sane(result)
-    slots = parse_or_typed_error(lambda: gptprio.find_slots(result, path, gptprio.DEFAULT_LABELS))
+    slots = parse_or_typed_error(
+        lambda: bootcontrol.find_slots(result, path, bootcontrol.DEFAULT_LABELS)
+    )
     if isinstance(slots, UpdaterError):
         assert isinstance(slots, DiskError) and slots.kind in ("gpt_invalid", "slot_not_found")
         return

@@ -438,9 +438,9 @@ def refused(env: Env, verb: str, slot: int = 0) -> UpdaterError:
 
 
 def control_slots(env: Env) -> tuple[Slot, Slot]:
-    from partitions import gpt, gptprio  # noqa: PLC0415
+    from partitions import bootcontrol, gpt  # noqa: PLC0415
 
-    a, b = gptprio.find_slots(gpt.read_table(env.disk), env.disk, gptprio.DEFAULT_LABELS)
+    a, b = bootcontrol.find_slots(gpt.read_table(env.disk), env.disk, bootcontrol.DEFAULT_LABELS)
     return a, b
 
 

@@ -533,9 +533,9 @@ def refused(esp: Esp, verb: str = "make_primary", slot: int = 1) -> DiskError:
 
 
 def control_slots(esp: Esp) -> tuple[Slot, ...]:
-    from partitions import gpt, gptprio  # noqa: PLC0415
+    from partitions import bootcontrol, gpt  # noqa: PLC0415
 
-    return gptprio.find_slots(gpt.read_table(esp.disk), esp.disk, gptprio.DEFAULT_LABELS)
+    return bootcontrol.find_slots(gpt.read_table(esp.disk), esp.disk, bootcontrol.DEFAULT_LABELS)
 
 
 def entry_text(slot: Slot, generation: int = 1, **override: str) -> str:
