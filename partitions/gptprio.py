@@ -14,7 +14,6 @@ from pathlib import Path
 
 import structlog
 
-from partitions import booted as booted_mod
 from partitions import gpt
 from partitions.bootcontrol import (
     DEFAULT_LABELS,
@@ -28,6 +27,7 @@ from partitions.bootcontrol import (
     not_a_slot_of,
     same_slot,
 )
+from partitions.booted import RUNNING_SYSTEM, BootedSlotFinder
 from updater.errors import DiskError
 
 log = structlog.get_logger(__name__)
@@ -162,20 +162,13 @@ class GptPrioBootControl:
         self,
         disk: Path,
         labels: Sequence[str] = DEFAULT_LABELS,
-        kernel_cmdline: Path = booted_mod.DEFAULT_CMDLINE,
-        *,
-        proc_root: Path = booted_mod.DEFAULT_PROC,
-        sys_root: Path = booted_mod.DEFAULT_SYS,
-        dev_root: Path = booted_mod.DEFAULT_DEV,
+        finder: BootedSlotFinder = RUNNING_SYSTEM,
     ) -> None:
         if not labels or len(set(labels)) != len(labels):
             raise ValueError(f"slot labels must be unique and non-empty: {list(labels)}")
         self.disk = disk
         self.labels = tuple(labels)
-        self._kernel_cmdline = kernel_cmdline
-        self._proc_root = proc_root
-        self._sys_root = sys_root
-        self._dev_root = dev_root
+        self.finder = finder
 
     # -- reading
 
@@ -192,13 +185,7 @@ class GptPrioBootControl:
         return flags_of(self.slots(), slot, self.disk)
 
     def booted(self) -> Slot:
-        return booted_mod.booted_slot(
-            [s.slot for s in self.slots()],
-            kernel_cmdline=self._kernel_cmdline,
-            proc_root=self._proc_root,
-            sys_root=self._sys_root,
-            dev_root=self._dev_root,
-        )
+        return self.finder.slot([s.slot for s in self.slots()])
 
     def primary(self) -> Slot | None:
         statuses = self.slots()

@@ -46,7 +46,7 @@ from pathlib import Path
 import structlog
 
 from partitions import booted as booted_mod
-from partitions import bootsource, gpt
+from partitions import gpt
 from partitions.bootcontrol import (
     DEFAULT_LABELS,
     GRUBENV_NAMES,
@@ -60,6 +60,7 @@ from partitions.bootcontrol import (
     not_a_slot_of,
     same_slot,
 )
+from partitions.booted import RUNNING_SYSTEM, BootedSlotFinder
 from partitions.filestore import FileStore, TooLarge, describe
 from updater.errors import CommandError, DiskError, RefusedError
 from updater.run import Runner, run
@@ -278,13 +279,10 @@ class GrubEnvControl:
         store: FileStore,
         disk: Path,
         labels: Sequence[str] = DEFAULT_LABELS,
-        kernel_cmdline: Path = booted_mod.DEFAULT_CMDLINE,
+        finder: BootedSlotFinder = RUNNING_SYSTEM,
         *,
         env_path: str = DEFAULT_ENV_PATH,
         names: tuple[str, str] = DEFAULT_NAMES,
-        proc_root: Path = booted_mod.DEFAULT_PROC,
-        sys_root: Path = booted_mod.DEFAULT_SYS,
-        dev_root: Path = booted_mod.DEFAULT_DEV,
         runner: Runner = run,
     ) -> None:
         if not labels or len(set(labels)) != len(labels):
@@ -301,10 +299,7 @@ class GrubEnvControl:
         self.env_path = env_path
         self._name_of = dict(zip(self.labels, self.names, strict=True))
         self._label_of = dict(zip(self.names, self.labels, strict=True))
-        self._kernel_cmdline = kernel_cmdline
-        self._proc_root = proc_root
-        self._sys_root = sys_root
-        self._dev_root = dev_root
+        self.finder = finder
         self._runner = runner
 
     @property
@@ -388,14 +383,8 @@ class GrubEnvControl:
 
     def booted(self) -> Slot:
         slots = self._slots()
-        return bootsource.booted_slot(
-            slots,
-            lambda text: self._named_slot(text, slots),
-            "/".join(SLOT_PARAMS),
-            kernel_cmdline=self._kernel_cmdline,
-            proc_root=self._proc_root,
-            sys_root=self._sys_root,
-            dev_root=self._dev_root,
+        return self.finder.slot(
+            slots, lambda text: self._named_slot(text, slots), "/".join(SLOT_PARAMS)
         )
 
     def _named_slot(self, cmdline: str | None, slots: Sequence[Slot]) -> Slot | None:

@@ -65,7 +65,7 @@ from uuid import UUID
 import structlog
 
 from partitions import booted as booted_mod
-from partitions import bootsource, gpt
+from partitions import gpt
 from partitions.bootcontrol import (
     DEFAULT_LABELS,
     MAX_PRIORITY,
@@ -80,6 +80,7 @@ from partitions.bootcontrol import (
     not_a_slot_of,
     same_slot,
 )
+from partitions.booted import RUNNING_SYSTEM, BootedSlotFinder
 from partitions.filestore import FileStore, TooLarge, clean_path, describe, is_clean_name
 from updater.errors import DiskError, RefusedError
 from updater.versions import compare as compare_versions
@@ -515,14 +516,11 @@ class SdBootControl:
         store: FileStore,
         disk: Path,
         labels: Sequence[str] = DEFAULT_LABELS,
-        kernel_cmdline: Path = booted_mod.DEFAULT_CMDLINE,
+        finder: BootedSlotFinder = RUNNING_SYSTEM,
         *,
         entry: EntryTemplate,
         tries: int = DEFAULT_TRIES,
         efivars: Path = DEFAULT_EFIVARS,
-        proc_root: Path = booted_mod.DEFAULT_PROC,
-        sys_root: Path = booted_mod.DEFAULT_SYS,
-        dev_root: Path = booted_mod.DEFAULT_DEV,
     ) -> None:
         if not labels or len({label.lower() for label in labels}) != len(labels):
             raise ValueError(f"slot labels must be unique (ignoring case): {list(labels)}")
@@ -539,11 +537,8 @@ class SdBootControl:
         self.labels = tuple(labels)
         self.entry = entry
         self.tries = tries
-        self._kernel_cmdline = kernel_cmdline
+        self.finder = finder
         self._efivars = efivars
-        self._proc_root = proc_root
-        self._sys_root = sys_root
-        self._dev_root = dev_root
 
     # -- reading
 
@@ -765,14 +760,8 @@ class SdBootControl:
 
     def booted(self) -> Slot:
         slots = self._slots()
-        return bootsource.booted_slot(
-            slots,
-            lambda _cmdline: self._selected_slot(slots),
-            "LoaderEntrySelected",
-            kernel_cmdline=self._kernel_cmdline,
-            proc_root=self._proc_root,
-            sys_root=self._sys_root,
-            dev_root=self._dev_root,
+        return self.finder.slot(
+            slots, lambda _cmdline: self._selected_slot(slots), "LoaderEntrySelected"
         )
 
     def _selected_slot(self, slots: Sequence[Slot]) -> Slot | None:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from partitions import bootcontrol, gpt
 from partitions.bootcontrol import SlotStatus
+from partitions.booted import BootedSlotFinder
 from partitions.filestore import TooLarge, check_size, clean_path
 from partitions.grubenv import (
     BLOCK_SIZE,
@@ -356,7 +357,9 @@ def test_grubenv(
     parsed = parse_or_typed_error(lambda: _pure_grubenv(block))
     assert parsed is None
     store = MemStore({"grub/grubenv": block})
-    control = GrubEnvControl(store, slot_disk, kernel_cmdline=slot_disk.with_name("cmdline"))
+    control = GrubEnvControl(
+        store, slot_disk, finder=BootedSlotFinder(slot_disk.with_name("cmdline"))
+    )
     _backend_answers([control.slots, control.primary, control.read_variables])
 
 
@@ -460,7 +463,7 @@ def test_sdboot(
     control = SdBootControl(
         store,
         slot_disk,
-        kernel_cmdline=slot_disk.with_name("none"),
+        finder=BootedSlotFinder(slot_disk.with_name("none")),
         entry=TEMPLATE,
         efivars=efivars,
     )

@@ -19,6 +19,7 @@ from devtools.diskimage import (
 )
 from partitions import gpt, gptprio
 from partitions.bootcontrol import BootControl, Slot, SlotFlags
+from partitions.booted import BootedSlotFinder
 from partitions.gptprio import GptPrioBootControl
 from tests.conftest import MakeImage
 from tests.gptcraft import edit_entries, set_entry
@@ -402,6 +403,6 @@ def test_booted_from_the_kernel_command_line(slot_image: DiskLayout, tmp_path: P
     cmdline = tmp_path / "cmdline"
     cmdline.write_text(f"BOOT_IMAGE=/vmlinuz mount.usr=PARTUUID={b.part_uuid} ro\n")
     control = backend(
-        slot_image, kernel_cmdline=cmdline, proc_root=tmp_path / "proc", sys_root=tmp_path / "sys"
+        slot_image, finder=BootedSlotFinder(cmdline, tmp_path / "proc", tmp_path / "sys")
     )
     assert control.booted().label == "USR-B"

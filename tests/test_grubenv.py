@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from devtools.espimage import esp_store, format_fat, make_esp_disk
 from partitions import grubenv
 from partitions.bootcontrol import BootControl, Slot, SlotFlags
+from partitions.booted import BootedSlotFinder
 from partitions.filestore import DirStore, FileStore
 from partitions.grubenv import (
     BLOCK_SIZE,
@@ -256,10 +257,9 @@ class Env:
         return GrubEnvControl(
             self.store,
             self.disk,
-            kernel_cmdline=self.cmdline,
-            proc_root=self.tmp_path / "proc",
-            sys_root=self.tmp_path / "sys",
-            dev_root=self.tmp_path / "dev",
+            finder=BootedSlotFinder(
+                self.cmdline, self.tmp_path / "proc", self.tmp_path / "sys", self.tmp_path / "dev"
+            ),
             **kwargs,  # type: ignore[arg-type]
         )
 

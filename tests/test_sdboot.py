@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 from devtools.espimage import esp_store, make_esp_disk
 from partitions import sdboot
 from partitions.bootcontrol import BootControl, Slot, SlotFlags
+from partitions.booted import BootedSlotFinder
 from partitions.filestore import DirStore, FileStore, MtoolsStore
 from partitions.sdboot import (
     BootEntry,
@@ -340,12 +341,11 @@ class Esp:
         return SdBootControl(
             self.store,
             self.disk,
-            kernel_cmdline=self.cmdline,
+            finder=BootedSlotFinder(
+                self.cmdline, self.tmp_path / "proc", self.tmp_path / "sys", self.tmp_path / "dev"
+            ),
             entry=kwargs.pop("entry", TEMPLATE),  # type: ignore[arg-type]
             efivars=self.efivars,
-            proc_root=self.tmp_path / "proc",
-            sys_root=self.tmp_path / "sys",
-            dev_root=self.tmp_path / "dev",
             **kwargs,  # type: ignore[arg-type]
         )
 

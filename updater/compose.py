@@ -117,40 +117,55 @@ def update_source(
 
 
 def disk_of(config: Config) -> Path:
-    return config.disk.device or booted.booted_disk()
+    return config.disk.device or booted.RUNNING_SYSTEM.disk()
+
+
+def _gptprio(config: Config, disk: Path, finder: booted.BootedSlotFinder) -> BootControl:
+    return GptPrioBootControl(disk, config.disk.slots, finder)
+
+
+def _sdboot(config: Config, disk: Path, finder: booted.BootedSlotFinder) -> BootControl:
+    from partitions.sdboot import ENTRIES_DIR, SdBootControl
+
+    sd = config.systemd_boot
+    return SdBootControl(
+        boot_files(config, disk, ENTRIES_DIR),
+        disk,
+        config.disk.slots,
+        finder,
+        entry=entry_template(sd),
+        tries=sd.tries,
+        efivars=sd.efivars,
+    )
+
+
+def _grubenv(config: Config, disk: Path, finder: booted.BootedSlotFinder) -> BootControl:
+    from partitions.grubenv import GrubEnvControl
+
+    g = config.grub_env
+    return GrubEnvControl(
+        boot_files(config, disk, g.path),
+        disk,
+        config.disk.slots,
+        finder,
+        env_path=g.path,
+        names=g.names,
+    )
+
+
+# [disk] backend -> its builder. Only the configured backend is loaded: the idle agent
+# stays small.
+BOOT_BACKENDS: dict[str, Callable[[Config, Path, booted.BootedSlotFinder], BootControl]] = {
+    "gpt-prio": _gptprio,
+    "systemd-boot": _sdboot,
+    "grub-env": _grubenv,
+}
 
 
 def boot_control(config: Config) -> BootControl:
     """The backend of ``[disk] backend``, over the disk and (for a boot loader's files) the ESP."""
-    d = config.disk
-    disk = disk_of(config)
-    # Only the configured backend is loaded: the idle agent stays small.
-    if d.backend == "systemd-boot":
-        from partitions.sdboot import ENTRIES_DIR, SdBootControl
-
-        sd = config.systemd_boot
-        return SdBootControl(
-            boot_files(config, disk, ENTRIES_DIR),
-            disk,
-            d.slots,
-            d.kernel_cmdline,
-            entry=entry_template(sd),
-            tries=sd.tries,
-            efivars=sd.efivars,
-        )
-    if d.backend == "grub-env":
-        from partitions.grubenv import GrubEnvControl
-
-        g = config.grub_env
-        return GrubEnvControl(
-            boot_files(config, disk, g.path),
-            disk,
-            d.slots,
-            d.kernel_cmdline,
-            env_path=g.path,
-            names=g.names,
-        )
-    return GptPrioBootControl(disk, d.slots, d.kernel_cmdline)
+    finder = booted.BootedSlotFinder(config.disk.kernel_cmdline)
+    return BOOT_BACKENDS[config.disk.backend](config, disk_of(config), finder)
 
 
 def boot_files(config: Config, disk: Path, marker: str) -> DirStore | MtoolsStore:
