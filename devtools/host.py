@@ -11,7 +11,7 @@ from pathlib import Path
 
 from devtools.diskimage import DiskLayout, PartitionSpec, make_disk_image
 from devtools.espimage import ESP_LABEL, make_esp_disk
-from partitions import sdboot
+from partitions import bls, sdboot
 from partitions.bootcontrol import SlotFlags
 from partitions.booted import BootedSlotFinder
 from partitions.filestore import FileStore, MtoolsStore, fat_partition
@@ -129,7 +129,7 @@ def write_config(
 # ---- a host booted by systemd-boot, each slot with its own kernel on the ESP -------------------
 
 # The entry of each slot points at that slot's own boot files: /USR-A/vmlinuz, /USR-B/vmlinuz.
-SDBOOT_ENTRY = sdboot.EntryTemplate(
+SDBOOT_ENTRY = bls.EntryTemplate(
     title="Test OS ({label})",
     linux="/{label}/vmlinuz",
     initrd=("/{label}/initrd.img",),
@@ -167,7 +167,7 @@ def systemd_boot_choice(disk: Path, efivars: Path) -> str | None:
     control = sdboot.SdBootControl(
         MtoolsStore(disk, offset), disk, LABELS, entry=SDBOOT_ENTRY, efivars=efivars
     )
-    order = sdboot.boot_order(control.read_state().entries)
+    order = bls.boot_order(control.read_state().entries)
     return order[0].label if order else None
 
 
@@ -190,7 +190,7 @@ def provision_esp_host(
     disk = make_esp_disk(disk_path, slot_size, esp_size, LABELS)
     write_into(disk_path, disk.layout.by_label("USR-A").offset, first_image)
     esp = disk.esp
-    esp.makedirs(sdboot.ENTRIES_DIR)
+    esp.makedirs(bls.ENTRIES_DIR)
     esp.makedirs("USR-A")
     esp.write("USR-A/vmlinuz", kernel)
     esp.write("USR-A/initrd.img", initrd)

@@ -16,6 +16,7 @@ import pytest
 
 from devtools.diskimage import cgpt_flags
 from devtools.espimage import esp_store, make_esp_disk
+from partitions.bls import EntryTemplate, parse_entry_name
 from partitions.bootcontrol import (
     BootControl,
     Slot,
@@ -28,7 +29,7 @@ from partitions.booted import BootedSlotFinder
 from partitions.filestore import FileStore
 from partitions.gptprio import GptPrioBootControl
 from partitions.grubenv import GrubEnvControl, new_env_block
-from partitions.sdboot import EntryTemplate, SdBootControl, parse_entry_name
+from partitions.sdboot import SdBootControl
 from tests.gptcraft import edit_entries, entry_lbas, set_entry
 from updater import compose, config
 from updater.clock import SystemClock

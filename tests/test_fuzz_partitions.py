@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from partitions import bootcontrol, gpt
+from partitions.bls import EntryTemplate, parse_entry_name, parse_entry_text
 from partitions.bootcontrol import SlotStatus
 from partitions.booted import BootedSlotFinder
 from partitions.filestore import TooLarge, check_size, clean_path
@@ -33,7 +34,7 @@ from partitions.grubenv import (
     parse_env,
     read_state,
 )
-from partitions.sdboot import EntryTemplate, SdBootControl, parse_entry_name, parse_entry_text
+from partitions.sdboot import SdBootControl
 from tests.fuzzing import fewer_examples, parse_or_typed_error
 from tests.gptcraft import SECTOR, edit_entries, fix_crcs, set_entry
 from updater.errors import DiskError, RefusedError, UpdaterError

@@ -12,23 +12,20 @@ import pytest
 from structlog.testing import capture_logs
 
 from devtools.espimage import esp_store, make_esp_disk
-from partitions import sdboot
-from partitions.bootcontrol import BootControl, Slot, SlotFlags
-from partitions.booted import BootedSlotFinder
-from partitions.filestore import DirStore, FileStore, MtoolsStore
-from partitions.sdboot import (
+from partitions import bls, sdboot, sdbootplan
+from partitions.bls import (
     BootEntry,
     EntryFields,
     EntryName,
     EntryTemplate,
-    EspState,
-    Remove,
-    Rename,
-    SdBootControl,
-    Write,
     parse_entry_name,
     parse_entry_text,
 )
+from partitions.bootcontrol import BootControl, Slot, SlotFlags
+from partitions.booted import BootedSlotFinder
+from partitions.filestore import DirStore, FileStore, MtoolsStore
+from partitions.sdboot import SdBootControl
+from partitions.sdbootplan import EspState, Remove, Rename, Write
 from updater.errors import DiskError, RefusedError
 from updater.run import run
 
@@ -142,8 +139,8 @@ def E(
     ],
 )
 def test_boot_order(entries: list[BootEntry], order: list[str]) -> None:
-    assert [e.name.name for e in sdboot.boot_order(entries)] == order
-    assert [e.name.name for e in sdboot.boot_order(entries[::-1])] == order
+    assert [e.name.name for e in bls.boot_order(entries)] == order
+    assert [e.name.name for e in bls.boot_order(entries[::-1])] == order
 
 
 @pytest.mark.parametrize(
@@ -192,8 +189,8 @@ def test_flags_and_primary(
     entries: list[BootEntry], flags: dict[str, SlotFlags], primary: str | None
 ) -> None:
     state = EspState(tuple(entries))
-    assert sdboot.slot_flags(state, ["A", "B"]) == flags
-    assert sdboot.primary_label(state) == primary
+    assert sdbootplan.slot_flags(state, ["A", "B"]) == flags
+    assert sdbootplan.primary_label(state) == primary
 
 
 # ---- the template and the plans -------------------------------------------------------------
@@ -242,7 +239,7 @@ def test_plan_make_primary_replaces_the_old_entry_last() -> None:
     state = EspState(
         (ours("updater-USR-A.conf", 3, "USR-A"), ours("updater-USR-B+0-1.conf", 2, "USR-B"))
     )
-    ops, after = sdboot.plan_make_primary(state, B_SLOT, TEMPLATE, 1)
+    ops, after = sdbootplan.plan_make_primary(state, B_SLOT, TEMPLATE, 1)
     new = "loader/entries/updater-USR-B+1-0.conf"
     tmp = "loader/entries/.updater-USR-B+1-0.conf.new"
     assert ops == [
@@ -250,12 +247,12 @@ def test_plan_make_primary_replaces_the_old_entry_last() -> None:
         Remove("loader/entries/updater-USR-B+0-1.conf"),
         Rename(tmp, new),
     ]
-    assert sdboot.primary_label(after) == "USR-B"
+    assert sdbootplan.primary_label(after) == "USR-B"
     # no old entry: one write; the same name: one write (the store replaces atomically)
-    assert sdboot.plan_make_primary(EspState(), B_SLOT, TEMPLATE, 2)[0] == [
+    assert sdbootplan.plan_make_primary(EspState(), B_SLOT, TEMPLATE, 2)[0] == [
         Write("loader/entries/updater-USR-B+2-0.conf", TEMPLATE.render(B_SLOT, 1).encode())
     ]
-    again, _ = sdboot.plan_make_primary(after, B_SLOT, TEMPLATE, 1)
+    again, _ = sdbootplan.plan_make_primary(after, B_SLOT, TEMPLATE, 1)
     assert [type(op) for op in again] == [Write] and again[0].path == new  # type: ignore[union-attr]
 
 
@@ -270,7 +267,7 @@ def test_plan_make_primary_replaces_the_old_entry_last() -> None:
 )
 def test_plan_mark_good(name: str, after: str | None) -> None:
     state = EspState((ours("updater-USR-A.conf", 1, "USR-A"), ours(name, 2, "USR-B")))
-    ops, _ = sdboot.plan_mark_good(state, B_SLOT, TEMPLATE)
+    ops, _ = sdbootplan.plan_mark_good(state, B_SLOT, TEMPLATE)
     expected = (
         [] if after is None else [Rename(f"loader/entries/{name}", f"loader/entries/{after}")]
     )
@@ -279,9 +276,9 @@ def test_plan_mark_good(name: str, after: str | None) -> None:
 
 def test_plan_mark_good_without_an_entry_writes_a_good_one_above_the_others() -> None:
     state = EspState((ours("updater-USR-A+0-1.conf", 5, "USR-A"),))
-    ops, after = sdboot.plan_mark_good(state, B_SLOT, TEMPLATE)
+    ops, after = sdbootplan.plan_mark_good(state, B_SLOT, TEMPLATE)
     assert ops == [Write("loader/entries/updater-USR-B.conf", TEMPLATE.render(B_SLOT, 6).encode())]
-    assert sdboot.slot_flags(after, ["USR-A", "USR-B"])["USR-B"] == GOOD
+    assert sdbootplan.slot_flags(after, ["USR-A", "USR-B"])["USR-B"] == GOOD
 
 
 @pytest.mark.parametrize(
@@ -295,12 +292,12 @@ def test_plan_mark_good_without_an_entry_writes_a_good_one_above_the_others() ->
 )
 def test_plan_mark_bad(name: str, after: str | None) -> None:
     state = EspState((ours("updater-USR-A.conf", 1, "USR-A"), ours(name, 2, "USR-B")))
-    ops, _ = sdboot.plan_mark_bad(state, B_SLOT)
+    ops, _ = sdbootplan.plan_mark_bad(state, B_SLOT)
     expected = (
         [] if after is None else [Rename(f"loader/entries/{name}", f"loader/entries/{after}")]
     )
     assert ops == expected
-    assert sdboot.plan_mark_bad(EspState(), B_SLOT)[0] == []  # no entry: nothing to do
+    assert sdbootplan.plan_mark_bad(EspState(), B_SLOT)[0] == []  # no entry: nothing to do
 
 
 @pytest.mark.parametrize(
@@ -315,7 +312,7 @@ def test_plan_mark_bad_of_the_last_bootable_entry_is_refused(a_entry: str | None
     if a_entry is not None:
         entries.insert(0, ours(a_entry, 1, "USR-A"))
     with pytest.raises(RefusedError) as err:
-        sdboot.plan_mark_bad(EspState(tuple(entries)), B_SLOT)
+        sdbootplan.plan_mark_bad(EspState(tuple(entries)), B_SLOT)
     assert err.value.kind == "last_bootable_slot"
     assert "loader/entries/updater-USR-B.conf" in err.value.message
 

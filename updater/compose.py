@@ -125,7 +125,8 @@ def _gptprio(config: Config, disk: Path, finder: booted.BootedSlotFinder) -> Boo
 
 
 def _sdboot(config: Config, disk: Path, finder: booted.BootedSlotFinder) -> BootControl:
-    from partitions.sdboot import ENTRIES_DIR, SdBootControl
+    from partitions.bls import ENTRIES_DIR
+    from partitions.sdboot import SdBootControl
 
     sd = config.systemd_boot
     return SdBootControl(
