@@ -14,9 +14,10 @@ from devtools.espimage import ESP_LABEL, make_esp_disk
 from partitions import bls, sdboot
 from partitions.bootcontrol import SlotFlags
 from partitions.booted import BootedSlotFinder
-from partitions.filestore import FileStore, MtoolsStore, fat_partition
+from partitions.filestore import FileStore
 from partitions.firmware import boot_disk_image, kernel_cmdline
 from partitions.gptprio import GptPrioBootControl
+from partitions.mtools import MtoolsStore, fat_partition
 
 LABELS = ("USR-A", "USR-B")
 

@@ -52,8 +52,8 @@ from devtools.espimage import EFI_SYSTEM_TYPE, ESP_LABEL, format_fat
 from devtools.host import Host, write_config, write_into
 from partitions.bls import EntryTemplate
 from partitions.bootcontrol import BootControl
-from partitions.filestore import MtoolsStore
 from partitions.grubenv import new_env_block
+from partitions.mtools import MtoolsStore
 from updater import compose, config
 from updater.errors import CommandError
 from updater.run import Runner, run

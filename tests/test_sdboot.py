@@ -23,7 +23,8 @@ from partitions.bls import (
 )
 from partitions.bootcontrol import BootControl, Slot, SlotFlags
 from partitions.booted import BootedSlotFinder
-from partitions.filestore import DirStore, FileStore, MtoolsStore
+from partitions.filestore import DirStore, FileStore
+from partitions.mtools import MtoolsStore
 from partitions.sdboot import SdBootControl
 from partitions.sdbootplan import EspState, Remove, Rename, Write
 from updater.errors import DiskError, RefusedError

@@ -39,7 +39,8 @@ from updater.transport import HttpSettings, HttpTransport, SchemeTransport
 from updater.update import Updater
 
 if TYPE_CHECKING:
-    from partitions.filestore import DirStore, MtoolsStore
+    from partitions.filestore import DirStore
+    from partitions.mtools import MtoolsStore
     from policies.etcdlock import EtcdLock, EtcdSettings
     from policies.failed import GroupBlocks
     from updater.bootfiles import BootFiles
@@ -175,7 +176,8 @@ def boot_files(config: Config, disk: Path, marker: str) -> DirStore | MtoolsStor
     ``marker`` (``loader/entries``, the grubenv) picks the mounted directory
     when neither is set: the first of /efi, /boot/efi, /boot that holds it.
     """
-    from partitions.filestore import DirStore, MtoolsStore, fat_partition, find_mounted
+    from partitions.filestore import DirStore, find_mounted
+    from partitions.mtools import MtoolsStore, fat_partition
 
     d = config.disk
     if d.esp_partition is not None:
