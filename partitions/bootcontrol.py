@@ -12,7 +12,7 @@ from uuid import UUID
 from updater.errors import DiskError
 
 if TYPE_CHECKING:
-    from partitions.gpt import GptTable
+    from partitions.gpttable import GptTable
 
 MAX_TRIES = 15  # what SlotFlags.tries can carry (gpt-prio's 4 bits)
 MAX_PRIORITY = 15  # and SlotFlags.priority

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from partitions import gpt, gptprio
+from partitions import gpt, gptprio, gpttable
 from partitions.bootcontrol import DEFAULT_LABELS, Slot, SlotFlags, find_slots
 from updater.errors import UpdaterError
 from updater.fsutil import atomic_write
@@ -72,7 +72,7 @@ def boot_disk_image(
     """Choose the slot to boot on ``disk``, update its flags, write its kernel command line."""
     found: list[BootResult] = []
 
-    def decide(table: gpt.GptTable) -> dict[int, int]:
+    def decide(table: gpttable.GptTable) -> dict[int, int]:
         slots = find_slots(table, disk, labels)
         before = {s.index: gptprio.decode_flags(table.entry(s.index).attributes) for s in slots}
         chosen, after = select_boot(before)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from partitions import gpt
+from partitions import gpt, gpttable
 from partitions.bootcontrol import (
     DEFAULT_LABELS,
     MAX_PRIORITY,
@@ -172,7 +172,7 @@ class GptPrioBootControl:
 
     # -- reading
 
-    def _statuses(self, table: gpt.GptTable) -> tuple[SlotStatus, ...]:
+    def _statuses(self, table: gpttable.GptTable) -> tuple[SlotStatus, ...]:
         return tuple(
             SlotStatus(slot, decode_flags(table.entry(slot.index).attributes))
             for slot in find_slots(table, self.disk, self.labels)
@@ -216,7 +216,7 @@ class GptPrioBootControl:
     ) -> None:
         written: dict[str, str] = {}
 
-        def attributes(table: gpt.GptTable) -> dict[int, int]:
+        def attributes(table: gpttable.GptTable) -> dict[int, int]:
             statuses = self._statuses(table)
             for target in targets:
                 if not any(same_slot(s.slot, target) for s in statuses):

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from partitions import bootcontrol, gpt
+from partitions import bootcontrol, gpt, gpttable
 from partitions.bls import EntryTemplate, parse_entry_name, parse_entry_text
 from partitions.bootcontrol import SlotStatus
 from partitions.booted import BootedSlotFinder
@@ -78,11 +78,11 @@ def disk_file(tmp_path: Path) -> Path:
     return tmp_path / "disk.img"
 
 
-def _read(path: Path) -> gpt.GptTable | UpdaterError:
+def _read(path: Path) -> gpttable.GptTable | UpdaterError:
     return parse_or_typed_error(lambda: gpt.read_table(path), timeout_s=5.0)
 
 
-def _check_sane(table: gpt.GptTable) -> None:
+def _check_sane(table: gpttable.GptTable) -> None:
     """What a table read without error promises (checked by brute force, independently)."""
     seen_guids = set()
     for e in table.entries:
@@ -111,7 +111,7 @@ def _use(path: Path) -> None:
     written = parse_or_typed_error(
         lambda: gpt.write_attributes(path, {slots[1].index: 1 << 56}), timeout_s=5.0
     )
-    assert isinstance(written, gpt.GptTable | DiskError), written
+    assert isinstance(written, gpttable.GptTable | DiskError), written
 
 
 # ---- the GPT ----------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_random_bytes_in_the_tables(
 def test_random_disks(disk_file: Path, data: bytes, size: int) -> None:
     image = bytearray(data[: size * SECTOR].ljust(size * SECTOR, b"\0"))
     if size > 3 and data:
-        image[SECTOR : SECTOR + 8] = gpt.SIGNATURE
+        image[SECTOR : SECTOR + 8] = gpttable.SIGNATURE
         fix_crcs(image)
     disk_file.write_bytes(image)
     _use(disk_file)
@@ -232,11 +232,11 @@ layout_entries = st.lists(
 
 @given(entries=layout_entries)
 def test_layout_problems_against_brute_force(entries: list[tuple[int, int, int]]) -> None:
-    table = gpt.GptTable(
+    table = gpttable.GptTable(
         sector_size=SECTOR,
         disk_guid=uuid.UUID(int=0),
         entries=tuple(
-            gpt.GptEntry(i + 1, uuid.UUID(USR_TYPE), uuid.UUID(int=g), f, last, 0, "")
+            gpttable.GptEntry(i + 1, uuid.UUID(USR_TYPE), uuid.UUID(int=g), f, last, 0, "")
             for i, (f, last, g) in enumerate(entries)
         ),
         first_usable_lba=5,
@@ -246,7 +246,7 @@ def test_layout_problems_against_brute_force(entries: list[tuple[int, int, int]]
         primary_valid=True,
         backup_valid=True,
     )
-    problems = parse_or_typed_error(lambda: gpt.layout_problems(table))
+    problems = parse_or_typed_error(lambda: gpttable.layout_problems(table))
     assert isinstance(problems, tuple)
     placed = [e for e in table.entries if 5 <= e.first_lba <= e.last_lba <= 50]
     bad_range = {e.index for e in table.entries} - {e.index for e in placed}
