@@ -51,6 +51,9 @@ class SlotFlags:
         return self.priority > 0 and (self.successful or self.tries > 0)
 
 
+BAD = SlotFlags(priority=0, tries=0, successful=False)  # never boot
+
+
 @dataclass(frozen=True)
 class SlotStatus:
     slot: Slot

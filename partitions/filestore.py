@@ -103,7 +103,7 @@ class TooLarge(DiskError):
         self.max_size = max_size
 
 
-def check_size(data: bytes, where: str, max_size: int | None) -> bytes:
+def check_read_size(data: bytes, where: str, max_size: int | None) -> bytes:
     if max_size is not None and len(data) > max_size:
         raise TooLarge(where, max_size)
     return data
@@ -193,7 +193,7 @@ class DirStore:
                 data = fh.read(-1 if max_size is None else max_size + 1)
         except OSError as exc:
             raise self._error(path, exc, "read") from exc
-        return check_size(data, self.where(path), max_size)
+        return check_read_size(data, self.where(path), max_size)
 
     def write(self, path: str, data: bytes) -> None:
         parent, name = parent_and_name(path)

@@ -20,7 +20,7 @@ from pathlib import Path
 import structlog
 
 from partitions import gpt, gptprio, gpttable
-from partitions.bootcontrol import DEFAULT_LABELS, Slot, SlotFlags, find_slots
+from partitions.bootcontrol import BAD, DEFAULT_LABELS, Slot, SlotFlags, find_slots
 from updater.errors import UpdaterError
 from updater.fsutil import atomic_write
 
@@ -46,7 +46,7 @@ def select_boot(flags: Mapping[int, SlotFlags]) -> tuple[int, dict[int, SlotFlag
     priority wins, the lower GPT index on a tie. A slot on trial loses a try; when it
     had only one left it is marked bad right away, yet boots this one time.
     """
-    chosen = gptprio.primary(flags)
+    chosen = gptprio.primary_index(flags)
     if chosen is None:
         raise NoBootableSlotError(
             "no bootable slot: every slot has priority 0, or no tries left and is not successful"
@@ -57,7 +57,7 @@ def select_boot(flags: Mapping[int, SlotFlags]) -> tuple[int, dict[int, SlotFlag
         after[chosen] = (
             SlotFlags(priority=current.priority, tries=current.tries - 1, successful=False)
             if current.tries > 1
-            else gptprio.BAD
+            else BAD
         )
     return chosen, after
 

@@ -16,6 +16,7 @@ import structlog
 
 from partitions import gpt, gpttable
 from partitions.bootcontrol import (
+    BAD,
     DEFAULT_LABELS,
     MAX_PRIORITY,
     MAX_TRIES,
@@ -38,7 +39,6 @@ SUCCESSFUL_SHIFT = 56
 _NIBBLE = 0xF
 _FLAGS_MASK = (_NIBBLE << PRIORITY_SHIFT) | (_NIBBLE << TRIES_SHIFT) | (1 << SUCCESSFUL_SHIFT)
 
-BAD = SlotFlags(priority=0, tries=0, successful=False)
 
 # ---- pure: bits -----------------------------------------------------------------------------
 
@@ -78,7 +78,7 @@ def _require(flags: Mapping[int, SlotFlags], target: int) -> None:
         )
 
 
-def primary(flags: Mapping[int, SlotFlags]) -> int | None:
+def primary_index(flags: Mapping[int, SlotFlags]) -> int | None:
     """The slot the firmware picks: highest priority among bootable ones, lower index on a tie."""
     bootable = [i for i, f in flags.items() if f.bootable]
     if not bootable:
@@ -124,13 +124,13 @@ def _with_priorities(
     }
 
 
-def mark_bad(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
+def decide_mark_bad(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
     """Never boot ``target``: priority 0, tries 0, not successful."""
     _require(flags, target)
     return {**flags, target: BAD}
 
 
-def mark_good(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
+def decide_mark_good(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
     """``target`` booted and is healthy: successful, no tries; above the rest if it had 0."""
     _require(flags, target)
     out = dict(flags)
@@ -140,7 +140,7 @@ def mark_good(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlag
     return out
 
 
-def make_primary(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
+def decide_make_primary(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
     """Boot ``target`` next, once, on trial: strictly highest priority, tries 1, not successful."""
     _require(flags, target)
     out = _with_priorities(flags, _raise_above_others(flags, target))
@@ -189,19 +189,21 @@ class GptPrioBootControl:
 
     def primary(self) -> Slot | None:
         statuses = self.slots()
-        chosen = primary({s.slot.index: s.flags for s in statuses})
+        chosen = primary_index({s.slot.index: s.flags for s in statuses})
         return next((s.slot for s in statuses if s.slot.index == chosen), None)
 
     # -- the verbs: each is one locked read-modify-write of the GPT
 
     def mark_good(self, slot: Slot) -> None:
-        self._apply("slot_marked_good", [slot], lambda before: mark_good(before, slot.index))
+        self._apply("slot_marked_good", [slot], lambda before: decide_mark_good(before, slot.index))
 
     def mark_bad(self, slot: Slot) -> None:
-        self._apply("slot_marked_bad", [slot], lambda before: mark_bad(before, slot.index))
+        self._apply("slot_marked_bad", [slot], lambda before: decide_mark_bad(before, slot.index))
 
     def make_primary(self, slot: Slot) -> None:
-        self._apply("slot_made_primary", [slot], lambda before: make_primary(before, slot.index))
+        self._apply(
+            "slot_made_primary", [slot], lambda before: decide_make_primary(before, slot.index)
+        )
 
     def set_flags(self, new: Mapping[Slot, SlotFlags]) -> None:
         """Write exactly these flags (other attribute bits and other slots untouched)."""

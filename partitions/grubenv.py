@@ -48,6 +48,7 @@ import structlog
 from partitions import booted as booted_mod
 from partitions import gpt
 from partitions.bootcontrol import (
+    BAD,
     DEFAULT_LABELS,
     GRUBENV_NAMES,
     GRUBENV_PATH,
@@ -76,7 +77,6 @@ DEFAULT_ENV_PATH = GRUBENV_PATH
 DEFAULT_NAMES = GRUBENV_NAMES
 ORDER = "ORDER"
 SLOT_PARAMS = ("updater.slot", "rauc.slot")  # kernel parameters naming the booted slot
-_BAD = SlotFlags(priority=0, tries=0, successful=False)
 _BLANKS = re.compile(r"[ \t\n]+")
 
 
@@ -219,7 +219,7 @@ def _bit(variables: Mapping[str, str], key: str) -> bool:
 def slot_flags(state: GrubState) -> dict[str, SlotFlags]:
     """Bootable iff in ORDER with OK=1, TRY=0; priority = rank among the bootable, first highest."""
     bootable = [n for n in state.order if state.bootable(n)]
-    flags = dict.fromkeys(state.slots, _BAD)
+    flags = dict.fromkeys(state.slots, BAD)
     for position, name in enumerate(bootable):
         priority = min(len(bootable) - position, MAX_PRIORITY)
         flags[name] = SlotFlags(priority=priority, tries=1, successful=True)
@@ -229,7 +229,7 @@ def slot_flags(state: GrubState) -> dict[str, SlotFlags]:
     return flags
 
 
-def primary(state: GrubState) -> str | None:
+def primary_name(state: GrubState) -> str | None:
     """The slot the fragment boots next: the first bootable one in ORDER."""
     return next((n for n in state.order if state.bootable(n)), None)
 
@@ -377,7 +377,7 @@ class GrubEnvControl:
 
     def primary(self) -> Slot | None:
         slots = self._slots()
-        chosen = primary(self._state(self.read_variables()))
+        chosen = primary_name(self._state(self.read_variables()))
         label = self._label_of.get(chosen) if chosen is not None else None
         return next((s for s in slots if s.label == label), None)
 

@@ -16,7 +16,7 @@ import structlog
 
 from partitions import gpt
 from partitions.filestore import (
-    check_size,
+    check_read_size,
     clean_path,
     hash_file,
     parent_and_name,
@@ -90,7 +90,7 @@ class MtoolsStore:
         # mcopy's output is at most the file system's size; the limit is checked after it
         parent_and_name(path)
         data = self._mtools("mcopy", self._target(path), "-", path=path).stdout
-        return check_size(data, self.where(path), max_size)
+        return check_read_size(data, self.where(path), max_size)
 
     def write(self, path: str, data: bytes) -> None:
         parent, name = parent_and_name(path)

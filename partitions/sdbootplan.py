@@ -28,11 +28,10 @@ from partitions.bls import (
     entry_path,
     parse_entry_text,
 )
-from partitions.bootcontrol import MAX_PRIORITY, MAX_TRIES, Slot, SlotFlags
+from partitions.bootcontrol import BAD, MAX_PRIORITY, MAX_TRIES, Slot, SlotFlags
 from updater.errors import DiskError, RefusedError
 
 NEW_SUFFIX = ".new"  # our own temporary entry names: ".<entry>.conf.new"
-_BAD = SlotFlags(priority=0, tries=0, successful=False)
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class EspState:
 def slot_flags(state: EspState, labels: Sequence[str]) -> dict[str, SlotFlags]:
     """The flags of each slot, mapped from its entry and systemd-boot's order."""
     ranked = [e for e in boot_order(state.entries) if e.ours and not e.name.bad]
-    flags = dict.fromkeys(labels, _BAD)
+    flags = dict.fromkeys(labels, BAD)
     for position, entry in enumerate(ranked):
         assert entry.label is not None
         priority = min(len(ranked) - position, MAX_PRIORITY)

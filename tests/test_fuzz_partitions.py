@@ -23,7 +23,7 @@ from partitions import bootcontrol, gpt, gpttable
 from partitions.bls import EntryTemplate, parse_entry_name, parse_entry_text
 from partitions.bootcontrol import SlotStatus
 from partitions.booted import BootedSlotFinder
-from partitions.filestore import TooLarge, check_size, clean_path
+from partitions.filestore import TooLarge, check_read_size, clean_path
 from partitions.grubenv import (
     BLOCK_SIZE,
     HEADER,
@@ -281,7 +281,7 @@ class MemStore:
         key = clean_path(path)
         if key not in self.files:
             raise DiskError("io", f"{key}: no such file or directory")
-        return check_size(self.files[key], key, max_size)
+        return check_read_size(self.files[key], key, max_size)
 
     def write(self, path: str, data: bytes) -> None:
         self.files[clean_path(path)] = data

@@ -184,7 +184,7 @@ def test_flags_and_primary(
     state: GrubState, flags: dict[str, SlotFlags], primary: str | None
 ) -> None:
     assert grubenv.slot_flags(state) == flags
-    assert grubenv.primary(state) == primary
+    assert grubenv.primary_name(state) == primary
 
 
 @pytest.mark.parametrize(
@@ -649,7 +649,7 @@ def test_the_grub_fragment_boots_what_the_agent_says(tmp_path: Path) -> None:
         }
         # the agent reading the same block agrees, where GRUB did not fall to its last resort
         if set(variables) <= {"ORDER", "A_OK", "A_TRY", "B_OK", "B_TRY"}:
-            agent = grubenv.primary(read_state(variables, NAMES))
+            agent = grubenv.primary_name(read_state(variables, NAMES))
             assert agent == expected or (agent is None and not saved), (i, agent, expected)
     assert "no slot in ORDER (A B) has OK=1" in text
     assert "booting B again (last resort)" in text
