@@ -3,7 +3,7 @@
 For tests, the demo and the boot tests: the ESP is formatted in place inside
 the image (``mformat -i IMAGE@@OFFSET``), so neither root nor a vfat driver is
 needed, and the boot-control backends reach it through
-:class:`partitions.filestore.MtoolsStore`.
+:class:`partitions.mtools.MtoolsStore`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 from uuid import UUID
 
 from devtools.diskimage import DEFAULT_LABELS, DiskLayout, PartitionSpec, make_disk_image
-from partitions.filestore import MTOOLS_ENV, DirStore, FileStore, MtoolsStore
+from partitions.filestore import DirStore, FileStore
+from partitions.mtools import MTOOLS_ENV, MtoolsStore
 from updater.run import Runner, run
 
 EFI_SYSTEM_TYPE = UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")

@@ -11,11 +11,13 @@ from pathlib import Path
 
 from devtools.diskimage import DiskLayout, PartitionSpec, make_disk_image
 from devtools.espimage import ESP_LABEL, make_esp_disk
-from partitions import sdboot
+from partitions import bls, sdboot
 from partitions.bootcontrol import SlotFlags
-from partitions.filestore import FileStore, MtoolsStore, fat_partition
+from partitions.booted import BootedSlotFinder
+from partitions.filestore import FileStore
 from partitions.firmware import boot_disk_image, kernel_cmdline
 from partitions.gptprio import GptPrioBootControl
+from partitions.mtools import MtoolsStore, fat_partition
 
 LABELS = ("USR-A", "USR-B")
 
@@ -31,7 +33,7 @@ class Host:
     config: Path
 
     def boot_control(self) -> GptPrioBootControl:
-        return GptPrioBootControl(self.disk, LABELS, self.cmdline)
+        return GptPrioBootControl(self.disk, LABELS, BootedSlotFinder(self.cmdline))
 
     def reboot(self) -> str:
         """Run the firmware emulation; return the label of the slot it booted."""
@@ -74,7 +76,7 @@ def provision(
     layout = make_disk_image(disk, slot_size, LABELS, extra_partitions)
     write_into(disk, layout.by_label("USR-A").offset, first_image)
     cmdline = root / "cmdline"
-    control = GptPrioBootControl(disk, LABELS, cmdline)
+    control = GptPrioBootControl(disk, LABELS, BootedSlotFinder(cmdline))
     a, b = (s.slot for s in control.slots())
     control.set_flags(
         {
@@ -128,7 +130,7 @@ def write_config(
 # ---- a host booted by systemd-boot, each slot with its own kernel on the ESP -------------------
 
 # The entry of each slot points at that slot's own boot files: /USR-A/vmlinuz, /USR-B/vmlinuz.
-SDBOOT_ENTRY = sdboot.EntryTemplate(
+SDBOOT_ENTRY = bls.EntryTemplate(
     title="Test OS ({label})",
     linux="/{label}/vmlinuz",
     initrd=("/{label}/initrd.img",),
@@ -149,7 +151,7 @@ class EspHost:
             self.esp,
             self.host.disk,
             LABELS,
-            self.host.cmdline,
+            BootedSlotFinder(self.host.cmdline),
             entry=SDBOOT_ENTRY,
             efivars=self.host.root / "efivars",
         )
@@ -164,9 +166,9 @@ def systemd_boot_choice(disk: Path, efivars: Path) -> str | None:
     exists) in its order, the label of its slot (None: no entry, or not a slot's)."""
     offset, _size = fat_partition(disk, ESP_LABEL)
     control = sdboot.SdBootControl(
-        MtoolsStore(disk, offset), disk, LABELS, disk, entry=SDBOOT_ENTRY, efivars=efivars
+        MtoolsStore(disk, offset), disk, LABELS, entry=SDBOOT_ENTRY, efivars=efivars
     )
-    order = sdboot.boot_order(control.read_state().entries)
+    order = bls.boot_order(control.read_state().entries)
     return order[0].label if order else None
 
 
@@ -189,7 +191,7 @@ def provision_esp_host(
     disk = make_esp_disk(disk_path, slot_size, esp_size, LABELS)
     write_into(disk_path, disk.layout.by_label("USR-A").offset, first_image)
     esp = disk.esp
-    esp.makedirs(sdboot.ENTRIES_DIR)
+    esp.makedirs(bls.ENTRIES_DIR)
     esp.makedirs("USR-A")
     esp.write("USR-A/vmlinuz", kernel)
     esp.write("USR-A/initrd.img", initrd)

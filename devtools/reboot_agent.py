@@ -45,6 +45,7 @@ import structlog
 
 from devtools.host import LABELS
 from devtools.lock_agent import die_with_parent
+from partitions.booted import BootedSlotFinder
 from partitions.firmware import boot_disk_image
 from partitions.gptprio import GptPrioBootControl
 from updater import compose, config
@@ -80,7 +81,7 @@ class MachineRebooter:
         self.asked = asyncio.Event()
 
     async def reboot(self) -> None:
-        primary = GptPrioBootControl(self.disk, LABELS, self.cmdline).primary()
+        primary = GptPrioBootControl(self.disk, LABELS, BootedSlotFinder(self.cmdline)).primary()
         self.events.write("reboot", next=primary.label if primary else None)
         self.asked.set()
 

@@ -50,10 +50,10 @@ from devtools.diskimage import (
 )
 from devtools.espimage import EFI_SYSTEM_TYPE, ESP_LABEL, format_fat
 from devtools.host import Host, write_config, write_into
+from partitions.bls import EntryTemplate
 from partitions.bootcontrol import BootControl
-from partitions.filestore import MtoolsStore
 from partitions.grubenv import new_env_block
-from partitions.sdboot import EntryTemplate
+from partitions.mtools import MtoolsStore
 from updater import compose, config
 from updater.errors import CommandError
 from updater.run import Runner, run

@@ -1,16 +1,22 @@
-"""The boot-control port: five verbs, one backend per bootloader (RAUC's shape)."""
+"""The boot-control port: five verbs, one backend per bootloader (RAUC's shape), and the
+slots every backend finds the same way: GPT partitions named by label."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from uuid import UUID
 
 from updater.errors import DiskError
 
+if TYPE_CHECKING:
+    from partitions.gpttable import GptTable
+
 MAX_TRIES = 15  # what SlotFlags.tries can carry (gpt-prio's 4 bits)
+MAX_PRIORITY = 15  # and SlotFlags.priority
+DEFAULT_LABELS = ("USR-A", "USR-B")  # the slots' GPT partition names
 
 # The boot loader backends' defaults, kept here (in the small port module) so the
 # configuration can name them without loading the backends themselves.
@@ -45,6 +51,9 @@ class SlotFlags:
         return self.priority > 0 and (self.successful or self.tries > 0)
 
 
+BAD = SlotFlags(priority=0, tries=0, successful=False)  # never boot
+
+
 @dataclass(frozen=True)
 class SlotStatus:
     slot: Slot
@@ -77,6 +86,49 @@ class BootControl(Protocol):
     def make_primary(self, slot: Slot) -> None:
         """Boot this slot next, once, on trial (highest priority, tries 1, not successful)."""
         ...
+
+
+def find_slots(table: GptTable, disk: Path, labels: Sequence[str]) -> tuple[Slot, ...]:
+    """The slots named ``labels`` in ``table``, in the order of ``labels``."""
+    out: list[Slot] = []
+    for label in labels:
+        found = table.named(label)
+        if not found:
+            names = sorted({e.name for e in table.entries})
+            raise DiskError(
+                "slot_not_found",
+                f"{disk}: no partition named {label!r} (found: {', '.join(names) or 'none'})",
+                hint="set [disk] slots to the partition names of the A/B slots",
+            )
+        if len(found) > 1:
+            raise DiskError(
+                "gpt_invalid",
+                f"{disk}: partitions {', '.join(str(e.index) for e in found)} "
+                f"are all named {label!r}: which one is the slot?",
+                hint="give each slot partition a unique name (sgdisk -c N:NAME); "
+                "nothing was written",
+            )
+        e = found[0]
+        out.append(
+            Slot(
+                label=label,
+                index=e.index,
+                part_uuid=e.part_uuid,
+                disk=disk,
+                offset=table.offset(e),
+                size=table.size(e),
+            )
+        )
+    sizes = {slot.size for slot in out}
+    if len(sizes) > 1:
+        raise DiskError(
+            "gpt_invalid",
+            f"{disk}: the slots differ in size: "
+            + ", ".join(f"partition {s.index} ({s.label}) {s.size} bytes" for s in out),
+            hint="A/B slots must be the same size so that every image fits either; "
+            "nothing was written",
+        )
+    return tuple(out)
 
 
 def same_slot(a: Slot, b: Slot) -> bool:

@@ -5,8 +5,9 @@ First the kernel command line (what the boot loader chose): ``mount.usr=``,
 ``PARTUUID=<uuid>``, ``PARTLABEL=<label>``, ``/dev/disk/by-partuuid/<uuid>`` or
 ``/dev/disk/by-partlabel/<label>``. If it names none of the slots, the device
 mounted at ``/usr`` (then ``/``) is traced through sysfs to a partition number
-on a disk. The parsing is pure; the roots of /proc, /sys and /dev are
-injected so tests can build a small tree.
+on a disk. A boot loader that also names what it picked (systemd-boot, the GRUB
+fragment) is asked in between. The parsing is pure; :class:`BootedSlotFinder`
+holds the roots of /proc, /sys and /dev, so tests can build a small tree.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
@@ -289,50 +290,85 @@ def slot_from_mounts(
 # ---- the answers ----------------------------------------------------------------------------
 
 
-def booted_slot(
-    slots: Sequence[Slot],
-    *,
-    kernel_cmdline: Path = DEFAULT_CMDLINE,
-    proc_root: Path = DEFAULT_PROC,
-    sys_root: Path = DEFAULT_SYS,
-    dev_root: Path = DEFAULT_DEV,
-) -> Slot:
-    """The slot the running system booted from (DiskError booted_unknown if none)."""
-    text = read_text(kernel_cmdline, MAX_CMDLINE_BYTES)
-    if text is None:
-        log.warning("kernel_cmdline_unreadable", path=str(kernel_cmdline))
-    else:
-        slot = slot_from_cmdline(text, slots)
+LoaderHint = Callable[[str | None], Slot | None]  # kernel command line text -> slot
+
+
+@dataclass(frozen=True)
+class BootedSlotFinder:
+    """Where the running system says what it booted; one is injected into each backend.
+
+    The defaults are the running system's; tests point them at a small tree.
+    """
+
+    kernel_cmdline: Path = DEFAULT_CMDLINE
+    proc_root: Path = DEFAULT_PROC
+    sys_root: Path = DEFAULT_SYS
+    dev_root: Path = DEFAULT_DEV
+
+    def cmdline(self) -> str | None:
+        """The kernel command line's text, or None if unreadable."""
+        return read_text(self.kernel_cmdline, MAX_CMDLINE_BYTES)
+
+    def slot(
+        self,
+        slots: Sequence[Slot],
+        loader_hint: LoaderHint | None = None,
+        hint_source: str = "the boot loader",
+    ) -> Slot:
+        """The booted slot: kernel command line, else ``loader_hint``, else the mounts.
+
+        systemd-boot (``LoaderEntrySelected``) and a GRUB fragment
+        (``updater.slot=A``) also name what they booted; that is a second
+        opinion, asked between the two: the partition on the kernel command line
+        is what the kernel really mounts, so it wins; the loader's word comes
+        before guessing from the mounts. DiskError booted_unknown if none names
+        one of ``slots``.
+        """
+        text = self.cmdline()
+        from_cmdline = slot_from_cmdline(text, slots) if text is not None else None
+        hinted = loader_hint(text) if loader_hint is not None else None
+        if from_cmdline is not None:
+            if hinted is not None and hinted != from_cmdline:
+                log.warning(
+                    "booted_sources_disagree",
+                    kernel_cmdline=from_cmdline.label,
+                    loader=hinted.label,
+                    loader_source=hint_source,
+                )
+            log.debug("booted_slot_found", slot=from_cmdline.label, source="kernel_cmdline")
+            return from_cmdline
+        if hinted is not None:
+            log.debug("booted_slot_found", slot=hinted.label, source=hint_source)
+            return hinted
+        if text is None:
+            log.warning("kernel_cmdline_unreadable", path=str(self.kernel_cmdline))
+        slot = slot_from_mounts(
+            slots, proc_root=self.proc_root, sys_root=self.sys_root, dev_root=self.dev_root
+        )
         if slot is not None:
-            log.debug("booted_slot_found", slot=slot.label, source="kernel_cmdline")
+            log.debug("booted_slot_found", slot=slot.label, source="mountinfo")
             return slot
-    slot = slot_from_mounts(slots, proc_root=proc_root, sys_root=sys_root, dev_root=dev_root)
-    if slot is not None:
-        log.debug("booted_slot_found", slot=slot.label, source="mountinfo")
-        return slot
-    named = ", ".join(r.describe() for r in partition_refs(text or ""))
-    raise DiskError(
-        "booted_unknown",
-        f"cannot tell which of {', '.join(s.label for s in slots)} is booted: "
-        f"{kernel_cmdline} names {named or 'no partition'} and neither /usr nor / "
-        "is mounted from one of them",
-        hint=_BOOTED_HINT,
-    )
+        named = ", ".join(r.describe() for r in partition_refs(text or ""))
+        also = f"; {hint_source} names none of them either" if loader_hint is not None else ""
+        raise DiskError(
+            "booted_unknown",
+            f"cannot tell which of {', '.join(s.label for s in slots)} is booted: "
+            f"{self.kernel_cmdline} names {named or 'no partition'} and neither /usr nor / "
+            f"is mounted from one of them{also}",
+            hint=_BOOTED_HINT,
+        )
+
+    def disk(self) -> Path:
+        """The whole disk holding the partition mounted at /usr, else at /."""
+        for point, part in _mounted_partitions(self.proc_root, self.sys_root):
+            disk = self.dev_root / part.disk_name
+            log.debug("booted_disk_found", disk=str(disk), mount_point=point)
+            return disk
+        raise DiskError(
+            "booted_unknown",
+            "cannot tell which disk holds /usr or /: neither is mounted from a disk partition",
+            hint="set [disk] device to the whole disk holding the A/B slots",
+        )
 
 
-def booted_disk(
-    *,
-    proc_root: Path = DEFAULT_PROC,
-    sys_root: Path = DEFAULT_SYS,
-    dev_root: Path = DEFAULT_DEV,
-) -> Path:
-    """The whole disk holding the partition mounted at /usr, else at /."""
-    for point, part in _mounted_partitions(proc_root, sys_root):
-        disk = dev_root / part.disk_name
-        log.debug("booted_disk_found", disk=str(disk), mount_point=point)
-        return disk
-    raise DiskError(
-        "booted_unknown",
-        "cannot tell which disk holds /usr or /: neither is mounted from a disk partition",
-        hint="set [disk] device to the whole disk holding the A/B slots",
-    )
+RUNNING_SYSTEM = BootedSlotFinder()  # /proc/cmdline, /proc, /sys and /dev of this machine

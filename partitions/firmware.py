@@ -19,8 +19,8 @@ from pathlib import Path
 
 import structlog
 
-from partitions import gpt, gptprio
-from partitions.bootcontrol import Slot, SlotFlags
+from partitions import gpt, gptprio, gpttable
+from partitions.bootcontrol import BAD, DEFAULT_LABELS, Slot, SlotFlags, find_slots
 from updater.errors import UpdaterError
 from updater.fsutil import atomic_write
 
@@ -46,7 +46,7 @@ def select_boot(flags: Mapping[int, SlotFlags]) -> tuple[int, dict[int, SlotFlag
     priority wins, the lower GPT index on a tie. A slot on trial loses a try; when it
     had only one left it is marked bad right away, yet boots this one time.
     """
-    chosen = gptprio.primary(flags)
+    chosen = gptprio.primary_index(flags)
     if chosen is None:
         raise NoBootableSlotError(
             "no bootable slot: every slot has priority 0, or no tries left and is not successful"
@@ -57,7 +57,7 @@ def select_boot(flags: Mapping[int, SlotFlags]) -> tuple[int, dict[int, SlotFlag
         after[chosen] = (
             SlotFlags(priority=current.priority, tries=current.tries - 1, successful=False)
             if current.tries > 1
-            else gptprio.BAD
+            else BAD
         )
     return chosen, after
 
@@ -72,8 +72,8 @@ def boot_disk_image(
     """Choose the slot to boot on ``disk``, update its flags, write its kernel command line."""
     found: list[BootResult] = []
 
-    def decide(table: gpt.GptTable) -> dict[int, int]:
-        slots = gptprio.find_slots(table, disk, labels)
+    def decide(table: gpttable.GptTable) -> dict[int, int]:
+        slots = find_slots(table, disk, labels)
         before = {s.index: gptprio.decode_flags(table.entry(s.index).attributes) for s in slots}
         chosen, after = select_boot(before)
         slot = next(s for s in slots if s.index == chosen)
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--labels",
-        default=",".join(gptprio.DEFAULT_LABELS),
+        default=",".join(DEFAULT_LABELS),
         help="comma-separated slot partition names (default: %(default)s)",
     )
     parser.add_argument("--extra-args", default="ro", help="more kernel parameters")

@@ -14,30 +14,31 @@ from pathlib import Path
 
 import structlog
 
-from partitions import booted as booted_mod
-from partitions import gpt
+from partitions import gpt, gpttable
 from partitions.bootcontrol import (
+    BAD,
+    DEFAULT_LABELS,
+    MAX_PRIORITY,
     MAX_TRIES,
     Slot,
     SlotFlags,
     SlotStatus,
+    find_slots,
     flags_of,
     not_a_slot_of,
     same_slot,
 )
+from partitions.booted import RUNNING_SYSTEM, BootedSlotFinder
 from updater.errors import DiskError
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_LABELS = ("USR-A", "USR-B")
 PRIORITY_SHIFT = 48
 TRIES_SHIFT = 52
 SUCCESSFUL_SHIFT = 56
-MAX_PRIORITY = 15
 _NIBBLE = 0xF
 _FLAGS_MASK = (_NIBBLE << PRIORITY_SHIFT) | (_NIBBLE << TRIES_SHIFT) | (1 << SUCCESSFUL_SHIFT)
 
-BAD = SlotFlags(priority=0, tries=0, successful=False)
 
 # ---- pure: bits -----------------------------------------------------------------------------
 
@@ -77,7 +78,7 @@ def _require(flags: Mapping[int, SlotFlags], target: int) -> None:
         )
 
 
-def primary(flags: Mapping[int, SlotFlags]) -> int | None:
+def primary_index(flags: Mapping[int, SlotFlags]) -> int | None:
     """The slot the firmware picks: highest priority among bootable ones, lower index on a tie."""
     bootable = [i for i, f in flags.items() if f.bootable]
     if not bootable:
@@ -123,13 +124,13 @@ def _with_priorities(
     }
 
 
-def mark_bad(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
+def decide_mark_bad(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
     """Never boot ``target``: priority 0, tries 0, not successful."""
     _require(flags, target)
     return {**flags, target: BAD}
 
 
-def mark_good(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
+def decide_mark_good(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
     """``target`` booted and is healthy: successful, no tries; above the rest if it had 0."""
     _require(flags, target)
     out = dict(flags)
@@ -139,7 +140,7 @@ def mark_good(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlag
     return out
 
 
-def make_primary(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
+def decide_make_primary(flags: Mapping[int, SlotFlags], target: int) -> dict[int, SlotFlags]:
     """Boot ``target`` next, once, on trial: strictly highest priority, tries 1, not successful."""
     _require(flags, target)
     out = _with_priorities(flags, _raise_above_others(flags, target))
@@ -154,52 +155,6 @@ def changed(
     return {i: f for i, f in after.items() if before.get(i) != f}
 
 
-# ---- slots on a disk ------------------------------------------------------------------------
-
-
-def find_slots(table: gpt.GptTable, disk: Path, labels: Sequence[str]) -> tuple[Slot, ...]:
-    """The slots named ``labels`` in ``table``, in the order of ``labels``."""
-    out: list[Slot] = []
-    for label in labels:
-        found = table.named(label)
-        if not found:
-            names = sorted({e.name for e in table.entries})
-            raise DiskError(
-                "slot_not_found",
-                f"{disk}: no partition named {label!r} (found: {', '.join(names) or 'none'})",
-                hint="set [disk] slots to the partition names of the A/B slots",
-            )
-        if len(found) > 1:
-            raise DiskError(
-                "gpt_invalid",
-                f"{disk}: partitions {', '.join(str(e.index) for e in found)} "
-                f"are all named {label!r}: which one is the slot?",
-                hint="give each slot partition a unique name (sgdisk -c N:NAME); "
-                "nothing was written",
-            )
-        e = found[0]
-        out.append(
-            Slot(
-                label=label,
-                index=e.index,
-                part_uuid=e.part_uuid,
-                disk=disk,
-                offset=table.offset(e),
-                size=table.size(e),
-            )
-        )
-    sizes = {slot.size for slot in out}
-    if len(sizes) > 1:
-        raise DiskError(
-            "gpt_invalid",
-            f"{disk}: the slots differ in size: "
-            + ", ".join(f"partition {s.index} ({s.label}) {s.size} bytes" for s in out),
-            hint="A/B slots must be the same size so that every image fits either; "
-            "nothing was written",
-        )
-    return tuple(out)
-
-
 class GptPrioBootControl:
     """BootControl over the gpt-prio bits of the slots on one disk (device or image)."""
 
@@ -207,24 +162,17 @@ class GptPrioBootControl:
         self,
         disk: Path,
         labels: Sequence[str] = DEFAULT_LABELS,
-        kernel_cmdline: Path = booted_mod.DEFAULT_CMDLINE,
-        *,
-        proc_root: Path = booted_mod.DEFAULT_PROC,
-        sys_root: Path = booted_mod.DEFAULT_SYS,
-        dev_root: Path = booted_mod.DEFAULT_DEV,
+        finder: BootedSlotFinder = RUNNING_SYSTEM,
     ) -> None:
         if not labels or len(set(labels)) != len(labels):
             raise ValueError(f"slot labels must be unique and non-empty: {list(labels)}")
         self.disk = disk
         self.labels = tuple(labels)
-        self._kernel_cmdline = kernel_cmdline
-        self._proc_root = proc_root
-        self._sys_root = sys_root
-        self._dev_root = dev_root
+        self.finder = finder
 
     # -- reading
 
-    def _statuses(self, table: gpt.GptTable) -> tuple[SlotStatus, ...]:
+    def _statuses(self, table: gpttable.GptTable) -> tuple[SlotStatus, ...]:
         return tuple(
             SlotStatus(slot, decode_flags(table.entry(slot.index).attributes))
             for slot in find_slots(table, self.disk, self.labels)
@@ -237,29 +185,25 @@ class GptPrioBootControl:
         return flags_of(self.slots(), slot, self.disk)
 
     def booted(self) -> Slot:
-        return booted_mod.booted_slot(
-            [s.slot for s in self.slots()],
-            kernel_cmdline=self._kernel_cmdline,
-            proc_root=self._proc_root,
-            sys_root=self._sys_root,
-            dev_root=self._dev_root,
-        )
+        return self.finder.slot([s.slot for s in self.slots()])
 
     def primary(self) -> Slot | None:
         statuses = self.slots()
-        chosen = primary({s.slot.index: s.flags for s in statuses})
+        chosen = primary_index({s.slot.index: s.flags for s in statuses})
         return next((s.slot for s in statuses if s.slot.index == chosen), None)
 
     # -- the verbs: each is one locked read-modify-write of the GPT
 
     def mark_good(self, slot: Slot) -> None:
-        self._apply("slot_marked_good", [slot], lambda before: mark_good(before, slot.index))
+        self._apply("slot_marked_good", [slot], lambda before: decide_mark_good(before, slot.index))
 
     def mark_bad(self, slot: Slot) -> None:
-        self._apply("slot_marked_bad", [slot], lambda before: mark_bad(before, slot.index))
+        self._apply("slot_marked_bad", [slot], lambda before: decide_mark_bad(before, slot.index))
 
     def make_primary(self, slot: Slot) -> None:
-        self._apply("slot_made_primary", [slot], lambda before: make_primary(before, slot.index))
+        self._apply(
+            "slot_made_primary", [slot], lambda before: decide_make_primary(before, slot.index)
+        )
 
     def set_flags(self, new: Mapping[Slot, SlotFlags]) -> None:
         """Write exactly these flags (other attribute bits and other slots untouched)."""
@@ -274,7 +218,7 @@ class GptPrioBootControl:
     ) -> None:
         written: dict[str, str] = {}
 
-        def attributes(table: gpt.GptTable) -> dict[int, int]:
+        def attributes(table: gpttable.GptTable) -> dict[int, int]:
             statuses = self._statuses(table)
             for target in targets:
                 if not any(same_slot(s.slot, target) for s in statuses):

@@ -46,17 +46,22 @@ from pathlib import Path
 import structlog
 
 from partitions import booted as booted_mod
-from partitions import bootsource, gpt, gptprio
+from partitions import gpt
 from partitions.bootcontrol import (
+    BAD,
+    DEFAULT_LABELS,
     GRUBENV_NAMES,
     GRUBENV_PATH,
+    MAX_PRIORITY,
     Slot,
     SlotFlags,
     SlotStatus,
+    find_slots,
     flags_of,
     not_a_slot_of,
     same_slot,
 )
+from partitions.booted import RUNNING_SYSTEM, BootedSlotFinder
 from partitions.filestore import FileStore, TooLarge, describe
 from updater.errors import CommandError, DiskError, RefusedError
 from updater.run import Runner, run
@@ -72,7 +77,6 @@ DEFAULT_ENV_PATH = GRUBENV_PATH
 DEFAULT_NAMES = GRUBENV_NAMES
 ORDER = "ORDER"
 SLOT_PARAMS = ("updater.slot", "rauc.slot")  # kernel parameters naming the booted slot
-_BAD = SlotFlags(priority=0, tries=0, successful=False)
 _BLANKS = re.compile(r"[ \t\n]+")
 
 
@@ -215,9 +219,9 @@ def _bit(variables: Mapping[str, str], key: str) -> bool:
 def slot_flags(state: GrubState) -> dict[str, SlotFlags]:
     """Bootable iff in ORDER with OK=1, TRY=0; priority = rank among the bootable, first highest."""
     bootable = [n for n in state.order if state.bootable(n)]
-    flags = dict.fromkeys(state.slots, _BAD)
+    flags = dict.fromkeys(state.slots, BAD)
     for position, name in enumerate(bootable):
-        priority = min(len(bootable) - position, gptprio.MAX_PRIORITY)
+        priority = min(len(bootable) - position, MAX_PRIORITY)
         flags[name] = SlotFlags(priority=priority, tries=1, successful=True)
     for name, v in state.slots.items():
         if name not in bootable and v.ok and not v.tried:
@@ -225,7 +229,7 @@ def slot_flags(state: GrubState) -> dict[str, SlotFlags]:
     return flags
 
 
-def primary(state: GrubState) -> str | None:
+def primary_name(state: GrubState) -> str | None:
     """The slot the fragment boots next: the first bootable one in ORDER."""
     return next((n for n in state.order if state.bootable(n)), None)
 
@@ -274,14 +278,11 @@ class GrubEnvControl:
         self,
         store: FileStore,
         disk: Path,
-        labels: Sequence[str] = gptprio.DEFAULT_LABELS,
-        kernel_cmdline: Path = booted_mod.DEFAULT_CMDLINE,
+        labels: Sequence[str] = DEFAULT_LABELS,
+        finder: BootedSlotFinder = RUNNING_SYSTEM,
         *,
         env_path: str = DEFAULT_ENV_PATH,
         names: tuple[str, str] = DEFAULT_NAMES,
-        proc_root: Path = booted_mod.DEFAULT_PROC,
-        sys_root: Path = booted_mod.DEFAULT_SYS,
-        dev_root: Path = booted_mod.DEFAULT_DEV,
         runner: Runner = run,
     ) -> None:
         if not labels or len(set(labels)) != len(labels):
@@ -298,10 +299,7 @@ class GrubEnvControl:
         self.env_path = env_path
         self._name_of = dict(zip(self.labels, self.names, strict=True))
         self._label_of = dict(zip(self.names, self.labels, strict=True))
-        self._kernel_cmdline = kernel_cmdline
-        self._proc_root = proc_root
-        self._sys_root = sys_root
-        self._dev_root = dev_root
+        self.finder = finder
         self._runner = runner
 
     @property
@@ -311,7 +309,7 @@ class GrubEnvControl:
     # -- reading
 
     def _slots(self) -> tuple[Slot, ...]:
-        return gptprio.find_slots(gpt.read_table(self.disk), self.disk, self.labels)
+        return find_slots(gpt.read_table(self.disk), self.disk, self.labels)
 
     def read_variables(self) -> dict[str, str]:
         """The variables of the block (grubenv_invalid if missing or corrupt)."""
@@ -379,20 +377,14 @@ class GrubEnvControl:
 
     def primary(self) -> Slot | None:
         slots = self._slots()
-        chosen = primary(self._state(self.read_variables()))
+        chosen = primary_name(self._state(self.read_variables()))
         label = self._label_of.get(chosen) if chosen is not None else None
         return next((s for s in slots if s.label == label), None)
 
     def booted(self) -> Slot:
         slots = self._slots()
-        return bootsource.booted_slot(
-            slots,
-            lambda text: self._named_slot(text, slots),
-            "/".join(SLOT_PARAMS),
-            kernel_cmdline=self._kernel_cmdline,
-            proc_root=self._proc_root,
-            sys_root=self._sys_root,
-            dev_root=self._dev_root,
+        return self.finder.slot(
+            slots, lambda text: self._named_slot(text, slots), "/".join(SLOT_PARAMS)
         )
 
     def _named_slot(self, cmdline: str | None, slots: Sequence[Slot]) -> Slot | None:

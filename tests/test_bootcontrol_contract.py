@@ -16,6 +16,7 @@ import pytest
 
 from devtools.diskimage import cgpt_flags
 from devtools.espimage import esp_store, make_esp_disk
+from partitions.bls import EntryTemplate, parse_entry_name
 from partitions.bootcontrol import (
     BootControl,
     Slot,
@@ -24,11 +25,13 @@ from partitions.bootcontrol import (
     check_write_target,
     write_target_problem,
 )
+from partitions.booted import BootedSlotFinder
 from partitions.filestore import FileStore
 from partitions.gptprio import GptPrioBootControl
 from partitions.grubenv import GrubEnvControl, new_env_block
-from partitions.sdboot import EntryTemplate, SdBootControl, parse_entry_name
+from partitions.sdboot import SdBootControl
 from tests.gptcraft import edit_entries, entry_lbas, set_entry
+from updater import compose, config
 from updater.clock import SystemClock
 from updater.errors import DiskError
 from updater.run import run
@@ -110,18 +113,21 @@ BACKENDS = [
 ]
 
 
+def test_every_configurable_backend_is_built_and_under_this_contract() -> None:
+    assert set(compose.BOOT_BACKENDS) == set(config.BACKENDS)
+    assert {b.partition("/")[0] for b in BACKENDS} == set(config.BACKENDS)
+
+
 @pytest.fixture(params=BACKENDS)
 def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
     """A machine whose USR-A is provisioned good and boots; USR-B empty and unbootable."""
     disk = make_esp_disk(tmp_path / "disk.img", slot_size=MiB)
     cmdline = tmp_path / "cmdline"
-    proc, sys_, dev = tmp_path / "proc", tmp_path / "sys", tmp_path
+    finder = BootedSlotFinder(cmdline, tmp_path / "proc", tmp_path / "sys", tmp_path)
     kind, _, medium = str(request.param).partition("/")
     store = esp_store(disk, medium or "mtools", tmp_path / "esp")
     if kind == "gpt-prio":
-        control: BootControl = GptPrioBootControl(
-            disk.path, kernel_cmdline=cmdline, proc_root=proc, sys_root=sys_, dev_root=dev
-        )
+        control: BootControl = GptPrioBootControl(disk.path, finder=finder)
         rig = Rig(request.param, control, cmdline, gpt_boot(disk.path))
     elif kind == "systemd-boot":
         store.makedirs("loader/entries")
@@ -130,20 +136,15 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
         control = SdBootControl(
             store,
             disk.path,
-            kernel_cmdline=cmdline,
+            finder=finder,
             entry=ENTRY,
             efivars=tmp_path / "efivars",
-            proc_root=proc,
-            sys_root=sys_,
-            dev_root=dev,
         )
         rig = Rig(request.param, control, cmdline, sdboot_boot(store))
     else:
         store.makedirs("grub")
         store.write("grub/grubenv", new_env_block())
-        control = GrubEnvControl(
-            store, disk.path, kernel_cmdline=cmdline, proc_root=proc, sys_root=sys_, dev_root=dev
-        )
+        control = GrubEnvControl(store, disk.path, finder=finder)
         rig = Rig(
             request.param,
             control,

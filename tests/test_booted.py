@@ -52,14 +52,12 @@ class Tree:
         )
         (self.proc / "self" / "mountinfo").write_text(text)
 
+    def finder(self, kernel_cmdline: Path | None = None) -> booted.BootedSlotFinder:
+        cmdline = kernel_cmdline or self.root / "cmdline"
+        return booted.BootedSlotFinder(cmdline, self.proc, self.sys, self.dev)
+
     def booted(self, cmdline: str = "") -> Slot:
-        return booted.booted_slot(
-            self.slots,
-            kernel_cmdline=self.cmdline(cmdline),
-            proc_root=self.proc,
-            sys_root=self.sys,
-            dev_root=self.dev,
-        )
+        return self.finder(self.cmdline(cmdline)).slot(self.slots)
 
 
 def _block(sys: Path, devpath: str, dev: str, partition: int | None = None) -> Path:
@@ -213,13 +211,7 @@ def test_cmdline_wins_over_mounts(tree: Tree) -> None:
 
 def test_missing_cmdline_file_falls_back_to_mounts(tree: Tree) -> None:
     tree.mounts(("8:4", "/"))
-    slot = booted.booted_slot(
-        tree.slots,
-        kernel_cmdline=tree.root / "missing",
-        proc_root=tree.proc,
-        sys_root=tree.sys,
-        dev_root=tree.dev,
-    )
+    slot = tree.finder(tree.root / "missing").slot(tree.slots)
     assert slot.label == "USR-B"
 
 
@@ -259,17 +251,17 @@ def test_mountinfo_parsing() -> None:
 
 def test_booted_disk(tree: Tree) -> None:
     tree.mounts(("8:4", "/"), ("253:0", "/usr"))
-    disk = booted.booted_disk(proc_root=tree.proc, sys_root=tree.sys, dev_root=tree.dev)
+    disk = tree.finder().disk()
     assert disk == tree.dev / "sda"
     tree.mounts(("8:19", "/"))
-    disk = booted.booted_disk(proc_root=tree.proc, sys_root=tree.sys, dev_root=tree.dev)
+    disk = tree.finder().disk()
     assert disk == tree.dev / "sdb"
 
 
 def test_booted_disk_unknown(tree: Tree) -> None:
     tree.mounts(("0:30", "/"))
     with pytest.raises(DiskError) as err:
-        booted.booted_disk(proc_root=tree.proc, sys_root=tree.sys, dev_root=tree.dev)
+        tree.finder().disk()
     assert err.value.kind == "booted_unknown"
     assert err.value.hint
 
@@ -332,13 +324,7 @@ def test_a_cmdline_that_is_a_fifo_does_not_hang(tree: Tree) -> None:
     tree.mounts(("8:4", "/"))
 
     def read() -> Slot:
-        return booted.booted_slot(
-            tree.slots,
-            kernel_cmdline=fifo,
-            proc_root=tree.proc,
-            sys_root=tree.sys,
-            dev_root=tree.dev,
-        )
+        return tree.finder(fifo).slot(tree.slots)
 
     result = parse_or_typed_error(read, timeout_s=2.0)
     assert isinstance(result, Slot) and result.label == "USR-B"

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from devtools.espimage import ESP_LABEL, EspDisk, make_esp_disk
-from partitions.filestore import DirStore, MtoolsStore
+from partitions.filestore import DirStore
 from partitions.gptprio import GptPrioBootControl
 from partitions.grubenv import GrubEnvControl, new_env_block
+from partitions.mtools import MtoolsStore
 from partitions.sdboot import SdBootControl
 from updater import compose, config
 from updater.errors import DiskError

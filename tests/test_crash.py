@@ -28,8 +28,8 @@ import pytest
 from devtools.gpgkeys import SigningKey
 from devtools.host import LABELS, EspHost, Host, esp_files, systemd_boot_choice
 from devtools.repo_server import Fault
-from partitions.filestore import MtoolsStore, fat_partition
 from partitions.firmware import boot_disk_image
+from partitions.mtools import MtoolsStore, fat_partition
 from tests.conftest import Repo, updatectl
 from tests.test_bootfiles import esp_host_with_boot_files
 

@@ -10,15 +10,8 @@ import pytest
 
 from devtools.diskimage import PartitionSpec
 from devtools.espimage import EFI_SYSTEM_TYPE, fsck_fat, make_esp_disk
-from partitions.filestore import (
-    DirStore,
-    FileStore,
-    MtoolsStore,
-    TooLarge,
-    clean_path,
-    describe,
-    fat_partition,
-)
+from partitions.filestore import DirStore, FileStore, TooLarge, clean_path, describe
+from partitions.mtools import MtoolsStore, fat_partition
 from tests.conftest import MakeImage
 from updater.errors import CommandError, DiskError
 from updater.run import Completed, run

@@ -11,6 +11,7 @@ import pytest
 from devtools.diskimage import DiskLayout, cgpt_flags, sgdisk_verify
 from partitions import firmware
 from partitions.bootcontrol import SlotFlags
+from partitions.booted import BootedSlotFinder
 from partitions.firmware import NoBootableSlotError
 from partitions.gptprio import GptPrioBootControl
 from updater.run import run
@@ -69,7 +70,9 @@ def reboot(image: DiskLayout, cmdline: Path) -> str:
 
 def updated_image(image: DiskLayout, cmdline: Path) -> GptPrioBootControl:
     """A running on A (good), B written and made primary: the state before a reboot."""
-    control = GptPrioBootControl(image.path, LABELS, cmdline, proc_root=cmdline.parent / "none")
+    control = GptPrioBootControl(
+        image.path, LABELS, BootedSlotFinder(cmdline, proc_root=cmdline.parent / "none")
+    )
     a, b = (s.slot for s in control.slots())
     control.mark_good(a)
     control.mark_bad(b)
@@ -134,7 +137,7 @@ def test_several_tries(slot_image: DiskLayout, tmp_path: Path) -> None:
 def test_extra_args_and_no_bootable_slot(slot_image: DiskLayout, tmp_path: Path) -> None:
     cmdline = tmp_path / "cmdline"
     a = slot_image.by_label("USR-A")
-    control = GptPrioBootControl(slot_image.path, LABELS, cmdline)
+    control = GptPrioBootControl(slot_image.path, LABELS, BootedSlotFinder(cmdline))
     control.mark_good(control.slots()[0].slot)
 
     result = firmware.boot_disk_image(slot_image.path, LABELS, cmdline, "rw console=ttyS0")

@@ -19,9 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from partitions import gpt, gptprio
+from partitions import bootcontrol, gpt, gpttable
+from partitions.bls import EntryTemplate, parse_entry_name, parse_entry_text
 from partitions.bootcontrol import SlotStatus
-from partitions.filestore import TooLarge, check_size, clean_path
+from partitions.booted import BootedSlotFinder
+from partitions.filestore import TooLarge, check_read_size, clean_path
 from partitions.grubenv import (
     BLOCK_SIZE,
     HEADER,
@@ -32,7 +34,7 @@ from partitions.grubenv import (
     parse_env,
     read_state,
 )
-from partitions.sdboot import EntryTemplate, SdBootControl, parse_entry_name, parse_entry_text
+from partitions.sdboot import SdBootControl
 from tests.fuzzing import fewer_examples, parse_or_typed_error
 from tests.gptcraft import SECTOR, edit_entries, fix_crcs, set_entry
 from updater.errors import DiskError, RefusedError, UpdaterError
@@ -76,11 +78,11 @@ def disk_file(tmp_path: Path) -> Path:
     return tmp_path / "disk.img"
 
 
-def _read(path: Path) -> gpt.GptTable | UpdaterError:
+def _read(path: Path) -> gpttable.GptTable | UpdaterError:
     return parse_or_typed_error(lambda: gpt.read_table(path), timeout_s=5.0)
 
 
-def _check_sane(table: gpt.GptTable) -> None:
+def _check_sane(table: gpttable.GptTable) -> None:
     """What a table read without error promises (checked by brute force, independently)."""
     seen_guids = set()
     for e in table.entries:
@@ -99,7 +101,9 @@ def _use(path: Path) -> None:
         assert isinstance(result, DiskError), result
         return
     _check_sane(result)
-    slots = parse_or_typed_error(lambda: gptprio.find_slots(result, path, gptprio.DEFAULT_LABELS))
+    slots = parse_or_typed_error(
+        lambda: bootcontrol.find_slots(result, path, bootcontrol.DEFAULT_LABELS)
+    )
     if isinstance(slots, UpdaterError):
         assert isinstance(slots, DiskError) and slots.kind in ("gpt_invalid", "slot_not_found")
         return
@@ -107,7 +111,7 @@ def _use(path: Path) -> None:
     written = parse_or_typed_error(
         lambda: gpt.write_attributes(path, {slots[1].index: 1 << 56}), timeout_s=5.0
     )
-    assert isinstance(written, gpt.GptTable | DiskError), written
+    assert isinstance(written, gpttable.GptTable | DiskError), written
 
 
 # ---- the GPT ----------------------------------------------------------------------------------
@@ -212,7 +216,7 @@ def test_random_bytes_in_the_tables(
 def test_random_disks(disk_file: Path, data: bytes, size: int) -> None:
     image = bytearray(data[: size * SECTOR].ljust(size * SECTOR, b"\0"))
     if size > 3 and data:
-        image[SECTOR : SECTOR + 8] = gpt.SIGNATURE
+        image[SECTOR : SECTOR + 8] = gpttable.SIGNATURE
         fix_crcs(image)
     disk_file.write_bytes(image)
     _use(disk_file)
@@ -228,11 +232,11 @@ layout_entries = st.lists(
 
 @given(entries=layout_entries)
 def test_layout_problems_against_brute_force(entries: list[tuple[int, int, int]]) -> None:
-    table = gpt.GptTable(
+    table = gpttable.GptTable(
         sector_size=SECTOR,
         disk_guid=uuid.UUID(int=0),
         entries=tuple(
-            gpt.GptEntry(i + 1, uuid.UUID(USR_TYPE), uuid.UUID(int=g), f, last, 0, "")
+            gpttable.GptEntry(i + 1, uuid.UUID(USR_TYPE), uuid.UUID(int=g), f, last, 0, "")
             for i, (f, last, g) in enumerate(entries)
         ),
         first_usable_lba=5,
@@ -242,7 +246,7 @@ def test_layout_problems_against_brute_force(entries: list[tuple[int, int, int]]
         primary_valid=True,
         backup_valid=True,
     )
-    problems = parse_or_typed_error(lambda: gpt.layout_problems(table))
+    problems = parse_or_typed_error(lambda: gpttable.layout_problems(table))
     assert isinstance(problems, tuple)
     placed = [e for e in table.entries if 5 <= e.first_lba <= e.last_lba <= 50]
     bad_range = {e.index for e in table.entries} - {e.index for e in placed}
@@ -277,7 +281,7 @@ class MemStore:
         key = clean_path(path)
         if key not in self.files:
             raise DiskError("io", f"{key}: no such file or directory")
-        return check_size(self.files[key], key, max_size)
+        return check_read_size(self.files[key], key, max_size)
 
     def write(self, path: str, data: bytes) -> None:
         self.files[clean_path(path)] = data
@@ -354,7 +358,9 @@ def test_grubenv(
     parsed = parse_or_typed_error(lambda: _pure_grubenv(block))
     assert parsed is None
     store = MemStore({"grub/grubenv": block})
-    control = GrubEnvControl(store, slot_disk, kernel_cmdline=slot_disk.with_name("cmdline"))
+    control = GrubEnvControl(
+        store, slot_disk, finder=BootedSlotFinder(slot_disk.with_name("cmdline"))
+    )
     _backend_answers([control.slots, control.primary, control.read_variables])
 
 
@@ -458,7 +464,7 @@ def test_sdboot(
     control = SdBootControl(
         store,
         slot_disk,
-        kernel_cmdline=slot_disk.with_name("none"),
+        finder=BootedSlotFinder(slot_disk.with_name("none")),
         entry=TEMPLATE,
         efivars=efivars,
     )

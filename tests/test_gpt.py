@@ -28,7 +28,7 @@ from devtools.diskimage import (
     sfdisk_verify,
     sgdisk_verify,
 )
-from partitions import gpt
+from partitions import gpt, gpttable
 from tests.conftest import MakeImage
 from tests.gptcraft import edit_entries, entry_guid, entry_lbas, set_entry
 from updater.errors import DiskError
@@ -348,8 +348,8 @@ def test_pure_header_round_trip_matches_the_crc_rules(slot_image: DiskLayout) ->
     zeroed = sector[:16] + bytes(4) + sector[20:header_size]
     assert zlib.crc32(zeroed) == crc
     entries = raw_sectors(slot_image.path, 2, 32)
-    assert gpt.parse_entries(entries, 128) == gpt.read_table(slot_image.path).entries
-    patched = gpt.set_attributes(entries, 128, {2: 0x1122334455667788})
+    assert gpttable.parse_entries(entries, 128) == gpt.read_table(slot_image.path).entries
+    patched = gpttable.set_attributes(entries, 128, {2: 0x1122334455667788})
     assert patched[128 + 48 : 128 + 56] == bytes.fromhex("8877665544332211")
     assert patched[:128] == entries[:128]
 
@@ -403,8 +403,8 @@ def test_4k_sector_loop_device(tmp_path: Path) -> None:
 # ---- layout sanity: CRC-valid tables that describe no sane disk ------------------------------
 
 
-def _entry(index: int, first: int, last: int, guid: int | None = None) -> gpt.GptEntry:
-    return gpt.GptEntry(
+def _entry(index: int, first: int, last: int, guid: int | None = None) -> gpttable.GptEntry:
+    return gpttable.GptEntry(
         index=index,
         type_guid=LINUX_DATA_TYPE,
         part_uuid=UUID(int=guid if guid is not None else index),
@@ -415,8 +415,8 @@ def _entry(index: int, first: int, last: int, guid: int | None = None) -> gpt.Gp
     )
 
 
-def _table_of(*entries: gpt.GptEntry) -> gpt.GptTable:
-    return gpt.GptTable(
+def _table_of(*entries: gpttable.GptEntry) -> gpttable.GptTable:
+    return gpttable.GptTable(
         sector_size=SECTOR,
         disk_guid=UUID(int=99),
         entries=entries,
@@ -457,28 +457,28 @@ def _table_of(*entries: gpt.GptEntry) -> gpt.GptTable:
     ],
 )
 def test_layout_problems(
-    entries: tuple[gpt.GptEntry, ...], expected: list[tuple[tuple[int, ...], str]]
+    entries: tuple[gpttable.GptEntry, ...], expected: list[tuple[tuple[int, ...], str]]
 ) -> None:
-    problems = gpt.layout_problems(_table_of(*entries))
+    problems = gpttable.layout_problems(_table_of(*entries))
     assert [p.partitions for p in problems] == [parts for parts, _ in expected]
     for problem, (_, reason) in zip(problems, expected, strict=True):
         assert reason in problem.reason
     if expected:
-        with pytest.raises(gpt.UnsafeLayoutError) as err:
-            gpt.check_layout(_table_of(*entries), "disk.img")
+        with pytest.raises(gpttable.UnsafeLayoutError) as err:
+            gpttable.check_layout(_table_of(*entries), "disk.img")
         assert err.value.kind == "gpt_invalid"
         assert isinstance(err.value, DiskError)
         assert err.value.partitions == tuple(sorted({i for p, _ in expected for i in p}))
     else:
-        assert gpt.check_layout(_table_of(*entries), "disk.img").entries == entries
+        assert gpttable.check_layout(_table_of(*entries), "disk.img").entries == entries
 
 
 def test_layout_problems_of_a_full_entry_array_are_bounded() -> None:
     # 32768 entries all on the same sectors: one problem each, not one per pair
     many = tuple(_entry(i, 100, 200) for i in range(1, 32769))
-    problems = gpt.layout_problems(_table_of(*many))
+    problems = gpttable.layout_problems(_table_of(*many))
     assert len(problems) == 32767
-    err = gpt.UnsafeLayoutError("disk.img", problems)
+    err = gpttable.UnsafeLayoutError("disk.img", problems)
     assert len(err.message) < 2000
     assert "and 32759 more" in err.message
 
@@ -531,7 +531,7 @@ def test_crafted_unsafe_tables_are_gpt_invalid_and_never_written(
     assert len(sfdisk_json(layout.path)["partitions"]) == 3
     before = _sha(layout.path)
 
-    with pytest.raises(gpt.UnsafeLayoutError) as err:
+    with pytest.raises(gpttable.UnsafeLayoutError) as err:
         gpt.read_table(layout.path)
     assert err.value.kind == "gpt_invalid"
     assert err.value.partitions == partitions
@@ -540,6 +540,6 @@ def test_crafted_unsafe_tables_are_gpt_invalid_and_never_written(
         map(str, partitions)
     ) in (err.value.message)
 
-    with pytest.raises(gpt.UnsafeLayoutError):
+    with pytest.raises(gpttable.UnsafeLayoutError):
         gpt.write_attributes(layout.path, {1: PRIO_BITS_2_1_1})
     assert _sha(layout.path) == before, "an unsafe table was written to"

@@ -19,6 +19,7 @@ from devtools.diskimage import (
 )
 from partitions import gpt, gptprio
 from partitions.bootcontrol import BootControl, Slot, SlotFlags
+from partitions.booted import BootedSlotFinder
 from partitions.gptprio import GptPrioBootControl
 from tests.conftest import MakeImage
 from tests.gptcraft import edit_entries, set_entry
@@ -96,7 +97,7 @@ def test_encode_flags_refuses_values_that_do_not_fit(flags: SlotFlags) -> None:
     ],
 )
 def test_primary(flags: dict[int, SlotFlags], expected: int | None) -> None:
-    assert gptprio.primary(flags) == expected
+    assert gptprio.primary_index(flags) == expected
 
 
 @pytest.mark.parametrize(
@@ -109,7 +110,7 @@ def test_primary(flags: dict[int, SlotFlags], expected: int | None) -> None:
     ],
 )
 def test_mark_bad(before: dict[int, SlotFlags], target: int, after: dict[int, SlotFlags]) -> None:
-    assert gptprio.mark_bad(before, target) == after
+    assert gptprio.decide_mark_bad(before, target) == after
 
 
 @pytest.mark.parametrize(
@@ -135,7 +136,7 @@ def test_mark_bad(before: dict[int, SlotFlags], target: int, after: dict[int, Sl
     ],
 )
 def test_mark_good(before: dict[int, SlotFlags], target: int, after: dict[int, SlotFlags]) -> None:
-    assert gptprio.mark_good(before, target) == after
+    assert gptprio.decide_mark_good(before, target) == after
 
 
 @pytest.mark.parametrize(
@@ -182,9 +183,9 @@ def test_mark_good(before: dict[int, SlotFlags], target: int, after: dict[int, S
 def test_make_primary(
     before: dict[int, SlotFlags], target: int, after: dict[int, SlotFlags]
 ) -> None:
-    result = gptprio.make_primary(before, target)
+    result = gptprio.decide_make_primary(before, target)
     assert result == after
-    assert gptprio.primary(result) == target
+    assert gptprio.primary_index(result) == target
     others = [f.priority for i, f in result.items() if i != target]
     assert all(result[target].priority > p for p in others)
     assert all(result[i].priority > 0 for i, f in before.items() if f.priority > 0)
@@ -192,13 +193,15 @@ def test_make_primary(
 
 def test_make_primary_keeps_order_of_others_at_saturation() -> None:
     before = {1: F(15, 0, 1), 2: F(12, 0, 1), 3: F(13, 0, 1), 4: F(1, 0, 1), 5: F(2, 0, 1)}
-    after = gptprio.make_primary(before, 4)
+    after = gptprio.decide_make_primary(before, 4)
     rank = sorted((i for i in before if i != 4), key=lambda i: before[i].priority)
     assert sorted(rank, key=lambda i: after[i].priority) == rank
     assert len({after[i].priority for i in rank}) == len(rank)  # strict order kept
 
 
-@pytest.mark.parametrize("verb", [gptprio.mark_bad, gptprio.mark_good, gptprio.make_primary])
+@pytest.mark.parametrize(
+    "verb", [gptprio.decide_mark_bad, gptprio.decide_mark_good, gptprio.decide_make_primary]
+)
 def test_decisions_refuse_an_unknown_target(verb: object) -> None:
     assert callable(verb)
     with pytest.raises(DiskError) as err:
@@ -402,6 +405,6 @@ def test_booted_from_the_kernel_command_line(slot_image: DiskLayout, tmp_path: P
     cmdline = tmp_path / "cmdline"
     cmdline.write_text(f"BOOT_IMAGE=/vmlinuz mount.usr=PARTUUID={b.part_uuid} ro\n")
     control = backend(
-        slot_image, kernel_cmdline=cmdline, proc_root=tmp_path / "proc", sys_root=tmp_path / "sys"
+        slot_image, finder=BootedSlotFinder(cmdline, tmp_path / "proc", tmp_path / "sys")
     )
     assert control.booted().label == "USR-B"

@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from devtools.espimage import esp_store, format_fat, make_esp_disk
 from partitions import grubenv
 from partitions.bootcontrol import BootControl, Slot, SlotFlags
+from partitions.booted import BootedSlotFinder
 from partitions.filestore import DirStore, FileStore
 from partitions.grubenv import (
     BLOCK_SIZE,
@@ -183,7 +184,7 @@ def test_flags_and_primary(
     state: GrubState, flags: dict[str, SlotFlags], primary: str | None
 ) -> None:
     assert grubenv.slot_flags(state) == flags
-    assert grubenv.primary(state) == primary
+    assert grubenv.primary_name(state) == primary
 
 
 @pytest.mark.parametrize(
@@ -256,10 +257,9 @@ class Env:
         return GrubEnvControl(
             self.store,
             self.disk,
-            kernel_cmdline=self.cmdline,
-            proc_root=self.tmp_path / "proc",
-            sys_root=self.tmp_path / "sys",
-            dev_root=self.tmp_path / "dev",
+            finder=BootedSlotFinder(
+                self.cmdline, self.tmp_path / "proc", self.tmp_path / "sys", self.tmp_path / "dev"
+            ),
             **kwargs,  # type: ignore[arg-type]
         )
 
@@ -438,9 +438,9 @@ def refused(env: Env, verb: str, slot: int = 0) -> UpdaterError:
 
 
 def control_slots(env: Env) -> tuple[Slot, Slot]:
-    from partitions import gpt, gptprio  # noqa: PLC0415
+    from partitions import bootcontrol, gpt  # noqa: PLC0415
 
-    a, b = gptprio.find_slots(gpt.read_table(env.disk), env.disk, gptprio.DEFAULT_LABELS)
+    a, b = bootcontrol.find_slots(gpt.read_table(env.disk), env.disk, bootcontrol.DEFAULT_LABELS)
     return a, b
 
 
@@ -649,7 +649,7 @@ def test_the_grub_fragment_boots_what_the_agent_says(tmp_path: Path) -> None:
         }
         # the agent reading the same block agrees, where GRUB did not fall to its last resort
         if set(variables) <= {"ORDER", "A_OK", "A_TRY", "B_OK", "B_TRY"}:
-            agent = grubenv.primary(read_state(variables, NAMES))
+            agent = grubenv.primary_name(read_state(variables, NAMES))
             assert agent == expected or (agent is None and not saved), (i, agent, expected)
     assert "no slot in ORDER (A B) has OK=1" in text
     assert "booting B again (last resort)" in text

@@ -113,3 +113,43 @@ def test_pure_policies_load_no_client_library() -> None:
         used = runtime_imports(mods[name])
         bad = {m for m in used if any(m == lib or m.startswith(lib + ".") for lib in IO_LIBRARIES)}
         assert not bad, f"{name} imports {sorted(bad)} at run time"
+
+
+# partitions/: the decisions and formats that are pure (no I/O of their own), and the
+# boot loader backends, which share only the port (bootcontrol), the booted-slot
+# finder and the stores, never one another.
+PURE_PARTITIONS = {
+    "partitions.bootcontrol",
+    "partitions.bls",
+    "partitions.sdbootplan",
+    "partitions.gpttable",
+}
+IO_IMPORTS = {"os", "io", "subprocess", "tempfile", "fcntl", "shutil", "socket", "updater.run"}
+BACKENDS = {"partitions.gptprio", "partitions.sdboot", "partitions.grubenv"}
+
+
+def top_imports(path: Path) -> set[str]:
+    """Every module ``path`` imports (standard library too), by its full name."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_pure_partitions_modules_do_no_io() -> None:
+    mods = modules()
+    assert set(mods) >= PURE_PARTITIONS, sorted(PURE_PARTITIONS - set(mods))
+    for name in sorted(PURE_PARTITIONS):
+        used = top_imports(mods[name]) & IO_IMPORTS
+        assert not used, f"{name} is pure but imports {sorted(used)}"
+
+
+def test_backends_do_not_import_one_another() -> None:
+    mods = modules()
+    assert set(mods) >= BACKENDS
+    for name in sorted(BACKENDS):
+        used = imports(mods[name], set(mods)) & (BACKENDS - {name})
+        assert not used, f"{name} imports the backend(s) {sorted(used)}"

@@ -12,22 +12,21 @@ import pytest
 from structlog.testing import capture_logs
 
 from devtools.espimage import esp_store, make_esp_disk
-from partitions import sdboot
-from partitions.bootcontrol import BootControl, Slot, SlotFlags
-from partitions.filestore import DirStore, FileStore, MtoolsStore
-from partitions.sdboot import (
+from partitions import bls, sdboot, sdbootplan
+from partitions.bls import (
     BootEntry,
     EntryFields,
     EntryName,
     EntryTemplate,
-    EspState,
-    Remove,
-    Rename,
-    SdBootControl,
-    Write,
     parse_entry_name,
     parse_entry_text,
 )
+from partitions.bootcontrol import BootControl, Slot, SlotFlags
+from partitions.booted import BootedSlotFinder
+from partitions.filestore import DirStore, FileStore
+from partitions.mtools import MtoolsStore
+from partitions.sdboot import SdBootControl
+from partitions.sdbootplan import EspState, Remove, Rename, Write
 from updater.errors import DiskError, RefusedError
 from updater.run import run
 
@@ -141,8 +140,8 @@ def E(
     ],
 )
 def test_boot_order(entries: list[BootEntry], order: list[str]) -> None:
-    assert [e.name.name for e in sdboot.boot_order(entries)] == order
-    assert [e.name.name for e in sdboot.boot_order(entries[::-1])] == order
+    assert [e.name.name for e in bls.boot_order(entries)] == order
+    assert [e.name.name for e in bls.boot_order(entries[::-1])] == order
 
 
 @pytest.mark.parametrize(
@@ -191,8 +190,8 @@ def test_flags_and_primary(
     entries: list[BootEntry], flags: dict[str, SlotFlags], primary: str | None
 ) -> None:
     state = EspState(tuple(entries))
-    assert sdboot.slot_flags(state, ["A", "B"]) == flags
-    assert sdboot.primary_label(state) == primary
+    assert sdbootplan.slot_flags(state, ["A", "B"]) == flags
+    assert sdbootplan.primary_label(state) == primary
 
 
 # ---- the template and the plans -------------------------------------------------------------
@@ -241,7 +240,7 @@ def test_plan_make_primary_replaces_the_old_entry_last() -> None:
     state = EspState(
         (ours("updater-USR-A.conf", 3, "USR-A"), ours("updater-USR-B+0-1.conf", 2, "USR-B"))
     )
-    ops, after = sdboot.plan_make_primary(state, B_SLOT, TEMPLATE, 1)
+    ops, after = sdbootplan.plan_make_primary(state, B_SLOT, TEMPLATE, 1)
     new = "loader/entries/updater-USR-B+1-0.conf"
     tmp = "loader/entries/.updater-USR-B+1-0.conf.new"
     assert ops == [
@@ -249,12 +248,12 @@ def test_plan_make_primary_replaces_the_old_entry_last() -> None:
         Remove("loader/entries/updater-USR-B+0-1.conf"),
         Rename(tmp, new),
     ]
-    assert sdboot.primary_label(after) == "USR-B"
+    assert sdbootplan.primary_label(after) == "USR-B"
     # no old entry: one write; the same name: one write (the store replaces atomically)
-    assert sdboot.plan_make_primary(EspState(), B_SLOT, TEMPLATE, 2)[0] == [
+    assert sdbootplan.plan_make_primary(EspState(), B_SLOT, TEMPLATE, 2)[0] == [
         Write("loader/entries/updater-USR-B+2-0.conf", TEMPLATE.render(B_SLOT, 1).encode())
     ]
-    again, _ = sdboot.plan_make_primary(after, B_SLOT, TEMPLATE, 1)
+    again, _ = sdbootplan.plan_make_primary(after, B_SLOT, TEMPLATE, 1)
     assert [type(op) for op in again] == [Write] and again[0].path == new  # type: ignore[union-attr]
 
 
@@ -269,7 +268,7 @@ def test_plan_make_primary_replaces_the_old_entry_last() -> None:
 )
 def test_plan_mark_good(name: str, after: str | None) -> None:
     state = EspState((ours("updater-USR-A.conf", 1, "USR-A"), ours(name, 2, "USR-B")))
-    ops, _ = sdboot.plan_mark_good(state, B_SLOT, TEMPLATE)
+    ops, _ = sdbootplan.plan_mark_good(state, B_SLOT, TEMPLATE)
     expected = (
         [] if after is None else [Rename(f"loader/entries/{name}", f"loader/entries/{after}")]
     )
@@ -278,9 +277,9 @@ def test_plan_mark_good(name: str, after: str | None) -> None:
 
 def test_plan_mark_good_without_an_entry_writes_a_good_one_above_the_others() -> None:
     state = EspState((ours("updater-USR-A+0-1.conf", 5, "USR-A"),))
-    ops, after = sdboot.plan_mark_good(state, B_SLOT, TEMPLATE)
+    ops, after = sdbootplan.plan_mark_good(state, B_SLOT, TEMPLATE)
     assert ops == [Write("loader/entries/updater-USR-B.conf", TEMPLATE.render(B_SLOT, 6).encode())]
-    assert sdboot.slot_flags(after, ["USR-A", "USR-B"])["USR-B"] == GOOD
+    assert sdbootplan.slot_flags(after, ["USR-A", "USR-B"])["USR-B"] == GOOD
 
 
 @pytest.mark.parametrize(
@@ -294,12 +293,12 @@ def test_plan_mark_good_without_an_entry_writes_a_good_one_above_the_others() ->
 )
 def test_plan_mark_bad(name: str, after: str | None) -> None:
     state = EspState((ours("updater-USR-A.conf", 1, "USR-A"), ours(name, 2, "USR-B")))
-    ops, _ = sdboot.plan_mark_bad(state, B_SLOT)
+    ops, _ = sdbootplan.plan_mark_bad(state, B_SLOT)
     expected = (
         [] if after is None else [Rename(f"loader/entries/{name}", f"loader/entries/{after}")]
     )
     assert ops == expected
-    assert sdboot.plan_mark_bad(EspState(), B_SLOT)[0] == []  # no entry: nothing to do
+    assert sdbootplan.plan_mark_bad(EspState(), B_SLOT)[0] == []  # no entry: nothing to do
 
 
 @pytest.mark.parametrize(
@@ -314,7 +313,7 @@ def test_plan_mark_bad_of_the_last_bootable_entry_is_refused(a_entry: str | None
     if a_entry is not None:
         entries.insert(0, ours(a_entry, 1, "USR-A"))
     with pytest.raises(RefusedError) as err:
-        sdboot.plan_mark_bad(EspState(tuple(entries)), B_SLOT)
+        sdbootplan.plan_mark_bad(EspState(tuple(entries)), B_SLOT)
     assert err.value.kind == "last_bootable_slot"
     assert "loader/entries/updater-USR-B.conf" in err.value.message
 
@@ -340,12 +339,11 @@ class Esp:
         return SdBootControl(
             self.store,
             self.disk,
-            kernel_cmdline=self.cmdline,
+            finder=BootedSlotFinder(
+                self.cmdline, self.tmp_path / "proc", self.tmp_path / "sys", self.tmp_path / "dev"
+            ),
             entry=kwargs.pop("entry", TEMPLATE),  # type: ignore[arg-type]
             efivars=self.efivars,
-            proc_root=self.tmp_path / "proc",
-            sys_root=self.tmp_path / "sys",
-            dev_root=self.tmp_path / "dev",
             **kwargs,  # type: ignore[arg-type]
         )
 
@@ -533,9 +531,9 @@ def refused(esp: Esp, verb: str = "make_primary", slot: int = 1) -> DiskError:
 
 
 def control_slots(esp: Esp) -> tuple[Slot, ...]:
-    from partitions import gpt, gptprio  # noqa: PLC0415
+    from partitions import bootcontrol, gpt  # noqa: PLC0415
 
-    return gptprio.find_slots(gpt.read_table(esp.disk), esp.disk, gptprio.DEFAULT_LABELS)
+    return bootcontrol.find_slots(gpt.read_table(esp.disk), esp.disk, bootcontrol.DEFAULT_LABELS)
 
 
 def entry_text(slot: Slot, generation: int = 1, **override: str) -> str:

@@ -39,7 +39,8 @@ from updater.transport import HttpSettings, HttpTransport, SchemeTransport
 from updater.update import Updater
 
 if TYPE_CHECKING:
-    from partitions.filestore import DirStore, MtoolsStore
+    from partitions.filestore import DirStore
+    from partitions.mtools import MtoolsStore
     from policies.etcdclient import EtcdSettings
     from policies.etcdlock import EtcdLock
     from policies.failed import GroupBlocks
@@ -118,40 +119,56 @@ def update_source(
 
 
 def disk_of(config: Config) -> Path:
-    return config.disk.device or booted.booted_disk()
+    return config.disk.device or booted.RUNNING_SYSTEM.disk()
+
+
+def _gptprio(config: Config, disk: Path, finder: booted.BootedSlotFinder) -> BootControl:
+    return GptPrioBootControl(disk, config.disk.slots, finder)
+
+
+def _sdboot(config: Config, disk: Path, finder: booted.BootedSlotFinder) -> BootControl:
+    from partitions.bls import ENTRIES_DIR
+    from partitions.sdboot import SdBootControl
+
+    sd = config.systemd_boot
+    return SdBootControl(
+        boot_files(config, disk, ENTRIES_DIR),
+        disk,
+        config.disk.slots,
+        finder,
+        entry=entry_template(sd),
+        tries=sd.tries,
+        efivars=sd.efivars,
+    )
+
+
+def _grubenv(config: Config, disk: Path, finder: booted.BootedSlotFinder) -> BootControl:
+    from partitions.grubenv import GrubEnvControl
+
+    g = config.grub_env
+    return GrubEnvControl(
+        boot_files(config, disk, g.path),
+        disk,
+        config.disk.slots,
+        finder,
+        env_path=g.path,
+        names=g.names,
+    )
+
+
+# [disk] backend -> its builder. Only the configured backend is loaded: the idle agent
+# stays small.
+BOOT_BACKENDS: dict[str, Callable[[Config, Path, booted.BootedSlotFinder], BootControl]] = {
+    "gpt-prio": _gptprio,
+    "systemd-boot": _sdboot,
+    "grub-env": _grubenv,
+}
 
 
 def boot_control(config: Config) -> BootControl:
     """The backend of ``[disk] backend``, over the disk and (for a boot loader's files) the ESP."""
-    d = config.disk
-    disk = disk_of(config)
-    # Only the configured backend is loaded: the idle agent stays small.
-    if d.backend == "systemd-boot":
-        from partitions.sdboot import ENTRIES_DIR, SdBootControl
-
-        sd = config.systemd_boot
-        return SdBootControl(
-            boot_files(config, disk, ENTRIES_DIR),
-            disk,
-            d.slots,
-            d.kernel_cmdline,
-            entry=entry_template(sd),
-            tries=sd.tries,
-            efivars=sd.efivars,
-        )
-    if d.backend == "grub-env":
-        from partitions.grubenv import GrubEnvControl
-
-        g = config.grub_env
-        return GrubEnvControl(
-            boot_files(config, disk, g.path),
-            disk,
-            d.slots,
-            d.kernel_cmdline,
-            env_path=g.path,
-            names=g.names,
-        )
-    return GptPrioBootControl(disk, d.slots, d.kernel_cmdline)
+    finder = booted.BootedSlotFinder(config.disk.kernel_cmdline)
+    return BOOT_BACKENDS[config.disk.backend](config, disk_of(config), finder)
 
 
 def boot_files(config: Config, disk: Path, marker: str) -> DirStore | MtoolsStore:
@@ -160,7 +177,8 @@ def boot_files(config: Config, disk: Path, marker: str) -> DirStore | MtoolsStor
     ``marker`` (``loader/entries``, the grubenv) picks the mounted directory
     when neither is set: the first of /efi, /boot/efi, /boot that holds it.
     """
-    from partitions.filestore import DirStore, MtoolsStore, fat_partition, find_mounted
+    from partitions.filestore import DirStore, find_mounted
+    from partitions.mtools import MtoolsStore, fat_partition
 
     d = config.disk
     if d.esp_partition is not None:

@@ -40,7 +40,7 @@ from updater.manifest import valid_channel
 from updater.urls import parse_url
 
 if TYPE_CHECKING:
-    from partitions.sdboot import EntryTemplate
+    from partitions.bls import EntryTemplate
     from policies.windows import Windows
 
 log = structlog.get_logger(__name__)
@@ -476,7 +476,7 @@ def _systemd_boot(s: _Section) -> SystemdBootConfig:
         efivars=s.path("efivars", d.efivars) or d.efivars,
     )
     if s.values:  # the defaults make a valid entry (tested); the backend loads only if set
-        from partitions.sdboot import EntryTemplateError  # noqa: PLC0415 - only when set
+        from partitions.bls import EntryTemplateError  # noqa: PLC0415 - only when set
 
         try:
             entry_template(c)
@@ -487,7 +487,7 @@ def _systemd_boot(s: _Section) -> SystemdBootConfig:
 
 def entry_template(c: SystemdBootConfig) -> EntryTemplate:
     """The systemd-boot entry these settings describe (EntryTemplateError if they are bad)."""
-    from partitions.sdboot import EntryTemplate  # noqa: PLC0415 - only when set
+    from partitions.bls import EntryTemplate  # noqa: PLC0415 - only when set
 
     return EntryTemplate(
         title=c.title,
