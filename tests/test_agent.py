@@ -806,8 +806,6 @@ def test_the_retry_timer_during_slow_pre_reboot_hooks_is_not_a_second_attempt(
 def test_a_reboot_that_never_happens_is_asked_again_after_the_patience(
     host: Host, repo: Repo, usr_images: dict[str, Path], notify: NotifySocket
 ) -> None:
-    from updater.agent import REBOOT_PATIENCE_S  # noqa: PLC0415
-
     repo.publish("1.1.0", usr_images["1.1.0"])
     clock = VirtualClock()
     lock, hooks = RecordingLock(), CountingHooks()
@@ -821,5 +819,5 @@ def test_a_reboot_that_never_happens_is_asked_again_after_the_patience(
 
     h.rebooter.reboot = reboot  # type: ignore[method-assign]
     run_until(h, lambda: len(times) >= 2)
-    assert times[1] - times[0] >= REBOOT_PATIENCE_S
+    assert times[1] - times[0] >= h.agent.timing.reboot_patience_s
     assert hooks.runs == 2 and released[0] == released[1]  # kept all along

@@ -42,10 +42,6 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 STOP_GRACE_S = 3.0  # how long a stop waits for running work to wind down
-# Once logind accepted a reboot, the machine is going down: no second attempt (its
-# pre-reboot hooks would die in the shutdown and give the slot back while the host is
-# still rebooting) until this long has passed with the agent still running.
-REBOOT_PATIENCE_S = 600.0
 
 
 class Notifier(Protocol):
@@ -218,7 +214,6 @@ class Agent:
         rng: random.Random | None = None,
         waiter: Waiter = wait_any,
         pre_reboot: Hooks | None = None,
-        release_after_s: float = 900.0,
         fleet: FleetReporter | None = None,
     ) -> None:
         self.updater = updater
@@ -232,7 +227,6 @@ class Agent:
         self.rng = rng or random.SystemRandom()
         self.waiter = waiter
         self.pre_reboot = pre_reboot
-        self.release_after_s = release_after_s
         self.fleet = fleet
         self._fleet_task: asyncio.Task[None] | None = None
         self._fleet_reported: tuple[AgentStatus, bool | None, str] | None = None
@@ -248,9 +242,6 @@ class Agent:
         self._stopping = False
         self._last_status: AgentStatus | None = None
         self._steady_task: asyncio.Task[None] | None = None
-        self._refused_since: float | None = None  # monotonic time of the first refusal
-        self._finalizing = False  # one reboot attempt at a time
-        self._reboot_started: float | None = None  # monotonic time logind accepted a reboot
 
     # ---- AgentControl ---------------------------------------------------------------------------
 
@@ -282,9 +273,7 @@ class Agent:
         await self._dispatch(mc.CheckRequested())
 
     async def reboot_now(self) -> None:
-        if self._m.state != mc.S.UPDATED_NEED_REBOOT:
-            raise RefusedError("nothing_staged", "no update is staged: nothing to reboot into")
-        await self._finalize(force=True)
+        await self._dispatch(mc.RebootRequested())
 
     async def mark_good(self) -> None:
         await self._bless()
@@ -386,14 +375,24 @@ class Agent:
     # ---- events and actions ---------------------------------------------------------------------
 
     async def _dispatch(self, event: mc.Event) -> None:
+        for action in self._apply(event):
+            await self._execute(action)
+
+    def _apply(self, event: mc.Event) -> tuple[mc.Action, ...]:
+        """Step the machine (the only place that does), save, publish and re-arm the timer."""
         before = self._m
-        self._m, actions = mc.step(self._m, event, self.clock.now().timestamp())
+        self._m, actions = mc.step(
+            self._m,
+            event,
+            self.clock.now().timestamp(),
+            monotonic=self.clock.monotonic(),
+            timing=self.timing,
+        )
         if mc.to_dict(before) != mc.to_dict(self._m):
             self._persist()
         self._publish()
         self._reschedule()
-        for action in actions:
-            await self._execute(action)
+        return actions
 
     def _reschedule(self) -> None:
         delay = mc.next_delay(self._m, self.timing, self.rng.random())
@@ -416,6 +415,12 @@ class Agent:
                     failures=self._m.failures,
                 )
                 await self._dispatch(mc.ErrorReported())
+            case mc.Release(reason=reason):
+                await self._release(reason)
+            case mc.Refuse(kind=kind, message=message, hint=hint):
+                raise RefusedError(kind, message, hint=hint)
+            case mc.Note(event=event, level=level, fields=fields):
+                getattr(log, level)(event, **dict(fields))
 
     def _start_work(self, coro: Awaitable[None], step: str) -> None:
         async def guarded() -> None:
@@ -539,57 +544,32 @@ class Agent:
         await self._dispatch(mc.Staged(offer.version))
 
     def _progress(self, phase: str, fraction: float) -> None:
-        if self._m.state not in mc.INSTALLING or self._stopping:
+        if self._stopping:
             return
-        event = mc.Progressed(phase, fraction)  # type: ignore[arg-type]
         try:
-            self._m, _ = mc.step(self._m, event, self.clock.now().timestamp())
+            self._apply(mc.Progressed(phase, fraction))  # type: ignore[arg-type]
         except mc.InvalidTransition:
             return  # a late callback after the install ended
-        self._publish()
 
     async def _finalize(self, force: bool) -> None:
         """Policy (unless forced), pre-reboot hooks, then logind. Fails closed.
 
         A crash of any of them is a failed reboot attempt (asked again later,
-        backing off) and gives back the cluster lock taken for it.
-
-        One attempt at a time: the retry timer may fire while the hooks of the
-        last attempt still run. Once logind accepted the reboot, no attempt until
-        REBOOT_PATIENCE_S has passed, and the slot is never given back (see
-        :meth:`_release`): the host is going down holding it.
+        backing off); the machine gives back the slot taken for it. The machine
+        started this attempt and hears when it is over (one at a time).
         """
-        if self._finalizing:
-            log.info("reboot_attempt_under_way", forced=force)
-            if force:
-                raise RefusedError(
-                    "reboot_refused",
-                    "a reboot attempt is under way (waiting for the policy or the "
-                    "pre-reboot hooks)",
-                    hint="ask again once it has ended (updatectl status)",
-                )
-            return
-        if self._reboot_started is not None:
-            since = self.clock.monotonic() - self._reboot_started
-            if since < REBOOT_PATIENCE_S:
-                log.debug("reboot_already_started", seconds_ago=round(since, 1))
-                return
-            log.warning("reboot_did_not_happen", seconds_ago=round(since, 1))
-            self._reboot_started = None
-        self._finalizing = True
         try:
             await self._try_finalize(force)
         except RefusedError:
             raise  # a forced reboot that logind refused: the caller hears of it
         except Exception as exc:
             error = await self._recover(exc, "finalize")
-            await self._release("finalize_crashed")
             if force and error is exc:
                 raise
             if force:
                 raise error from exc
         finally:
-            self._finalizing = False
+            await self._dispatch(mc.FinalizeEnded())
 
     async def _try_finalize(self, force: bool) -> None:
         # The group's failed versions, before the lock is asked for and again once it is
@@ -639,7 +619,7 @@ class Agent:
                 log.error("pre_reboot_hooks_failed", failed=failed, staged=self._m.staged)
                 if self.metrics is not None:
                     self.metrics.error("pre_reboot_failed")
-                await self._release("pre_reboot_failed")
+                await self._dispatch(mc.AttemptAbandoned("pre_reboot_failed"))
                 return
         log.info("reboot_requested", staged=self._m.staged, forced=force)
         if self.metrics is not None:
@@ -647,27 +627,19 @@ class Agent:
         try:
             await self.rebooter.reboot()
         except RefusedError as exc:
-            now = self.clock.monotonic()
-            if self._refused_since is None:
-                self._refused_since = now
+            since = self._m.refused_since
             log.warning(
                 "reboot_refused",
                 error=exc.message,
                 refusals=self._m.reboot_refusals + 1,
-                refused_for_s=round(now - self._refused_since, 1),
+                refused_for_s=0.0 if since is None else round(self.clock.monotonic() - since, 1),
             )
             if self.metrics is not None:
                 self.metrics.reboot_refused()
-            if now - self._refused_since >= self.release_after_s:
-                # Someone keeps blocking the reboot: let another host have the slot.
-                await self._release("reboot_refused_too_long")
-                self._refused_since = None
-            await self._dispatch(mc.RebootRefused(mc.ErrorInfo(exc.kind, exc.message)))
+            await self._dispatch(mc.RebooterRefused(mc.ErrorInfo(exc.kind, exc.message)))
             if force:
                 raise
             return
-        self._refused_since = None
-        self._reboot_started = self.clock.monotonic()
         await self._dispatch(mc.RebootStarted())
 
     async def _reboot_blocked(self, force: bool) -> bool:
@@ -716,7 +688,7 @@ class Agent:
             if self.metrics is not None:
                 self.metrics.error(error.kind)
             if self.strategy.holding:
-                await self._release(error.kind)
+                await self._dispatch(mc.AttemptAbandoned(error.kind))
             await self._dispatch(mc.RebootRefused(mc.ErrorInfo(error.kind, error.message)))
             self._report_to_fleet()
         if force:
@@ -732,7 +704,7 @@ class Agent:
         if self.metrics is not None:
             self.metrics.error(error.kind)
         if self.strategy.holding:
-            await self._release(error.kind)
+            await self._dispatch(mc.AttemptAbandoned(error.kind))
         try:
             unstaged = await run_blocking(
                 functools.partial(self.updater.unstage, version, error.kind)
@@ -843,15 +815,8 @@ class Agent:
             self._fleet_reported = current
 
     async def _release(self, why: str) -> None:
-        """Give back what the strategy holds for a reboot that is not happening now.
-
-        Never once logind accepted a reboot: whatever fails then (a hook killed by
-        the shutdown) happens on a host that is going down, and its slot is what
-        keeps the next host from going down with it. The next boot's steady step
-        gives it back."""
-        if self._reboot_started is not None:
-            log.warning("reboot_lock_kept", reason=why, why="the reboot already started")
-            return
+        """Give back what the strategy holds for a reboot that is not happening now
+        (the machine decides when: :class:`updater.machine.Release`)."""
         try:
             await run_blocking(self.strategy.report_steady)
             log.info("reboot_lock_given_back", reason=why)

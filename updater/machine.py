@@ -10,6 +10,13 @@ ignored (update_engine's behaviour: a check while one runs is a no-op).
 
 Retry counters live in the machine (``failures``, ``reboot_refusals``), and
 the time to the next poll is a pure function of it (:func:`next_delay`).
+
+The reboot attempt is decided here too: one attempt at a time
+(``finalizing``), no new attempt for ``reboot_patience_s`` once the rebooter
+accepted one, the reboot slot given back when the rebooter keeps refusing for
+``release_after_s`` and never once the host is going down. Those rules read
+the monotonic clock the agent passes to :func:`step`; they are not persisted
+(an agent that restarts starts a fresh attempt).
 """
 
 from __future__ import annotations
@@ -61,6 +68,10 @@ class Machine:
     reboot_refusals: int = 0  # reboots refused since the update was staged
     server_interval_s: float | None = None  # poll interval the server asked for
     progress: float = 0.0  # 0..1 of the install under way
+    # the reboot attempt, in monotonic seconds (not persisted)
+    finalizing: bool = False  # an attempt (policy, pre-reboot hooks, rebooter) is under way
+    reboot_started_at: float | None = None  # the rebooter accepted a reboot then
+    refused_since: float | None = None  # the rebooter has refused since then
 
 
 # ---- events -----------------------------------------------------------------------------------
@@ -138,8 +149,29 @@ class RebootRefused:
 
 
 @dataclass(frozen=True)
+class RebooterRefused:
+    """The rebooter (logind) refused the reboot it was asked for: a refusal that,
+    going on for ``release_after_s``, gives the reboot slot back to the group."""
+
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
 class RebootStarted:
-    pass
+    """The rebooter accepted the reboot: the host is going down."""
+
+
+@dataclass(frozen=True)
+class AttemptAbandoned:
+    """The reboot attempt gives up without a reboot (pre-reboot hooks failed, the
+    version is blocked): the slot taken for it goes back, unless the host is going down."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class FinalizeEnded:
+    """The attempt a :class:`Finalize` started is over, whatever its outcome."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +196,10 @@ Event = (
     | ErrorReported
     | WorkCrashed
     | RebootRefused
+    | RebooterRefused
     | RebootStarted
+    | AttemptAbandoned
+    | FinalizeEnded
     | Unstaged
 )
 
@@ -185,9 +220,36 @@ class Install:
 
 @dataclass(frozen=True)
 class Finalize:
-    """Ask the reboot policy (unless forced) and reboot; answer RebootStarted/Refused."""
+    """Ask the reboot policy (unless forced), run the pre-reboot hooks and reboot; answer
+    RebootStarted, RebooterRefused, RebootRefused, AttemptAbandoned or Unstaged, then
+    FinalizeEnded."""
 
     force: bool = False
+
+
+@dataclass(frozen=True)
+class Release:
+    """Give back what the reboot strategy holds (the reboot slot); ``reason`` is logged."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Answer the request that asked for this with a RefusedError."""
+
+    kind: str  # a RefusedError kind
+    message: str
+    hint: str | None = None
+
+
+@dataclass(frozen=True)
+class Note:
+    """Log a decision that did nothing else (the agent logs ``event`` with ``fields``)."""
+
+    event: str
+    level: Literal["debug", "info", "warning"] = "info"
+    fields: tuple[tuple[str, str | float | bool], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -197,7 +259,7 @@ class ReportError:
     error: ErrorInfo
 
 
-Action = Check | Install | Finalize | ReportError
+Action = Check | Install | Finalize | ReportError | Release | Refuse | Note
 
 
 class InvalidTransition(Exception):
@@ -205,6 +267,30 @@ class InvalidTransition(Exception):
         super().__init__(f"{type(event).__name__} cannot happen in {machine.state}")
         self.machine = machine
         self.event = event
+
+
+# ---- timing -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    poll_interval_s: float = 3600.0
+    first_check_delay_s: float = 60.0
+    jitter: float = 0.1  # +- this fraction of every delay
+    retry_base_s: float = 60.0  # first retry after a failure
+    retry_cap_s: float = 3600.0  # backoff never waits longer than this
+    reboot_retry_s: float = 60.0  # ask the reboot policy again after this
+    min_interval_s: float = 60.0  # a server-given interval is never shorter
+    # ... nor longer than this or poll_interval_s, whichever is longer (update_engine
+    # caps at 4 h): a server, or a state file, saying 31 years cannot stop the polls
+    max_server_interval_s: float = 4 * 3600.0
+    # once the rebooter accepted a reboot, no new attempt before this: its pre-reboot hooks
+    # would die in the shutdown and give the slot back while the host is still going down
+    reboot_patience_s: float = 600.0
+    release_after_s: float = 900.0  # the rebooter refusing this long: give the slot back
+
+
+DEFAULT_TIMING = Timing()
 
 
 # ---- transitions ------------------------------------------------------------------------------
@@ -217,7 +303,21 @@ def _enter(m: Machine, state: S, now: float, **changes: Any) -> Machine:
     return replace(m, state=state, since=now if state != m.state else m.since, **changes)
 
 
-def step(m: Machine, event: Event, now: float) -> tuple[Machine, tuple[Action, ...]]:
+def step(
+    m: Machine,
+    event: Event,
+    now: float,
+    *,
+    monotonic: float | None = None,
+    timing: Timing = DEFAULT_TIMING,
+) -> tuple[Machine, tuple[Action, ...]]:
+    """The machine after ``event`` at unix time ``now``, and the actions to carry out.
+
+    ``monotonic`` (default ``now``) is the clock of the reboot attempt's rules
+    (patience, release): a wall clock that jumps must not shorten them.
+    """
+    mono = now if monotonic is None else monotonic
+
     def require(*states: S) -> None:
         if m.state not in states:
             raise InvalidTransition(m, event)
@@ -227,7 +327,7 @@ def step(m: Machine, event: Event, now: float) -> tuple[Machine, tuple[Action, .
             if m.state == S.IDLE:
                 return _enter(m, S.CHECKING_FOR_UPDATE, now), (Check(),)
             if m.state == S.UPDATED_NEED_REBOOT:
-                return m, (Finalize(),)
+                return _attempt(m, mono, timing, force=False)
             return m, ()  # a late timer while busy: nothing to do
         case CheckRequested():
             if m.state in (S.IDLE, S.REPORTING_ERROR_EVENT):
@@ -239,8 +339,8 @@ def step(m: Machine, event: Event, now: float) -> tuple[Machine, tuple[Action, .
             return m, ()
         case RebootRequested():
             if m.state == S.UPDATED_NEED_REBOOT:
-                return m, (Finalize(force=True),)
-            return m, ()
+                return _attempt(m, mono, timing, force=True)
+            return m, (Refuse("nothing_staged", "no update is staged: nothing to reboot into"),)
         case NoUpdate(interval_s=interval):
             require(S.CHECKING_FOR_UPDATE)
             return _enter(
@@ -276,6 +376,7 @@ def step(m: Machine, event: Event, now: float) -> tuple[Machine, tuple[Action, .
                 last_check=now,
                 last_error=None,
                 progress=1.0,
+                finalizing=True,
             ), (Finalize(),)
         case Progressed(phase=phase, fraction=fraction):
             require(*INSTALLING)
@@ -294,6 +395,7 @@ def step(m: Machine, event: Event, now: float) -> tuple[Machine, tuple[Action, .
                 last_error=None,
                 progress=1.0,
                 reboot_refusals=0,
+                finalizing=True,
             ), (Finalize(),)
         case Failed(error=error):
             require(*BUSY)
@@ -313,9 +415,24 @@ def step(m: Machine, event: Event, now: float) -> tuple[Machine, tuple[Action, .
         case RebootRefused(error=error):
             require(S.UPDATED_NEED_REBOOT)
             return replace(m, reboot_refusals=m.reboot_refusals + 1, last_error=error), ()
+        case RebooterRefused(error=error):
+            require(S.UPDATED_NEED_REBOOT)
+            since = mono if m.refused_since is None else m.refused_since
+            m = replace(
+                m, reboot_refusals=m.reboot_refusals + 1, last_error=error, refused_since=since
+            )
+            if mono - since >= timing.release_after_s:
+                # someone keeps blocking the reboot: let another host have the slot
+                return _release(replace(m, refused_since=None), "reboot_refused_too_long")
+            return m, ()
         case RebootStarted():
             require(S.UPDATED_NEED_REBOOT)
-            return m, ()
+            return replace(m, reboot_started_at=mono, refused_since=None), ()
+        case AttemptAbandoned(reason=reason):
+            require(S.UPDATED_NEED_REBOOT)
+            return _release(m, reason)
+        case FinalizeEnded():
+            return replace(m, finalizing=False), ()
         case Unstaged(error=error):
             require(S.UPDATED_NEED_REBOOT)
             return _enter(
@@ -332,12 +449,53 @@ def step(m: Machine, event: Event, now: float) -> tuple[Machine, tuple[Action, .
     raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
 
 
+def _attempt(
+    m: Machine, mono: float, timing: Timing, *, force: bool
+) -> tuple[Machine, tuple[Action, ...]]:
+    """A reboot attempt is due (the timer, or forced by a request), if none is under way.
+
+    One at a time: the timer may fire while the policy or the hooks of the last
+    attempt still run (a forced one hears why not). Once the rebooter accepted a
+    reboot, none until ``reboot_patience_s`` has passed without it happening.
+    """
+    if m.finalizing:
+        note = Note("reboot_attempt_under_way", "info", (("forced", force),))
+        if not force:
+            return m, (note,)
+        return m, (
+            note,
+            Refuse(
+                "reboot_refused",
+                "a reboot attempt is under way (waiting for the policy or the pre-reboot hooks)",
+                hint="ask again once it has ended (updatectl status)",
+            ),
+        )
+    notes: tuple[Action, ...] = ()
+    if m.reboot_started_at is not None:
+        since = round(mono - m.reboot_started_at, 1)
+        if mono - m.reboot_started_at < timing.reboot_patience_s:
+            return m, (Note("reboot_already_started", "debug", (("seconds_ago", since),)),)
+        notes = (Note("reboot_did_not_happen", "warning", (("seconds_ago", since),)),)
+    return replace(m, finalizing=True, reboot_started_at=None), (*notes, Finalize(force=force))
+
+
+def _release(m: Machine, reason: str) -> tuple[Machine, tuple[Action, ...]]:
+    """Give the reboot slot back, never once the rebooter accepted a reboot: whatever
+    fails then (a hook killed by the shutdown) happens on a host that is going down, and
+    its slot is what keeps the next host from going down with it. The next boot's steady
+    step gives it back."""
+    if m.reboot_started_at is not None:
+        kept = (("reason", reason), ("why", "the reboot already started"))
+        return m, (Note("reboot_lock_kept", "warning", kept),)
+    return m, (Release(reason),)
+
+
 def _crashed(m: Machine, error: ErrorInfo, now: float) -> tuple[Machine, tuple[Action, ...]]:
     """Whatever the state, a crash ends as a failure that is backed off, never a wedge.
 
     Busy: a failed check or install (reported, then IDLE). Reporting an error:
-    the report is over. Staged: a failed reboot attempt, asked again later.
-    Idle: a failure, so the next check backs off.
+    the report is over. Staged: a failed reboot attempt, asked again later, that
+    gives back the slot taken for it. Idle: a failure, so the next check backs off.
     """
     if m.state in BUSY:
         return _enter(
@@ -351,25 +509,12 @@ def _crashed(m: Machine, error: ErrorInfo, now: float) -> tuple[Machine, tuple[A
     if m.state == S.REPORTING_ERROR_EVENT:
         return _enter(m, S.IDLE, now, last_error=error), ()
     if m.state == S.UPDATED_NEED_REBOOT:
-        return replace(m, reboot_refusals=m.reboot_refusals + 1, last_error=error), ()
+        m = replace(m, reboot_refusals=m.reboot_refusals + 1, last_error=error)
+        return _release(m, "finalize_crashed") if m.finalizing else (m, ())
     return replace(m, failures=m.failures + 1, last_error=error), ()
 
 
-# ---- timing -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Timing:
-    poll_interval_s: float = 3600.0
-    first_check_delay_s: float = 60.0
-    jitter: float = 0.1  # +- this fraction of every delay
-    retry_base_s: float = 60.0  # first retry after a failure
-    retry_cap_s: float = 3600.0  # backoff never waits longer than this
-    reboot_retry_s: float = 60.0  # ask the reboot policy again after this
-    min_interval_s: float = 60.0  # a server-given interval is never shorter
-    # ... nor longer than this or poll_interval_s, whichever is longer (update_engine
-    # caps at 4 h): a server, or a state file, saying 31 years cannot stop the polls
-    max_server_interval_s: float = 4 * 3600.0
+# ---- delays -----------------------------------------------------------------------------------
 
 
 def _jittered(seconds: float, timing: Timing, rnd: float) -> float:
