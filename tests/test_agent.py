@@ -27,10 +27,12 @@ from policies.lock import FailureReport
 from policies.strategy import Immediate, Off, RebootStrategy
 from tests.conftest import NotifySocket, Repo
 from tests.omaha_server import Answer, OmahaServer, Release
-from updater import compose, config
+from updater import compose, config, machinerecord
 from updater import machine as mc
-from updater.agent import Agent, Hooks, wait_any
+from updater.agent import Agent
 from updater.agentapi import AgentStatus
+from updater.agentports import wait_any
+from updater.blessing import HealthCheck
 from updater.errors import RefusedError, UpdaterError
 from updater.health import HealthReport
 from updater.lock import is_held
@@ -93,7 +95,7 @@ class Harness:
         timing: Timing = FAST,
         clock: VirtualClock | None = None,
         metrics: Metrics | None = None,
-        pre_reboot: Hooks | None = None,
+        pre_reboot: HealthCheck | None = None,
     ) -> None:
         self.cfg = config.load(host.config)
         self.updater = compose.updater(self.cfg)
@@ -658,7 +660,9 @@ def test_a_busy_state_left_by_a_crashed_agent_is_recovered_at_start(
 ) -> None:
     """An older agent died mid-check (state persisted busy): the next one checks again."""
     host.state_dir.mkdir(parents=True, exist_ok=True)
-    record = mc.to_dict(mc.Machine(state=mc.S.CHECKING_FOR_UPDATE, since=1.0, failures=1))
+    record = machinerecord.to_dict(
+        mc.Machine(state=mc.S.CHECKING_FOR_UPDATE, since=1.0, failures=1)
+    )
     (host.state_dir / "state.json").write_text(json.dumps({"schema": 1, "agent": record}))
     clock = WindowClock(WINDOW_S)
     h = Harness(host, notify, Off(), timing=CRASH_TIMING, clock=clock)

@@ -42,13 +42,11 @@ from updater.machine import (
     UpdateFound,
     WorkCrashed,
     first_delay,
-    from_dict,
     next_delay,
-    resume,
     server_interval,
     step,
-    to_dict,
 )
+from updater.machinerecord import from_dict, resume, to_dict
 
 T = 1_000_000.0
 NOTHING_STAGED = Refuse("nothing_staged", "no update is staged: nothing to reboot into")

@@ -5,11 +5,13 @@ The daemon feeds it events (timer ticks, results of the work it did, requests
 from D-Bus) and carries out the actions it returns. Each transition names the
 states it may start from: an event from the agent's own work arriving in any
 other state is a bug and raises :class:`InvalidTransition`; a request from
-outside (check now, reset, reboot now) in a state where it makes no sense is
-ignored (update_engine's behaviour: a check while one runs is a no-op).
+outside (check now, reset) in a state where it makes no sense is ignored
+(update_engine's behaviour: a check while one runs is a no-op); a forced
+reboot with nothing staged is refused (:class:`Refuse`: its caller hears why).
 
 Retry counters live in the machine (``failures``, ``reboot_refusals``), and
-the time to the next poll is a pure function of it (:func:`next_delay`).
+the time to the next poll is a pure function of it (:func:`next_delay`). The
+machine in the state file and across restarts: updater.machinerecord.
 
 The reboot attempt is decided here too: one attempt at a time
 (``finalizing``), no new attempt for ``reboot_patience_s`` once the rebooter
@@ -25,8 +27,6 @@ import enum
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal
-
-from updater import versions
 
 
 class S(enum.StrEnum):
@@ -299,7 +299,8 @@ _PHASE_STATE = {"download": S.DOWNLOADING, "verify": S.VERIFYING, "finalize": S.
 _PHASE_ORDER = [S.UPDATE_AVAILABLE, S.DOWNLOADING, S.VERIFYING, S.FINALIZING]
 
 
-def _enter(m: Machine, state: S, now: float, **changes: Any) -> Machine:
+def enter(m: Machine, state: S, now: float, **changes: Any) -> Machine:
+    """``m`` in ``state`` (entered at ``now``, unless it is already there) with ``changes``."""
     return replace(m, state=state, since=now if state != m.state else m.since, **changes)
 
 
@@ -325,17 +326,17 @@ def step(
     match event:
         case Tick():
             if m.state == S.IDLE:
-                return _enter(m, S.CHECKING_FOR_UPDATE, now), (Check(),)
+                return enter(m, S.CHECKING_FOR_UPDATE, now), (Check(),)
             if m.state == S.UPDATED_NEED_REBOOT:
                 return _attempt(m, mono, timing, force=False)
             return m, ()  # a late timer while busy: nothing to do
         case CheckRequested():
             if m.state in (S.IDLE, S.REPORTING_ERROR_EVENT):
-                return _enter(m, S.CHECKING_FOR_UPDATE, now), (Check(),)
+                return enter(m, S.CHECKING_FOR_UPDATE, now), (Check(),)
             return m, ()
         case ResetRequested():
             if m.state == S.REPORTING_ERROR_EVENT:
-                return _enter(m, S.IDLE, now), ()
+                return enter(m, S.IDLE, now), ()
             return m, ()
         case RebootRequested():
             if m.state == S.UPDATED_NEED_REBOOT:
@@ -343,7 +344,7 @@ def step(
             return m, (Refuse("nothing_staged", "no update is staged: nothing to reboot into"),)
         case NoUpdate(interval_s=interval):
             require(S.CHECKING_FOR_UPDATE)
-            return _enter(
+            return enter(
                 m,
                 S.IDLE,
                 now,
@@ -356,7 +357,7 @@ def step(
         case UpdateFound(offer=offer, interval_s=interval):
             require(S.CHECKING_FOR_UPDATE)
             # failures are kept: an install that fails every time must back off
-            return _enter(
+            return enter(
                 m,
                 S.UPDATE_AVAILABLE,
                 now,
@@ -367,7 +368,7 @@ def step(
             ), (Install(offer),)
         case AlreadyStaged(version=version):
             require(S.CHECKING_FOR_UPDATE)
-            return _enter(
+            return enter(
                 m,
                 S.UPDATED_NEED_REBOOT,
                 now,
@@ -383,10 +384,10 @@ def step(
             target = _PHASE_STATE[phase]
             if _PHASE_ORDER.index(target) < _PHASE_ORDER.index(m.state):
                 raise InvalidTransition(m, event)  # the pipeline never goes back
-            return _enter(m, target, now, progress=min(max(fraction, 0.0), 1.0)), ()
+            return enter(m, target, now, progress=min(max(fraction, 0.0), 1.0)), ()
         case Staged(version=version):
             require(*INSTALLING)
-            return _enter(
+            return enter(
                 m,
                 S.UPDATED_NEED_REBOOT,
                 now,
@@ -399,7 +400,7 @@ def step(
             ), (Finalize(),)
         case Failed(error=error):
             require(*BUSY)
-            return _enter(
+            return enter(
                 m,
                 S.REPORTING_ERROR_EVENT,
                 now,
@@ -409,7 +410,7 @@ def step(
             ), (ReportError(error),)
         case ErrorReported():
             require(S.REPORTING_ERROR_EVENT)
-            return _enter(m, S.IDLE, now), ()
+            return enter(m, S.IDLE, now), ()
         case WorkCrashed(error=error):
             return _crashed(m, error, now)
         case RebootRefused(error=error):
@@ -435,7 +436,7 @@ def step(
             return replace(m, finalizing=False), ()
         case Unstaged(error=error):
             require(S.UPDATED_NEED_REBOOT)
-            return _enter(
+            return enter(
                 m,
                 S.REPORTING_ERROR_EVENT,
                 now,
@@ -498,7 +499,7 @@ def _crashed(m: Machine, error: ErrorInfo, now: float) -> tuple[Machine, tuple[A
     gives back the slot taken for it. Idle: a failure, so the next check backs off.
     """
     if m.state in BUSY:
-        return _enter(
+        return enter(
             m,
             S.REPORTING_ERROR_EVENT,
             now,
@@ -507,7 +508,7 @@ def _crashed(m: Machine, error: ErrorInfo, now: float) -> tuple[Machine, tuple[A
             progress=0.0,
         ), (ReportError(error),)
     if m.state == S.REPORTING_ERROR_EVENT:
-        return _enter(m, S.IDLE, now, last_error=error), ()
+        return enter(m, S.IDLE, now, last_error=error), ()
     if m.state == S.UPDATED_NEED_REBOOT:
         m = replace(m, reboot_refusals=m.reboot_refusals + 1, last_error=error)
         return _release(m, "finalize_crashed") if m.finalizing else (m, ())
@@ -552,83 +553,3 @@ def server_interval(asked_s: float, timing: Timing) -> float:
 def first_delay(m: Machine, timing: Timing, rnd: float) -> float:
     """Seconds from the agent's start to its first Tick."""
     return timing.first_check_delay_s * (1.0 + timing.jitter * rnd)
-
-
-# ---- persistence ------------------------------------------------------------------------------
-
-
-def to_dict(m: Machine) -> dict[str, Any]:
-    return {
-        "state": m.state.value,
-        "since": m.since,
-        "failures": m.failures,
-        "offer": None if m.offer is None else {"version": m.offer.version, "size": m.offer.size},
-        "staged": m.staged,
-        "last_error": None
-        if m.last_error is None
-        else {"kind": m.last_error.kind, "message": m.last_error.message},
-        "last_check": m.last_check,
-        "reboot_refusals": m.reboot_refusals,
-        "server_interval_s": m.server_interval_s,
-    }
-
-
-def _num(d: dict[str, Any], key: str, default: float) -> float:
-    v = d.get(key, default)
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else default
-
-
-def from_dict(d: Any) -> Machine:
-    """Read what :func:`to_dict` wrote; anything unreadable gives a fresh machine."""
-    if not isinstance(d, dict):
-        return Machine()
-    try:
-        state = S(str(d.get("state")))
-    except ValueError:
-        return Machine()
-    offer = d.get("offer")
-    err = d.get("last_error")
-    staged = d.get("staged")
-    interval = d.get("server_interval_s")
-    return Machine(
-        state=state,
-        since=_num(d, "since", 0.0),
-        failures=max(0, int(_num(d, "failures", 0))),
-        offer=Offer(str(offer["version"]), int(offer["size"]))
-        if isinstance(offer, dict)
-        and versions.is_valid(str(offer.get("version", "")))
-        and isinstance(offer.get("size"), int)
-        else None,
-        staged=staged if isinstance(staged, str) and versions.is_valid(staged) else None,
-        last_error=ErrorInfo(str(err.get("kind", "")), str(err.get("message", "")))
-        if isinstance(err, dict)
-        else None,
-        last_check=_num(d, "last_check", 0.0),
-        reboot_refusals=max(0, int(_num(d, "reboot_refusals", 0))),
-        server_interval_s=float(interval) if isinstance(interval, int | float) else None,
-    )
-
-
-@dataclass(frozen=True)
-class Resumed:
-    machine: Machine
-    note: str  # what happened to the state across the restart, for the log
-
-
-def resume(m: Machine, now: float, *, staged_still_next: bool) -> Resumed:
-    """The machine a restarted agent continues with.
-
-    UPDATED_NEED_REBOOT survives a restart while the staged slot still boots
-    next (update_engine's marker file); work cut off by a stop or a crash
-    restarts from IDLE (the install's own marker makes it start over); an
-    error being reported is done.
-    """
-    if m.state == S.UPDATED_NEED_REBOOT:
-        if staged_still_next:
-            return Resumed(m, "update_still_staged")
-        return Resumed(_enter(m, S.IDLE, now, staged=None, progress=0.0), "staged_update_gone")
-    if m.state in BUSY:
-        return Resumed(_enter(m, S.IDLE, now, progress=0.0, offer=None), "work_interrupted")
-    if m.state == S.REPORTING_ERROR_EVENT:
-        return Resumed(_enter(m, S.IDLE, now), "error_reported")
-    return Resumed(m, "idle")
