@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import itertools
@@ -307,3 +308,27 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     n = NotifySocket(tmp_path / "notify.sock")
     yield n
     n.close()
+
+
+# ---- waiting: the one polling helper --------------------------------------------------------
+
+
+def _polls(cond: Callable[[], bool], timeout: float, what: str) -> Iterator[None]:
+    """Yield while ``cond`` does not hold; AssertionError once ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or 'the condition'}")
+        yield
+
+
+async def until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    """Wait (in the event loop) until ``cond()`` holds."""
+    for _ in _polls(cond, timeout, what):
+        await asyncio.sleep(0.02)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    """Wait (blocking: the thing waited for runs in another thread or process)."""
+    for _ in _polls(cond, timeout, what):
+        time.sleep(0.05)

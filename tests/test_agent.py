@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,12 +25,14 @@ from devtools.repo_server import Fault
 from partitions.bootcontrol import Slot
 from policies.rebootlock import FailureReport
 from policies.strategy import Immediate, Off, RebootStrategy
-from tests.conftest import NotifySocket, Repo
+from tests.conftest import NotifySocket, Repo, until
 from tests.omaha_server import Answer, OmahaServer, Release
-from updater import compose, config
+from updater import compose, config, machinerecord
 from updater import machine as mc
-from updater.agent import Agent, Hooks, wait_any
+from updater.agent import Agent
 from updater.agentapi import AgentStatus
+from updater.agentports import wait_any
+from updater.blessing import HealthCheck
 from updater.errors import RefusedError, UpdaterError
 from updater.health import HealthReport
 from updater.lock import is_held
@@ -60,6 +62,40 @@ class RecordingRebooter:
         self.calls.append(time.monotonic())
         if self.refuse:
             raise RefusedError("reboot_refused", "a shutdown inhibitor is held")
+
+
+class Counted:
+    """A real reboot strategy whose answers are counted: it decides, the test observes."""
+
+    def __init__(self, inner: RebootStrategy) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.yes = 0
+        self.no = 0  # said no, or failed (which is no)
+
+    @property
+    def holding(self) -> bool | None:
+        return self.inner.holding
+
+    def can_finalize(self, version: str | None = None) -> bool:
+        try:
+            allowed = self.inner.can_finalize(version)
+        except Exception:
+            self.no += 1
+            raise
+        if allowed:
+            self.yes += 1
+        else:
+            self.no += 1
+        return allowed
+
+    def report_steady(self, failed: FailureReport | None = None) -> bool:
+        return self.inner.report_steady(failed)
+
+
+def saved_machine(host: Host) -> dict[str, Any]:
+    """The agent's machine as saved in the state file (what `updatectl status` reads)."""
+    return json.loads((host.state_dir / "state.json").read_text())["agent"]  # type: ignore[no-any-return]
 
 
 class VirtualClock:
@@ -93,7 +129,7 @@ class Harness:
         timing: Timing = FAST,
         clock: VirtualClock | None = None,
         metrics: Metrics | None = None,
-        pre_reboot: Hooks | None = None,
+        pre_reboot: HealthCheck | None = None,
     ) -> None:
         self.cfg = config.load(host.config)
         self.updater = compose.updater(self.cfg)
@@ -139,14 +175,6 @@ async def running(h: Harness) -> AsyncIterator[asyncio.Task[None]]:
     finally:
         h.stop.set()
         await asyncio.wait_for(task, 10)
-
-
-async def until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        await asyncio.sleep(0.02)
 
 
 def run_until(h: Harness, cond: Callable[[], bool]) -> None:
@@ -203,12 +231,13 @@ def test_strategy_off_stages_only_and_reboot_now_forces(
     host: Host, repo: Repo, usr_images: dict[str, Path], notify: NotifySocket
 ) -> None:
     repo.publish("1.1.0", usr_images["1.1.0"])
-    h = Harness(host, notify, Off())
+    policy = Counted(Off())
+    h = Harness(host, notify, policy)
 
     async def scenario() -> None:
         async with running(h):
             await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
-            await asyncio.sleep(1.0)  # several reboot-retry periods: the policy says no
+            await until(lambda: policy.no >= 3)  # several reboot-retry periods: it says no
             assert h.rebooter.calls == []
             await h.agent.reboot_now()
             assert len(h.rebooter.calls) == 1
@@ -220,7 +249,8 @@ def test_refused_reboot_is_retried_and_counted(
     host: Host, repo: Repo, usr_images: dict[str, Path], notify: NotifySocket
 ) -> None:
     repo.publish("1.1.0", usr_images["1.1.0"])
-    h = Harness(host, notify, Immediate())
+    metrics = Metrics()
+    h = Harness(host, notify, Immediate(), metrics=metrics)
     h.rebooter.refuse = True
 
     async def scenario() -> None:
@@ -232,7 +262,8 @@ def test_refused_reboot_is_retried_and_counted(
     asyncio.run(scenario())
     st = h.agent.status()
     assert st.state == "UPDATED_NEED_REBOOT" and st.last_error_kind == "reboot_refused"
-    assert h.agent._m.reboot_refusals >= 3  # counted in the machine (and the metric)
+    assert saved_machine(host)["reboot_refusals"] >= 3  # counted in the machine ...
+    assert samples(metrics)["updater_reboots_refused_total"] >= 3  # ... and the metric
     gaps = [b - a for a, b in zip(h.rebooter.calls, h.rebooter.calls[1:], strict=False)]
     assert min(gaps[:1]) >= 0.25  # retried after reboot_retry_s, not in a tight loop
 
@@ -397,7 +428,8 @@ def test_a_bad_server_for_a_whole_day(
     # first check at ~1 min, retries after 1, 2, 4 ... 32 min, then hourly (+-10%): ~33
     assert 25 <= len(checks) <= 35, len(checks)
     assert h.agent.status().state != "UPDATED_NEED_REBOOT"
-    assert len(checks) - 1 <= h.agent._m.failures <= len(checks)  # the last may be under way
+    failures = saved_machine(host)["failures"]
+    assert len(checks) - 1 <= failures <= len(checks)  # the last may be under way
     assert cgpt_flags(host.disk, 2).priority == 0
 
 
@@ -409,7 +441,7 @@ def test_corrupt_state_file_is_set_aside(host: Host, repo: Repo, notify: NotifyS
 
     async def scenario() -> None:
         async with running(h):  # the empty repository answers 404: a failed check
-            await until(lambda: h.agent._m.failures > 0)
+            await until(lambda: h.agent.status().last_error_kind != "")
 
     asyncio.run(scenario())
     assert list(host.state_dir.glob("state.json.corrupt-*"))
@@ -560,9 +592,8 @@ def run_window(h: Harness, clock: WindowClock) -> asyncio.Task[None] | None:
     async def window() -> None:
         task = asyncio.create_task(h.agent.run(h.stop))
         outcome.append(task)
-        deadline = time.monotonic() + 10
-        while not (clock.parked or task.done()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        with contextlib.suppress(AssertionError):  # a wedge is told by what it left behind
+            await until(lambda: clock.parked or task.done(), timeout=10)
         h.stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(task), 10)
@@ -658,7 +689,9 @@ def test_a_busy_state_left_by_a_crashed_agent_is_recovered_at_start(
 ) -> None:
     """An older agent died mid-check (state persisted busy): the next one checks again."""
     host.state_dir.mkdir(parents=True, exist_ok=True)
-    record = mc.to_dict(mc.Machine(state=mc.S.CHECKING_FOR_UPDATE, since=1.0, failures=1))
+    record = machinerecord.to_dict(
+        mc.Machine(state=mc.S.CHECKING_FOR_UPDATE, since=1.0, failures=1)
+    )
     (host.state_dir / "state.json").write_text(json.dumps({"schema": 1, "agent": record}))
     clock = WindowClock(WINDOW_S)
     h = Harness(host, notify, Off(), timing=CRASH_TIMING, clock=clock)
@@ -727,7 +760,8 @@ def test_a_forced_reboot_that_crashes_answers_the_caller_and_is_counted(
     asyncio.run(scenario())
     assert calls == ["call"]
     assert h.agent.status().state == "UPDATED_NEED_REBOOT"
-    assert h.agent._m.reboot_refusals == 1 and h.agent.status().last_error_kind == "internal"
+    assert saved_machine(host)["reboot_refusals"] == 1
+    assert h.agent.status().last_error_kind == "internal"
 
 
 # ---- one reboot attempt at a time; a host going down keeps its slot ---------------------------
@@ -786,16 +820,20 @@ def test_the_retry_timer_during_slow_pre_reboot_hooks_is_not_a_second_attempt(
     lock, hooks = RecordingLock(), CountingHooks(seconds=1.0)  # > 3 reboot_retry_s
     h = Harness(host, notify, lock, pre_reboot=hooks)
 
-    async def scenario() -> None:
+    def ticks_going_down(logs: list[MutableMapping[str, Any]]) -> int:
+        return [e["event"] for e in logs].count("reboot_already_started")
+
+    async def scenario(logs: list[MutableMapping[str, Any]]) -> None:
         async with running(h):
             await until(lambda: len(h.rebooter.calls) == 1)
             lock.released = 0  # (the start's steady step released whatever was held)
             hooks.fail = True  # what a shutdown does to hooks still running
-            await asyncio.sleep(1.5)  # five more retry periods
+            # five more retry periods, longer than the hooks of a second attempt would take
+            await until(lambda: ticks_going_down(logs) >= 5)
             await h.agent.reboot_now()  # the machine is going down: nothing more to do
 
     with capture_logs() as logs:
-        asyncio.run(scenario())
+        asyncio.run(scenario(logs))
     assert (hooks.runs, lock.asked, len(h.rebooter.calls)) == (1, 1, 1)
     assert lock.released == 0 and lock.held  # the next boot's steady step gives it back
     events = [e["event"] for e in logs]
@@ -806,8 +844,6 @@ def test_the_retry_timer_during_slow_pre_reboot_hooks_is_not_a_second_attempt(
 def test_a_reboot_that_never_happens_is_asked_again_after_the_patience(
     host: Host, repo: Repo, usr_images: dict[str, Path], notify: NotifySocket
 ) -> None:
-    from updater.agent import REBOOT_PATIENCE_S  # noqa: PLC0415
-
     repo.publish("1.1.0", usr_images["1.1.0"])
     clock = VirtualClock()
     lock, hooks = RecordingLock(), CountingHooks()
@@ -821,5 +857,5 @@ def test_a_reboot_that_never_happens_is_asked_again_after_the_patience(
 
     h.rebooter.reboot = reboot  # type: ignore[method-assign]
     run_until(h, lambda: len(times) >= 2)
-    assert times[1] - times[0] >= REBOOT_PATIENCE_S
+    assert times[1] - times[0] >= h.agent.timing.reboot_patience_s
     assert hooks.runs == 2 and released[0] == released[1]  # kept all along

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from devtools.diskimage import cgpt_flags
 from devtools.fake_logind import FakeLogindProcess
 from devtools.host import Host
 from partitions.bootcontrol import SlotFlags
-from tests.conftest import NotifySocket, Repo
+from tests.conftest import NotifySocket, Repo, wait_for
 from tests.dbus_support import POLICY, add_match, connect
 
 UPDATECTL = str(Path(sys.executable).with_name("updatectl"))
@@ -106,14 +106,6 @@ def scrape(path: Path) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 30, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Daemon:

@@ -39,8 +39,8 @@ from policies.fleetlockd import running as running_server
 from policies.fleetlockservice import FleetLockService, StoredFailedVersions
 from policies.semaphore import semaphore_key
 from policies.strategy import LockStrategy, Off
-from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, updatectl
-from tests.test_agent import Harness, image_gets, running, samples, until
+from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, until, updatectl
+from tests.test_agent import Harness, image_gets, running, samples
 from updater.clock import SystemClock
 from updater.errors import DiskError, LockError
 from updater.fleetreport import EtcdFleetReporter

@@ -153,3 +153,33 @@ def test_backends_do_not_import_one_another() -> None:
     for name in sorted(BACKENDS):
         used = imports(mods[name], set(mods)) & (BACKENDS - {name})
         assert not used, f"{name} imports the backend(s) {sorted(used)}"
+
+
+# The agent (updater.agent) is a shell around a pure machine; its parts are below it.
+MACHINE = {"updater.machine", "updater.machinerecord"}
+AGENT_PARTS = {
+    "updater.rebootpath",
+    "updater.fleetrecord",
+    "updater.agentports",
+    "updater.blocking",
+    *MACHINE,
+}
+IMPURE_STDLIB = {"asyncio", "os", "subprocess", "threading", "socket", "time", "random", "pathlib"}
+
+
+def test_the_agents_machine_is_pure() -> None:
+    """No I/O, clock or randomness in the machine: it imports only leaf modules."""
+    mods = modules()
+    for name in MACHINE:
+        used = imports(mods[name], set(mods)) - {"updater"}  # `from updater import versions`
+        assert used <= LEAVES | MACHINE, f"{name} imports {sorted(used - LEAVES - MACHINE)}"
+        impure = imports(mods[name], IMPURE_STDLIB)
+        assert not impure, f"{name} imports {sorted(impure)}"
+
+
+def test_the_agents_parts_are_below_it() -> None:
+    mods = modules()
+    for name in AGENT_PARTS:
+        used = imports(mods[name], set(mods))
+        assert "updater.agent" not in used, f"{name} imports updater.agent"
+        assert "updater.compose" not in used, f"{name} imports updater.compose"

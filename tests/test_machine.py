@@ -10,6 +10,7 @@ import pytest
 from updater.machine import (
     BUSY,
     AlreadyStaged,
+    AttemptAbandoned,
     Check,
     CheckRequested,
     ErrorInfo,
@@ -17,15 +18,20 @@ from updater.machine import (
     Event,
     Failed,
     Finalize,
+    FinalizeEnded,
     Install,
     InvalidTransition,
     Machine,
+    Note,
     NoUpdate,
     Offer,
     Progressed,
+    RebooterRefused,
     RebootRefused,
     RebootRequested,
     RebootStarted,
+    Refuse,
+    Release,
     ReportError,
     ResetRequested,
     S,
@@ -36,15 +42,14 @@ from updater.machine import (
     UpdateFound,
     WorkCrashed,
     first_delay,
-    from_dict,
     next_delay,
-    resume,
     server_interval,
     step,
-    to_dict,
 )
+from updater.machinerecord import from_dict, resume, to_dict
 
 T = 1_000_000.0
+NOTHING_STAGED = Refuse("nothing_staged", "no update is staged: nothing to reboot into")
 OFFER = Offer("1.1.0", 4096)
 ERR = ErrorInfo("timeout", "the server stopped sending")
 
@@ -82,7 +87,10 @@ TRANSITIONS: list[tuple[Machine, Event, S, tuple[object, ...]]] = [
     *[(M(s), CheckRequested(), s, ()) for s in (*sorted(BUSY), S.UPDATED_NEED_REBOOT)],
     *[(M(s), Tick(), s, ()) for s in sorted(BUSY)],
     *[(M(s), ResetRequested(), s, ()) for s in S if s != S.REPORTING_ERROR_EVENT],
-    *[(M(s), RebootRequested(), s, ()) for s in S if s != S.UPDATED_NEED_REBOOT],
+    # ... except a forced reboot: its caller hears why not
+    *[(M(s), RebootRequested(), s, (NOTHING_STAGED,)) for s in S if s != S.UPDATED_NEED_REBOOT],
+    # the end of a reboot attempt may come after it un-staged the update
+    *[(M(s), FinalizeEnded(), s, ()) for s in S],
 ]
 
 
@@ -110,6 +118,8 @@ INVALID = [
         (ErrorReported(), {S.REPORTING_ERROR_EVENT}),
         (RebootRefused(ERR), {S.UPDATED_NEED_REBOOT}),
         (RebootStarted(), {S.UPDATED_NEED_REBOOT}),
+        (RebooterRefused(ERR), {S.UPDATED_NEED_REBOOT}),
+        (AttemptAbandoned("pre_reboot_failed"), {S.UPDATED_NEED_REBOOT}),
         (Unstaged(ERR), {S.UPDATED_NEED_REBOOT}),
     ]
     for s in S
@@ -144,6 +154,177 @@ def test_counters() -> None:
     assert (m.staged, m.failures, m.last_error, m.reboot_refusals) == (None, 1, ERR, 0)
     m, _ = step(m, ErrorReported(), T)
     assert (m.state, m.last_error) == (S.IDLE, ERR)
+
+
+# ---- the reboot attempt -------------------------------------------------------------------------
+#
+# One attempt at a time; once the rebooter accepted a reboot, none for reboot_patience_s
+# and the slot is never given back; the rebooter refusing for release_after_s gives it
+# back. Times are monotonic seconds (``monotonic=`` of step), the wall clock is T.
+
+RULES = Timing(reboot_patience_s=600, release_after_s=900)
+STAGED = M(S.UPDATED_NEED_REBOOT, staged="1.1.0")
+ATTEMPT = replace(STAGED, finalizing=True)
+STARTED = replace(STAGED, reboot_started_at=100.0)
+UNDER_WAY = Note("reboot_attempt_under_way", "info", (("forced", False),))
+UNDER_WAY_FORCED = Note("reboot_attempt_under_way", "info", (("forced", True),))
+BUSY_REFUSAL = Refuse(
+    "reboot_refused",
+    "a reboot attempt is under way (waiting for the policy or the pre-reboot hooks)",
+    hint="ask again once it has ended (updatectl status)",
+)
+KEPT = Note(
+    "reboot_lock_kept",
+    "warning",
+    (("reason", "pre_reboot_failed"), ("why", "the reboot already started")),
+)
+REFUSED = ErrorInfo("reboot_refused", "a shutdown inhibitor is held")
+
+# (start, event, monotonic now) -> (actions, the machine's attempt fields after it:
+# finalizing, reboot_started_at, refused_since)
+ATTEMPT_RULES: list[
+    tuple[str, Machine, Event, float, tuple[object, ...], tuple[bool, float | None, float | None]]
+] = [
+    ("tick starts one", STAGED, Tick(), 50.0, (Finalize(),), (True, None, None)),
+    ("request forces one", STAGED, RebootRequested(), 50.0, (Finalize(True),), (True, None, None)),
+    ("staged starts one", M(S.FINALIZING), Staged("1.1.0"), 0.0, (Finalize(),), (True, None, None)),
+    (
+        "already staged starts one",
+        M(S.CHECKING_FOR_UPDATE),
+        AlreadyStaged("1.1.0"),
+        0.0,
+        (Finalize(),),
+        (True, None, None),
+    ),
+    ("tick while one runs", ATTEMPT, Tick(), 50.0, (UNDER_WAY,), (True, None, None)),
+    (
+        "request while one runs",
+        ATTEMPT,
+        RebootRequested(),
+        50.0,
+        (UNDER_WAY_FORCED, BUSY_REFUSAL),
+        (True, None, None),
+    ),
+    ("the attempt ends", ATTEMPT, FinalizeEnded(), 50.0, (), (False, None, None)),
+    ("the rebooter accepts", ATTEMPT, RebootStarted(), 100.0, (), (True, 100.0, None)),
+    (
+        "tick while going down",
+        STARTED,
+        Tick(),
+        699.0,
+        (Note("reboot_already_started", "debug", (("seconds_ago", 599.0),)),),
+        (False, 100.0, None),
+    ),
+    (
+        "request while going down",
+        STARTED,
+        RebootRequested(),
+        699.0,
+        (Note("reboot_already_started", "debug", (("seconds_ago", 599.0),)),),
+        (False, 100.0, None),
+    ),
+    (
+        "tick after the patience",
+        STARTED,
+        Tick(),
+        700.0,
+        (Note("reboot_did_not_happen", "warning", (("seconds_ago", 600.0),)), Finalize()),
+        (True, None, None),
+    ),
+    (
+        "hooks failed",
+        ATTEMPT,
+        AttemptAbandoned("pre_reboot_failed"),
+        50.0,
+        (Release("pre_reboot_failed"),),
+        (True, None, None),
+    ),
+    (
+        "hooks failed while going down",
+        replace(STARTED, finalizing=True),
+        AttemptAbandoned("pre_reboot_failed"),
+        150.0,
+        (KEPT,),
+        (True, 100.0, None),
+    ),
+    (
+        "crashed attempt gives the slot back",
+        ATTEMPT,
+        WorkCrashed(ERR),
+        50.0,
+        (Release("finalize_crashed"),),
+        (True, None, None),
+    ),
+    (
+        "crashed attempt while going down keeps it",
+        replace(STARTED, finalizing=True),
+        WorkCrashed(ERR),
+        150.0,
+        (
+            Note(
+                "reboot_lock_kept",
+                "warning",
+                (("reason", "finalize_crashed"), ("why", "the reboot already started")),
+            ),
+        ),
+        (True, 100.0, None),
+    ),
+    ("crash out of an attempt", STAGED, WorkCrashed(ERR), 50.0, (), (False, None, None)),
+    ("first refusal", ATTEMPT, RebooterRefused(REFUSED), 50.0, (), (True, None, 50.0)),
+    (
+        "refused for a while",
+        replace(ATTEMPT, refused_since=50.0),
+        RebooterRefused(REFUSED),
+        949.0,
+        (),
+        (True, None, 50.0),
+    ),
+    (
+        "refused too long",
+        replace(ATTEMPT, refused_since=50.0),
+        RebooterRefused(REFUSED),
+        950.0,
+        (Release("reboot_refused_too_long"),),
+        (True, None, None),
+    ),
+    (
+        "accepted after refusals",
+        replace(ATTEMPT, refused_since=50.0),
+        RebootStarted(),
+        300.0,
+        (),
+        (True, 300.0, None),
+    ),
+    # a refusal by the policy is no refusal by the rebooter: no release timer
+    ("policy refused", ATTEMPT, RebootRefused(ERR), 50.0, (), (True, None, None)),
+]
+
+
+@pytest.mark.parametrize(
+    ("start", "event", "mono", "actions", "after"),
+    [pytest.param(*case[1:], id=case[0]) for case in ATTEMPT_RULES],
+)
+def test_reboot_attempt(
+    start: Machine,
+    event: Event,
+    mono: float,
+    actions: tuple[object, ...],
+    after: tuple[bool, float | None, float | None],
+) -> None:
+    m, acts = step(start, event, T, monotonic=mono, timing=RULES)
+    assert acts == actions
+    assert (m.finalizing, m.reboot_started_at, m.refused_since) == after
+
+
+def test_refusals_by_the_rebooter_count_like_any_refusal() -> None:
+    m, _ = step(ATTEMPT, RebooterRefused(REFUSED), T, monotonic=1.0)
+    m, _ = step(m, RebootRefused(ERR), T, monotonic=2.0)
+    assert (m.reboot_refusals, m.last_error, m.state) == (2, ERR, S.UPDATED_NEED_REBOOT)
+
+
+def test_the_attempt_is_not_persisted() -> None:
+    m = replace(STARTED, finalizing=True, refused_since=3.0)
+    assert from_dict(to_dict(m)) == replace(STAGED, since=m.since)
 
 
 def test_progress_is_clamped() -> None:

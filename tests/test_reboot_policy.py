@@ -25,8 +25,8 @@ from policies.fleet import HOSTS_PREFIX, FleetPublisher, HostRecord, read_hosts,
 from policies.fleetlock import FleetLock
 from policies.semaphore import Holder, SemaphoreStatus, semaphore_key
 from policies.strategy import LockStrategy
-from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, updatectl
-from tests.test_agent import Harness, running, until
+from tests.conftest import HOST_SLOT_SIZE, NotifySocket, Repo, until, updatectl, wait_for
+from tests.test_agent import Counted, Harness, running, saved_machine
 from updater.clock import SystemClock
 from updater.errors import LockError
 from updater.fleetreport import EtcdFleetReporter
@@ -92,9 +92,12 @@ def test_two_hosts_take_turns_for_one_slot(
     repo.publish("1.1.0", usr_images["1.1.0"])
     hosts = {"aaaa": host, "bbbb": second_host(tmp_path, usr_images, repo)}
 
+    policies: dict[str, Counted] = {}
+
     def harness(hid: str) -> Harness:
         strategy = LockStrategy(EtcdLock(client(etcd), group, 1), hid, clock=SystemClock())
-        h = Harness(hosts[hid], notify, strategy)
+        policies[hid] = Counted(strategy)
+        h = Harness(hosts[hid], notify, policies[hid])
         reporter = EtcdFleetReporter(FleetPublisher(client(etcd), hid, 60), hid, group)
         reporter.hostname = f"node-{hid}"
         h.agent.fleet = reporter
@@ -106,9 +109,9 @@ def test_two_hosts_take_turns_for_one_slot(
     async def scenario() -> None:
         tasks = {hid: asyncio.create_task(h.agent.run(h.stop)) for hid, h in agents.items()}
         await until(lambda: any(h.rebooter.calls for h in agents.values()))
-        await asyncio.sleep(1.0)  # several retries of the other host
         first = next(hid for hid, h in agents.items() if h.rebooter.calls)
         second = next(hid for hid in agents if hid != first)
+        await until(lambda: policies[second].no >= 3)  # several retries of the other host
         assert agents[second].rebooter.calls == []  # never without the lock
         st = sem.status()
         assert st is not None and [x.id for x in st.holders] == [first]
@@ -141,18 +144,19 @@ def test_lock_unavailable_never_reboots(
     """etcd unreachable when the lock is needed: retry with backoff, never reboot."""
     repo.publish("1.1.0", usr_images["1.1.0"])
     dead = EtcdClient(EtcdSettings(endpoints=("http://127.0.0.1:9",), timeout_s=0.3))
-    h = Harness(host, notify, LockStrategy(EtcdLock(dead, "g", 1), "aaaa", clock=_clock()))
+    policy = Counted(LockStrategy(EtcdLock(dead, "g", 1), "aaaa", clock=_clock()))
+    h = Harness(host, notify, policy)
 
     async def scenario() -> None:
         async with running(h):
             await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
-            await asyncio.sleep(1.5)
+            await until(lambda: policy.no >= 3)  # asked, and failed, again and again
 
     asyncio.run(scenario())
     assert h.rebooter.calls == []
     st = h.agent.status()
     assert st.state == "UPDATED_NEED_REBOOT" and st.last_error_kind == "unavailable"
-    assert h.agent._m.reboot_refusals >= 1  # counted: the retries back off
+    assert saved_machine(host)["reboot_refusals"] >= 1  # counted: the retries back off
 
 
 def test_fleetlock_server_decides(
@@ -162,12 +166,13 @@ def test_fleetlock_server_decides(
     with FleetLockServer(slots=1) as server:
         server.add_fault(FleetFault.server_error())
         lock = FleetLock(server.base_url, "workers", timeout_s=2)
-        h = Harness(host, notify, LockStrategy(lock, "aaaa", clock=_clock()))
+        policy = Counted(LockStrategy(lock, "aaaa", clock=_clock()))
+        h = Harness(host, notify, policy)
 
         async def scenario() -> None:
             async with running(h):
                 await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
-                await asyncio.sleep(1.0)
+                await until(lambda: policy.no >= 2)
                 assert h.rebooter.calls == []  # a 500 is "no"
                 server.clear_faults()
                 await until(lambda: len(h.rebooter.calls) == 1)
@@ -252,8 +257,8 @@ def test_fleet_records_live_under_a_lease(etcd: EtcdNode) -> None:
     assert [h.id for h in read_hosts(c) if h.id == "lease-test"] == ["lease-test"]
     pub.publish(record("lease-test", state="CHECKING_FOR_UPDATE"))  # renewed, updated
     assert [h.state for h in read_hosts(c) if h.id == "lease-test"] == ["CHECKING_FOR_UPDATE"]
-    time.sleep(3.5)  # the host stops: its record goes by itself
-    assert [h for h in read_hosts(c) if h.id == "lease-test"] == []
+    # the host stops: its record goes by itself
+    wait_for(lambda: [h for h in read_hosts(c) if h.id == "lease-test"] == [], timeout=10)
     pub.publish(record("lease-test"))  # and comes back with a fresh lease
     assert [h.id for h in read_hosts(c) if h.id == "lease-test"] == ["lease-test"]
 

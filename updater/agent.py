@@ -13,160 +13,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import functools
-import gc
 import random
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
 
 import structlog
 
-from partitions.bootcontrol import Slot
 from policies.failed import refusal
-from policies.rebootlock import FailureReport
 from policies.strategy import RebootStrategy
 from updater import machine as mc
+from updater import machinerecord
 from updater.agentapi import AgentStatus, StatusListener
+from updater.agentports import Blesser, FleetReporter, MetricsPort, NotifierPort, Waiter, wait_any
+from updater.blessing import HealthCheck
+from updater.blocking import release_memory, run_blocking
 from updater.clock import Clock
 from updater.errors import Cancelled, RefusedError, UpdaterError, internal_error
-from updater.health import HealthReport
+from updater.fleetrecord import FleetRecord
 from updater.install import Progress
 from updater.rebooter import Rebooter
+from updater.rebootpath import RebootPath
 from updater.update import CheckResult, Updater
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
-
 STOP_GRACE_S = 3.0  # how long a stop waits for running work to wind down
-# Once logind accepted a reboot, the machine is going down: no second attempt (its
-# pre-reboot hooks would die in the shutdown and give the slot back while the host is
-# still rebooting) until this long has passed with the agent still running.
-REBOOT_PATIENCE_S = 600.0
-
-
-class Notifier(Protocol):
-    def ready(self) -> object: ...
-
-    def status(self, text: str) -> object: ...
-
-    def watchdog(self) -> object: ...
-
-    def stopping(self) -> object: ...
-
-    def watchdog_interval_s(self) -> float | None: ...
-
-
-class Metrics(Protocol):
-    def state_changed(self, state: str, when: float) -> None: ...
-
-    def checked(self, when: float) -> None: ...
-
-    def check_failed(self, kind: str) -> None: ...
-
-    def error(self, kind: str) -> None: ...
-
-    def installed(self, raw_bytes: int, seconds: float) -> None: ...
-
-    def rollback(self, version: str) -> None: ...
-
-    def reboot_requested(self) -> None: ...
-
-    def reboot_refused(self) -> None: ...
-
-    def version_blocked(self, version: str, blocked: bool) -> None: ...
-
-
-class Waiter(Protocol):
-    async def __call__(self, timeout: float | None, *events: asyncio.Event) -> None:
-        """Return when one of ``events`` is set or ``timeout`` seconds passed."""
-        ...
-
-
-async def wait_any(timeout: float | None, *events: asyncio.Event) -> None:
-    """The real Waiter: the event loop's own clock."""
-    tasks = [asyncio.create_task(e.wait()) for e in events]
-    try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-class FleetReporter(Protocol):
-    def report(
-        self, status: AgentStatus, lock_held: bool | None, blocked_version: str = ""
-    ) -> None:
-        """Publish this host's status for the fleet (blocking; run in a thread)."""
-        ...
-
-
-class Hooks(Protocol):
-    async def run(self) -> HealthReport:
-        """Run the pre-reboot hooks (updater.health runs a directory of executables)."""
-        ...
-
-
-class Blesser(Protocol):
-    async def __call__(self) -> Slot:
-        """Run the health checks and mark the booted slot good (HealthError if not)."""
-        ...
-
-
-def run_blocking(fn: Callable[[], T]) -> Awaitable[T]:
-    """Run ``fn`` in a daemon thread; its result or exception as an awaitable.
-
-    Not the default executor: its threads are joined at interpreter exit, and
-    one stuck in a read would hold a stopping agent for the whole timeout.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: object) -> None:
-        if future.done():
-            return
-        if ok:
-            future.set_result(value)  # type: ignore[arg-type]
-        else:
-            assert isinstance(value, BaseException)
-            future.set_exception(value)
-
-    def work() -> None:
-        try:
-            result: object = fn()
-            ok = True
-        except BaseException as exc:
-            result, ok = _awaitable_error(exc), False
-        with contextlib.suppress(RuntimeError):  # the loop may be gone when we stop
-            loop.call_soon_threadsafe(settle, ok, result)
-
-    threading.Thread(target=work, name="agent-work", daemon=True).start()
-    return future
-
-
-def _awaitable_error(exc: BaseException) -> BaseException:
-    """What the work's awaiter gets for ``exc``.
-
-    An asyncio future refuses StopIteration (the result would be lost and the
-    awaiter wait forever), and SystemExit, KeyboardInterrupt or GeneratorExit
-    raised in a worker thread end that work, not the agent: all of them arrive
-    as a RuntimeError that names them.
-    """
-    if isinstance(exc, Exception) and not isinstance(exc, StopIteration):
-        return exc
-    wrapped = RuntimeError(f"{type(exc).__name__} raised in a worker thread: {exc}")
-    wrapped.__cause__ = exc
-    return wrapped
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap back to the system (glibc's malloc_trim)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def status_text(st: AgentStatus) -> str:
@@ -212,18 +84,15 @@ class Agent:
         rebooter: Rebooter,
         bless: Blesser,
         clock: Clock,
-        notifier: Notifier,
-        metrics: Metrics | None = None,
+        notifier: NotifierPort,
+        metrics: MetricsPort | None = None,
         timing: mc.Timing | None = None,
         rng: random.Random | None = None,
         waiter: Waiter = wait_any,
-        pre_reboot: Hooks | None = None,
-        release_after_s: float = 900.0,
+        pre_reboot: HealthCheck | None = None,
         fleet: FleetReporter | None = None,
     ) -> None:
         self.updater = updater
-        self.strategy = strategy
-        self.rebooter = rebooter
         self._bless = bless
         self.clock = clock
         self.notifier = notifier
@@ -231,12 +100,20 @@ class Agent:
         self.timing = timing or mc.Timing()
         self.rng = rng or random.SystemRandom()
         self.waiter = waiter
-        self.pre_reboot = pre_reboot
-        self.release_after_s = release_after_s
-        self.fleet = fleet
-        self._fleet_task: asyncio.Task[None] | None = None
-        self._fleet_reported: tuple[AgentStatus, bool | None, str] | None = None
-        self.blocked_version = ""  # a version this host refuses: it failed on hosts of the group
+        self.fleet_record = FleetRecord(
+            self.status, lambda: self.strategy.holding, metrics=metrics, reporter=fleet
+        )
+        self.reboots = RebootPath(
+            self,
+            self.fleet_record,
+            updater=updater,
+            strategy=strategy,
+            rebooter=rebooter,
+            clock=clock,
+            timing=self.timing,
+            metrics=metrics,
+            pre_reboot=pre_reboot,
+        )
         self._m = mc.Machine()
         self._booted = _Booted()
         self._listeners: list[StatusListener] = []
@@ -247,10 +124,55 @@ class Agent:
         self._check: CheckResult | None = None
         self._stopping = False
         self._last_status: AgentStatus | None = None
-        self._steady_task: asyncio.Task[None] | None = None
-        self._refused_since: float | None = None  # monotonic time of the first refusal
-        self._finalizing = False  # one reboot attempt at a time
-        self._reboot_started: float | None = None  # monotonic time logind accepted a reboot
+
+    # the reboot path's ports, here too: the daemon's tests and tools swap them
+    @property
+    def strategy(self) -> RebootStrategy:
+        return self.reboots.strategy
+
+    @strategy.setter
+    def strategy(self, strategy: RebootStrategy) -> None:
+        self.reboots.strategy = strategy
+
+    @property
+    def rebooter(self) -> Rebooter:
+        return self.reboots.rebooter
+
+    @property
+    def pre_reboot(self) -> HealthCheck | None:
+        return self.reboots.pre_reboot
+
+    @property
+    def fleet(self) -> FleetReporter | None:
+        return self.fleet_record.reporter
+
+    @fleet.setter
+    def fleet(self, reporter: FleetReporter | None) -> None:
+        self.fleet_record.reporter = reporter
+
+    @property
+    def blocked_version(self) -> str:
+        """A version this host refuses: it failed on hosts of the group."""
+        return self.fleet_record.blocked_version
+
+    # ---- what the reboot path sees (updater.rebootpath.AgentSide) -------------------------------
+
+    @property
+    def machine(self) -> mc.Machine:
+        return self._m
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def dispatch(self, event: mc.Event) -> None:
+        await self._dispatch(event)
+
+    async def recover(self, exc: Exception, step: str) -> UpdaterError:
+        return await self._recover(exc, step)
+
+    def note_blocked(self, version: str, blocked: bool) -> None:
+        self.fleet_record.note_blocked(version, blocked)
 
     # ---- AgentControl ---------------------------------------------------------------------------
 
@@ -282,14 +204,12 @@ class Agent:
         await self._dispatch(mc.CheckRequested())
 
     async def reboot_now(self) -> None:
-        if self._m.state != mc.S.UPDATED_NEED_REBOOT:
-            raise RefusedError("nothing_staged", "no update is staged: nothing to reboot into")
-        await self._finalize(force=True)
+        await self._dispatch(mc.RebootRequested())
 
     async def mark_good(self) -> None:
         await self._bless()
         await self._refresh_booted()
-        self._steady()
+        self.reboots.report_steady()
 
     async def reset_status(self) -> None:
         await self._dispatch(mc.ResetRequested())
@@ -327,7 +247,9 @@ class Agent:
                 self.metrics.rollback(rolled_back)
         state = self.updater.store.load()
         staged = await run_blocking(self.updater.staged_slot_boots_next)
-        resumed = mc.resume(mc.from_dict(state.agent), now, staged_still_next=staged)
+        resumed = machinerecord.resume(
+            machinerecord.from_dict(state.agent), now, staged_still_next=staged
+        )
         self._m = resumed.machine
         if not staged:
             self.updater.clear_reboot_sentinel()
@@ -344,14 +266,14 @@ class Agent:
         self._publish(force=True)
         self.notifier.ready()
         if not self._booted.trial:
-            self._steady()
+            self.reboots.report_steady()
         delay = mc.first_delay(self._m, self.timing, self.rng.random())
         self._deadline = self.clock.monotonic() + delay
 
     async def _shutdown(self) -> None:
         self._stopping = True
-        if self._steady_task is not None:
-            self._steady_task.cancel()
+        self.reboots.stop()
+        self.fleet_record.stop()
         self.notifier.stopping()
         self._cancel.set()
         if self._work is not None and not self._work.done():
@@ -379,21 +301,27 @@ class Agent:
             report.booted, report.booted_version or "", not booted.flags.successful
         )
 
-    def _steady(self) -> None:
-        if self._steady_task is None or self._steady_task.done():
-            self._steady_task = asyncio.create_task(self._report_steady())
-
     # ---- events and actions ---------------------------------------------------------------------
 
     async def _dispatch(self, event: mc.Event) -> None:
+        for action in self._apply(event):
+            await self._execute(action)
+
+    def _apply(self, event: mc.Event) -> tuple[mc.Action, ...]:
+        """Step the machine (the only place that does), save, publish and re-arm the timer."""
         before = self._m
-        self._m, actions = mc.step(self._m, event, self.clock.now().timestamp())
-        if mc.to_dict(before) != mc.to_dict(self._m):
+        self._m, actions = mc.step(
+            self._m,
+            event,
+            self.clock.now().timestamp(),
+            monotonic=self.clock.monotonic(),
+            timing=self.timing,
+        )
+        if machinerecord.to_dict(before) != machinerecord.to_dict(self._m):
             self._persist()
         self._publish()
         self._reschedule()
-        for action in actions:
-            await self._execute(action)
+        return actions
 
     def _reschedule(self) -> None:
         delay = mc.next_delay(self._m, self.timing, self.rng.random())
@@ -407,7 +335,7 @@ class Agent:
             case mc.Install(offer=offer):
                 self._start_work(self._do_install(offer), "install")
             case mc.Finalize(force=force):
-                await self._finalize(force)
+                await self.reboots.finalize(force)
             case mc.ReportError(error=error):
                 log.error(
                     "update_failed",
@@ -416,6 +344,12 @@ class Agent:
                     failures=self._m.failures,
                 )
                 await self._dispatch(mc.ErrorReported())
+            case mc.Release(reason=reason):
+                await self.reboots.release(reason)
+            case mc.Refuse(kind=kind, message=message, hint=hint):
+                raise RefusedError(kind, message, hint=hint)
+            case mc.Note(event=event, level=level, fields=fields):
+                getattr(log, level)(event, **dict(fields))
 
     def _start_work(self, coro: Awaitable[None], step: str) -> None:
         async def guarded() -> None:
@@ -494,11 +428,11 @@ class Agent:
         self._check = result
         m = result.manifest
         if m is not None and result.blocked is not None:
-            self._note_blocked(m.version, True)
+            self.note_blocked(m.version, True)
             await self._fail(refusal(result.blocked))
             return
         if m is not None and result.update_available and self.updater.blocks is not None:
-            self._note_blocked(m.version, False)
+            self.note_blocked(m.version, False)
         if m is not None and result.staged:
             await self._dispatch(mc.AlreadyStaged(m.version))
         elif m is not None and result.update_available:
@@ -539,353 +473,17 @@ class Agent:
         await self._dispatch(mc.Staged(offer.version))
 
     def _progress(self, phase: str, fraction: float) -> None:
-        if self._m.state not in mc.INSTALLING or self._stopping:
+        if self._stopping:
             return
-        event = mc.Progressed(phase, fraction)  # type: ignore[arg-type]
         try:
-            self._m, _ = mc.step(self._m, event, self.clock.now().timestamp())
+            self._apply(mc.Progressed(phase, fraction))  # type: ignore[arg-type]
         except mc.InvalidTransition:
             return  # a late callback after the install ended
-        self._publish()
-
-    async def _finalize(self, force: bool) -> None:
-        """Policy (unless forced), pre-reboot hooks, then logind. Fails closed.
-
-        A crash of any of them is a failed reboot attempt (asked again later,
-        backing off) and gives back the cluster lock taken for it.
-
-        One attempt at a time: the retry timer may fire while the hooks of the
-        last attempt still run. Once logind accepted the reboot, no attempt until
-        REBOOT_PATIENCE_S has passed, and the slot is never given back (see
-        :meth:`_release`): the host is going down holding it.
-        """
-        if self._finalizing:
-            log.info("reboot_attempt_under_way", forced=force)
-            if force:
-                raise RefusedError(
-                    "reboot_refused",
-                    "a reboot attempt is under way (waiting for the policy or the "
-                    "pre-reboot hooks)",
-                    hint="ask again once it has ended (updatectl status)",
-                )
-            return
-        if self._reboot_started is not None:
-            since = self.clock.monotonic() - self._reboot_started
-            if since < REBOOT_PATIENCE_S:
-                log.debug("reboot_already_started", seconds_ago=round(since, 1))
-                return
-            log.warning("reboot_did_not_happen", seconds_ago=round(since, 1))
-            self._reboot_started = None
-        self._finalizing = True
-        try:
-            await self._try_finalize(force)
-        except RefusedError:
-            raise  # a forced reboot that logind refused: the caller hears of it
-        except Exception as exc:
-            error = await self._recover(exc, "finalize")
-            await self._release("finalize_crashed")
-            if force and error is exc:
-                raise
-            if force:
-                raise error from exc
-        finally:
-            self._finalizing = False
-
-    async def _try_finalize(self, force: bool) -> None:
-        # The group's failed versions, before the lock is asked for and again once it is
-        # held: a host that rolled back meanwhile has recorded its version before it let
-        # the slot go (see _report_steady).
-        if await self._reboot_blocked(force):
-            return
-        if not force:
-            staged = self._m.staged
-            try:
-                allowed = await run_blocking(functools.partial(self.strategy.can_finalize, staged))
-            except Exception as exc:  # fail closed, and count it
-                if isinstance(exc, RefusedError) and exc.kind == "version_blocked" and staged:
-                    # a lock service (our FleetLock server) knows the group's failed versions
-                    log.error(
-                        "reboot_refused_version_blocked",
-                        version=staged,
-                        strategy=self.strategy.name,
-                        reason=exc.message,
-                    )
-                    await self._refuse_blocked(staged, exc)
-                    return
-                kind = exc.kind if isinstance(exc, UpdaterError) else "policy"
-                log.error(
-                    "reboot_policy_failed",
-                    strategy=self.strategy.name,
-                    error_kind=kind,
-                    error=str(exc),
-                )
-                if self.metrics is not None:
-                    self.metrics.error(kind)
-                # counted as a refusal: the next attempt backs off (up to the cap)
-                await self._dispatch(mc.RebootRefused(mc.ErrorInfo(kind, str(exc))))
-                allowed = False
-            self._report_to_fleet()  # lock held or not: the fleet shows who waits
-            if not allowed:
-                log.info("reboot_deferred", strategy=self.strategy.name, staged=self._m.staged)
-                return
-            if staged is not None and self.updater.blocks is None:
-                self._note_blocked(staged, False)  # the lock service let it through
-            if await self._reboot_blocked(force):
-                return
-        if self.pre_reboot is not None:
-            report = await self.pre_reboot.run()
-            if not report.ok:
-                failed = [r.name for r in report.failures]
-                log.error("pre_reboot_hooks_failed", failed=failed, staged=self._m.staged)
-                if self.metrics is not None:
-                    self.metrics.error("pre_reboot_failed")
-                await self._release("pre_reboot_failed")
-                return
-        log.info("reboot_requested", staged=self._m.staged, forced=force)
-        if self.metrics is not None:
-            self.metrics.reboot_requested()
-        try:
-            await self.rebooter.reboot()
-        except RefusedError as exc:
-            now = self.clock.monotonic()
-            if self._refused_since is None:
-                self._refused_since = now
-            log.warning(
-                "reboot_refused",
-                error=exc.message,
-                refusals=self._m.reboot_refusals + 1,
-                refused_for_s=round(now - self._refused_since, 1),
-            )
-            if self.metrics is not None:
-                self.metrics.reboot_refused()
-            if now - self._refused_since >= self.release_after_s:
-                # Someone keeps blocking the reboot: let another host have the slot.
-                await self._release("reboot_refused_too_long")
-                self._refused_since = None
-            await self._dispatch(mc.RebootRefused(mc.ErrorInfo(exc.kind, exc.message)))
-            if force:
-                raise
-            return
-        self._refused_since = None
-        self._reboot_started = self.clock.monotonic()
-        await self._dispatch(mc.RebootStarted())
-
-    async def _reboot_blocked(self, force: bool) -> bool:
-        """Refuse to reboot into a staged version the group blocks; True if refused.
-
-        Fails safe: a version whose block could not be looked up is not rebooted
-        into, unless forced (an admin's explicit reboot goes ahead when etcd is
-        down, never into a version known to be blocked). A refusal gives back
-        any reboot slot held, is counted and shows as the last error.
-        """
-        blocks, version = self.updater.blocks, self._m.staged
-        if blocks is None or version is None:
-            return False
-        error: UpdaterError | None = None
-        verdict_blocked = False
-        try:
-            verdict = await run_blocking(functools.partial(blocks.verdict, version))
-        except Exception as exc:
-            error = internal_error(exc, "version block lookup")
-            log.error(
-                "version_block_unknown",
-                version=version,
-                group=blocks.group,
-                error_kind=error.kind,
-                error=error.message,
-                forced=force,
-            )
-            if force:
-                return False
-        else:
-            self._note_blocked(version, verdict.blocked)
-            if not verdict.blocked:
-                return False
-            error = refusal(verdict)
-            verdict_blocked = True
-            log.error(
-                "reboot_refused_version_blocked",
-                version=version,
-                group=blocks.group,
-                hosts=verdict.hosts,
-                reason=verdict.describe(),
-            )
-        if verdict_blocked:
-            await self._refuse_blocked(version, error)
-        else:
-            if self.metrics is not None:
-                self.metrics.error(error.kind)
-            if self.strategy.holding:
-                await self._release(error.kind)
-            await self._dispatch(mc.RebootRefused(mc.ErrorInfo(error.kind, error.message)))
-            self._report_to_fleet()
-        if force:
-            raise error
-        return True
-
-    async def _refuse_blocked(self, version: str, error: UpdaterError) -> None:
-        """The staged ``version`` is blocked for the group: give back any slot, take it
-        off the next boot (an unplanned reboot must not boot it either) and report the
-        refusal (IDLE, last error ``version_blocked``); the next check decides again.
-        If it cannot be un-staged, the refusal is a refused reboot, asked again later."""
-        self._note_blocked(version, True)
-        if self.metrics is not None:
-            self.metrics.error(error.kind)
-        if self.strategy.holding:
-            await self._release(error.kind)
-        try:
-            unstaged = await run_blocking(
-                functools.partial(self.updater.unstage, version, error.kind)
-            )
-        except Exception as exc:
-            failed = internal_error(exc, "unstage")
-            log.error(
-                "unstage_failed", version=version, error_kind=failed.kind, error=failed.message
-            )
-            unstaged = None
-        info = mc.ErrorInfo(error.kind, error.message)
-        if unstaged is None:
-            await self._dispatch(mc.RebootRefused(info))
-        else:
-            await self._dispatch(mc.Unstaged(info))
-        self._report_to_fleet()
-
-    def _note_blocked(self, version: str, blocked: bool) -> None:
-        """Show (or stop showing) that this host refuses ``version``."""
-        if blocked:
-            self.blocked_version = version
-        elif self.blocked_version == version:
-            self.blocked_version = ""
-        else:
-            return
-        if self.metrics is not None:
-            try:
-                self.metrics.version_blocked(version, blocked)
-            except Exception:
-                log.exception("metrics_not_counted", error_kind="version_blocked")
-        self._report_to_fleet()
-
-    async def _record_rollbacks(self) -> None:
-        """Record this host's rollbacks for its group (policies.failed); raises while one is
-        left. They wait in the state file, so neither a restart nor etcd being down loses one."""
-        blocks = self.updater.blocks
-        if blocks is None:
-            return
-        for note in self.updater.store.load().unrecorded:
-            try:
-                await run_blocking(
-                    functools.partial(blocks.record, note.version, note.kind, note.at)
-                )
-            except Exception as exc:
-                error = internal_error(exc, "failed version record")
-                log.error(
-                    "failed_version_not_recorded",
-                    version=note.version,
-                    failure_kind=note.kind,
-                    group=blocks.group,
-                    error_kind=error.kind,
-                    error=error.message,
-                )
-                raise
-            self.updater.store.update(lambda st, v=note.version: st.recorded(v))  # type: ignore[misc]
-            log.info(
-                "failed_version_reported",
-                version=note.version,
-                failure_kind=note.kind,
-                group=blocks.group,
-            )
-
-    async def _release_steady(self) -> None:
-        """Release for the steady state; without a failed-version store of its own
-        (FleetLock), each pending rollback goes along with the release, and is kept
-        until a release that carried it succeeded (the server records it first)."""
-        notes = () if self.updater.blocks is not None else self.updater.store.load().unrecorded
-        if not notes:
-            await run_blocking(self.strategy.report_steady)
-            return
-        for note in notes:
-            report = FailureReport(note.version, note.kind)
-            carried = await run_blocking(functools.partial(self.strategy.report_steady, report))
-            if not carried:
-                return  # nowhere to record it (no lock service): kept in the state file
-            self.updater.store.update(lambda st, v=note.version: st.recorded(v))  # type: ignore[misc]
-            log.info(
-                "failed_version_reported",
-                version=note.version,
-                failure_kind=note.kind,
-                via=self.strategy.name,
-            )
-
-    def _report_to_fleet(self) -> None:
-        """Refresh the fleet record when something a dashboard shows changed."""
-        if self.fleet is None or self._stopping:
-            return
-        if self._fleet_task is None or self._fleet_task.done():
-            self._fleet_task = asyncio.create_task(self._fleet_report())
-
-    async def _fleet_report(self) -> None:
-        assert self.fleet is not None
-        fleet = self.fleet
-        while not self._stopping:
-            # progress alone is not fleet news: it would write etcd every percent
-            current = (
-                replace(self.status(), progress=0.0),
-                self.strategy.holding,
-                self.blocked_version,
-            )
-            if current == self._fleet_reported:
-                return
-            try:
-                await run_blocking(functools.partial(fleet.report, *current))
-            except Exception as exc:
-                log.warning("fleet_status_not_published", error=str(exc))
-                return  # the next change or poll tries again
-            self._fleet_reported = current
-
-    async def _release(self, why: str) -> None:
-        """Give back what the strategy holds for a reboot that is not happening now.
-
-        Never once logind accepted a reboot: whatever fails then (a hook killed by
-        the shutdown) happens on a host that is going down, and its slot is what
-        keeps the next host from going down with it. The next boot's steady step
-        gives it back."""
-        if self._reboot_started is not None:
-            log.warning("reboot_lock_kept", reason=why, why="the reboot already started")
-            return
-        try:
-            await run_blocking(self.strategy.report_steady)
-            log.info("reboot_lock_given_back", reason=why)
-        except Exception as exc:
-            log.error("reboot_lock_release_failed", reason=why, error=str(exc))
-
-    async def _report_steady(self) -> None:
-        """Report steady (release any slot this host holds) until it is acknowledged."""
-        delay = self.timing.retry_base_s / 60.0  # seconds: 1 s with the defaults
-        while not self._stopping:
-            try:
-                # A rollback is recorded for the group first, and the slot held until it is:
-                # the next host must not take the slot before it can see the block.
-                await self._record_rollbacks()
-                await self._release_steady()
-                log.info("reported_steady", strategy=self.strategy.name)
-                return
-            except Exception as exc:
-                kind = exc.kind if isinstance(exc, UpdaterError) else "policy"
-                log.warning(
-                    "report_steady_failed",
-                    error_kind=kind,
-                    error=str(exc),
-                    retry_in_s=round(delay, 1),
-                )
-                if self.metrics is not None:
-                    self.metrics.error(kind)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.timing.retry_cap_s)
 
     # ---- publishing -----------------------------------------------------------------------------
 
     def _persist(self) -> None:
-        record = mc.to_dict(self._m)
+        record = machinerecord.to_dict(self._m)
         try:
             self.updater.store.update(lambda st: replace(st, agent=record))
         except UpdaterError as exc:
@@ -909,7 +507,7 @@ class Agent:
             if self.metrics is not None:
                 self.metrics.state_changed(st.state, self.clock.now().timestamp())
         self.notifier.status(status_text(st))
-        self._report_to_fleet()
+        self.fleet_record.refresh()
         for listener in list(self._listeners):
             try:
                 listener(st)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -451,13 +452,12 @@ def build_agent(
         clock=up.clock,
         notifier=notifier,
         metrics=metrics,
-        timing=timing(config),
+        timing=replace(timing(config), release_after_s=config.reboot.release_after_s),
         pre_reboot=HealthChecker(
             config.reboot.pre_reboot_dir,
             config.reboot.pre_reboot_timeout_s,
             event="pre_reboot_hook",
         ),
-        release_after_s=config.reboot.release_after_s,
         fleet=fleet_reporter(config, holder=holder),
     )
 

@@ -5,11 +5,20 @@ The daemon feeds it events (timer ticks, results of the work it did, requests
 from D-Bus) and carries out the actions it returns. Each transition names the
 states it may start from: an event from the agent's own work arriving in any
 other state is a bug and raises :class:`InvalidTransition`; a request from
-outside (check now, reset, reboot now) in a state where it makes no sense is
-ignored (update_engine's behaviour: a check while one runs is a no-op).
+outside (check now, reset) in a state where it makes no sense is ignored
+(update_engine's behaviour: a check while one runs is a no-op); a forced
+reboot with nothing staged is refused (:class:`Refuse`: its caller hears why).
 
 Retry counters live in the machine (``failures``, ``reboot_refusals``), and
-the time to the next poll is a pure function of it (:func:`next_delay`).
+the time to the next poll is a pure function of it (:func:`next_delay`). The
+machine in the state file and across restarts: updater.machinerecord.
+
+The reboot attempt is decided here too: one attempt at a time
+(``finalizing``), no new attempt for ``reboot_patience_s`` once the rebooter
+accepted one, the reboot slot given back when the rebooter keeps refusing for
+``release_after_s`` and never once the host is going down. Those rules read
+the monotonic clock the agent passes to :func:`step`; they are not persisted
+(an agent that restarts starts a fresh attempt).
 """
 
 from __future__ import annotations
@@ -18,8 +27,6 @@ import enum
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal
-
-from updater import versions
 
 
 class S(enum.StrEnum):
@@ -61,6 +68,10 @@ class Machine:
     reboot_refusals: int = 0  # reboots refused since the update was staged
     server_interval_s: float | None = None  # poll interval the server asked for
     progress: float = 0.0  # 0..1 of the install under way
+    # the reboot attempt, in monotonic seconds (not persisted)
+    finalizing: bool = False  # an attempt (policy, pre-reboot hooks, rebooter) is under way
+    reboot_started_at: float | None = None  # the rebooter accepted a reboot then
+    refused_since: float | None = None  # the rebooter has refused since then
 
 
 # ---- events -----------------------------------------------------------------------------------
@@ -138,8 +149,29 @@ class RebootRefused:
 
 
 @dataclass(frozen=True)
+class RebooterRefused:
+    """The rebooter (logind) refused the reboot it was asked for: a refusal that,
+    going on for ``release_after_s``, gives the reboot slot back to the group."""
+
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
 class RebootStarted:
-    pass
+    """The rebooter accepted the reboot: the host is going down."""
+
+
+@dataclass(frozen=True)
+class AttemptAbandoned:
+    """The reboot attempt gives up without a reboot (pre-reboot hooks failed, the
+    version is blocked): the slot taken for it goes back, unless the host is going down."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class FinalizeEnded:
+    """The attempt a :class:`Finalize` started is over, whatever its outcome."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +196,10 @@ Event = (
     | ErrorReported
     | WorkCrashed
     | RebootRefused
+    | RebooterRefused
     | RebootStarted
+    | AttemptAbandoned
+    | FinalizeEnded
     | Unstaged
 )
 
@@ -185,9 +220,36 @@ class Install:
 
 @dataclass(frozen=True)
 class Finalize:
-    """Ask the reboot policy (unless forced) and reboot; answer RebootStarted/Refused."""
+    """Ask the reboot policy (unless forced), run the pre-reboot hooks and reboot; answer
+    RebootStarted, RebooterRefused, RebootRefused, AttemptAbandoned or Unstaged, then
+    FinalizeEnded."""
 
     force: bool = False
+
+
+@dataclass(frozen=True)
+class Release:
+    """Give back what the reboot strategy holds (the reboot slot); ``reason`` is logged."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Answer the request that asked for this with a RefusedError."""
+
+    kind: str  # a RefusedError kind
+    message: str
+    hint: str | None = None
+
+
+@dataclass(frozen=True)
+class Note:
+    """Log a decision that did nothing else (the agent logs ``event`` with ``fields``)."""
+
+    event: str
+    level: Literal["debug", "info", "warning"] = "info"
+    fields: tuple[tuple[str, str | float | bool], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -197,7 +259,7 @@ class ReportError:
     error: ErrorInfo
 
 
-Action = Check | Install | Finalize | ReportError
+Action = Check | Install | Finalize | ReportError | Release | Refuse | Note
 
 
 class InvalidTransition(Exception):
@@ -205,154 +267,6 @@ class InvalidTransition(Exception):
         super().__init__(f"{type(event).__name__} cannot happen in {machine.state}")
         self.machine = machine
         self.event = event
-
-
-# ---- transitions ------------------------------------------------------------------------------
-
-_PHASE_STATE = {"download": S.DOWNLOADING, "verify": S.VERIFYING, "finalize": S.FINALIZING}
-_PHASE_ORDER = [S.UPDATE_AVAILABLE, S.DOWNLOADING, S.VERIFYING, S.FINALIZING]
-
-
-def _enter(m: Machine, state: S, now: float, **changes: Any) -> Machine:
-    return replace(m, state=state, since=now if state != m.state else m.since, **changes)
-
-
-def step(m: Machine, event: Event, now: float) -> tuple[Machine, tuple[Action, ...]]:
-    def require(*states: S) -> None:
-        if m.state not in states:
-            raise InvalidTransition(m, event)
-
-    match event:
-        case Tick():
-            if m.state == S.IDLE:
-                return _enter(m, S.CHECKING_FOR_UPDATE, now), (Check(),)
-            if m.state == S.UPDATED_NEED_REBOOT:
-                return m, (Finalize(),)
-            return m, ()  # a late timer while busy: nothing to do
-        case CheckRequested():
-            if m.state in (S.IDLE, S.REPORTING_ERROR_EVENT):
-                return _enter(m, S.CHECKING_FOR_UPDATE, now), (Check(),)
-            return m, ()
-        case ResetRequested():
-            if m.state == S.REPORTING_ERROR_EVENT:
-                return _enter(m, S.IDLE, now), ()
-            return m, ()
-        case RebootRequested():
-            if m.state == S.UPDATED_NEED_REBOOT:
-                return m, (Finalize(force=True),)
-            return m, ()
-        case NoUpdate(interval_s=interval):
-            require(S.CHECKING_FOR_UPDATE)
-            return _enter(
-                m,
-                S.IDLE,
-                now,
-                failures=0,
-                offer=None,
-                last_error=None,
-                last_check=now,
-                server_interval_s=interval,
-            ), ()
-        case UpdateFound(offer=offer, interval_s=interval):
-            require(S.CHECKING_FOR_UPDATE)
-            # failures are kept: an install that fails every time must back off
-            return _enter(
-                m,
-                S.UPDATE_AVAILABLE,
-                now,
-                offer=offer,
-                last_check=now,
-                progress=0.0,
-                server_interval_s=interval,
-            ), (Install(offer),)
-        case AlreadyStaged(version=version):
-            require(S.CHECKING_FOR_UPDATE)
-            return _enter(
-                m,
-                S.UPDATED_NEED_REBOOT,
-                now,
-                staged=version,
-                failures=0,
-                last_check=now,
-                last_error=None,
-                progress=1.0,
-            ), (Finalize(),)
-        case Progressed(phase=phase, fraction=fraction):
-            require(*INSTALLING)
-            target = _PHASE_STATE[phase]
-            if _PHASE_ORDER.index(target) < _PHASE_ORDER.index(m.state):
-                raise InvalidTransition(m, event)  # the pipeline never goes back
-            return _enter(m, target, now, progress=min(max(fraction, 0.0), 1.0)), ()
-        case Staged(version=version):
-            require(*INSTALLING)
-            return _enter(
-                m,
-                S.UPDATED_NEED_REBOOT,
-                now,
-                staged=version,
-                failures=0,
-                last_error=None,
-                progress=1.0,
-                reboot_refusals=0,
-            ), (Finalize(),)
-        case Failed(error=error):
-            require(*BUSY)
-            return _enter(
-                m,
-                S.REPORTING_ERROR_EVENT,
-                now,
-                failures=m.failures + 1,
-                last_error=error,
-                progress=0.0,
-            ), (ReportError(error),)
-        case ErrorReported():
-            require(S.REPORTING_ERROR_EVENT)
-            return _enter(m, S.IDLE, now), ()
-        case WorkCrashed(error=error):
-            return _crashed(m, error, now)
-        case RebootRefused(error=error):
-            require(S.UPDATED_NEED_REBOOT)
-            return replace(m, reboot_refusals=m.reboot_refusals + 1, last_error=error), ()
-        case RebootStarted():
-            require(S.UPDATED_NEED_REBOOT)
-            return m, ()
-        case Unstaged(error=error):
-            require(S.UPDATED_NEED_REBOOT)
-            return _enter(
-                m,
-                S.REPORTING_ERROR_EVENT,
-                now,
-                staged=None,
-                offer=None,
-                failures=m.failures + 1,
-                last_error=error,
-                progress=0.0,
-                reboot_refusals=0,
-            ), (ReportError(error),)
-    raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
-
-
-def _crashed(m: Machine, error: ErrorInfo, now: float) -> tuple[Machine, tuple[Action, ...]]:
-    """Whatever the state, a crash ends as a failure that is backed off, never a wedge.
-
-    Busy: a failed check or install (reported, then IDLE). Reporting an error:
-    the report is over. Staged: a failed reboot attempt, asked again later.
-    Idle: a failure, so the next check backs off.
-    """
-    if m.state in BUSY:
-        return _enter(
-            m,
-            S.REPORTING_ERROR_EVENT,
-            now,
-            failures=m.failures + 1,
-            last_error=error,
-            progress=0.0,
-        ), (ReportError(error),)
-    if m.state == S.REPORTING_ERROR_EVENT:
-        return _enter(m, S.IDLE, now, last_error=error), ()
-    if m.state == S.UPDATED_NEED_REBOOT:
-        return replace(m, reboot_refusals=m.reboot_refusals + 1, last_error=error), ()
-    return replace(m, failures=m.failures + 1, last_error=error), ()
 
 
 # ---- timing -----------------------------------------------------------------------------------
@@ -370,6 +284,238 @@ class Timing:
     # ... nor longer than this or poll_interval_s, whichever is longer (update_engine
     # caps at 4 h): a server, or a state file, saying 31 years cannot stop the polls
     max_server_interval_s: float = 4 * 3600.0
+    # once the rebooter accepted a reboot, no new attempt before this: its pre-reboot hooks
+    # would die in the shutdown and give the slot back while the host is still going down
+    reboot_patience_s: float = 600.0
+    release_after_s: float = 900.0  # the rebooter refusing this long: give the slot back
+
+
+DEFAULT_TIMING = Timing()
+
+
+# ---- transitions ------------------------------------------------------------------------------
+
+_PHASE_STATE = {"download": S.DOWNLOADING, "verify": S.VERIFYING, "finalize": S.FINALIZING}
+_PHASE_ORDER = [S.UPDATE_AVAILABLE, S.DOWNLOADING, S.VERIFYING, S.FINALIZING]
+
+
+def enter(m: Machine, state: S, now: float, **changes: Any) -> Machine:
+    """``m`` in ``state`` (entered at ``now``, unless it is already there) with ``changes``."""
+    return replace(m, state=state, since=now if state != m.state else m.since, **changes)
+
+
+def step(
+    m: Machine,
+    event: Event,
+    now: float,
+    *,
+    monotonic: float | None = None,
+    timing: Timing = DEFAULT_TIMING,
+) -> tuple[Machine, tuple[Action, ...]]:
+    """The machine after ``event`` at unix time ``now``, and the actions to carry out.
+
+    ``monotonic`` (default ``now``) is the clock of the reboot attempt's rules
+    (patience, release): a wall clock that jumps must not shorten them.
+    """
+    mono = now if monotonic is None else monotonic
+
+    def require(*states: S) -> None:
+        if m.state not in states:
+            raise InvalidTransition(m, event)
+
+    match event:
+        case Tick():
+            if m.state == S.IDLE:
+                return enter(m, S.CHECKING_FOR_UPDATE, now), (Check(),)
+            if m.state == S.UPDATED_NEED_REBOOT:
+                return _attempt(m, mono, timing, force=False)
+            return m, ()  # a late timer while busy: nothing to do
+        case CheckRequested():
+            if m.state in (S.IDLE, S.REPORTING_ERROR_EVENT):
+                return enter(m, S.CHECKING_FOR_UPDATE, now), (Check(),)
+            return m, ()
+        case ResetRequested():
+            if m.state == S.REPORTING_ERROR_EVENT:
+                return enter(m, S.IDLE, now), ()
+            return m, ()
+        case RebootRequested():
+            if m.state == S.UPDATED_NEED_REBOOT:
+                return _attempt(m, mono, timing, force=True)
+            return m, (Refuse("nothing_staged", "no update is staged: nothing to reboot into"),)
+        case NoUpdate(interval_s=interval):
+            require(S.CHECKING_FOR_UPDATE)
+            return enter(
+                m,
+                S.IDLE,
+                now,
+                failures=0,
+                offer=None,
+                last_error=None,
+                last_check=now,
+                server_interval_s=interval,
+            ), ()
+        case UpdateFound(offer=offer, interval_s=interval):
+            require(S.CHECKING_FOR_UPDATE)
+            # failures are kept: an install that fails every time must back off
+            return enter(
+                m,
+                S.UPDATE_AVAILABLE,
+                now,
+                offer=offer,
+                last_check=now,
+                progress=0.0,
+                server_interval_s=interval,
+            ), (Install(offer),)
+        case AlreadyStaged(version=version):
+            require(S.CHECKING_FOR_UPDATE)
+            return enter(
+                m,
+                S.UPDATED_NEED_REBOOT,
+                now,
+                staged=version,
+                failures=0,
+                last_check=now,
+                last_error=None,
+                progress=1.0,
+                finalizing=True,
+            ), (Finalize(),)
+        case Progressed(phase=phase, fraction=fraction):
+            require(*INSTALLING)
+            target = _PHASE_STATE[phase]
+            if _PHASE_ORDER.index(target) < _PHASE_ORDER.index(m.state):
+                raise InvalidTransition(m, event)  # the pipeline never goes back
+            return enter(m, target, now, progress=min(max(fraction, 0.0), 1.0)), ()
+        case Staged(version=version):
+            require(*INSTALLING)
+            return enter(
+                m,
+                S.UPDATED_NEED_REBOOT,
+                now,
+                staged=version,
+                failures=0,
+                last_error=None,
+                progress=1.0,
+                reboot_refusals=0,
+                finalizing=True,
+            ), (Finalize(),)
+        case Failed(error=error):
+            require(*BUSY)
+            return enter(
+                m,
+                S.REPORTING_ERROR_EVENT,
+                now,
+                failures=m.failures + 1,
+                last_error=error,
+                progress=0.0,
+            ), (ReportError(error),)
+        case ErrorReported():
+            require(S.REPORTING_ERROR_EVENT)
+            return enter(m, S.IDLE, now), ()
+        case WorkCrashed(error=error):
+            return _crashed(m, error, now)
+        case RebootRefused(error=error):
+            require(S.UPDATED_NEED_REBOOT)
+            return replace(m, reboot_refusals=m.reboot_refusals + 1, last_error=error), ()
+        case RebooterRefused(error=error):
+            require(S.UPDATED_NEED_REBOOT)
+            since = mono if m.refused_since is None else m.refused_since
+            m = replace(
+                m, reboot_refusals=m.reboot_refusals + 1, last_error=error, refused_since=since
+            )
+            if mono - since >= timing.release_after_s:
+                # someone keeps blocking the reboot: let another host have the slot
+                return _release(replace(m, refused_since=None), "reboot_refused_too_long")
+            return m, ()
+        case RebootStarted():
+            require(S.UPDATED_NEED_REBOOT)
+            return replace(m, reboot_started_at=mono, refused_since=None), ()
+        case AttemptAbandoned(reason=reason):
+            require(S.UPDATED_NEED_REBOOT)
+            return _release(m, reason)
+        case FinalizeEnded():
+            return replace(m, finalizing=False), ()
+        case Unstaged(error=error):
+            require(S.UPDATED_NEED_REBOOT)
+            return enter(
+                m,
+                S.REPORTING_ERROR_EVENT,
+                now,
+                staged=None,
+                offer=None,
+                failures=m.failures + 1,
+                last_error=error,
+                progress=0.0,
+                reboot_refusals=0,
+            ), (ReportError(error),)
+    raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
+
+
+def _attempt(
+    m: Machine, mono: float, timing: Timing, *, force: bool
+) -> tuple[Machine, tuple[Action, ...]]:
+    """A reboot attempt is due (the timer, or forced by a request), if none is under way.
+
+    One at a time: the timer may fire while the policy or the hooks of the last
+    attempt still run (a forced one hears why not). Once the rebooter accepted a
+    reboot, none until ``reboot_patience_s`` has passed without it happening.
+    """
+    if m.finalizing:
+        note = Note("reboot_attempt_under_way", "info", (("forced", force),))
+        if not force:
+            return m, (note,)
+        return m, (
+            note,
+            Refuse(
+                "reboot_refused",
+                "a reboot attempt is under way (waiting for the policy or the pre-reboot hooks)",
+                hint="ask again once it has ended (updatectl status)",
+            ),
+        )
+    notes: tuple[Action, ...] = ()
+    if m.reboot_started_at is not None:
+        since = round(mono - m.reboot_started_at, 1)
+        if mono - m.reboot_started_at < timing.reboot_patience_s:
+            return m, (Note("reboot_already_started", "debug", (("seconds_ago", since),)),)
+        notes = (Note("reboot_did_not_happen", "warning", (("seconds_ago", since),)),)
+    return replace(m, finalizing=True, reboot_started_at=None), (*notes, Finalize(force=force))
+
+
+def _release(m: Machine, reason: str) -> tuple[Machine, tuple[Action, ...]]:
+    """Give the reboot slot back, never once the rebooter accepted a reboot: whatever
+    fails then (a hook killed by the shutdown) happens on a host that is going down, and
+    its slot is what keeps the next host from going down with it. The next boot's steady
+    step gives it back."""
+    if m.reboot_started_at is not None:
+        kept = (("reason", reason), ("why", "the reboot already started"))
+        return m, (Note("reboot_lock_kept", "warning", kept),)
+    return m, (Release(reason),)
+
+
+def _crashed(m: Machine, error: ErrorInfo, now: float) -> tuple[Machine, tuple[Action, ...]]:
+    """Whatever the state, a crash ends as a failure that is backed off, never a wedge.
+
+    Busy: a failed check or install (reported, then IDLE). Reporting an error:
+    the report is over. Staged: a failed reboot attempt, asked again later, that
+    gives back the slot taken for it. Idle: a failure, so the next check backs off.
+    """
+    if m.state in BUSY:
+        return enter(
+            m,
+            S.REPORTING_ERROR_EVENT,
+            now,
+            failures=m.failures + 1,
+            last_error=error,
+            progress=0.0,
+        ), (ReportError(error),)
+    if m.state == S.REPORTING_ERROR_EVENT:
+        return enter(m, S.IDLE, now, last_error=error), ()
+    if m.state == S.UPDATED_NEED_REBOOT:
+        m = replace(m, reboot_refusals=m.reboot_refusals + 1, last_error=error)
+        return _release(m, "finalize_crashed") if m.finalizing else (m, ())
+    return replace(m, failures=m.failures + 1, last_error=error), ()
+
+
+# ---- delays -----------------------------------------------------------------------------------
 
 
 def _jittered(seconds: float, timing: Timing, rnd: float) -> float:
@@ -407,83 +553,3 @@ def server_interval(asked_s: float, timing: Timing) -> float:
 def first_delay(m: Machine, timing: Timing, rnd: float) -> float:
     """Seconds from the agent's start to its first Tick."""
     return timing.first_check_delay_s * (1.0 + timing.jitter * rnd)
-
-
-# ---- persistence ------------------------------------------------------------------------------
-
-
-def to_dict(m: Machine) -> dict[str, Any]:
-    return {
-        "state": m.state.value,
-        "since": m.since,
-        "failures": m.failures,
-        "offer": None if m.offer is None else {"version": m.offer.version, "size": m.offer.size},
-        "staged": m.staged,
-        "last_error": None
-        if m.last_error is None
-        else {"kind": m.last_error.kind, "message": m.last_error.message},
-        "last_check": m.last_check,
-        "reboot_refusals": m.reboot_refusals,
-        "server_interval_s": m.server_interval_s,
-    }
-
-
-def _num(d: dict[str, Any], key: str, default: float) -> float:
-    v = d.get(key, default)
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else default
-
-
-def from_dict(d: Any) -> Machine:
-    """Read what :func:`to_dict` wrote; anything unreadable gives a fresh machine."""
-    if not isinstance(d, dict):
-        return Machine()
-    try:
-        state = S(str(d.get("state")))
-    except ValueError:
-        return Machine()
-    offer = d.get("offer")
-    err = d.get("last_error")
-    staged = d.get("staged")
-    interval = d.get("server_interval_s")
-    return Machine(
-        state=state,
-        since=_num(d, "since", 0.0),
-        failures=max(0, int(_num(d, "failures", 0))),
-        offer=Offer(str(offer["version"]), int(offer["size"]))
-        if isinstance(offer, dict)
-        and versions.is_valid(str(offer.get("version", "")))
-        and isinstance(offer.get("size"), int)
-        else None,
-        staged=staged if isinstance(staged, str) and versions.is_valid(staged) else None,
-        last_error=ErrorInfo(str(err.get("kind", "")), str(err.get("message", "")))
-        if isinstance(err, dict)
-        else None,
-        last_check=_num(d, "last_check", 0.0),
-        reboot_refusals=max(0, int(_num(d, "reboot_refusals", 0))),
-        server_interval_s=float(interval) if isinstance(interval, int | float) else None,
-    )
-
-
-@dataclass(frozen=True)
-class Resumed:
-    machine: Machine
-    note: str  # what happened to the state across the restart, for the log
-
-
-def resume(m: Machine, now: float, *, staged_still_next: bool) -> Resumed:
-    """The machine a restarted agent continues with.
-
-    UPDATED_NEED_REBOOT survives a restart while the staged slot still boots
-    next (update_engine's marker file); work cut off by a stop or a crash
-    restarts from IDLE (the install's own marker makes it start over); an
-    error being reported is done.
-    """
-    if m.state == S.UPDATED_NEED_REBOOT:
-        if staged_still_next:
-            return Resumed(m, "update_still_staged")
-        return Resumed(_enter(m, S.IDLE, now, staged=None, progress=0.0), "staged_update_gone")
-    if m.state in BUSY:
-        return Resumed(_enter(m, S.IDLE, now, progress=0.0, offer=None), "work_interrupted")
-    if m.state == S.REPORTING_ERROR_EVENT:
-        return Resumed(_enter(m, S.IDLE, now), "error_reported")
-    return Resumed(m, "idle")
