@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,10 +24,12 @@ import structlog
 
 import tests.fuzzing  # noqa: F401  (registers and loads the hypothesis profile)
 from devtools.diskimage import DEFAULT_LABELS, DiskLayout, PartitionSpec, make_disk_image
+from devtools.etcd import EtcdNode
 from devtools.fsimage import make_usr_image
 from devtools.gpgkeys import SigningKey, create_key, kill_agents
 from devtools.host import Host, provision
 from devtools.repo_server import RepoServer
+from policies.etcdclient import EtcdClient, EtcdSettings
 from tests.toolslist import listed
 from updater import cli
 from updater.clock import SystemClock
@@ -332,3 +335,26 @@ def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "") ->
     """Wait (blocking: the thing waited for runs in another thread or process)."""
     for _ in _polls(cond, timeout, what):
         time.sleep(0.05)
+
+
+# ---- etcd -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdNode]:
+    """A real single-node etcd on loopback for the test module, gone after it."""
+    with EtcdNode() as node:
+        yield node
+
+
+@pytest.fixture
+def group() -> str:
+    """A lock group of the test's own, so tests sharing one etcd never meet."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def client(etcd: EtcdNode) -> Iterator[EtcdClient]:
+    c = EtcdClient(EtcdSettings(endpoints=etcd.endpoints, timeout_s=5))
+    yield c
+    c.close()

@@ -7,7 +7,6 @@ import base64
 import http.server
 import shutil
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,24 +36,6 @@ class FixedClock:
 
 
 T0 = datetime(2026, 11, 28, 4, 0, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdNode]:
-    with EtcdNode() as node:
-        yield node
-
-
-@pytest.fixture
-def group() -> str:
-    return f"t-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def client(etcd: EtcdNode) -> Iterator[EtcdClient]:
-    c = EtcdClient(EtcdSettings(endpoints=etcd.endpoints, timeout_s=5))
-    yield c
-    c.close()
 
 
 def make_lock(

@@ -11,7 +11,6 @@ import base64
 import contextlib
 import json
 import threading
-import uuid
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
@@ -47,24 +46,6 @@ from updater.fleetreport import EtcdFleetReporter
 from updater.metrics import Metrics
 
 A, B, C = "aaaa", "bbbb", "cccc"
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdNode]:
-    with EtcdNode() as node:
-        yield node
-
-
-@pytest.fixture
-def group() -> str:
-    return f"f-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def client(etcd: EtcdNode) -> Iterator[EtcdClient]:
-    c = EtcdClient(EtcdSettings(endpoints=etcd.endpoints, timeout_s=5))
-    yield c
-    c.close()
 
 
 def put_raw(client: EtcdClient, key: str, value: bytes) -> None:

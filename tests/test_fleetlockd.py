@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Collection, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,24 +62,6 @@ class Blocked:
 
     def record(self, group: str, version: str, host: str, kind: str) -> None:
         raise AssertionError("nothing is recorded here")
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdNode]:
-    with EtcdNode() as node:
-        yield node
-
-
-@pytest.fixture
-def group() -> str:
-    return f"t-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def client(etcd: EtcdNode) -> Iterator[EtcdClient]:
-    c = EtcdClient(EtcdSettings(endpoints=etcd.endpoints, timeout_s=5))
-    yield c
-    c.close()
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -30,12 +29,6 @@ from tests.test_agent import Counted, Harness, running, saved_machine
 from updater.clock import SystemClock
 from updater.errors import LockError
 from updater.fleetreport import EtcdFleetReporter
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdNode]:
-    with EtcdNode() as node:
-        yield node
 
 
 @pytest.fixture
