@@ -28,14 +28,8 @@ import requests
 import structlog
 
 from updater.errors import ConfigError, DownloadError, OmahaError
-from updater.omaha import (
-    MAX_RESPONSE_BYTES,
-    OmahaEvent,
-    OmahaRequestContext,
-    OmahaResponse,
-    build_request,
-    parse_response,
-)
+from updater.omaha import MAX_RESPONSE_BYTES, OmahaResponse, parse_response
+from updater.omaha_request import OmahaEvent, OmahaRequestContext, build_request
 from updater.transport import FOREIGN_ERRORS, HttpTransport, wrap_error
 from updater.urls import parse_url
 
