@@ -70,13 +70,21 @@ def omaha_settings(config: Config) -> tuple[str | None, str]:
     return server, group or config.source.channel
 
 
-def expected_channel(config: Config) -> str:
-    """The channel a manifest must name: the Omaha group, or [source] channel."""
-    return omaha_settings(config)[1] if config.source.kind == "omaha" else config.source.channel
+def expected_channel(config: Config, omaha: tuple[str | None, str] | None = None) -> str:
+    """The channel a manifest must name: the Omaha group (of ``omaha``, the
+    :func:`omaha_settings` already read), or [source] channel."""
+    if config.source.kind != "omaha":
+        return config.source.channel
+    return (omaha or omaha_settings(config))[1]
 
 
 def update_source(
-    config: Config, transport: SchemeTransport, http: HttpTransport, *, need_source: bool
+    config: Config,
+    transport: SchemeTransport,
+    http: HttpTransport,
+    *,
+    need_source: bool,
+    omaha: tuple[str | None, str] | None = None,  # omaha_settings, if already read
 ) -> UpdateSource | None:
     cache = HttpCache(config.agent.state_dir / "cache")
     if config.source.kind == "omaha":
@@ -85,7 +93,7 @@ def update_source(
         from updater.omaha_client import OmahaClient, host_context
         from updater.omaha_source import DisabledSource, EventQueue, OmahaSource
 
-        server, group = omaha_settings(config)
+        server, group = omaha or omaha_settings(config)
         if server == DISABLED:
             return DisabledSource()
         if server is None:
@@ -231,13 +239,15 @@ def updater(
         )
     )
     transport = SchemeTransport(http=http)
-    source = update_source(config, transport, http, need_source=need_source)
+    # Flatcar's update.conf, read once: the server and the group the manifests must name
+    omaha = omaha_settings(config) if src.kind == "omaha" else None
+    source = update_source(config, transport, http, need_source=need_source, omaha=omaha)
     return Updater(
         boot=boot_control(config),
         store=StateStore(config.agent.state_dir),
         clock=SystemClock(),
         os_release=config.agent.os_release,
-        channel=expected_channel(config),
+        channel=expected_channel(config, omaha),
         source=source,
         verifier=GnupgVerifier(src.keyring),
         transport=transport,
