@@ -24,7 +24,7 @@ from updater import dbus_api
 from updater.agent import Agent
 from updater.blessing import bless
 from updater.clock import Clock, SystemClock
-from updater.config import ESP_CANDIDATES, Config, entry_template, reboot_windows
+from updater.config import ESP_CANDIDATES, Config, entry_template
 from updater.errors import ConfigError
 from updater.gpg import GnupgVerifier
 from updater.health import HealthChecker, SystemdUnits
@@ -210,8 +210,8 @@ def boot_files_unused(config: Config) -> ConfigError | None:
             "that carry a kernel, or publish releases without --kernel/--uki",
         )
     if d.backend == "systemd-boot":
-        sd = config.systemd_boot
-        paths = [sd.linux, *sd.initrd]
+        entry = entry_template(config.systemd_boot)
+        paths = [entry.linux, *entry.initrd]
         if not all("{label}" in p for p in paths):
             return ConfigError(
                 "invalid",
@@ -359,7 +359,7 @@ def reboot_strategy(
 ) -> RebootStrategy:
     """The configured strategy; with the lock, ``holder`` (default: this host's id) asks
     for the slot, and with the etcd lock ``metrics`` gets the holders' ages while waiting."""
-    windows = reboot_windows(config.reboot)
+    windows = config.reboot.windows
     if config.reboot.strategy == "lock":
         lock = reboot_lock(config)
         observe = None

@@ -93,18 +93,25 @@ BACKENDS = ("gpt-prio", "systemd-boot", "grub-env")
 ESP_CANDIDATES = (Path("/efi"), Path("/boot/efi"), Path("/boot"))
 
 
+# The Boot Loader Spec entry written per slot; ``{label}``, ``{partuuid}`` filled in.
+DEFAULT_ENTRY: Mapping[str, Any] = {
+    "title": "{label}",
+    "linux": "/vmlinuz",  # on the ESP; e.g. "/{label}/vmlinuz" for a kernel per slot
+    "initrd": ("/initrd.img",),
+    "options": "mount.usr=PARTUUID={partuuid} ro",
+    "sort_key": "updater",
+    "prefix": "updater",  # entries are loader/entries/<prefix>-<label>[+L-D].conf
+}
+
+
 @dataclass(frozen=True)
 class SystemdBootConfig:
-    """The Boot Loader Spec entry written per slot; ``{label}``, ``{partuuid}`` filled in."""
-
     tries: int = SDBOOT_TRIES  # boot attempts of a new slot before systemd-boot gives up on it
-    title: str = "{label}"
-    linux: str = "/vmlinuz"  # on the ESP; e.g. "/{label}/vmlinuz" for a kernel per slot
-    initrd: tuple[str, ...] = ("/initrd.img",)
-    options: str = "mount.usr=PARTUUID={partuuid} ro"
-    sort_key: str = "updater"
-    prefix: str = "updater"  # entries are loader/entries/<prefix>-<label>[+L-D].conf
     efivars: Path = SDBOOT_EFIVARS
+    # The entry of [systemd-boot] title, linux, initrd, options, sort_key and prefix, built
+    # and checked at load; None (no [systemd-boot] section): DEFAULT_ENTRY, built only
+    # when the backend is used (entry_template), so that the idle agent does not load it.
+    entry: EntryTemplate | None = None
 
 
 @dataclass(frozen=True)
@@ -144,10 +151,10 @@ class RebootConfig:
     pre_reboot_dir: Path = Path("/etc/updater/pre-reboot.d")
     pre_reboot_timeout_s: float = 60.0
     time_zone: str = "UTC"  # of the windows: an IANA name, "UTC" or "localtime"
-    windows: tuple[Mapping[str, Any], ...] = ()  # raw [[reboot.window]] tables
-    window_start: str | None = None  # locksmith's form: "Thu 04:00"
-    window_length: str | None = None  # locksmith's form: "1h30m"
-    windows_file: str | None = None  # where the windows were set, for errors
+    # [[reboot.window]] tables and locksmith's window_start = "Thu 04:00" with
+    # window_length = "1h30m", parsed at load; None: no windows are configured
+    windows: Windows | None = None
+    windows_file: str | None = None  # where the windows were set
     # hosts that must roll back from a version before the group refuses it (with etcd)
     max_failures: int = 1
 
@@ -464,39 +471,31 @@ def _disk(s: _Section) -> DiskConfig:
 
 
 def _systemd_boot(s: _Section) -> SystemdBootConfig:
-    d = SystemdBootConfig()
-    c = SystemdBootConfig(
-        tries=s.int_("tries", d.tries, minimum=1, maximum=MAX_TRIES),
-        title=s.str_("title", d.title) or d.title,
-        linux=s.str_("linux", d.linux) or d.linux,
-        initrd=s.str_list("initrd", d.initrd) or (),
-        options=s.str_("options", d.options) or d.options,
-        sort_key=s.str_("sort_key", d.sort_key) or d.sort_key,
-        prefix=s.str_("prefix", d.prefix) or d.prefix,
-        efivars=s.path("efivars", d.efivars) or d.efivars,
-    )
+    d, e = SystemdBootConfig(), DEFAULT_ENTRY
+    tries = s.int_("tries", d.tries, minimum=1, maximum=MAX_TRIES)
+    fields: dict[str, Any] = {
+        key: (s.str_list(key, e[key]) or ()) if key == "initrd" else (s.str_(key, None) or e[key])
+        for key in ("title", "linux", "initrd", "options", "sort_key", "prefix")
+    }
+    efivars = s.path("efivars", d.efivars) or d.efivars
+    entry = None
     if s.values:  # the defaults make a valid entry (tested); the backend loads only if set
-        from partitions.sdboot import EntryTemplateError  # noqa: PLC0415 - only when set
+        from partitions.sdboot import EntryTemplate, EntryTemplateError  # noqa: PLC0415
 
         try:
-            entry_template(c)
+            entry = EntryTemplate(**fields)
         except EntryTemplateError as exc:
             raise s.error(exc.field, str(exc)) from exc
-    return c
+    return SystemdBootConfig(tries=tries, efivars=efivars, entry=entry)
 
 
 def entry_template(c: SystemdBootConfig) -> EntryTemplate:
-    """The systemd-boot entry these settings describe (EntryTemplateError if they are bad)."""
-    from partitions.sdboot import EntryTemplate  # noqa: PLC0415 - only when set
+    """The systemd-boot entry of these settings: the one built at load, or the default."""
+    if c.entry is not None:
+        return c.entry
+    from partitions.sdboot import EntryTemplate  # noqa: PLC0415 - only when used
 
-    return EntryTemplate(
-        title=c.title,
-        linux=c.linux,
-        initrd=c.initrd,
-        options=c.options,
-        sort_key=c.sort_key,
-        prefix=c.prefix,
-    )
+    return EntryTemplate(**DEFAULT_ENTRY)
 
 
 _GRUB_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
@@ -574,12 +573,12 @@ def _reboot(s: _Section) -> RebootConfig:
     if not GROUP_RE.fullmatch(group):
         raise s.error("group", f"invalid group {group!r}", hint="letters, digits, '.' and '-'")
     raw = s.raw("window")
-    windows: tuple[Mapping[str, Any], ...] = ()
+    tables: list[Mapping[str, Any]] = []
     windows_file = None
     if raw is not None:
         if not isinstance(raw.value, list) or not all(isinstance(w, dict) for w in raw.value):
             raise s.error("window", "must be [[reboot.window]] tables")
-        windows, windows_file = tuple(raw.value), raw.file
+        tables, windows_file = list(raw.value), raw.file
     start, length = s.str_("window_start", None), s.str_("window_length", None)
     if (start is None) != (length is None):
         present, missing = (
@@ -590,42 +589,38 @@ def _reboot(s: _Section) -> RebootConfig:
         raise s.error(present, f"needs {missing} too (locksmith's window form)")
     if start is not None:
         windows_file = windows_file or s.file_of("window_start")
-    config = RebootConfig(
+    retry_s = s.number("retry_s", d.retry_s, minimum=1, maximum=86400)
+    release_after_s = s.number("release_after_s", d.release_after_s, minimum=0, maximum=7 * 86400)
+    pre_reboot_dir = s.path("pre_reboot_dir", d.pre_reboot_dir) or d.pre_reboot_dir
+    pre_reboot_timeout_s = s.number(
+        "pre_reboot_timeout_s", d.pre_reboot_timeout_s, minimum=0.1, maximum=3600
+    )
+    time_zone = s.str_("time_zone", d.time_zone) or d.time_zone
+    max_failures = s.int_("max_failures", d.max_failures, minimum=1, maximum=MAX_MAX_FAILURES)
+    windows = None
+    if tables or start is not None:  # parsed here, at start, with file and key
+        from policies.windows import parse_windows  # noqa: PLC0415 - only when windows are set
+
+        windows = parse_windows(
+            tables,
+            time_zone,
+            window_start=start,
+            window_length=length,
+            file=windows_file,
+            key="reboot.window",
+        )
+    return RebootConfig(
         strategy=strategy,
-        retry_s=s.number("retry_s", d.retry_s, minimum=1, maximum=86400),
+        retry_s=retry_s,
         lock=lock,
         group=group,
-        release_after_s=s.number(
-            "release_after_s", d.release_after_s, minimum=0, maximum=7 * 86400
-        ),
-        pre_reboot_dir=s.path("pre_reboot_dir", d.pre_reboot_dir) or d.pre_reboot_dir,
-        pre_reboot_timeout_s=s.number(
-            "pre_reboot_timeout_s", d.pre_reboot_timeout_s, minimum=0.1, maximum=3600
-        ),
-        time_zone=s.str_("time_zone", d.time_zone) or d.time_zone,
+        release_after_s=release_after_s,
+        pre_reboot_dir=pre_reboot_dir,
+        pre_reboot_timeout_s=pre_reboot_timeout_s,
+        time_zone=time_zone,
         windows=windows,
-        window_start=start,
-        window_length=length,
         windows_file=windows_file,
-        max_failures=s.int_("max_failures", d.max_failures, minimum=1, maximum=MAX_MAX_FAILURES),
-    )
-    reboot_windows(config)  # validated here, at start, with file and key
-    return config
-
-
-def reboot_windows(config: RebootConfig) -> Windows | None:
-    """The maintenance windows of ``[reboot]``, or None when none are configured."""
-    if not config.windows and config.window_start is None:
-        return None
-    from policies.windows import parse_windows  # noqa: PLC0415 - only when windows are set
-
-    return parse_windows(
-        list(config.windows),
-        config.time_zone,
-        window_start=config.window_start,
-        window_length=config.window_length,
-        file=config.windows_file,
-        key="reboot.window",
+        max_failures=max_failures,
     )
 
 
