@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from partitions.bootcontrol import GRUBENV_NAMES, GRUBENV_PATH, SDBOOT_EFIVARS, SDBOOT_TRIES
-from updater.log import LogMode
 
 if TYPE_CHECKING:
     from partitions.sdboot import EntryTemplate
     from policies.windows import Windows
+    from updater.log import LogMode
 
 
 @dataclass(frozen=True)
