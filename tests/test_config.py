@@ -186,7 +186,7 @@ def test_windows_add_up_across_dropins(tmp_path: Path) -> None:
     (usr / "10-vendor.toml").write_text(w.format(day="Mon"))
     (etc / "50-site.toml").write_text(w.format(day="Thu") + '[reboot]\ntime_zone = "UTC"\n')
     cfg = config.load(dirs=(usr, run, etc))
-    windows = config.reboot_windows(cfg.reboot)
+    windows = cfg.reboot.windows
     assert windows is not None and len(windows.windows) == 2
     assert cfg.reboot.windows_file == f"{usr / '10-vendor.toml'}, {etc / '50-site.toml'}"
 
@@ -194,7 +194,7 @@ def test_windows_add_up_across_dropins(tmp_path: Path) -> None:
 def test_locksmith_window_form(tmp_path: Path) -> None:
     f = tmp_path / "one.toml"
     f.write_text('[reboot]\nwindow_start = "Thu 04:00"\nwindow_length = "1h30m"\n')
-    windows = config.reboot_windows(config.load(f).reboot)
+    windows = config.load(f).reboot.windows
     assert windows is not None and str(windows.windows[0]).startswith("Thu 04:00")
 
 
@@ -233,14 +233,18 @@ def test_boot_loader_backends(tmp_path: Path) -> None:
     cfg = config.load(dirs=(usr, run, etc))
     assert (cfg.disk.backend, cfg.disk.esp) == ("systemd-boot", Path("/boot/efi"))
     sd = cfg.systemd_boot
-    assert (sd.tries, sd.linux, sd.initrd) == (
+    template = config.entry_template(sd)
+    assert template is sd.entry  # built at load, kept
+    assert (sd.tries, template.linux, template.initrd) == (
         3,
         "/fleet/{label}/vmlinuz",
         ("/fleet/{label}/initrd",),
     )
     assert sd.efivars == Path("/run/efivars")
-    template = config.entry_template(sd)
-    assert (template.title, template.options) == ("Fleet OS ({label})", sd.options)
+    assert (template.title, template.options) == (
+        "Fleet OS ({label})",
+        "root=PARTUUID={partuuid} rw quiet",
+    )
     assert (cfg.grub_env.path, cfg.grub_env.names) == ("boot/grub/grubenv", ("a", "b"))
     (etc / "50-boot.toml").write_text(
         '[disk]\nbackend = "grub-env"\nesp_partition = "EFI-SYSTEM"\n[systemd-boot]\ninitrd = []\n'
@@ -251,7 +255,7 @@ def test_boot_loader_backends(tmp_path: Path) -> None:
         None,
         "EFI-SYSTEM",
     )
-    assert cfg.systemd_boot.initrd == ()  # an entry without an initrd
+    assert config.entry_template(cfg.systemd_boot).initrd == ()  # an entry without an initrd
 
 
 # --- every URL key goes through updater.urls.parse_url ------------------------------------------

@@ -2,8 +2,9 @@ import os
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
-from updater import flatcar, osrelease
+from updater import compose, config, flatcar, osrelease
 from updater.errors import ConfigError
 
 
@@ -78,3 +79,22 @@ def test_bad_server_or_group_names_file_and_key(tmp_path: Path, text: str, key: 
     with pytest.raises(ConfigError) as err:
         flatcar.read((etc,))
     assert (err.value.kind, err.value.file, err.value.key) == ("invalid", str(etc), key)
+
+
+def test_composing_the_updater_reads_update_conf_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Omaha server and the channel the manifests must name come from one read."""
+    etc = tmp_path / "update.conf"
+    etc.write_text("SERVER=https://nebraska.example/v1/update/\nGROUP=beta\n")
+    monkeypatch.setattr(flatcar, "FILES", (tmp_path / "none", etc))
+    cfg = tmp_path / "updater.toml"
+    cfg.write_text(
+        f'[source]\nkind = "omaha"\n[disk]\ndevice = "{tmp_path / "disk.img"}"\n'
+        f'[agent]\nstate_dir = "{tmp_path / "state"}"\n'
+    )
+    with capture_logs() as logs:
+        updater = compose.updater(config.load(cfg))
+    reads = [e for e in logs if e["event"] == "flatcar_update_conf_read"]
+    assert len(reads) == 1 and reads[0]["group"] == "beta"
+    assert updater.channel == "beta"

@@ -237,7 +237,12 @@ def _known_keys() -> dict[str, list[str]]:
     for section in config._SECTIONS:
         cls = type(getattr(config.Config(), section.replace("-", "_")))
         out[section] = [f.name for f in dataclasses.fields(cls)]
-    out["reboot"] = [k for k in out["reboot"] if k not in ("windows", "windows_file")] + ["window"]
+    out["reboot"] = [k for k in out["reboot"] if k not in ("windows", "windows_file")] + [
+        "window",
+        "window_start",
+        "window_length",
+    ]
+    out["systemd-boot"] = [k for k in out["systemd-boot"] if k != "entry"] + [*config.DEFAULT_ENTRY]
     out["etcd"] += ["password_file"]
     return out
 
@@ -326,7 +331,7 @@ def _write_toml(doc: dict[str, dict[str, object]]) -> str:
 def _load(path: Path) -> config.Config:
     """Load, and use what was accepted as the agent would: every consumer takes it."""
     cfg = config.load(path)
-    config.reboot_windows(cfg.reboot)
+    assert cfg.reboot.windows is None or isinstance(cfg.reboot.windows, Windows)  # by load
     if cfg.metrics.listen is not None:
         address = parse_listen(cfg.metrics.listen)
         assert parse_listen(str(address)) == address

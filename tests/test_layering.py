@@ -17,6 +17,31 @@ LEAVES = {
     "updater.urls",
     "updater.jsonutil",
     "updater.httpbody",
+    "updater.httperrors",
+}
+
+# Pure modules: no network, bus, subprocess or file-system library, directly or through
+# another module of ours (python-tuf's trusted_metadata_set, Zincati's pure strategy).
+PURE = {
+    "updater.omaha": "the Omaha answer",
+    "updater.omaha_request": "the Omaha request document and events",
+    "updater.omaha_codes": "the Omaha error codes",
+    "updater.settings": "the configuration's model",
+}
+IMPURE_LIBRARIES = ("requests", "urllib3", "socket", "subprocess", "dbus_fast", "http", "shutil")
+
+# Who may import whom among the modules of one job (the rest follow the cycle rule):
+# a command module of the CLI, the D-Bus client and the CoreOS interface stand alone.
+FORBIDDEN = {
+    "updater.cli_host": {"updater.cli", "updater.cli_fleet", "updater.cli_release"},
+    "updater.cli_fleet": {"updater.cli", "updater.cli_host", "updater.cli_release"},
+    "updater.cli_release": {"updater.cli", "updater.cli_host", "updater.cli_fleet"},
+    "updater.dbus_client": {"updater.dbus_api", "updater.dbus_coreos"},
+    "updater.dbus_coreos": {"updater.dbus_api", "updater.dbus_client"},
+    "updater.dbus_wire": {"updater.dbus_api", "updater.dbus_client", "updater.dbus_coreos"},
+    "updater.configfiles": {"updater.config", "updater.settings"},
+    "updater.settings": {"updater.config", "updater.configfiles"},
+    "updater.httperrors": {"updater.transport"},
 }
 
 
@@ -48,6 +73,48 @@ def test_partitions_and_policies_use_only_leaf_modules() -> None:
         if name.split(".")[0] in ("partitions", "policies"):
             used = {m for m in imports(path, set(mods)) if m.startswith("updater")}
             assert used <= LEAVES, f"{name} imports {sorted(used - LEAVES)}"
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """Every module ``path`` imports at run time (TYPE_CHECKING blocks left out)."""
+    tree = ast.parse(path.read_text())
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_pure_modules_do_no_io() -> None:
+    mods = modules()
+    seen: set[str] = set()
+    todo = list(PURE)
+    while todo:  # the pure modules and every module of ours they import
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        used = top_level_imports(mods[name])
+        impure = {m for m in used if m.split(".")[0] in IMPURE_LIBRARIES}
+        assert not impure, f"{name} (reached from a pure module) imports {sorted(impure)}"
+        todo += [m for m in used if m in mods]
+
+
+def test_modules_of_one_job_keep_apart() -> None:
+    mods = modules()
+    for name, forbidden in FORBIDDEN.items():
+        used = imports(mods[name], set(mods))
+        assert not used & forbidden, f"{name} imports {sorted(used & forbidden)}"
 
 
 def test_no_import_cycles() -> None:

@@ -37,25 +37,23 @@ from updater.errors import (
     UpdaterError,
     VerificationError,
 )
-from updater.omaha import (
+from updater.omaha import MAX_RESPONSE_BYTES, Deferred, NoUpdate, UpdateOffer, parse_response
+from updater.omaha_client import OmahaClient, host_context, read_boot_id, read_machine_id
+from updater.omaha_codes import (
     ERROR_CODES,
-    FLATCAR_APP_ID,
-    MAX_RESPONSE_BYTES,
-    Deferred,
     ErrorCode,
-    EventResult,
-    EventType,
-    NoUpdate,
-    OmahaEvent,
-    OmahaRequestContext,
-    UpdateOffer,
-    build_request,
     error_code_for,
     error_code_for_error,
     http_error_code,
-    parse_response,
 )
-from updater.omaha_client import OmahaClient, host_context, read_boot_id, read_machine_id
+from updater.omaha_request import (
+    FLATCAR_APP_ID,
+    EventResult,
+    EventType,
+    OmahaEvent,
+    OmahaRequestContext,
+    build_request,
+)
 from updater.omaha_source import EventQueue, OmahaSource
 from updater.source import Happened, Happening, SignedFetcher
 from updater.transport import FileTransport, HttpSettings, HttpTransport
@@ -528,7 +526,7 @@ def all_kinds() -> set[str]:
 
 def test_every_error_kind_has_a_code() -> None:
     missing = sorted(all_kinds() - set(ERROR_CODES))
-    assert not missing, f"add these kinds to updater.omaha.ERROR_CODES: {missing}"
+    assert not missing, f"add these kinds to updater.omaha_codes.ERROR_CODES: {missing}"
     assert {"hash_mismatch", "http_status", "xml_parse", "check_failed"} <= all_kinds()
 
 

@@ -25,7 +25,7 @@ from updater import dbus_api
 from updater.agent import Agent
 from updater.blessing import bless
 from updater.clock import Clock, SystemClock
-from updater.config import ESP_CANDIDATES, Config, entry_template, reboot_windows
+from updater.config import ESP_CANDIDATES, Config, entry_template
 from updater.errors import ConfigError
 from updater.gpg import GnupgVerifier
 from updater.health import HealthChecker, SystemdUnits
@@ -73,13 +73,21 @@ def omaha_settings(config: Config) -> tuple[str | None, str]:
     return server, group or config.source.channel
 
 
-def expected_channel(config: Config) -> str:
-    """The channel a manifest must name: the Omaha group, or [source] channel."""
-    return omaha_settings(config)[1] if config.source.kind == "omaha" else config.source.channel
+def expected_channel(config: Config, omaha: tuple[str | None, str] | None = None) -> str:
+    """The channel a manifest must name: the Omaha group (of ``omaha``, the
+    :func:`omaha_settings` already read), or [source] channel."""
+    if config.source.kind != "omaha":
+        return config.source.channel
+    return (omaha or omaha_settings(config))[1]
 
 
 def update_source(
-    config: Config, transport: SchemeTransport, http: HttpTransport, *, need_source: bool
+    config: Config,
+    transport: SchemeTransport,
+    http: HttpTransport,
+    *,
+    need_source: bool,
+    omaha: tuple[str | None, str] | None = None,  # omaha_settings, if already read
 ) -> UpdateSource | None:
     cache = HttpCache(config.agent.state_dir / "cache")
     if config.source.kind == "omaha":
@@ -88,7 +96,7 @@ def update_source(
         from updater.omaha_client import OmahaClient, host_context
         from updater.omaha_source import DisabledSource, EventQueue, OmahaSource
 
-        server, group = omaha_settings(config)
+        server, group = omaha or omaha_settings(config)
         if server == DISABLED:
             return DisabledSource()
         if server is None:
@@ -222,8 +230,8 @@ def boot_files_unused(config: Config) -> ConfigError | None:
             "that carry a kernel, or publish releases without --kernel/--uki",
         )
     if d.backend == "systemd-boot":
-        sd = config.systemd_boot
-        paths = [sd.linux, *sd.initrd]
+        entry = entry_template(config.systemd_boot)
+        paths = [entry.linux, *entry.initrd]
         if not all("{label}" in p for p in paths):
             return ConfigError(
                 "invalid",
@@ -251,13 +259,15 @@ def updater(
         )
     )
     transport = SchemeTransport(http=http)
-    source = update_source(config, transport, http, need_source=need_source)
+    # Flatcar's update.conf, read once: the server and the group the manifests must name
+    omaha = omaha_settings(config) if src.kind == "omaha" else None
+    source = update_source(config, transport, http, need_source=need_source, omaha=omaha)
     return Updater(
         boot=boot_control(config),
         store=StateStore(config.agent.state_dir),
         clock=SystemClock(),
         os_release=config.agent.os_release,
-        channel=expected_channel(config),
+        channel=expected_channel(config, omaha),
         source=source,
         verifier=GnupgVerifier(src.keyring),
         transport=transport,
@@ -369,7 +379,7 @@ def reboot_strategy(
 ) -> RebootStrategy:
     """The configured strategy; with the lock, ``holder`` (default: this host's id) asks
     for the slot, and with the etcd lock ``metrics`` gets the holders' ages while waiting."""
-    windows = reboot_windows(config.reboot)
+    windows = config.reboot.windows
     if config.reboot.strategy == "lock":
         lock = reboot_lock(config)
         observe = None

@@ -1,10 +1,10 @@
 """Configuration: TOML fragments -> merged inputs -> validated, frozen settings.
 
-Drop-ins are read from ``/usr/lib/updater/config.d/`` (vendor),
-``/run/updater/config.d/`` (runtime) and ``/etc/updater/config.d/`` (admin).
-A file name in a later directory masks the same name in an earlier one; the
-surviving files are merged in file-name order, later keys winning (systemd's
-drop-in rules). ``--config FILE`` reads that one file instead.
+The files and their merge are :mod:`updater.configfiles`, the settings'
+dataclasses :mod:`updater.settings` (re-exported here); this module checks
+every section once, at load, and keeps the typed result (URLs checked, windows
+parsed, the boot entry built). ``--config FILE`` reads that one file instead
+of the drop-ins.
 
 Unknown keys are logged and ignored rather than fatal: the agent updates
 itself, so after a fallback to an older slot an older agent must still start
@@ -14,355 +14,80 @@ with a configuration written for a newer one.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
-from partitions.bootcontrol import (
-    GRUBENV_NAMES,
-    GRUBENV_PATH,
-    MAX_TRIES,
-    SDBOOT_EFIVARS,
-    SDBOOT_TRIES,
-)
+from partitions.bootcontrol import MAX_TRIES
 from policies.failed import MAX_MAX_FAILURES
 from policies.fleetlockproto import group_base_url
 from policies.rebootlock import GROUP_RE, parse_etcd_endpoint
+from updater.configfiles import (
+    DROPIN_DIRS,
+    MAX_FILE_BYTES,
+    Section,
+    Value,
+    dropin_files,
+    merge,
+)
 from updater.errors import ConfigError, LockError
-from updater.fsutil import read_bounded
 from updater.listen import parse_listen
 from updater.log import LogMode
 from updater.manifest import valid_channel
-from updater.urls import parse_url
+from updater.settings import (
+    BACKENDS,
+    DEFAULT_ENTRY,
+    ESP_CANDIDATES,
+    AgentConfig,
+    Config,
+    DiskConfig,
+    EtcdConfig,
+    FleetLockConfig,
+    GrubEnvConfig,
+    HealthConfig,
+    InstallConfig,
+    MetricsConfig,
+    OmahaConfig,
+    RebootConfig,
+    SourceConfig,
+    SystemdBootConfig,
+)
 
 if TYPE_CHECKING:
     from partitions.bls import EntryTemplate
-    from policies.windows import Windows
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_ENTRY",
+    "DROPIN_DIRS",
+    "ESP_CANDIDATES",
+    "MAX_FILE_BYTES",
+    "AgentConfig",
+    "Config",
+    "DiskConfig",
+    "EtcdConfig",
+    "FleetLockConfig",
+    "GrubEnvConfig",
+    "HealthConfig",
+    "InstallConfig",
+    "MetricsConfig",
+    "OmahaConfig",
+    "RebootConfig",
+    "SourceConfig",
+    "SystemdBootConfig",
+    "dropin_files",
+    "entry_template",
+    "load",
+    "merge",
+    "validate",
+]
 
 log = structlog.get_logger(__name__)
 
-MAX_FILE_BYTES = 1024 * 1024  # a config file; a bigger one is a mistake, not a config
-DROPIN_DIRS = (
-    Path("/usr/lib/updater/config.d"),
-    Path("/run/updater/config.d"),
-    Path("/etc/updater/config.d"),
-)
 
-
-@dataclass(frozen=True)
-class SourceConfig:
-    url: str | None = None  # release repository base URL (http, https, file)
-    channel: str = "stable"
-    keyring: tuple[Path, ...] = ()  # public key files; none configured = error at check time
-    ca_file: Path | None = None  # PEM bundle for https; None: the system's CA store
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 30.0
-    retries: int = 3  # urllib3 retries for connection errors and 5xx
-    resume_attempts: int = 5  # Range resumes after a dropped download
-    kind: str = "static"  # static (a release repository) | omaha (an update server)
-    # A transfer slower than this on average over a window is abandoned (and resumed):
-    min_speed_bytes_s: float = 1024.0  # 0: no floor
-    min_speed_window_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class OmahaConfig:
-    server: str | None = None  # e.g. https://nebraska.example.com/v1/update/
-    app_id: str = "{3c1f8a7e-5d2b-4b8e-9f61-0a7c2e4d9b13}"  # the app in Nebraska
-    group: str | None = None  # Omaha track; unset: Flatcar's GROUP=, else [source] channel
-    flatcar_conf: bool = True  # read SERVER=/GROUP= from update.conf when unset
-
-
-@dataclass(frozen=True)
-class DiskConfig:
-    device: Path | None = None  # None: the disk holding the booted root
-    slots: tuple[str, str] = ("USR-A", "USR-B")
-    kernel_cmdline: Path = Path("/proc/cmdline")
-    backend: str = "gpt-prio"  # gpt-prio | systemd-boot | grub-env
-    # Where systemd-boot's entries or the grubenv live: a mounted directory ...
-    esp: Path | None = None  # None: the first of ESP_CANDIDATES that has the backend's files
-    # ... or the GPT partition of that name on `device`, edited with mtools (image files)
-    esp_partition: str | None = None
-
-
-BACKENDS = ("gpt-prio", "systemd-boot", "grub-env")
-ESP_CANDIDATES = (Path("/efi"), Path("/boot/efi"), Path("/boot"))
-
-
-@dataclass(frozen=True)
-class SystemdBootConfig:
-    """The Boot Loader Spec entry written per slot; ``{label}``, ``{partuuid}`` filled in."""
-
-    tries: int = SDBOOT_TRIES  # boot attempts of a new slot before systemd-boot gives up on it
-    title: str = "{label}"
-    linux: str = "/vmlinuz"  # on the ESP; e.g. "/{label}/vmlinuz" for a kernel per slot
-    initrd: tuple[str, ...] = ("/initrd.img",)
-    options: str = "mount.usr=PARTUUID={partuuid} ro"
-    sort_key: str = "updater"
-    prefix: str = "updater"  # entries are loader/entries/<prefix>-<label>[+L-D].conf
-    efivars: Path = SDBOOT_EFIVARS
-
-
-@dataclass(frozen=True)
-class GrubEnvConfig:
-    path: str = GRUBENV_PATH  # the environment block, relative to [disk] esp
-    names: tuple[str, str] = GRUBENV_NAMES  # the slots' names in ORDER, A_OK, ...: as [disk] slots
-
-
-@dataclass(frozen=True)
-class InstallConfig:
-    readback: bool = True  # re-read and hash the slot before making it bootable
-    chunk_size: int = 1024 * 1024  # bytes per read/write
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    state_dir: Path = Path("/var/lib/updater")
-    os_release: Path = Path("/usr/lib/os-release")
-    reboot_sentinel: Path | None = Path("/run/reboot-required")
-    poll_interval_s: float = 3600.0
-    first_check_delay_s: float = 60.0
-    jitter: float = 0.1  # +- fraction of every delay
-    retry_base_s: float = 60.0  # first retry after a failure, doubling
-    retry_cap_s: float = 3600.0  # the longest backoff
-    dbus: bool = True  # publish org.updater.Agent1 on the system bus
-    coreos_compat: bool = False  # also com.coreos.update1 (locksmith, FLUO)
-    log: LogMode = "auto"
-
-
-@dataclass(frozen=True)
-class RebootConfig:
-    strategy: str = "immediate"  # immediate | off | lock
-    retry_s: float = 60.0  # ask the policy (the lock: one etcd read) / logind again after this
-    lock: str = "etcd"  # with strategy = "lock": etcd | fleetlock | none
-    group: str = "default"  # hosts that share the lock's slots
-    release_after_s: float = 900.0  # give the slot back when logind refuses this long
-    pre_reboot_dir: Path = Path("/etc/updater/pre-reboot.d")
-    pre_reboot_timeout_s: float = 60.0
-    time_zone: str = "UTC"  # of the windows: an IANA name, "UTC" or "localtime"
-    windows: tuple[Mapping[str, Any], ...] = ()  # raw [[reboot.window]] tables
-    window_start: str | None = None  # locksmith's form: "Thu 04:00"
-    window_length: str | None = None  # locksmith's form: "1h30m"
-    windows_file: str | None = None  # where the windows were set, for errors
-    # hosts that must roll back from a version before the group refuses it (with etcd)
-    max_failures: int = 1
-
-
-@dataclass(frozen=True)
-class EtcdConfig:
-    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
-    slots: int = 1  # total_slots of a semaphore this host creates
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    username: str | None = None
-    password_file: Path | None = None
-    timeout_s: float = 5.0
-    publish_status: bool = True  # keep this host's status under updater/v1/hosts/
-
-
-@dataclass(frozen=True)
-class FleetLockConfig:
-    url: str | None = None  # ${group} is replaced by [reboot] group
-    ca_file: Path | None = None
-    timeout_s: float = 10.0
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    checks_dir: Path = Path("/etc/updater/health.d")
-    timeout_s: float = 60.0  # per check
-    units: tuple[str, ...] = ()  # systemd units that must be active
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    listen: str | None = None  # "127.0.0.1:9464" or "unix:/run/updater/metrics.sock"
-
-
-@dataclass(frozen=True)
-class Config:
-    source: SourceConfig = field(default_factory=SourceConfig)
-    omaha: OmahaConfig = field(default_factory=OmahaConfig)
-    disk: DiskConfig = field(default_factory=DiskConfig)
-    systemd_boot: SystemdBootConfig = field(default_factory=SystemdBootConfig)
-    grub_env: GrubEnvConfig = field(default_factory=GrubEnvConfig)
-    install: InstallConfig = field(default_factory=InstallConfig)
-    agent: AgentConfig = field(default_factory=AgentConfig)
-    reboot: RebootConfig = field(default_factory=RebootConfig)
-    etcd: EtcdConfig = field(default_factory=EtcdConfig)
-    fleetlock: FleetLockConfig = field(default_factory=FleetLockConfig)
-    health: HealthConfig = field(default_factory=HealthConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    files: tuple[Path, ...] = ()  # where it came from, in merge order
-
-
-# --- fragments -> merged ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Value:
-    value: Any
-    file: str
-
-
-def dropin_files(dirs: Sequence[Path] = DROPIN_DIRS) -> list[Path]:
-    by_name: dict[str, Path] = {}
-    for d in dirs:
-        try:
-            entries = sorted(d.iterdir())
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise ConfigError("unreadable", exc.strerror or str(exc), file=str(d)) from None
-        for p in entries:
-            if p.suffix == ".toml" and not p.name.startswith("."):
-                by_name[p.name] = p
-    return [by_name[name] for name in sorted(by_name)]
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        text = read_bounded(path, MAX_FILE_BYTES).decode("utf-8")
-    except OSError as exc:
-        raise ConfigError("unreadable", exc.strerror or str(exc), file=str(path)) from None
-    except UnicodeDecodeError:
-        raise ConfigError("syntax", "not UTF-8 text", file=str(path)) from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("syntax", f"invalid TOML: {exc}", file=str(path)) from None
-    except RecursionError:  # tomllib recurses per nested array or inline table
-        raise ConfigError("syntax", "invalid TOML: nested too deeply", file=str(path)) from None
-
-
-def merge(files: Sequence[Path]) -> dict[str, dict[str, _Value]]:
-    merged: dict[str, dict[str, _Value]] = {}
-    for path in files:
-        doc = _read(path)
-        for section, table in doc.items():
-            if not isinstance(table, dict):
-                raise ConfigError(
-                    "invalid", "top-level keys must be [sections]", file=str(path), key=section
-                )
-            dest = merged.setdefault(section, {})
-            for key, value in table.items():
-                before = dest.get(key)
-                if _is_table_array(value) and before is not None and _is_table_array(before.value):
-                    # [[arrays of tables]] (maintenance windows) add up across drop-ins,
-                    # as Zincati's do; every other key is replaced by a later file
-                    dest[key] = _Value([*before.value, *value], f"{before.file}, {path}")
-                else:
-                    dest[key] = _Value(value, str(path))
-    return merged
-
-
-def _is_table_array(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-
-
-# --- merged -> validated -----------------------------------------------------
-
-
-class _Section:
-    """Typed accessors over one merged section; errors name file and key."""
-
-    def __init__(self, name: str, values: Mapping[str, _Value]) -> None:
-        self.name = name
-        self.values = dict(values)
-        self.used: set[str] = set()
-
-    def _get(self, key: str) -> _Value | None:
-        self.used.add(key)
-        return self.values.get(key)
-
-    def error(self, key: str, message: str, hint: str | None = None) -> ConfigError:
-        v = self.values.get(key)
-        return ConfigError(
-            "invalid", message, file=v.file if v else None, key=f"{self.name}.{key}", hint=hint
-        )
-
-    def str_(self, key: str, default: str | None) -> str | None:
-        v = self._get(key)
-        if v is None:
-            return default
-        if not isinstance(v.value, str):
-            raise self.error(key, "must be a string")
-        if "\0" in v.value:  # no file name, argument or URL holds one (os calls raise)
-            raise self.error(key, "must not contain a NUL character")
-        return v.value
-
-    def path(self, key: str, default: Path | None, *, allow_empty: bool = False) -> Path | None:
-        s = self.str_(key, None)
-        if s is None:
-            return default
-        if s == "" and allow_empty:
-            return None
-        if not s.startswith("/"):
-            raise self.error(key, f"must be an absolute path, not {s!r}")
-        return Path(s)
-
-    def bool_(self, key: str, default: bool) -> bool:
-        v = self._get(key)
-        if v is None:
-            return default
-        if not isinstance(v.value, bool):
-            raise self.error(key, "must be true or false")
-        return v.value
-
-    def number(self, key: str, default: float, *, minimum: float, maximum: float) -> float:
-        v = self._get(key)
-        if v is None:
-            return default
-        if isinstance(v.value, bool) or not isinstance(v.value, int | float):
-            raise self.error(key, "must be a number")
-        if not minimum <= v.value <= maximum:
-            raise self.error(key, f"must be between {minimum} and {maximum}")
-        return float(v.value)
-
-    def int_(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
-        v = self._get(key)
-        if v is None:
-            return default
-        if isinstance(v.value, bool) or not isinstance(v.value, int):
-            raise self.error(key, "must be an integer")
-        if not minimum <= v.value <= maximum:
-            raise self.error(key, f"must be between {minimum} and {maximum}")
-        return v.value
-
-    def str_list(self, key: str, default: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        v = self._get(key)
-        if v is None:
-            return default
-        value = [v.value] if isinstance(v.value, str) else v.value
-        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            raise self.error(key, "must be a string or a list of strings")
-        if any("\0" in x for x in value):
-            raise self.error(key, "must not contain a NUL character")
-        return tuple(value)
-
-    def url(self, key: str, text: str, *, schemes: tuple[str, ...], hint: str | None = None) -> str:
-        """``text`` (the value of ``key``, or one of its list) if :func:`parse_url` takes it."""
-        parse_url(text, lambda why: self.error(key, why, hint), schemes=schemes)
-        return text
-
-    def raw(self, key: str) -> _Value | None:
-        return self._get(key)
-
-    def file_of(self, key: str) -> str | None:
-        v = self.values.get(key)
-        return v.file if v else None
-
-    def warn_unknown(self) -> None:
-        for key in sorted(set(self.values) - self.used):
-            log.warning("config_key_unknown", file=self.values[key].file, key=f"{self.name}.{key}")
-
-
-def _source(s: _Section) -> SourceConfig:
+def _source(s: Section) -> SourceConfig:
     d = SourceConfig()
     url = s.str_("url", d.url)
     if url is not None:
@@ -411,7 +136,7 @@ _APP_ID_RE = re.compile(
 )
 
 
-def _omaha(s: _Section) -> OmahaConfig:
+def _omaha(s: Section) -> OmahaConfig:
     d = OmahaConfig()
     server = s.str_("server", None)
     if server is not None and server != "disabled":
@@ -435,7 +160,7 @@ def _omaha(s: _Section) -> OmahaConfig:
     )
 
 
-def _disk(s: _Section) -> DiskConfig:
+def _disk(s: Section) -> DiskConfig:
     d = DiskConfig()
     labels = s.str_list("slots", d.slots) or d.slots
     if len(labels) != 2 or labels[0] == labels[1] or not all(labels):
@@ -463,46 +188,38 @@ def _disk(s: _Section) -> DiskConfig:
     )
 
 
-def _systemd_boot(s: _Section) -> SystemdBootConfig:
-    d = SystemdBootConfig()
-    c = SystemdBootConfig(
-        tries=s.int_("tries", d.tries, minimum=1, maximum=MAX_TRIES),
-        title=s.str_("title", d.title) or d.title,
-        linux=s.str_("linux", d.linux) or d.linux,
-        initrd=s.str_list("initrd", d.initrd) or (),
-        options=s.str_("options", d.options) or d.options,
-        sort_key=s.str_("sort_key", d.sort_key) or d.sort_key,
-        prefix=s.str_("prefix", d.prefix) or d.prefix,
-        efivars=s.path("efivars", d.efivars) or d.efivars,
-    )
+def _systemd_boot(s: Section) -> SystemdBootConfig:
+    d, e = SystemdBootConfig(), DEFAULT_ENTRY
+    tries = s.int_("tries", d.tries, minimum=1, maximum=MAX_TRIES)
+    fields: dict[str, Any] = {
+        key: (s.str_list(key, e[key]) or ()) if key == "initrd" else (s.str_(key, None) or e[key])
+        for key in ("title", "linux", "initrd", "options", "sort_key", "prefix")
+    }
+    efivars = s.path("efivars", d.efivars) or d.efivars
+    entry = None
     if s.values:  # the defaults make a valid entry (tested); the backend loads only if set
-        from partitions.bls import EntryTemplateError  # noqa: PLC0415 - only when set
+        from partitions.bls import EntryTemplate, EntryTemplateError  # noqa: PLC0415
 
         try:
-            entry_template(c)
+            entry = EntryTemplate(**fields)
         except EntryTemplateError as exc:
             raise s.error(exc.field, str(exc)) from exc
-    return c
+    return SystemdBootConfig(tries=tries, efivars=efivars, entry=entry)
 
 
 def entry_template(c: SystemdBootConfig) -> EntryTemplate:
-    """The systemd-boot entry these settings describe (EntryTemplateError if they are bad)."""
-    from partitions.bls import EntryTemplate  # noqa: PLC0415 - only when set
+    """The systemd-boot entry of these settings: the one built at load, or the default."""
+    if c.entry is not None:
+        return c.entry
+    from partitions.bls import EntryTemplate  # noqa: PLC0415 - only when used
 
-    return EntryTemplate(
-        title=c.title,
-        linux=c.linux,
-        initrd=c.initrd,
-        options=c.options,
-        sort_key=c.sort_key,
-        prefix=c.prefix,
-    )
+    return EntryTemplate(**DEFAULT_ENTRY)
 
 
 _GRUB_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 
 
-def _grub_env(s: _Section) -> GrubEnvConfig:
+def _grub_env(s: Section) -> GrubEnvConfig:
     d = GrubEnvConfig()
     clean = d.path
     path = s.str_("path", None)
@@ -524,7 +241,7 @@ def _grub_env(s: _Section) -> GrubEnvConfig:
     return GrubEnvConfig(path=clean, names=(names[0], names[1]))
 
 
-def _install(s: _Section) -> InstallConfig:
+def _install(s: Section) -> InstallConfig:
     d = InstallConfig()
     chunk = s.int_("chunk_size", d.chunk_size, minimum=64 * 1024, maximum=64 * 1024 * 1024)
     if chunk % 4096:
@@ -532,7 +249,7 @@ def _install(s: _Section) -> InstallConfig:
     return InstallConfig(readback=s.bool_("readback", d.readback), chunk_size=chunk)
 
 
-def _agent(s: _Section) -> AgentConfig:
+def _agent(s: Section) -> AgentConfig:
     d = AgentConfig()
     log_mode = s.str_("log", d.log) or d.log
     if log_mode not in ("auto", "journal", "console", "json"):
@@ -562,7 +279,7 @@ def _agent(s: _Section) -> AgentConfig:
     )
 
 
-def _reboot(s: _Section) -> RebootConfig:
+def _reboot(s: Section) -> RebootConfig:
     d = RebootConfig()
     strategy = s.str_("strategy", d.strategy) or d.strategy
     if strategy not in ("immediate", "off", "lock"):
@@ -574,12 +291,12 @@ def _reboot(s: _Section) -> RebootConfig:
     if not GROUP_RE.fullmatch(group):
         raise s.error("group", f"invalid group {group!r}", hint="letters, digits, '.' and '-'")
     raw = s.raw("window")
-    windows: tuple[Mapping[str, Any], ...] = ()
+    tables: list[Mapping[str, Any]] = []
     windows_file = None
     if raw is not None:
         if not isinstance(raw.value, list) or not all(isinstance(w, dict) for w in raw.value):
             raise s.error("window", "must be [[reboot.window]] tables")
-        windows, windows_file = tuple(raw.value), raw.file
+        tables, windows_file = list(raw.value), raw.file
     start, length = s.str_("window_start", None), s.str_("window_length", None)
     if (start is None) != (length is None):
         present, missing = (
@@ -590,49 +307,45 @@ def _reboot(s: _Section) -> RebootConfig:
         raise s.error(present, f"needs {missing} too (locksmith's window form)")
     if start is not None:
         windows_file = windows_file or s.file_of("window_start")
-    config = RebootConfig(
+    retry_s = s.number("retry_s", d.retry_s, minimum=1, maximum=86400)
+    release_after_s = s.number("release_after_s", d.release_after_s, minimum=0, maximum=7 * 86400)
+    pre_reboot_dir = s.path("pre_reboot_dir", d.pre_reboot_dir) or d.pre_reboot_dir
+    pre_reboot_timeout_s = s.number(
+        "pre_reboot_timeout_s", d.pre_reboot_timeout_s, minimum=0.1, maximum=3600
+    )
+    time_zone = s.str_("time_zone", d.time_zone) or d.time_zone
+    max_failures = s.int_("max_failures", d.max_failures, minimum=1, maximum=MAX_MAX_FAILURES)
+    windows = None
+    if tables or start is not None:  # parsed here, at start, with file and key
+        from policies.windows import parse_windows  # noqa: PLC0415 - only when windows are set
+
+        windows = parse_windows(
+            tables,
+            time_zone,
+            window_start=start,
+            window_length=length,
+            file=windows_file,
+            key="reboot.window",
+        )
+    return RebootConfig(
         strategy=strategy,
-        retry_s=s.number("retry_s", d.retry_s, minimum=1, maximum=86400),
+        retry_s=retry_s,
         lock=lock,
         group=group,
-        release_after_s=s.number(
-            "release_after_s", d.release_after_s, minimum=0, maximum=7 * 86400
-        ),
-        pre_reboot_dir=s.path("pre_reboot_dir", d.pre_reboot_dir) or d.pre_reboot_dir,
-        pre_reboot_timeout_s=s.number(
-            "pre_reboot_timeout_s", d.pre_reboot_timeout_s, minimum=0.1, maximum=3600
-        ),
-        time_zone=s.str_("time_zone", d.time_zone) or d.time_zone,
+        release_after_s=release_after_s,
+        pre_reboot_dir=pre_reboot_dir,
+        pre_reboot_timeout_s=pre_reboot_timeout_s,
+        time_zone=time_zone,
         windows=windows,
-        window_start=start,
-        window_length=length,
         windows_file=windows_file,
-        max_failures=s.int_("max_failures", d.max_failures, minimum=1, maximum=MAX_MAX_FAILURES),
-    )
-    reboot_windows(config)  # validated here, at start, with file and key
-    return config
-
-
-def reboot_windows(config: RebootConfig) -> Windows | None:
-    """The maintenance windows of ``[reboot]``, or None when none are configured."""
-    if not config.windows and config.window_start is None:
-        return None
-    from policies.windows import parse_windows  # noqa: PLC0415 - only when windows are set
-
-    return parse_windows(
-        list(config.windows),
-        config.time_zone,
-        window_start=config.window_start,
-        window_length=config.window_length,
-        file=config.windows_file,
-        key="reboot.window",
+        max_failures=max_failures,
     )
 
 
 _ETCD_HINT = "etcd endpoints are http(s)://HOST[:PORT], e.g. https://10.0.0.1:2379"
 
 
-def _etcd(s: _Section) -> EtcdConfig:
+def _etcd(s: Section) -> EtcdConfig:
     d = EtcdConfig()
     endpoints = s.str_list("endpoints", d.endpoints) or d.endpoints
     for url in endpoints:
@@ -660,7 +373,7 @@ def _etcd(s: _Section) -> EtcdConfig:
     )
 
 
-def _fleetlock(s: _Section) -> FleetLockConfig:
+def _fleetlock(s: Section) -> FleetLockConfig:
     d = FleetLockConfig()
     url = s.str_("url", None)
     if url is not None:
@@ -675,7 +388,7 @@ def _fleetlock(s: _Section) -> FleetLockConfig:
     )
 
 
-def _health(s: _Section) -> HealthConfig:
+def _health(s: Section) -> HealthConfig:
     d = HealthConfig()
     units = s.str_list("units", d.units) or ()
     for unit in units:
@@ -688,7 +401,7 @@ def _health(s: _Section) -> HealthConfig:
     )
 
 
-def _metrics(s: _Section) -> MetricsConfig:
+def _metrics(s: Section) -> MetricsConfig:
     listen = s.str_("listen", None)
     if listen == "":
         listen = None
@@ -714,10 +427,10 @@ _SECTIONS = {
 }
 
 
-def validate(merged: Mapping[str, Mapping[str, _Value]], files: Sequence[Path]) -> Config:
+def validate(merged: Mapping[str, Mapping[str, Value]], files: Sequence[Path]) -> Config:
     parts: dict[str, Any] = {}
     for name, build in _SECTIONS.items():
-        section = _Section(name, merged.get(name, {}))
+        section = Section(name, merged.get(name, {}))
         parts[name.replace("-", "_")] = build(section)
         section.warn_unknown()
     reboot = parts["reboot"]

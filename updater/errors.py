@@ -195,7 +195,7 @@ class OmahaError(UpdaterError):
 
     Its exit code is the download one: like a transport failure, the agent
     retries at the next poll. Each kind maps to an update_engine error code
-    (``updater.omaha.ERROR_CODES``) for the failure event.
+    (``updater.omaha_codes.ERROR_CODES``) for the failure event.
     """
 
     exit_code = ExitCode.DOWNLOAD

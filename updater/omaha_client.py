@@ -28,15 +28,10 @@ import requests
 import structlog
 
 from updater.errors import ConfigError, DownloadError, OmahaError
-from updater.omaha import (
-    MAX_RESPONSE_BYTES,
-    OmahaEvent,
-    OmahaRequestContext,
-    OmahaResponse,
-    build_request,
-    parse_response,
-)
-from updater.transport import FOREIGN_ERRORS, HttpTransport, wrap_error
+from updater.httperrors import status_error
+from updater.omaha import MAX_RESPONSE_BYTES, OmahaResponse, parse_response
+from updater.omaha_request import OmahaEvent, OmahaRequestContext, build_request
+from updater.transport import HttpTransport
 from updater.urls import parse_url
 
 log = structlog.get_logger(__name__)
@@ -148,20 +143,13 @@ class OmahaClient:
         self.max_redirects = max_redirects
 
     def _send(self, url: str, body: bytes) -> requests.Response:
-        settings = self.transport.settings
-        try:
-            return self.transport.session.post(
-                url,
-                data=body,
-                headers={"Content-Type": CONTENT_TYPE},
-                timeout=(settings.connect_timeout_s, settings.read_timeout_s),
-                # per request: requests lets REQUESTS_CA_BUNDLE override a session setting
-                verify=True if settings.ca_file is None else str(settings.ca_file),
-                stream=True,
-                allow_redirects=False,
-            )
-        except FOREIGN_ERRORS as exc:
-            raise wrap_error(url, exc) from exc
+        return self.transport.request(
+            "POST",
+            url,
+            data=body,
+            headers={"Content-Type": CONTENT_TYPE},
+            allow_redirects=False,
+        )
 
     def _read(self, url: str, resp: requests.Response) -> bytes:
         cap = self.max_response_bytes
@@ -187,7 +175,7 @@ class OmahaClient:
                     url = target
                     continue
                 if status != 200:
-                    raise DownloadError("http_status", f"HTTP {status} for {url}", status=status)
+                    raise status_error(url, status)
                 body = self._read(url, resp)
                 log.debug("omaha_answered", url=url, bytes=len(body))
                 return body

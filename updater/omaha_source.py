@@ -28,13 +28,9 @@ from updater.manifest import BootFileRef, Manifest
 from updater.omaha import (
     Deferred as OmahaDeferred,
 )
-from updater.omaha import (
-    NoUpdate,
-    OmahaEvent,
-    OmahaRequestContext,
-    UpdateOffer,
-)
+from updater.omaha import NoUpdate, UpdateOffer
 from updater.omaha_client import OmahaClient
+from updater.omaha_request import OmahaEvent, OmahaRequestContext
 from updater.source import (
     Deferred,
     Happening,

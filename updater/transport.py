@@ -1,9 +1,13 @@
 """Getting bytes from a release repository: http(s):// with requests, file://.
 
 Every foreign exception is wrapped into :class:`DownloadError` with a bounded
-kind (python-tuf's FetcherInterface lesson), so callers never see a requests
-or OSError type. Timeouts: one for connecting, one for a stalled read (it
-fires when the server stops sending, mid-body included), and a speed floor
+kind (python-tuf's FetcherInterface lesson), in one place
+(:mod:`updater.httperrors`: every request goes out through
+:meth:`HttpTransport.request`, every body is read inside its wrapper), so
+callers never see a requests or OSError type.
+
+Timeouts: one for connecting, one for a stalled read (it fires when the
+server stops sending, mid-body included), and a speed floor
 (:class:`SpeedFloor`) for a server that trickles: one byte every few seconds
 keeps every read under the read timeout and a transfer going for ever. The
 response head (status line and headers) must arrive within the floor's window
@@ -20,7 +24,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -28,7 +32,6 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 import structlog
-import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -37,6 +40,7 @@ from urllib3.util.retry import Retry
 from updater import __version__
 from updater.errors import DownloadError
 from updater.httpbody import read1
+from updater.httperrors import status_error, wrapped
 
 log = structlog.get_logger(__name__)
 
@@ -143,55 +147,6 @@ class SpeedFloor:
         self._spent, self._got = 0.0, 0
 
 
-def _http_error(url: str, status: int) -> DownloadError:
-    return DownloadError("http_status", f"HTTP {status} for {url}", status=status)
-
-
-def _timed_out(exc: BaseException) -> bool:
-    if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
-        return True
-    # urllib3 gives up on a read timeout it may not retry as MaxRetryError, which
-    # requests raises as a ConnectionError: the reason says what it was.
-    reason = exc.args[0] if isinstance(exc, requests.ConnectionError) and exc.args else None
-    if isinstance(reason, urllib3.exceptions.MaxRetryError):
-        return isinstance(reason.reason, urllib3.exceptions.ReadTimeoutError)
-    return False
-
-
-def wrap_error(url: str, exc: BaseException) -> DownloadError:
-    if _timed_out(exc):
-        return DownloadError("timeout", f"{url}: timed out ({exc})")
-    if isinstance(exc, requests.exceptions.SSLError):
-        return DownloadError(
-            "connection",
-            f"{url}: TLS failed ({exc})",
-            hint="check [source] ca_file and the server's certificate",
-        )
-    if isinstance(exc, requests.exceptions.RetryError):
-        return DownloadError("http_status", f"{url}: gave up after retries ({exc})")
-    if isinstance(exc, (ValueError, LookupError)) and not isinstance(
-        exc, requests.exceptions.ConnectionError
-    ):
-        return DownloadError(
-            "unsupported_url",
-            f"{url}: a URL that cannot be used ({type(exc).__name__}: {exc})",
-            hint="a redirect to a malformed URL? the server (or a proxy) is misconfigured",
-        )
-    return DownloadError("connection", f"{url}: {exc}")
-
-
-# Everything requests, urllib3 and the socket layer raise for what a server sends:
-# besides their own errors, plain ValueError (urllib.parse on a redirect's Location:
-# a bad IPv6 literal, an NFKC netloc; requests' InvalidURL) and LookupError (a codec).
-FOREIGN_ERRORS = (
-    requests.RequestException,
-    urllib3.exceptions.HTTPError,
-    OSError,
-    ValueError,
-    LookupError,
-)
-
-
 class _HttpStream:
     """A response body read with at most one socket read per call, so that the
     speed floor sees every byte as it arrives (a read that waits for a full buffer
@@ -211,25 +166,21 @@ class _HttpStream:
 
     def read(self, n: int) -> bytes:
         started = self._floor.clock()
-        try:
+        with wrapped(self._url):
             data: bytes = read1(self._response.raw, n)
-        except FOREIGN_ERRORS as exc:
-            raise wrap_error(self._url, exc) from exc
         self._floor.note(len(data), started)
         return data
 
     def readinto(self, buf: memoryview) -> int:
         body = _http_client_body(self._response)
         started = self._floor.clock()
-        try:
+        with wrapped(self._url):
             if body is None:
                 data = read1(self._response.raw, len(buf))
                 n = len(data)
                 buf[:n] = data
             else:
                 n = _readinto_once(body, buf)
-        except (*FOREIGN_ERRORS, http.client.HTTPException) as exc:
-            raise wrap_error(self._url, exc) from exc
         self._floor.note(n, started)
         return n
 
@@ -355,7 +306,7 @@ class HttpTransport:
         caller sees a body over the cap), held to the speed floor."""
         floor = self.speed_floor(url)
         out = bytearray()
-        try:
+        with wrapped(url):
             while len(out) <= max_bytes:
                 started = floor.clock()
                 piece = read1(response.raw, max_bytes + 1 - len(out))
@@ -363,8 +314,6 @@ class HttpTransport:
                 if not piece:
                     break
                 out += piece
-        except FOREIGN_ERRORS as exc:
-            raise wrap_error(url, exc) from exc
         return bytes(out)
 
     def _session(self) -> requests.Session:
@@ -399,22 +348,34 @@ class HttpTransport:
         # session-level setting, never an explicit per-request one.
         return True if self.settings.ca_file is None else str(self.settings.ca_file)
 
+    def request(
+        self, method: str, url: str, *, headers: Mapping[str, str], **kwargs: Any
+    ) -> requests.Response:
+        """Send one request with this transport's timeouts and CA file; the response
+        is streamed (read its body with :meth:`read_capped` or a stream). The one
+        place requests go out: failures are ``DownloadError`` (:mod:`updater.httperrors`)."""
+        with wrapped(url):
+            return self.session.request(
+                method,
+                url,
+                headers=headers,
+                timeout=self._timeout,
+                verify=self._verify,
+                stream=True,
+                **kwargs,
+            )
+
     def get(self, url: str, *, max_bytes: int, etag: str | None = None) -> FetchResult:
         headers = {"If-None-Match": etag} if etag else {}
-        try:
-            with self.session.get(
-                url, headers=headers, timeout=self._timeout, stream=True, verify=self._verify
-            ) as resp:
-                if resp.status_code == 304 and etag:
-                    return FetchResult(None, etag)
-                if resp.status_code != 200:
-                    raise _http_error(url, resp.status_code)
-                body = self.read_capped(url, resp, max_bytes)
-                if len(body) > max_bytes:
-                    raise DownloadError("too_much_data", f"{url}: more than {max_bytes} bytes")
-                return FetchResult(body, resp.headers.get("ETag"))
-        except FOREIGN_ERRORS as exc:
-            raise wrap_error(url, exc) from exc
+        with wrapped(url), self.request("GET", url, headers=headers) as resp:
+            if resp.status_code == 304 and etag:
+                return FetchResult(None, etag)
+            if resp.status_code != 200:
+                raise status_error(url, resp.status_code)
+            body = self.read_capped(url, resp, max_bytes)
+            if len(body) > max_bytes:
+                raise DownloadError("too_much_data", f"{url}: more than {max_bytes} bytes")
+            return FetchResult(body, resp.headers.get("ETag"))
 
     def open_stream(self, url: str, *, start: int = 0, if_range: str | None = None) -> ByteStream:
         headers: dict[str, str] = {}
@@ -422,12 +383,7 @@ class HttpTransport:
             headers["Range"] = f"bytes={start}-"
             if if_range:
                 headers["If-Range"] = if_range
-        try:
-            resp = self.session.get(
-                url, headers=headers, timeout=self._timeout, stream=True, verify=self._verify
-            )
-        except FOREIGN_ERRORS as exc:
-            raise wrap_error(url, exc) from exc
+        resp = self.request("GET", url, headers=headers)
         if resp.status_code == 206 and start:
             content_range = resp.headers.get("Content-Range", "")
             if not content_range.startswith(f"bytes {start}-"):
@@ -441,7 +397,7 @@ class HttpTransport:
         if resp.status_code == 200:
             return _HttpStream(url, resp, 0, self.speed_floor(url))
         resp.close()
-        raise _http_error(url, resp.status_code)
+        raise status_error(url, resp.status_code)
 
 
 class _FileStream:

@@ -1,0 +1,69 @@
+"""``updatectl release``: publish a signed release into a repository directory."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import timedelta
+from typing import TextIO
+
+from updater import config, release, versions
+from updater.cli_output import emit_json
+from updater.clock import SystemClock
+from updater.errors import ConfigError
+from updater.manifest import Compression, format_time
+from updater.progress import human
+
+
+def cmd_release(args: argparse.Namespace, cfg: config.Config | None, out: TextIO) -> int:
+    passphrase = None
+    if args.passphrase_file is not None:
+        try:
+            passphrase = args.passphrase_file.read_text().rstrip("\n")
+        except OSError as exc:
+            raise ConfigError(
+                "unreadable", exc.strerror or str(exc), file=str(args.passphrase_file)
+            ) from None
+    published = release.publish(
+        release.ReleaseRequest(
+            image=args.image,
+            version=args.version,
+            repo=args.repo,
+            gnupghome=args.gnupghome,
+            key_id=args.key,
+            channel=args.channel,
+            compression=Compression(args.compression),
+            expires_in=timedelta(days=args.expires_days),
+            passphrase=passphrase,
+            boot_files=release.boot_files(args.kernel, args.initrd, args.uki),
+        ),
+        SystemClock().now(),
+    )
+    m = published.manifest
+    warnings = versions.omaha_warnings(m.version)
+    for warning in warnings:
+        args.err.write(f"updatectl: warning: {warning}\n")
+    if args.json:
+        emit_json(
+            out,
+            {
+                "warnings": list(warnings),
+                "version": m.version,
+                "channel": m.channel,
+                "manifest": str(published.manifest_path),
+                "signature": str(published.signature_path),
+                "image": str(published.image_path),
+                "size": m.image.size,
+                "raw_size": m.image.raw_size,
+                "expires": format_time(m.expires),
+                "boot": [{"name": b.name, "size": b.size, "sha256": b.sha256} for b in m.boot],
+            },
+        )
+    else:
+        out.write(
+            f"Published {m.version} on {m.channel}: {published.image_path} "
+            f"({human(m.image.size)}, {m.image.compression.value}, raw {human(m.image.raw_size)}),"
+            f" expires {format_time(m.expires)}\n"
+        )
+        for b in m.boot:
+            out.write(f"  boot file {b.name} ({human(b.size)})\n")
+    return 0
