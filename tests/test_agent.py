@@ -33,7 +33,7 @@ from updater.agent import Agent, Hooks, wait_any
 from updater.agentapi import AgentStatus
 from updater.errors import RefusedError, UpdaterError
 from updater.health import HealthReport
-from updater.lock import is_held
+from updater.hostlock import is_held
 from updater.machine import Timing
 from updater.metrics import Metrics
 from updater.sdnotify import Notifier

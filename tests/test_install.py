@@ -19,8 +19,8 @@ from devtools.host import Host, write_config
 from tests.conftest import Repo, updatectl
 from updater import compose, config
 from updater.errors import DiskError, UpdaterError, VerificationError
+from updater.hostlock import is_held
 from updater.install import Progress, write_image
-from updater.lock import is_held
 from updater.manifest import Compression, ImageRef
 from updater.slotio import SlotDevice
 

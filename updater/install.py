@@ -26,7 +26,7 @@ from typing import Literal, Protocol, TypeVar, cast, runtime_checkable
 
 import structlog
 
-from updater.decode import decoder
+from updater.decompress import decoder
 from updater.errors import Cancelled, DiskError, UpdaterError, VerificationError
 from updater.manifest import Compression, ImageRef
 from updater.slotio import SlotDevice, aligned_buffer

@@ -34,8 +34,8 @@ from updater.errors import (
 )
 from updater.fsutil import atomic_write
 from updater.gpg import SignatureChecker
+from updater.hostlock import exclusive, is_held
 from updater.install import Progress, ProgressFn, WriteResult, write_image
-from updater.lock import exclusive, is_held
 from updater.manifest import Manifest
 from updater.slotio import SlotDevice
 from updater.source import Deferred, Happening, ImageClaim, NoOffer, UpdateSource

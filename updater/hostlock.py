@@ -1,4 +1,6 @@
-"""One updater at a time per host: an advisory flock on ``<state_dir>/lock``."""
+"""The host update lock: one updater at a time per host, an advisory flock on
+``<state_dir>/lock``. (The reboot lock a fleet shares is policies.lock.)
+"""
 
 from __future__ import annotations
 
