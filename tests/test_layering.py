@@ -1,5 +1,6 @@
 """Architecture rules: partitions/ and policies/ use only updater's leaf modules,
-and no module imports itself back through others (no import cycles)."""
+the update core is layered (pure decisions, slots, installer, updater), and no
+module imports itself back through others (no import cycles)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,36 @@ LEAVES = {
     "updater.urls",
     "updater.jsonutil",
     "updater.httpbody",
+}
+
+# The update core, bottom up. The decisions are pure: they name data types and
+# nothing that reaches the host. The slots need no update server, the installer
+# is handed a checked manifest, and only the updater checks.
+DECISIONS_MAY_IMPORT = {
+    "__future__",
+    "dataclasses",
+    "typing",
+    "partitions.bootcontrol",
+    "updater.errors",
+    "updater.manifest",
+    "updater.source",  # ImageClaim, a data type
+    "updater.state",
+}
+CORE_MUST_NOT_IMPORT = {
+    "updater.settings": {"updater", "partitions", "policies"},
+    "updater.hostports": {"updater.slots", "updater.installer", "updater.update"},
+    "updater.hostlock": {"updater.slots", "updater.installer", "updater.update"},
+    "updater.slots": {
+        "updater.update",
+        "updater.installer",
+        "updater.source",
+        "updater.transport",
+        "updater.download",
+        "updater.install",
+        "updater.gpg",
+        "updater.verify",
+    },
+    "updater.installer": {"updater.update", "updater.gpg", "updater.verify"},
 }
 
 
@@ -48,6 +79,26 @@ def test_partitions_and_policies_use_only_leaf_modules() -> None:
         if name.split(".")[0] in ("partitions", "policies"):
             used = {m for m in imports(path, set(mods)) if m.startswith("updater")}
             assert used <= LEAVES, f"{name} imports {sorted(used - LEAVES)}"
+
+
+def test_decisions_are_pure() -> None:
+    path = ROOT / "updater" / "decisions.py"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    extra = found - DECISIONS_MAY_IMPORT
+    assert not extra, f"updater.decisions imports {sorted(extra)}"
+
+
+def test_update_core_layers() -> None:
+    mods = modules()
+    for name, banned in CORE_MUST_NOT_IMPORT.items():
+        used = imports(mods[name], set(mods))
+        bad = {m for m in used if any(m == b or m.startswith(b + ".") for b in banned)}
+        assert not bad, f"{name} imports {sorted(bad)}"
 
 
 def test_no_import_cycles() -> None:

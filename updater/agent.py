@@ -35,7 +35,7 @@ from updater.errors import Cancelled, RefusedError, UpdaterError, internal_error
 from updater.health import HealthReport
 from updater.install import Progress
 from updater.rebooter import Rebooter
-from updater.update import CheckResult, Updater
+from updater.update import UpdateCheckResult, Updater
 
 log = structlog.get_logger(__name__)
 
@@ -244,7 +244,7 @@ class Agent:
         self._wake = asyncio.Event()
         self._cancel = threading.Event()
         self._work: asyncio.Task[None] | None = None
-        self._check: CheckResult | None = None
+        self._check: UpdateCheckResult | None = None
         self._stopping = False
         self._last_status: AgentStatus | None = None
         self._steady_task: asyncio.Task[None] | None = None

@@ -28,11 +28,15 @@ from updater.config import ESP_CANDIDATES, Config, entry_template, reboot_window
 from updater.errors import ConfigError
 from updater.gpg import GnupgVerifier
 from updater.health import HealthChecker, SystemdUnits
+from updater.hostlock import FlockHostLock
+from updater.hostports import KuredSentinel, OsReleaseFile
 from updater.install import ProgressFn
 from updater.machine import Timing
 from updater.metrics import Metrics
 from updater.rebooter import LogindRebooter, Rebooter, UnavailableRebooter
 from updater.sdnotify import Notifier
+from updater.settings import UpdateSettings
+from updater.slots import Slots
 from updater.source import HttpCache, SignedFetcher, StaticSource, UpdateSource
 from updater.state import StateStore
 from updater.transport import HttpSettings, HttpTransport, SchemeTransport
@@ -216,9 +220,25 @@ def boot_files_unused(config: Config) -> ConfigError | None:
     return None
 
 
-def updater(
-    config: Config, *, progress: ProgressFn | None = None, need_source: bool = False
-) -> Updater:
+def host_slots(config: Config) -> Slots:
+    """The host's slots: all that `updatectl status`, `mark-good` and `rollback` need."""
+    boot_files = slot_boot_files(config)
+    os_release = OsReleaseFile(config.agent.os_release)
+    sentinel = config.agent.reboot_sentinel
+    return Slots(
+        boot=boot_control(config),
+        store=StateStore(config.agent.state_dir),
+        clock=SystemClock(),
+        os_release=os_release,
+        lock=FlockHostLock(config.agent.state_dir),
+        sentinel=None if sentinel is None else KuredSentinel(sentinel, os_release),
+        boot_files=None if isinstance(boot_files, ConfigError) else boot_files,
+        chunk_size=config.install.chunk_size,
+    )
+
+
+def updater(config: Config, *, progress: ProgressFn | None = None) -> Updater:
+    """Check and install over the host's slots (a source must be configured)."""
     src = config.source
     http = HttpTransport(
         HttpSettings(
@@ -231,23 +251,22 @@ def updater(
         )
     )
     transport = SchemeTransport(http=http)
-    source = update_source(config, transport, http, need_source=need_source)
+    source = update_source(config, transport, http, need_source=True)
+    assert source is not None  # need_source: a ConfigError instead of None
     return Updater(
-        boot=boot_control(config),
-        store=StateStore(config.agent.state_dir),
-        clock=SystemClock(),
-        os_release=config.agent.os_release,
-        channel=expected_channel(config),
+        slots=host_slots(config),
         source=source,
         verifier=GnupgVerifier(src.keyring),
         transport=transport,
-        readback=config.install.readback,
-        chunk_size=config.install.chunk_size,
-        resume_attempts=src.resume_attempts,
-        reboot_sentinel=config.agent.reboot_sentinel,
-        progress=progress,
-        boot_files=slot_boot_files(config),
+        settings=UpdateSettings(
+            channel=expected_channel(config),
+            readback=config.install.readback,
+            chunk_size=config.install.chunk_size,
+            resume_attempts=src.resume_attempts,
+        ),
         blocks=version_blocks(config),
+        boot_files_refusal=boot_files_unused(config),
+        progress=progress,
     )
 
 
@@ -410,7 +429,7 @@ class _RebooterOnDemand:
 
 async def mark_good(config: Config) -> Slot:
     """`updatectl mark-good`: health checks, then bless (or give up) the booted slot."""
-    return await bless(updater(config), health_checker(config), _RebooterOnDemand())
+    return await bless(host_slots(config), health_checker(config), _RebooterOnDemand())
 
 
 def build_agent(
@@ -426,10 +445,10 @@ def build_agent(
     checks = health_checker(config)
     return Agent(
         updater=up,
-        strategy=reboot_strategy(config, up.clock, holder=holder, metrics=metrics),
+        strategy=reboot_strategy(config, up.slots.clock, holder=holder, metrics=metrics),
         rebooter=reboot,
-        bless=lambda: bless(up, checks, reboot),
-        clock=up.clock,
+        bless=lambda: bless(up.slots, checks, reboot),
+        clock=up.slots.clock,
         notifier=notifier,
         metrics=metrics,
         timing=timing(config),
@@ -445,7 +464,7 @@ def build_agent(
 
 async def run_agent(config: Config) -> None:
     """`updatectl agent`: run until SIGTERM or SIGINT."""
-    up = updater(config, need_source=True)
+    up = updater(config)
     bus = await system_bus()
     metrics = Metrics()
     server = metrics.serve(config.metrics.listen) if config.metrics.listen else None

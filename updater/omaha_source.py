@@ -36,8 +36,8 @@ from updater.omaha import (
 )
 from updater.omaha_client import OmahaClient
 from updater.source import (
-    Deferred,
     Happening,
+    HeldBack,
     ImageClaim,
     NoOffer,
     SignedFetcher,
@@ -134,7 +134,7 @@ class OmahaSource:
                 self._deferral_file.unlink(missing_ok=True)
                 return NoOffer(interval)
             case OmahaDeferred(reason=reason, poll_interval_s=interval):
-                return Deferred(reason, interval)
+                return HeldBack(reason, interval)
             case UpdateOffer() as offer:
                 self._offer = offer
                 doc = self._fetcher.fetch(offer.manifest_url, offer.signature_url)
