@@ -79,9 +79,7 @@ def expected_channel(config: Config) -> str:
     return omaha_settings(config)[1] if config.source.kind == "omaha" else config.source.channel
 
 
-def update_source(
-    config: Config, transport: SchemeTransport, http: HttpTransport, *, need_source: bool
-) -> UpdateSource | None:
+def update_source(config: Config, transport: SchemeTransport, http: HttpTransport) -> UpdateSource:
     cache = HttpCache(config.agent.state_dir / "cache")
     if config.source.kind == "omaha":
         # Omaha (its XML, its error codes) is loaded only for an Omaha source.
@@ -93,8 +91,6 @@ def update_source(
         if server == DISABLED:
             return DisabledSource()
         if server is None:
-            if not need_source:
-                return None
             raise ConfigError(
                 "missing",
                 "no Omaha server is configured",
@@ -110,14 +106,12 @@ def update_source(
         )
     if config.source.url is not None:
         return StaticSource(config.source.url, config.source.channel, transport, cache)
-    if need_source:
-        raise ConfigError(
-            "missing",
-            "no release repository is configured",
-            key="source.url",
-            hint="set [source] url in a file under /etc/updater/config.d/",
-        )
-    return None
+    raise ConfigError(
+        "missing",
+        "no release repository is configured",
+        key="source.url",
+        hint="set [source] url in a file under /etc/updater/config.d/",
+    )
 
 
 def disk_of(config: Config) -> Path:
@@ -251,8 +245,7 @@ def updater(config: Config, *, progress: ProgressFn | None = None) -> Updater:
         )
     )
     transport = SchemeTransport(http=http)
-    source = update_source(config, transport, http, need_source=True)
-    assert source is not None  # need_source: a ConfigError instead of None
+    source = update_source(config, transport, http)  # first: its ConfigError first
     return Updater(
         slots=host_slots(config),
         source=source,
