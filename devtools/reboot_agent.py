@@ -111,7 +111,7 @@ async def life(root: Path, rng: random.Random, down_s: tuple[float, float]) -> N
             # updater-mark-good.service, before updater.service starts the agent
             slot = await compose.mark_good(cfg)
             events.write("blessed", slot=slot.label)
-        up = compose.updater(cfg, need_source=True)
+        up = compose.updater(cfg)
         rebooter = MachineRebooter(events, disk, cmdline)
         metrics = Metrics()
         server = metrics.serve(cfg.metrics.listen) if cfg.metrics.listen else None

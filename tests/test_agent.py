@@ -35,7 +35,7 @@ from updater.agentports import wait_any
 from updater.blessing import HealthCheck
 from updater.errors import RefusedError, UpdaterError
 from updater.health import HealthReport
-from updater.lock import is_held
+from updater.hostlock import is_held
 from updater.machine import Timing
 from updater.metrics import Metrics
 from updater.sdnotify import Notifier
@@ -138,7 +138,7 @@ class Harness:
         self.blessed: list[Slot] = []
 
         async def bless() -> Slot:
-            slot = await asyncio.to_thread(self.updater.mark_good)
+            slot = await asyncio.to_thread(self.updater.slots.mark_good)
             self.blessed.append(slot)
             return slot
 
@@ -148,7 +148,7 @@ class Harness:
             strategy=strategy,
             rebooter=self.rebooter,
             bless=bless,
-            clock=kw.pop("clock", self.updater.clock),  # type: ignore[arg-type]
+            clock=kw.pop("clock", self.updater.slots.clock),  # type: ignore[arg-type]
             notifier=Notifier(env={"NOTIFY_SOCKET": str(notify.path)}),
             timing=timing,
             metrics=metrics,
@@ -560,15 +560,15 @@ def inject(h: Harness, where: str, exc: BaseException) -> list[str]:
     up = h.updater
     match where:
         case "check":  # the manifest is fetched, then the source breaks
-            up.source.fetch = raiser(exc, calls, then=up.source.fetch)  # type: ignore[union-attr,method-assign]
+            up.source.fetch = raiser(exc, calls, then=up.source.fetch)  # type: ignore[method-assign]
         case "verify":
-            up.verifier.verify = raiser(exc, calls)  # type: ignore[union-attr,method-assign]
+            up.verifier.verify = raiser(exc, calls)  # type: ignore[method-assign]
         case "download":
-            up.transport.open_stream = raiser(exc, calls)  # type: ignore[union-attr,method-assign]
+            up.transport.open_stream = raiser(exc, calls)  # type: ignore[method-assign]
         case "install":
-            up.open_slot = raiser(exc, calls)
+            up.slots.open_slot = raiser(exc, calls)
         case "make_primary":  # after the image is written and verified
-            up.boot.make_primary = raiser(exc, calls)  # type: ignore[method-assign]
+            up.slots.boot.make_primary = raiser(exc, calls)  # type: ignore[method-assign]
         case "error_report":  # a typed failure, then counting it breaks
             assert h.agent.metrics is not None
             h.agent.metrics.check_failed = raiser(exc, calls)  # type: ignore[method-assign]
@@ -730,7 +730,7 @@ def test_a_crashing_event_report_does_not_stop_the_update(
             )
         h = Harness(host, notify, Off())
         calls: list[str] = []
-        target: Any = h.updater.source.client if kind == "omaha" else h.updater.source  # type: ignore[union-attr]
+        target: Any = h.updater.source.client if kind == "omaha" else h.updater.source  # type: ignore[attr-defined]
         target.report = raiser(ValueError("Invalid IPv6 URL"), calls)
         with capture_logs() as logs:
             run_until(h, lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")

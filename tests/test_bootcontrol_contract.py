@@ -33,10 +33,13 @@ from partitions.sdboot import SdBootControl
 from tests.gptcraft import edit_entries, entry_lbas, set_entry
 from updater import compose, config
 from updater.clock import SystemClock
+from updater.decisions import detect_rollback, host_state, is_staged
 from updater.errors import DiskError
+from updater.hostlock import FlockHostLock
+from updater.hostports import OsReleaseFile
 from updater.run import run
+from updater.slots import Slots
 from updater.state import SlotRecord, State, StateStore
-from updater.update import Updater, detect_rollback, host_state, is_staged
 
 MiB = 1024 * 1024
 ENTRY = EntryTemplate(
@@ -244,7 +247,7 @@ def test_health_check_failure_marks_the_trial_slot_bad(rig: Rig) -> None:
     control.make_primary(b)
     rig.boots(b)
     booted, other = rig.status("USR-B"), rig.status("USR-A")
-    # Updater.mark_booted_bad's precondition: the booted slot is on trial, the other bootable
+    # Slots.mark_booted_bad's precondition: the booted slot is on trial, the other bootable
     assert not booted.flags.successful and other.flags.bootable
     control.mark_bad(b)
     assert control.primary() == a
@@ -259,11 +262,12 @@ def test_a_failed_health_check_never_gives_up_the_known_good_slot(rig: Rig, tmp_
     fail keeps B (there is nothing newer to give up), whatever the boot loader."""
     os_release = tmp_path / "os-release"
     os_release.write_text("IMAGE_VERSION=1.0.0\n")
-    updater = Updater(
+    updater = Slots(
         boot=rig.control,
         store=StateStore(tmp_path / "state"),
         clock=SystemClock(),
-        os_release=os_release,
+        os_release=OsReleaseFile(os_release),
+        lock=FlockHostLock(tmp_path / "state"),
     )
     control = rig.control
     a, b = rig.slot("USR-A"), rig.slot("USR-B")

@@ -26,7 +26,7 @@ from partitions.gptprio import GptPrioBootControl
 from tests.conftest import Repo, updatectl
 from tests.gptcraft import edit_entries, entry_lbas, set_entry
 from updater.errors import ExitCode
-from updater.lock import is_held
+from updater.hostlock import is_held
 from updater.manifest import Compression
 from updater.state import StateStore
 

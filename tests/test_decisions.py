@@ -1,4 +1,4 @@
-"""The pure decisions of updater.update, table-tested."""
+"""The pure decisions of updater.decisions, table-tested."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from uuid import UUID
 import pytest
 
 from partitions.bootcontrol import Slot, SlotFlags, SlotStatus
-from updater.state import Pending, SlotRecord, State
-from updater.update import (
+from updater.decisions import (
     detect_rollback,
     health_failure_action,
     host_state,
@@ -19,6 +18,7 @@ from updater.update import (
     settle_booted_install,
     slot_version,
 )
+from updater.state import Pending, SlotRecord, State
 
 A = Slot("USR-A", 1, UUID(int=1), Path("/dev/vda"), 1 << 20, 1 << 30)
 B = Slot("USR-B", 2, UUID(int=2), Path("/dev/vda"), (1 << 20) + (1 << 30), 1 << 30)

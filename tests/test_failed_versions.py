@@ -778,7 +778,7 @@ def test_an_unstaging_cut_short_is_finished_and_is_no_rollback(
     def cut(slot: object) -> None:
         raise DiskError("io", "the power went")
 
-    up.boot.mark_bad = cut  # type: ignore[method-assign]
+    up.slots.boot.mark_bad = cut  # type: ignore[method-assign]
     with pytest.raises(DiskError):
         up.unstage("1.2.0", "version_blocked")
     assert host.boot_control().primary().label == "USR-B"  # type: ignore[union-attr]

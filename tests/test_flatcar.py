@@ -97,4 +97,4 @@ def test_composing_the_updater_reads_update_conf_once(
         updater = compose.updater(config.load(cfg))
     reads = [e for e in logs if e["event"] == "flatcar_update_conf_read"]
     assert len(reads) == 1 and reads[0]["group"] == "beta"
-    assert updater.channel == "beta"
+    assert updater.settings.channel == "beta"

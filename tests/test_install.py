@@ -19,8 +19,8 @@ from devtools.host import Host, write_config
 from tests.conftest import Repo, updatectl
 from updater import compose, config
 from updater.errors import DiskError, UpdaterError, VerificationError
+from updater.hostlock import is_held
 from updater.install import Progress, write_image
-from updater.lock import is_held
 from updater.manifest import Compression, ImageRef
 from updater.slotio import SlotDevice
 
@@ -212,9 +212,9 @@ def test_an_exception_not_ours_ends_the_install_like_a_typed_error(
         raise crash
 
     if where == "download":
-        up.transport.open_stream = raise_crash  # type: ignore[union-attr,method-assign]
+        up.transport.open_stream = raise_crash  # type: ignore[method-assign]
     else:
-        up.open_slot = raise_crash
+        up.slots.open_slot = raise_crash
     with pytest.raises(UpdaterError) as caught:
         up.install(check)
     assert (caught.value.kind, caught.value.__cause__) == ("internal", crash)

@@ -1,5 +1,6 @@
 """Architecture rules: partitions/ and policies/ use only updater's leaf modules,
-and no module imports itself back through others (no import cycles)."""
+the update core is layered (pure decisions, slots, installer, updater), and no
+module imports itself back through others (no import cycles)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,36 @@ FORBIDDEN = {
     "updater.configfiles": {"updater.config", "updater.settings"},
     "updater.settings": {"updater.config", "updater.configfiles"},
     "updater.httperrors": {"updater.transport"},
+}
+
+# The update core, bottom up. The decisions are pure: they name data types and
+# nothing that reaches the host. The slots need no update server, the installer
+# is handed a checked manifest, and only the updater checks.
+DECISIONS_MAY_IMPORT = {
+    "__future__",
+    "dataclasses",
+    "typing",
+    "partitions.bootcontrol",
+    "updater.errors",
+    "updater.manifest",
+    "updater.source",  # ImageClaim, a data type
+    "updater.state",
+}
+CORE_MUST_NOT_IMPORT = {
+    "updater.updatesettings": {"updater", "partitions", "policies"},
+    "updater.hostports": {"updater.slots", "updater.installer", "updater.update"},
+    "updater.hostlock": {"updater.slots", "updater.installer", "updater.update"},
+    "updater.slots": {
+        "updater.update",
+        "updater.installer",
+        "updater.source",
+        "updater.transport",
+        "updater.download",
+        "updater.install",
+        "updater.gpg",
+        "updater.verify",
+    },
+    "updater.installer": {"updater.update", "updater.gpg", "updater.verify"},
 }
 
 
@@ -115,6 +146,20 @@ def test_modules_of_one_job_keep_apart() -> None:
     for name, forbidden in FORBIDDEN.items():
         used = imports(mods[name], set(mods))
         assert not used & forbidden, f"{name} imports {sorted(used & forbidden)}"
+
+
+def test_decisions_are_pure() -> None:
+    found = top_level_imports(ROOT / "updater" / "decisions.py")
+    extra = found - DECISIONS_MAY_IMPORT
+    assert not extra, f"updater.decisions imports {sorted(extra)}"
+
+
+def test_update_core_layers() -> None:
+    mods = modules()
+    for name, banned in CORE_MUST_NOT_IMPORT.items():
+        used = imports(mods[name], set(mods))
+        bad = {m for m in used if any(m == b or m.startswith(b + ".") for b in banned)}
+        assert not bad, f"{name} imports {sorted(bad)}"
 
 
 def test_no_import_cycles() -> None:

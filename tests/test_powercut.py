@@ -62,13 +62,15 @@ from partitions.bootcontrol import Slot
 from partitions.firmware import NoBootableSlotError, boot_disk_image
 from partitions.gptprio import GptPrioBootControl
 from tests.conftest import HOST_SLOT_SIZE, Repo, updatectl
-from updater import slotio, update
+from updater import slotio, slots
 from updater import state as state_module
 from updater.clock import SystemClock
 from updater.errors import UpdaterError
 from updater.fsutil import atomic_write
+from updater.hostlock import FlockHostLock
+from updater.hostports import OsReleaseFile
+from updater.slots import Slots
 from updater.state import StateStore
-from updater.update import Updater
 
 STATE_SIZE = 8 * 1024 * 1024  # bytes: the STATE partition, ext4, holding the state dir
 SUBSETS = 8  # random subsets of the writes in flight per cut point
@@ -384,7 +386,7 @@ def test_a_missing_flush_is_caught(
     host = state_host
     repo.publish("1.1.0", usr_images["1.1.0"])
     raw = usr_images["1.1.0"].read_bytes()
-    monkeypatch.setattr(update, "SlotDevice", functools.partial(slotio.SlotDevice, sync=False))
+    monkeypatch.setattr(slots, "SlotDevice", functools.partial(slotio.SlotDevice, sync=False))
     rec = record_install(host, tmp_path / "rec")
 
     checker = Checker(host, rec, raw, tmp_path / "check")
@@ -480,11 +482,12 @@ def test_a_failed_trial_after_such_a_cut_is_a_rollback(
     install_cut_after_make_primary(host, monkeypatch)
     assert host.reboot() == "USR-B"
     set_version(host, "1.1.0")
-    updater = Updater(
+    updater = Slots(
         boot=host.boot_control(),
         store=StateStore(host.state_dir),
         clock=SystemClock(),
-        os_release=host.os_release,
+        os_release=OsReleaseFile(host.os_release),
+        lock=FlockHostLock(host.state_dir),
     )
     assert updater.mark_booted_bad() is not None
     assert host.reboot() == "USR-A"

@@ -348,7 +348,7 @@ def test_speed_floor_config(host: Host, text: str, ok: bool) -> None:
         assert err.value.kind == "invalid" and "min_speed" in str(err.value.key)
         return
     cfg = config.load(host.config)
-    settings = compose.updater(cfg).transport._http.settings  # type: ignore[union-attr]
+    settings = compose.updater(cfg).transport._http.settings  # type: ignore[attr-defined]
     assert settings.min_speed_bytes_s == cfg.source.min_speed_bytes_s
     assert settings.min_speed_window_s == cfg.source.min_speed_window_s
     assert (settings.head_timeout_s is None) == (cfg.source.min_speed_bytes_s == 0)

@@ -34,7 +34,7 @@ from updater.fleetrecord import FleetRecord
 from updater.install import Progress
 from updater.rebooter import Rebooter
 from updater.rebootpath import RebootPath
-from updater.update import CheckResult, Updater
+from updater.update import UpdateCheckResult, Updater
 
 log = structlog.get_logger(__name__)
 
@@ -121,7 +121,7 @@ class Agent:
         self._wake = asyncio.Event()
         self._cancel = threading.Event()
         self._work: asyncio.Task[None] | None = None
-        self._check: CheckResult | None = None
+        self._check: UpdateCheckResult | None = None
         self._stopping = False
         self._last_status: AgentStatus | None = None
 

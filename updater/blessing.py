@@ -15,7 +15,7 @@ from partitions.bootcontrol import Slot
 from updater.errors import RefusedError
 from updater.health import HealthReport
 from updater.rebooter import Rebooter
-from updater.update import Updater
+from updater.slots import Slots
 
 log = structlog.get_logger(__name__)
 
@@ -24,7 +24,7 @@ class HealthCheck(Protocol):
     async def run(self) -> HealthReport: ...
 
 
-async def bless(updater: Updater, checks: HealthCheck, rebooter: Rebooter | None) -> Slot:
+async def bless(updater: Slots, checks: HealthCheck, rebooter: Rebooter | None) -> Slot:
     """Mark the booted slot good if every check passes; else raise HealthError.
 
     On a failure during a trial boot the slot is marked bad (never booted

@@ -20,7 +20,8 @@ from updater.log import configure
 from updater.machine import Timing, server_interval
 from updater.manifest import format_time
 from updater.progress import TerminalProgress, human
-from updater.update import CheckResult, StatusReport, as_dict
+from updater.slots import StatusReport, as_dict
+from updater.update import UpdateCheckResult
 
 if TYPE_CHECKING:
     from policies.failed import Verdict
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 from updater.cli_output import emit_json, print_failed_versions
 
 
-def _check_doc(result: CheckResult, timing: Timing) -> dict[str, Any]:
+def _check_doc(result: UpdateCheckResult, timing: Timing) -> dict[str, Any]:
     interval = result.interval_s
     doc: dict[str, Any] = {
         "update_available": result.update_available,
@@ -57,7 +58,7 @@ def _check_doc(result: CheckResult, timing: Timing) -> dict[str, Any]:
 
 def cmd_check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     bar = TerminalProgress(sys.stderr) if args.install and sys.stderr.isatty() else None
-    up = compose.updater(cfg, progress=bar, need_source=True)
+    up = compose.updater(cfg, progress=bar)
     result = up.check()
     written: WriteResult | None = None
     if args.install:
@@ -139,7 +140,7 @@ def _print_agent(st: AgentStatus, out: TextIO) -> None:
 def cmd_status(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     agent = asyncio.run(read_status()) if cfg.agent.dbus else None
     try:
-        report: StatusReport | None = compose.updater(cfg).status()
+        report: StatusReport | None = compose.host_slots(cfg).status()
     except UpdaterError:
         if agent is None:
             raise
@@ -195,7 +196,7 @@ def cmd_mark_good(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
 
 
 def cmd_rollback(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    slot = compose.updater(cfg).rollback()
+    slot = compose.host_slots(cfg).rollback()
     if args.json:
         emit_json(out, {"next_boot": slot.label})
     else:

@@ -29,15 +29,19 @@ from updater.config import ESP_CANDIDATES, Config, entry_template
 from updater.errors import ConfigError
 from updater.gpg import GnupgVerifier
 from updater.health import HealthChecker, SystemdUnits
+from updater.hostlock import FlockHostLock
+from updater.hostports import KuredSentinel, OsReleaseFile
 from updater.install import ProgressFn
 from updater.machine import Timing
 from updater.metrics import Metrics
 from updater.rebooter import LogindRebooter, Rebooter, UnavailableRebooter
 from updater.sdnotify import Notifier
+from updater.slots import Slots
 from updater.source import HttpCache, SignedFetcher, StaticSource, UpdateSource
 from updater.state import StateStore
 from updater.transport import HttpSettings, HttpTransport, SchemeTransport
 from updater.update import Updater
+from updater.updatesettings import UpdateSettings
 
 if TYPE_CHECKING:
     from partitions.filestore import DirStore
@@ -86,9 +90,8 @@ def update_source(
     transport: SchemeTransport,
     http: HttpTransport,
     *,
-    need_source: bool,
     omaha: tuple[str | None, str] | None = None,  # omaha_settings, if already read
-) -> UpdateSource | None:
+) -> UpdateSource:
     cache = HttpCache(config.agent.state_dir / "cache")
     if config.source.kind == "omaha":
         # Omaha (its XML, its error codes) is loaded only for an Omaha source.
@@ -100,8 +103,6 @@ def update_source(
         if server == DISABLED:
             return DisabledSource()
         if server is None:
-            if not need_source:
-                return None
             raise ConfigError(
                 "missing",
                 "no Omaha server is configured",
@@ -117,14 +118,12 @@ def update_source(
         )
     if config.source.url is not None:
         return StaticSource(config.source.url, config.source.channel, transport, cache)
-    if need_source:
-        raise ConfigError(
-            "missing",
-            "no release repository is configured",
-            key="source.url",
-            hint="set [source] url in a file under /etc/updater/config.d/",
-        )
-    return None
+    raise ConfigError(
+        "missing",
+        "no release repository is configured",
+        key="source.url",
+        hint="set [source] url in a file under /etc/updater/config.d/",
+    )
 
 
 def disk_of(config: Config) -> Path:
@@ -244,9 +243,25 @@ def boot_files_unused(config: Config) -> ConfigError | None:
     return None
 
 
-def updater(
-    config: Config, *, progress: ProgressFn | None = None, need_source: bool = False
-) -> Updater:
+def host_slots(config: Config) -> Slots:
+    """The host's slots: all that `updatectl status`, `mark-good` and `rollback` need."""
+    boot_files = slot_boot_files(config)
+    os_release = OsReleaseFile(config.agent.os_release)
+    sentinel = config.agent.reboot_sentinel
+    return Slots(
+        boot=boot_control(config),
+        store=StateStore(config.agent.state_dir),
+        clock=SystemClock(),
+        os_release=os_release,
+        lock=FlockHostLock(config.agent.state_dir),
+        sentinel=None if sentinel is None else KuredSentinel(sentinel, os_release),
+        boot_files=None if isinstance(boot_files, ConfigError) else boot_files,
+        chunk_size=config.install.chunk_size,
+    )
+
+
+def updater(config: Config, *, progress: ProgressFn | None = None) -> Updater:
+    """Check and install over the host's slots (a source must be configured)."""
     src = config.source
     http = HttpTransport(
         HttpSettings(
@@ -261,23 +276,21 @@ def updater(
     transport = SchemeTransport(http=http)
     # Flatcar's update.conf, read once: the server and the group the manifests must name
     omaha = omaha_settings(config) if src.kind == "omaha" else None
-    source = update_source(config, transport, http, need_source=need_source, omaha=omaha)
+    source = update_source(config, transport, http, omaha=omaha)  # first: its ConfigError first
     return Updater(
-        boot=boot_control(config),
-        store=StateStore(config.agent.state_dir),
-        clock=SystemClock(),
-        os_release=config.agent.os_release,
-        channel=expected_channel(config, omaha),
+        slots=host_slots(config),
         source=source,
         verifier=GnupgVerifier(src.keyring),
         transport=transport,
-        readback=config.install.readback,
-        chunk_size=config.install.chunk_size,
-        resume_attempts=src.resume_attempts,
-        reboot_sentinel=config.agent.reboot_sentinel,
-        progress=progress,
-        boot_files=slot_boot_files(config),
+        settings=UpdateSettings(
+            channel=expected_channel(config, omaha),
+            readback=config.install.readback,
+            chunk_size=config.install.chunk_size,
+            resume_attempts=src.resume_attempts,
+        ),
         blocks=version_blocks(config),
+        boot_files_refusal=boot_files_unused(config),
+        progress=progress,
     )
 
 
@@ -440,7 +453,7 @@ class _RebooterOnDemand:
 
 async def mark_good(config: Config) -> Slot:
     """`updatectl mark-good`: health checks, then bless (or give up) the booted slot."""
-    return await bless(updater(config), health_checker(config), _RebooterOnDemand())
+    return await bless(host_slots(config), health_checker(config), _RebooterOnDemand())
 
 
 def build_agent(
@@ -456,10 +469,10 @@ def build_agent(
     checks = health_checker(config)
     return Agent(
         updater=up,
-        strategy=reboot_strategy(config, up.clock, holder=holder, metrics=metrics),
+        strategy=reboot_strategy(config, up.slots.clock, holder=holder, metrics=metrics),
         rebooter=reboot,
-        bless=lambda: bless(up, checks, reboot),
-        clock=up.clock,
+        bless=lambda: bless(up.slots, checks, reboot),
+        clock=up.slots.clock,
         notifier=notifier,
         metrics=metrics,
         timing=replace(timing(config), release_after_s=config.reboot.release_after_s),
@@ -474,7 +487,7 @@ def build_agent(
 
 async def run_agent(config: Config) -> None:
     """`updatectl agent`: run until SIGTERM or SIGINT."""
-    up = updater(config, need_source=True)
+    up = updater(config)
     bus = await system_bus()
     metrics = Metrics()
     server = metrics.serve(config.metrics.listen) if config.metrics.listen else None

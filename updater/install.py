@@ -26,7 +26,7 @@ from typing import Literal, Protocol, TypeVar, cast, runtime_checkable
 
 import structlog
 
-from updater.decode import decoder
+from updater.decompress import decoder
 from updater.errors import Cancelled, DiskError, UpdaterError, VerificationError
 from updater.manifest import Compression, ImageRef
 from updater.slotio import SlotDevice, aligned_buffer
@@ -182,129 +182,190 @@ def write_image(
     Raises VerificationError (hash or size mismatch, bad compression),
     DownloadError (from ``chunks``) or DiskError. On any error the slot holds
     garbage and must stay unbootable.
+
+    The stages: stream (:class:`_Pipeline`), check what streamed against the
+    manifest (:func:`_check_stream`), read the slot back (:func:`_read_back`).
     """
     started = time.monotonic()
-    stage = _Stage(cancel)
-    passthrough = image.compression is Compression.NONE
-    pooled = passthrough and isinstance(chunks, IntoSource)
-    fetched: queue.Queue[_Block | None] = queue.Queue(QUEUE_DEPTH)
-    to_write: queue.Queue[_Block | None] = queue.Queue(QUEUE_DEPTH)
-    free: queue.Queue[mmap.mmap] = queue.Queue()
-    if pooled:
-        for _ in range(POOL_BUFFERS):
-            free.put(aligned_buffer(chunk_size))
-    download_hash = hashlib.sha256()
-    downloaded = 0
+    pipeline = _Pipeline(
+        chunks, image, device, chunk_size=chunk_size, progress=progress, cancel=cancel
+    )
+    pipeline.run()
+    if progress is not None:
+        progress(Progress("download", pipeline.downloaded, image.size))
+    sha256, raw_sha256 = pipeline.digests()
+    _check_stream(image, pipeline.downloaded, sha256, pipeline.raw_size, raw_sha256)
+    if readback:
+        _read_back(device, image, chunk_size, progress, cancel)
+    seconds = time.monotonic() - started
+    log.info(
+        "image_written",
+        raw_size=pipeline.raw_size,
+        downloaded=pipeline.downloaded,
+        seconds=round(seconds, 3),
+        readback=readback,
+    )
+    return WriteResult(sha256, raw_sha256, pipeline.raw_size, seconds)
 
-    def fetch_into(source: IntoSource) -> None:
-        nonlocal downloaded
-        while True:
-            buf = stage.get(free)
-            view = memoryview(buf)
-            n = _fill(source, view)
-            if not n:
-                free.put(buf)
-                break
-            downloaded += n
-            stage.put(fetched, (view[:n], buf))
 
-    def fetch() -> None:
-        nonlocal downloaded
+class _Pipeline:
+    """Stage 1, the stream: a fetcher thread reads the download, the caller's thread
+    hashes (and decompresses) and counts, a writer thread writes the slot.
+
+    A compressed image's download is hashed by the fetcher, its raw bytes by the
+    caller's thread; an uncompressed one's bytes are both, hashed once by the
+    caller's thread so that reading the socket, hashing and writing overlap.
+    """
+
+    def __init__(
+        self,
+        chunks: Iterator[bytes],
+        image: ImageRef,
+        device: SlotDevice,
+        *,
+        chunk_size: int,
+        progress: ProgressFn | None,
+        cancel: threading.Event | None,
+    ) -> None:
+        self.chunks = chunks
+        self.image = image
+        self.device = device
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.stage = _Stage(cancel)
+        self.passthrough = image.compression is Compression.NONE
+        self.pooled = self.passthrough and isinstance(chunks, IntoSource)
+        self.fetched: queue.Queue[_Block | None] = queue.Queue(QUEUE_DEPTH)
+        self.to_write: queue.Queue[_Block | None] = queue.Queue(QUEUE_DEPTH)
+        self.free: queue.Queue[mmap.mmap] = queue.Queue()
+        if self.pooled:
+            for _ in range(POOL_BUFFERS):
+                self.free.put(aligned_buffer(chunk_size))
+        self.download_hash = hashlib.sha256()
+        self.downloaded = 0  # bytes
+        self.raw_hash = hashlib.sha256()
+        self.raw_size = 0  # bytes
+        self._last_report = 0.0
+
+    def run(self) -> None:
+        """Stream every byte into the slot, or raise the first stage's error."""
+        stage = self.stage
+        threads = [
+            threading.Thread(target=self._fetch, name="install-fetch", daemon=True),
+            threading.Thread(target=self._write, name="install-write", daemon=True),
+        ]
+        for t in threads:
+            t.start()
         try:
-            if pooled:
-                fetch_into(cast(IntoSource, chunks))
-            else:
-                for chunk in chunks:
-                    if not passthrough:
-                        download_hash.update(chunk)
-                    downloaded += len(chunk)
-                    stage.put(fetched, (memoryview(chunk), None))
-            stage.put(fetched, None)
+            self._transform()
         except _Stop:
             pass
         except BaseException as exc:
             stage.fail(exc)
         finally:
-            close = getattr(chunks, "close", None)
+            if stage.error is not None:
+                stage.stop.set()
+            for t in threads:
+                # after a failure, a fetcher blocked on the network is not waited for
+                t.join(timeout=None if stage.error is None else ABANDON_AFTER_S)
+        if stage.error is not None:
+            err = stage.error
+            if isinstance(err, UpdaterError):
+                raise err
+            if isinstance(err, OSError):
+                raise DiskError("io", f"{self.device.path}: {err}") from err
+            raise err
+
+    def digests(self) -> tuple[str, str]:
+        """The sha256 of the download and of the raw image."""
+        sha256 = self.download_hash.hexdigest()
+        return sha256, sha256 if self.passthrough else self.raw_hash.hexdigest()
+
+    def _fetch_into(self, source: IntoSource) -> None:
+        stage = self.stage
+        while True:
+            buf = stage.get(self.free)
+            view = memoryview(buf)
+            n = _fill(source, view)
+            if not n:
+                self.free.put(buf)
+                break
+            self.downloaded += n
+            stage.put(self.fetched, (view[:n], buf))
+
+    def _fetch(self) -> None:
+        stage = self.stage
+        try:
+            if self.pooled:
+                self._fetch_into(cast(IntoSource, self.chunks))
+            else:
+                for chunk in self.chunks:
+                    if not self.passthrough:
+                        self.download_hash.update(chunk)
+                    self.downloaded += len(chunk)
+                    stage.put(self.fetched, (memoryview(chunk), None))
+            stage.put(self.fetched, None)
+        except _Stop:
+            pass
+        except BaseException as exc:
+            stage.fail(exc)
+        finally:
+            close = getattr(self.chunks, "close", None)
             if close is not None:
                 close()
 
-    def write() -> None:
+    def _write(self) -> None:
+        stage = self.stage
         try:
-            while (item := stage.get(to_write)) is not None:
+            while (item := stage.get(self.to_write)) is not None:
                 view, buf = item
-                device.write(view)
+                self.device.write(view)
                 if buf is not None:
-                    free.put(buf)
-            device.sync()
+                    self.free.put(buf)
+            self.device.sync()
         except _Stop:
             pass
         except BaseException as exc:
             stage.fail(exc)
 
-    threads = [
-        threading.Thread(target=fetch, name="install-fetch", daemon=True),
-        threading.Thread(target=write, name="install-write", daemon=True),
-    ]
-    for t in threads:
-        t.start()
+    def _transform(self) -> None:
+        """The caller's thread: hash, decompress and count between fetcher and writer."""
+        stage = self.stage
+        if self.passthrough:
+            # the raw bytes are the downloaded ones: hashed here, not by the
+            # fetcher, so that reading the socket, hashing and writing overlap
+            while (item := stage.get(self.fetched)) is not None:
+                self._count(len(item[0]))
+                self.download_hash.update(item[0])
+                stage.put(self.to_write, item)
+        else:
+            reader = _QueueReader(stage, self.fetched)
+            source = decoder(reader, self.image.compression, self.chunk_size)
+            while data := source.read(self.chunk_size):
+                self._count(len(data))
+                self.raw_hash.update(data)
+                stage.put(self.to_write, (memoryview(data), None))
+        stage.put(self.to_write, None)
 
-    raw_hash = hashlib.sha256()
-    raw_size = 0
-    last_report = 0.0
-
-    def count(n: int) -> None:
-        nonlocal raw_size, last_report
-        stage.check_cancel()
-        raw_size += n
-        if raw_size > image.raw_size:
+    def _count(self, n: int) -> None:
+        self.stage.check_cancel()
+        self.raw_size += n
+        if self.raw_size > self.image.raw_size:
             raise VerificationError(
                 "size_mismatch",
-                f"the image inflates past its raw_size of {image.raw_size} bytes",
+                f"the image inflates past its raw_size of {self.image.raw_size} bytes",
                 hint="a decompression bomb or a wrong manifest",
             )
         now = time.monotonic()
-        if progress is not None and now - last_report >= 0.2:
-            last_report = now
-            progress(Progress("download", downloaded, image.size))
+        if self.progress is not None and now - self._last_report >= 0.2:
+            self._last_report = now
+            self.progress(Progress("download", self.downloaded, self.image.size))
 
-    try:
-        if passthrough:
-            # the raw bytes are the downloaded ones: hashed here, not by the
-            # fetcher, so that reading the socket, hashing and writing overlap
-            while (item := stage.get(fetched)) is not None:
-                count(len(item[0]))
-                download_hash.update(item[0])
-                stage.put(to_write, item)
-        else:
-            source = decoder(_QueueReader(stage, fetched), image.compression, chunk_size)
-            while data := source.read(chunk_size):
-                count(len(data))
-                raw_hash.update(data)
-                stage.put(to_write, (memoryview(data), None))
-        stage.put(to_write, None)
-    except _Stop:
-        pass
-    except BaseException as exc:
-        stage.fail(exc)
-    finally:
-        if stage.error is not None:
-            stage.stop.set()
-        for t in threads:
-            # after a failure, a fetcher blocked on the network is not waited for
-            t.join(timeout=None if stage.error is None else ABANDON_AFTER_S)
-    if stage.error is not None:
-        err = stage.error
-        if isinstance(err, UpdaterError):
-            raise err
-        if isinstance(err, OSError):
-            raise DiskError("io", f"{device.path}: {err}") from err
-        raise err
 
-    if progress is not None:
-        progress(Progress("download", downloaded, image.size))
-    sha256 = download_hash.hexdigest()
-    raw_sha256 = sha256 if passthrough else raw_hash.hexdigest()
+def _check_stream(
+    image: ImageRef, downloaded: int, sha256: str, raw_size: int, raw_sha256: str
+) -> None:
+    """Stage 2: what streamed is the manifest's image, byte for byte."""
     if downloaded != image.size:
         raise VerificationError(
             "size_mismatch", f"downloaded {downloaded} bytes, the manifest says {image.size}"
@@ -322,28 +383,28 @@ def write_image(
             "hash_mismatch",
             f"the image's sha256 is {raw_sha256}, the manifest says {image.raw_sha256}",
         )
-    if readback:
 
-        def read_progress(n: int) -> None:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("cancelled", "the install was stopped")
-            if progress is not None:
-                progress(Progress("readback", n, raw_size))
 
-        device.drop_cache()
-        on_disk = device.hash(image.raw_size, chunk_size, read_progress)
-        if on_disk != image.raw_sha256:
-            raise DiskError(
-                "readback_mismatch",
-                f"the slot reads back as {on_disk}, {image.raw_sha256} was written",
-                hint="the disk may be failing",
-            )
-    seconds = time.monotonic() - started
-    log.info(
-        "image_written",
-        raw_size=raw_size,
-        downloaded=downloaded,
-        seconds=round(seconds, 3),
-        readback=readback,
-    )
-    return WriteResult(sha256, raw_sha256, raw_size, seconds)
+def _read_back(
+    device: SlotDevice,
+    image: ImageRef,
+    chunk_size: int,
+    progress: ProgressFn | None,
+    cancel: threading.Event | None,
+) -> None:
+    """Stage 3: the slot, read past the page cache, holds what was written."""
+
+    def read_progress(n: int) -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled", "the install was stopped")
+        if progress is not None:
+            progress(Progress("readback", n, image.raw_size))
+
+    device.drop_cache()
+    on_disk = device.hash(image.raw_size, chunk_size, read_progress)
+    if on_disk != image.raw_sha256:
+        raise DiskError(
+            "readback_mismatch",
+            f"the slot reads back as {on_disk}, {image.raw_sha256} was written",
+            hint="the disk may be failing",
+        )

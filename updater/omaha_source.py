@@ -32,8 +32,8 @@ from updater.omaha import NoUpdate, UpdateOffer
 from updater.omaha_client import OmahaClient
 from updater.omaha_request import OmahaEvent, OmahaRequestContext
 from updater.source import (
-    Deferred,
     Happening,
+    HeldBack,
     ImageClaim,
     NoOffer,
     SignedFetcher,
@@ -130,7 +130,7 @@ class OmahaSource:
                 self._deferral_file.unlink(missing_ok=True)
                 return NoOffer(interval)
             case OmahaDeferred(reason=reason, poll_interval_s=interval):
-                return Deferred(reason, interval)
+                return HeldBack(reason, interval)
             case UpdateOffer() as offer:
                 self._offer = offer
                 doc = self._fetcher.fetch(offer.manifest_url, offer.signature_url)

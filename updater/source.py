@@ -19,7 +19,7 @@ from urllib.parse import urljoin, urlsplit
 import structlog
 
 from updater import jsonutil
-from updater.errors import DownloadError, UpdaterError, VerificationError
+from updater.errors import DownloadError, UpdaterError, VerificationError, internal_error
 from updater.fsutil import atomic_write
 from updater.manifest import MAX_MANIFEST_BYTES, BootFileRef, Manifest
 from updater.transport import Transport
@@ -56,14 +56,14 @@ class NoOffer:
 
 
 @dataclass(frozen=True)
-class Deferred:
+class HeldBack:
     """The server holds the update back (its rollout policy); not an error."""
 
     reason: str
     interval_s: float | None = None
 
 
-SourceAnswer = SignedDocument | NoOffer | Deferred
+SourceAnswer = SignedDocument | NoOffer | HeldBack
 
 Happened = Literal[
     "download_started",  # the image download begins
@@ -101,6 +101,23 @@ class UpdateSource(Protocol):
     def report(self, happening: Happening) -> None:
         """Tell the server (best effort: kept and retried, never raises)."""
         ...
+
+
+def report(source: UpdateSource, happening: Happening) -> None:
+    """Tell the update server what happened. Best effort (``UpdateSource.report``
+    never raises): a source that breaks that promise is logged, and the check or
+    install it reports on goes on."""
+    try:
+        source.report(happening)
+    except Exception as exc:
+        log.error(
+            "event_report_crashed",
+            happened=happening.what,
+            version=happening.version,
+            error_kind="internal",
+            error=internal_error(exc, "report").message,
+            exc_info=exc,
+        )
 
 
 # base64 of a manifest (or signature) of at most MAX_MANIFEST_BYTES, and its URL and ETag

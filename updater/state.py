@@ -294,7 +294,7 @@ class StateStore:
         self.path = state_dir / STATE_FILE
         # The daemon saves from its loop and from the install's thread: each
         # read-modify-write holds this lock (other processes take the update
-        # lock, updater.lock, around theirs).
+        # lock, updater.hostlock, around theirs).
         self._lock = threading.RLock()
 
     def update(self, change: Callable[[State], State]) -> State:

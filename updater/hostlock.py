@@ -1,4 +1,6 @@
-"""One updater at a time per host: an advisory flock on ``<state_dir>/lock``."""
+"""The host update lock: one updater at a time per host, an advisory flock on
+``<state_dir>/lock``. (The reboot lock a fleet shares is policies.lock.)
+"""
 
 from __future__ import annotations
 
@@ -46,3 +48,16 @@ def is_held(state_dir: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+class FlockHostLock:
+    """The host update lock of ``state_dir`` (a :class:`updater.hostports.HostLock`)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        return exclusive(self.state_dir)
+
+    def is_held(self) -> bool:
+        return is_held(self.state_dir)

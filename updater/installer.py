@@ -1,0 +1,260 @@
+"""Install a checked, verified update into the other slot, in a crash-safe order:
+mark the target unbootable, record the install as pending, stream the image into it
+(:func:`updater.install.write_image`), write its boot files, and only then make it
+the next boot, once, on trial. An install the agent un-staged is staged again from
+the slot's own bytes (re-hashed) instead of downloaded.
+
+:class:`Installer` takes what an install needs: the slots, the update source (URLs,
+reports), the transport and the settings.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import structlog
+
+from partitions.bootcontrol import Slot, SlotStatus
+from updater import download
+from updater.bootfiles import checked
+from updater.decisions import reusable_install
+from updater.errors import (
+    Cancelled,
+    ConfigError,
+    DiskError,
+    RefusedError,
+    UpdaterError,
+    internal_error,
+)
+from updater.install import Progress, ProgressFn, WriteResult, write_image
+from updater.manifest import Manifest
+from updater.slots import Slots
+from updater.source import Happening, UpdateSource, report
+from updater.state import BootFileRecord, BootReport, Pending, SlotRecord, State, now_iso
+from updater.transport import Transport
+from updater.updatesettings import UpdateSettings
+
+log = structlog.get_logger(__name__)
+
+
+class Installer:
+    def __init__(
+        self,
+        *,
+        slots: Slots,
+        source: UpdateSource,
+        transport: Transport,
+        settings: UpdateSettings,
+        boot_files_refusal: ConfigError | None = None,
+    ) -> None:
+        self.slots = slots
+        self.source = source
+        self.transport = transport
+        self.settings = settings
+        # why the boot loader would not boot a slot's own files (a release that
+        # carries boot files is then refused), or None
+        self.boot_files_refusal = boot_files_refusal
+
+    def install(
+        self,
+        m: Manifest,
+        cancel: threading.Event | None = None,
+        progress: ProgressFn | None = None,
+    ) -> WriteResult:
+        """Install ``m`` (checked: newer, not staged, not blocked) into the other slot."""
+        with self.slots.lock.exclusive():
+            booted, target = self.slots.pair()
+            if not booted.flags.successful:
+                raise RefusedError(
+                    "booted_not_good",
+                    f"the booted slot {booted.slot.label} is on a trial boot; installing now "
+                    "would overwrite the only known-good slot",
+                    hint="run `updatectl mark-good` once the system is healthy",
+                )
+            restaged = self._restage(m, booted, target)
+            if restaged is not None:
+                return restaged
+            return self._install_locked(m, booted, target, cancel, progress)
+
+    def _restage(self, m: Manifest, booted: SlotStatus, target: SlotStatus) -> WriteResult | None:
+        """Stage an un-staged install of ``m`` again without downloading it, if the slot
+        still holds exactly what was verified then (re-hashed here); None: install it."""
+        slot = target.slot
+        uuid = str(slot.part_uuid)
+        rec = self.slots.store.load().slots.get(uuid)
+        if not reusable_install(rec, m):
+            return None
+        assert rec is not None and rec.raw_size is not None and rec.raw_sha256 is not None
+        started = self.slots.clock.monotonic()
+        self.slots.recheck_target(booted.slot, slot)
+        with self.slots.open_slot(slot) as device:
+            digest = device.hash(rec.raw_size, self.settings.chunk_size)
+        problem = self.slots.boot_files_problem(slot, rec)
+        if digest != rec.raw_sha256:
+            problem = "its bytes no longer match what was installed"
+        if problem is not None:
+            log.warning("restage_refused", version=m.version, slot=slot.label, reason=problem)
+            return None
+        self._stage(m, booted.slot, slot, replace(rec, unstaged=None))
+        seconds = self.slots.clock.monotonic() - started
+        log.info("update_restaged", version=m.version, slot=slot.label, seconds=round(seconds, 3))
+        return WriteResult(m.image.sha256, rec.raw_sha256, rec.raw_size, seconds)
+
+    def _stage(self, m: Manifest, booted: Slot, slot: Slot, record: SlotRecord) -> None:
+        """The verified install in ``slot`` boots next, once, on trial; recorded and told."""
+        self.slots.boot.make_primary(slot)
+        record = replace(record, updated=now_iso(self.slots.clock.now()))
+        previous = self.slots.booted_version(self.slots.store.load(), booted) or ""
+        self.slots.store.update(
+            lambda st: replace(
+                st.with_slot(str(slot.part_uuid), record),
+                pending=None,
+                boot_report=BootReport(m.version, previous),
+            )
+        )
+        report(self.source, Happening("staged", version=m.version, previous_version=previous))
+        self.slots.sentinel.write(m.version)
+
+    def _install_locked(
+        self,
+        m: Manifest,
+        booted: SlotStatus,
+        target: SlotStatus,
+        cancel: threading.Event | None,
+        progress: ProgressFn | None,
+    ) -> WriteResult:
+        slot = target.slot
+        uuid = str(slot.part_uuid)
+        url = self.source.image_url(m)
+        now = now_iso(self.slots.clock.now())
+        if m.boot and self.slots.boot_files is None:
+            # Before anything changes: the new kernel would never reach the boot loader.
+            refusal = self.boot_files_refusal or ConfigError(
+                "missing",
+                f"release {m.version} carries boot files "
+                f"({', '.join(b.name for b in m.boot)}) and no ESP is configured to put them on",
+                key="disk.esp",
+                hint="set [disk] esp (the mounted ESP) or esp_partition, where the boot "
+                "loader reads /<slot>/<file>",
+            )
+            _log_install_failed(m.version, slot, refusal)
+            report(self.source, Happening("failed", version=m.version, error=refusal))
+            raise refusal
+        log.info("install_started", version=m.version, slot=slot.label, url=url)
+
+        # 1. From here on a crash must never leave the target bootable.
+        self.slots.boot.mark_bad(slot)
+
+        def begin(state: State) -> State:
+            booted_uuid = str(booted.slot.part_uuid)
+            if booted_uuid not in state.slots:
+                # Remember what the known-good slot holds, so a rollback to it is allowed.
+                version = self.slots.booted_version(state, booted.slot)
+                state = state.with_slot(
+                    booted_uuid, SlotRecord(booted.slot.label, "good", version, updated=now)
+                )
+            state = state.accept(m.version).with_slot(
+                uuid, SlotRecord(slot.label, "installing", m.version, updated=now)
+            )
+            return replace(state, pending=Pending("installing", uuid, m.version, now))
+
+        self.slots.store.update(begin)
+
+        # 2-5. Stream, hash, decompress, hash, write, fsync, compare, read back.
+        report(self.source, Happening("download_started", version=m.version))
+        try:
+            self.slots.recheck_target(booted.slot, slot)
+            with self.slots.open_slot(slot) as device:
+                result = write_image(
+                    download.Download(
+                        self.transport,
+                        url,
+                        size=m.image.size,
+                        chunk_size=self.settings.chunk_size,
+                        resume_attempts=self.settings.resume_attempts,
+                    ),
+                    m.image,
+                    device,
+                    chunk_size=self.settings.chunk_size,
+                    readback=self.settings.readback,
+                    progress=progress,
+                    cancel=cancel,
+                )
+            # 5b. The slot's own boot files, before it may boot (the booted slot's: never).
+            boot = self._write_boot_files(m, booted.slot, slot, cancel)
+        except Exception as exc:
+            # any failure, ours or not, ends the same way: nothing pending, reported
+            error = internal_error(exc, "install")
+            _log_install_failed(m.version, slot, error)
+            self.slots.store.update(lambda st: replace(st, pending=None))
+            if not isinstance(error, Cancelled):
+                report(self.source, Happening("failed", version=m.version, error=error))
+            if error is exc:
+                raise
+            raise error from exc
+        report(self.source, Happening("download_finished", version=m.version))
+
+        # 6. Only now may the target boot: once, on trial.
+        if progress is not None:
+            progress(Progress("finalize", 1, 1))
+        record = SlotRecord(
+            slot.label, "installed", m.version, result.raw_size, result.raw_sha256, boot=boot
+        )
+        self._stage(m, booted.slot, slot, record)
+        log.info(
+            "update_staged", version=m.version, slot=slot.label, seconds=round(result.seconds, 3)
+        )
+        return result
+
+    def _write_boot_files(
+        self, m: Manifest, booted: Slot, target: Slot, cancel: threading.Event | None
+    ) -> tuple[BootFileRecord, ...]:
+        """Download each boot file (size and sha256 checked while it streams) to the ESP.
+
+        Each lands under a temporary name and is renamed into place only once
+        every byte matched (:func:`updater.bootfiles.checked`); with readback on,
+        it is read back and hashed. The target is still unbootable here: its
+        boot entry is written by ``make_primary``, after this.
+        """
+        if not m.boot:
+            return ()
+        assert self.slots.boot_files is not None
+        for ref in m.boot:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled", "the install was stopped")
+            url = self.source.boot_url(m, ref)
+            self.slots.recheck_target(booted, target)
+            chunks = download.Download(
+                self.transport,
+                url,
+                size=ref.size,
+                chunk_size=self.settings.chunk_size,
+                resume_attempts=self.settings.resume_attempts,
+            )
+            try:
+                self.slots.boot_files.write(
+                    target, ref.name, checked(chunks, ref, url, cancel), booted=booted
+                )
+            finally:
+                chunks.close()
+            if self.settings.readback:
+                on_disk = self.slots.boot_files.digest(target, ref.name)
+                if on_disk != (ref.size, ref.sha256):
+                    raise DiskError(
+                        "readback_mismatch",
+                        f"boot file {ref.name} of {target.label} reads back as {on_disk}, "
+                        f"{(ref.size, ref.sha256)} was written",
+                        hint="the ESP may be failing; check it with `fsck.vfat -n`",
+                    )
+        return tuple(BootFileRecord(b.name, b.size, b.sha256) for b in m.boot)
+
+
+def _log_install_failed(version: str, slot: Slot, error: UpdaterError) -> None:
+    log.error(
+        "install_failed",
+        version=version,
+        slot=slot.label,
+        error_kind=error.kind,
+        error=error.message,
+    )
