@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tests.fuzzing import fewer_examples, parse_or_typed_error
 from tests.omaha_server import FIXTURES
 from updater.errors import DownloadError, OmahaError
-from updater.omaha import Deferred, NoUpdate, UpdateOffer, parse_response
+from updater.omaha import Deferred, OmahaNoUpdate, UpdateOffer, parse_response
 from updater.omaha_client import _redirect_target
 from updater.urls import parse_url
 
@@ -110,7 +110,7 @@ def _mutate(doc: bytes, edits: list[tuple[int, str]], drops: list[int], extra: i
 
 def _parsed(data: bytes) -> object:
     result = parse_or_typed_error(lambda: parse_response(data, APP, sent_version="1.0.0"))
-    assert isinstance(result, NoUpdate | Deferred | UpdateOffer | OmahaError), result
+    assert isinstance(result, OmahaNoUpdate | Deferred | UpdateOffer | OmahaError), result
     if isinstance(result, UpdateOffer):  # whatever was accepted is usable
         for url in result.urls:
             parse_url(url, lambda why: OmahaError("package_url", why))

@@ -268,7 +268,7 @@ def test_backends_do_not_import_one_another() -> None:
 
 
 # The agent (updater.agent) is a shell around a pure machine; its parts are below it.
-MACHINE = {"updater.machine", "updater.machinerecord"}
+MACHINE = {"updater.machine", "updater.machinemodel", "updater.machinerecord"}
 AGENT_PARTS = {
     "updater.rebootpath",
     "updater.fleetrecord",

@@ -37,7 +37,7 @@ from updater.errors import (
     UpdaterError,
     VerificationError,
 )
-from updater.omaha import MAX_RESPONSE_BYTES, Deferred, NoUpdate, UpdateOffer, parse_response
+from updater.omaha import MAX_RESPONSE_BYTES, Deferred, OmahaNoUpdate, UpdateOffer, parse_response
 from updater.omaha_client import OmahaClient, host_context, read_boot_id, read_machine_id
 from updater.omaha_codes import (
     ERROR_CODES,
@@ -267,7 +267,7 @@ def test_garbage_is_no_event(obj: dict[str, object]) -> None:
 
 
 def test_real_noupdate_parses() -> None:
-    assert parse_response(fixture("response-noupdate.xml"), APP) == NoUpdate(None)
+    assert parse_response(fixture("response-noupdate.xml"), APP) == OmahaNoUpdate(None)
 
 
 @pytest.mark.parametrize("app_id", [APP, APP.strip("{}"), APP.upper(), FLATCAR_APP_ID])
@@ -346,7 +346,7 @@ def test_poll_interval(attr: str, expected: int | None) -> None:
     noupdate = fixture("response-noupdate.xml").replace(
         b'status="noupdate"', f'status="noupdate" PollInterval="{attr}"'.encode()
     )
-    assert parse_response(noupdate, APP) == NoUpdate(expected)
+    assert parse_response(noupdate, APP) == OmahaNoUpdate(expected)
 
 
 @pytest.mark.parametrize(
@@ -649,7 +649,7 @@ def client(srv: OmahaServer, **kw: int) -> OmahaClient:
 
 def test_noupdate_and_the_traffic(server: OmahaServer) -> None:
     server.state.poll_interval_s = 1800
-    assert client(server).check(CTX) == NoUpdate(1800)
+    assert client(server).check(CTX) == OmahaNoUpdate(1800)
     [seen] = server.requests
     assert seen.headers["Content-Type"] == "text/xml"
     assert seen.path == "/v1/update/"
@@ -757,7 +757,7 @@ def test_http_error_is_a_download_error_and_not_retried(server: OmahaServer) -> 
 
 def test_redirect_on_the_same_server_is_followed(server: OmahaServer) -> None:
     server.queue(Answer.REDIRECT_SAME)
-    assert client(server).check(CTX) == NoUpdate(None)
+    assert client(server).check(CTX) == OmahaNoUpdate(None)
     first, second = server.requests
     assert (first.status, second.path) == (307, "/v1/update/redirected")
     assert second.body == first.body
@@ -815,7 +815,7 @@ def test_server_url_must_be_http(url: str) -> None:
 @pytest.mark.parametrize(
     ("answer", "expected"),
     [
-        (Answer.REAL_NOUPDATE, NoUpdate(None)),
+        (Answer.REAL_NOUPDATE, OmahaNoUpdate(None)),
         (
             Answer.REAL_UPDATE,
             UpdateOffer(
@@ -830,7 +830,7 @@ def test_server_url_must_be_http(url: str) -> None:
     ],
 )
 def test_the_real_documents_served_verbatim(
-    server: OmahaServer, answer: Answer, expected: NoUpdate | UpdateOffer
+    server: OmahaServer, answer: Answer, expected: OmahaNoUpdate | UpdateOffer
 ) -> None:
     server.answer(answer)
     ctx = dataclasses.replace(CTX, app_id=FLATCAR_APP_ID)

@@ -48,7 +48,7 @@ SIGNATURE_SUFFIX: Final = ".json.asc"
 
 
 @dataclass(frozen=True)
-class NoUpdate:
+class OmahaNoUpdate:
     poll_interval_s: int | None = None  # the server's PollInterval, if it sent one
 
 
@@ -136,7 +136,7 @@ class UpdateOffer:
         return self.url + SIGNATURE_SUFFIX
 
 
-OmahaResponse = NoUpdate | UpdateOffer | Deferred
+OmahaResponse = OmahaNoUpdate | UpdateOffer | Deferred
 
 
 def _fail(kind: str, message: str) -> OmahaError:
@@ -304,7 +304,7 @@ def parse_response(
     if status is None:
         raise _fail("invalid_response", "updatecheck has no status")
     if status == "noupdate":
-        return NoUpdate(poll)
+        return OmahaNoUpdate(poll)
     if status != "ok":
         raise _fail("unknown_status", f"updatecheck status {status!r}")
     return _offer(updatecheck, poll)

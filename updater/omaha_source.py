@@ -28,7 +28,7 @@ from updater.manifest import BootFileRef, Manifest
 from updater.omaha import (
     Deferred as OmahaDeferred,
 )
-from updater.omaha import NoUpdate, UpdateOffer
+from updater.omaha import OmahaNoUpdate, UpdateOffer
 from updater.omaha_client import OmahaClient
 from updater.omaha_request import OmahaEvent, OmahaRequestContext
 from updater.source import (
@@ -126,7 +126,7 @@ class OmahaSource:
         response = self.client.check(ctx, events=events)  # raises: the events stay queued
         self._queue.delivered(len(events))
         match response:
-            case NoUpdate(poll_interval_s=interval):
+            case OmahaNoUpdate(poll_interval_s=interval):
                 self._deferral_file.unlink(missing_ok=True)
                 return NoOffer(interval)
             case OmahaDeferred(reason=reason, poll_interval_s=interval):
