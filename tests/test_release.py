@@ -63,8 +63,11 @@ def test_release_layout(
     image = repo / "images" / "2.0.1" / f"usr.img{suffix}"
     manifest_bytes = (repo / "stable" / "release.json").read_bytes()
     signature = (repo / "stable" / "release.json.asc").read_bytes()
+    # a zstd image carries its chunk index for delta updates (updater.chunkindex)
+    chunks = ["images/2.0.1/usr.img.zst.chunks"] if compression == "zstd" else []
     assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()) == [
         f"images/2.0.1/usr.img{suffix}",
+        *chunks,
         f"images/2.0.1/usr.img{suffix}.json",  # beside the package, for Omaha
         f"images/2.0.1/usr.img{suffix}.json.asc",
         "stable/release.json",
@@ -79,7 +82,16 @@ def test_release_layout(
 
     doc = json.loads(manifest_bytes)
     assert set(doc) == {"schema", "channel", "version", "created", "expires", "image"}
-    assert set(doc["image"]) == {"url", "size", "sha256", "compression", "raw_size", "raw_sha256"}
+    index = {"index"} if compression == "zstd" else set()
+    assert set(doc["image"]) == {
+        "url",
+        "size",
+        "sha256",
+        "compression",
+        "raw_size",
+        "raw_sha256",
+        *index,
+    }
     m = parse(manifest_bytes)
     data = image.read_bytes()
     raw = raw_image.read_bytes()

@@ -99,6 +99,7 @@ class VerificationError(UpdaterError):
             "hash_mismatch",
             "decompress_failed",
             "source_mismatch",  # an Omaha answer disagrees with the signed manifest
+            "index_malformed",  # a signed chunk index that contradicts itself or the image
         }
     )
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import enum
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from updater import jsonutil, versions
+from updater import chunkindex, jsonutil, versions
 from updater.errors import VerificationError
 
 SCHEMA = 1
@@ -45,6 +45,19 @@ class Compression(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class IndexRef:
+    """The image's chunk index (:mod:`updater.chunkindex`), for delta updates: signed here
+    so that it is as trusted as the image. Optional key ``image.index``; older agents
+    ignore it and download the whole image, which stays one valid zstd stream."""
+
+    url: str  # relative to the manifest's URL, or absolute
+    size: int  # bytes; exactly chunkindex.index_size(count)
+    sha256: str
+    block_size: int  # bytes of raw image per block
+    count: int  # blocks: ceil(raw_size / block_size)
+
+
+@dataclass(frozen=True)
 class ImageRef:
     url: str  # relative to the manifest's URL, or absolute
     size: int  # bytes as downloaded
@@ -52,6 +65,7 @@ class ImageRef:
     compression: Compression
     raw_size: int  # bytes after decompression, written to the slot
     raw_sha256: str
+    index: IndexRef | None = None  # its chunk index (zstd images only), if published
 
 
 @dataclass(frozen=True)
@@ -168,6 +182,31 @@ def _boot_files(obj: dict[str, Any]) -> tuple[BootFileRef, ...]:
     return tuple(refs)
 
 
+def _index(image: dict[str, Any], compression: Compression, raw_size: int) -> IndexRef | None:
+    """The optional ``image.index``: bounded, and consistent with the image it cuts up."""
+    if "index" not in image:
+        return None
+    where = "image.index."
+    obj = _field(image, "index", dict, "image.")
+    ref = IndexRef(
+        url=_url(obj, where),
+        size=_size(obj, "size", where),
+        sha256=_sha(obj, "sha256", where),
+        block_size=_size(obj, "block_size", where),
+        count=_size(obj, "count", where),
+    )
+    if compression is not Compression.ZSTD:
+        raise _bad("a chunk index needs a zstd image (one frame per block)")
+    b = ref.block_size
+    if b % chunkindex.SUB_BLOCK or not chunkindex.MIN_BLOCK <= b <= chunkindex.MAX_BLOCK:
+        raise _bad(f"field {where}block_size {b} is not a supported block size")
+    if ref.count != chunkindex.block_count(raw_size, b):
+        raise _bad(f"field {where}count {ref.count} does not cover raw_size in blocks of {b}")
+    if ref.size != chunkindex.index_size(ref.count) or ref.size > chunkindex.MAX_INDEX_BYTES:
+        raise _bad(f"field {where}size {ref.size} is not that of {ref.count} entries (or too big)")
+    return ref
+
+
 def parse(data: bytes, max_bytes: int = MAX_MANIFEST_BYTES) -> Manifest:
     """Parse verified manifest bytes; raises VerificationError(manifest_malformed).
 
@@ -200,6 +239,7 @@ def parse(data: bytes, max_bytes: int = MAX_MANIFEST_BYTES) -> Manifest:
         raw_size=_size(image, "raw_size"),
         raw_sha256=_sha(image, "raw_sha256"),
     )
+    ref = replace(ref, index=_index(image, compression, ref.raw_size))
     if compression is Compression.NONE and (ref.size, ref.sha256) != (ref.raw_size, ref.raw_sha256):
         raise _bad("an uncompressed image must have size == raw_size and sha256 == raw_sha256")
     return Manifest(
@@ -229,6 +269,15 @@ def serialize(m: Manifest) -> bytes:
             "raw_sha256": m.image.raw_sha256,
         },
     }
+    if m.image.index is not None:
+        i = m.image.index
+        doc["image"]["index"] = {
+            "url": i.url,
+            "size": i.size,
+            "sha256": i.sha256,
+            "block_size": i.block_size,
+            "count": i.count,
+        }
     if m.boot:
         doc["boot"] = [
             {"name": b.name, "url": b.url, "size": b.size, "sha256": b.sha256} for b in m.boot

@@ -84,6 +84,7 @@ ERROR_CODES: Final[Mapping[str, ErrorCode]] = {
     "no_keyring": _E.DOWNLOAD_PAYLOAD_PUB_KEY_VERIFICATION_ERROR,
     "manifest_malformed": _E.DOWNLOAD_MANIFEST_PARSE_ERROR,
     "manifest_too_large": _E.DOWNLOAD_INVALID_METADATA_SIZE,
+    "index_malformed": _E.DOWNLOAD_MANIFEST_PARSE_ERROR,
     "decompress_failed": _E.DOWNLOAD_OPERATION_EXECUTION_ERROR,
     # DownloadError
     "connection": _E.DOWNLOAD_TRANSFER_ERROR,

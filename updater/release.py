@@ -25,6 +25,7 @@ import lzma
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 import structlog
 import zstandard
 
-from updater import versions
+from updater import chunkindex, versions
 from updater.errors import ConfigError
 from updater.fsutil import atomic_write
 from updater.gpg import sign_detached
@@ -46,6 +47,7 @@ from updater.manifest import (
     BootFileRef,
     Compression,
     ImageRef,
+    IndexRef,
     Manifest,
     serialize,
     valid_boot_name,
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 CHUNK = 1024 * 1024
+FRAME_BATCH = 128  # blocks compressed at once, on all cores (8 MiB of 64 KiB blocks)
 DEFAULT_EXPIRY = timedelta(days=30)
 
 
@@ -74,6 +77,9 @@ class ReleaseRequest:
     passphrase: str | None = None
     zstd_level: int = 10
     boot_files: tuple[tuple[str, Path], ...] = ()  # (name on the ESP, file), see boot_files()
+    # zstd only: write the image as one frame per block and publish its chunk index
+    # beside it (<name>.chunks), named in the manifest, for delta updates
+    delta_index: bool = True
 
 
 def boot_files(
@@ -98,6 +104,8 @@ class Published:
     manifest_path: Path
     signature_path: Path
     image_path: Path
+    index_path: Path | None = None
+    index_seconds: float = 0.0  # what building the chunk index and its frames took
 
 
 class _HashingWriter(io.RawIOBase):
@@ -155,6 +163,22 @@ def _compress(
     return raw_size, raw_hash.hexdigest(), out.size, out.hash.hexdigest()
 
 
+def _compress_framed(
+    src: Path, dst: BinaryIO, level: int
+) -> tuple[int, str, int, str, chunkindex.ChunkIndex]:
+    """``src`` as one zstd frame per block (:mod:`updater.chunkindex`) into ``dst``: still
+    one valid zstd stream. Raw size/sha256, output size/sha256 and the index."""
+    out = _HashingWriter(dst)
+    raw_hash = hashlib.sha256()
+    writer = chunkindex.FrameWriter(out.write, level)
+    with src.open("rb") as fh:
+        for blocks in chunkindex.read_blocks(fh.read, writer.block_size, FRAME_BATCH):
+            for b in blocks:
+                raw_hash.update(b)
+            writer.write(blocks)
+    return writer.raw_size, raw_hash.hexdigest(), out.size, out.hash.hexdigest(), writer.index()
+
+
 def _write_signed(req: ReleaseRequest, path: Path, body: bytes) -> None:
     """``path`` and ``path.asc``, the signature renamed into place first."""
     staging = Path(tempfile.mkdtemp(prefix=".release-", dir=path.parent))
@@ -193,16 +217,40 @@ def publish(req: ReleaseRequest, now: datetime) -> Published:
     image_dir = req.repo / "images" / req.version
     image_dir.mkdir(parents=True, exist_ok=True)
     image_path = image_dir / name
+    framed = req.delta_index and req.compression is Compression.ZSTD
+    started = time.monotonic()
+    index: chunkindex.ChunkIndex | None = None
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=image_dir)
     try:
         with os.fdopen(fd, "wb") as fh:
-            raw_size, raw_sha, size, sha = _compress(req.image, fh, req.compression, req.zstd_level)
+            if framed:
+                raw_size, raw_sha, size, sha, index = _compress_framed(
+                    req.image, fh, req.zstd_level
+                )
+            else:
+                raw_size, raw_sha, size, sha = _compress(
+                    req.image, fh, req.compression, req.zstd_level
+                )
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, image_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    index_ref: IndexRef | None = None
+    index_path: Path | None = None
+    if index is not None:
+        body = chunkindex.serialize(index)
+        index_path = image_dir / f"{name}.chunks"
+        atomic_write(index_path, body, mode=0o644)
+        index_ref = IndexRef(
+            url=f"../images/{req.version}/{index_path.name}",
+            size=len(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+            block_size=index.block_size,
+            count=len(index.entries),
+        )
+    index_seconds = time.monotonic() - started if framed else 0.0
 
     boot = tuple(_publish_boot_file(image_dir, name, path) for name, path in req.boot_files)
     manifest = Manifest(
@@ -217,6 +265,7 @@ def publish(req: ReleaseRequest, now: datetime) -> Published:
             compression=req.compression,
             raw_size=raw_size,
             raw_sha256=raw_sha,
+            index=index_ref,
         ),
         boot=tuple(replace(b, url=f"../images/{req.version}/{b.url}") for b in boot),
     )
@@ -226,7 +275,10 @@ def publish(req: ReleaseRequest, now: datetime) -> Published:
     signature_path = channel_dir / "release.json.asc"
     # Beside the image, for an Omaha server whose codebase is images/<version>/:
     # the same manifest with the image URL relative to it.
-    beside = replace(manifest, image=replace(manifest.image, url=name), boot=boot)
+    beside_index = None if index_ref is None else replace(index_ref, url=f"{name}.chunks")
+    beside = replace(
+        manifest, image=replace(manifest.image, url=name, index=beside_index), boot=boot
+    )
     _write_signed(req, image_dir / f"{name}.json", serialize(beside))
     _write_signed(req, manifest_path, serialize(manifest))
     log.info(
@@ -237,8 +289,10 @@ def publish(req: ReleaseRequest, now: datetime) -> Published:
         raw_size=raw_size,
         size=size,
         boot_files=[b.name for b in boot],
+        chunk_index=index_ref is not None,
+        seconds=round(time.monotonic() - started, 3),
     )
-    return Published(manifest, manifest_path, signature_path, image_path)
+    return Published(manifest, manifest_path, signature_path, image_path, index_path, index_seconds)
 
 
 def _check_boot_files(files: tuple[tuple[str, Path], ...]) -> None:
