@@ -28,6 +28,8 @@ PURE = {
     "updater.omaha_request": "the Omaha request document and events",
     "updater.omaha_codes": "the Omaha error codes",
     "updater.settings": "the configuration's model",
+    "updater.chunkindex": "the chunk index of a delta update",
+    "updater.deltaplan": "the delta planner",
 }
 IMPURE_LIBRARIES = ("requests", "urllib3", "socket", "subprocess", "dbus_fast", "http", "shutil")
 
