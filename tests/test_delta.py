@@ -74,7 +74,7 @@ def refused(host: Host) -> tuple[str, str, list[MutableMapping[str, Any]]]:
     return caught.value.category, caught.value.kind, events
 
 
-def path_event(events: list[MutableMapping[str, Any]]) -> dict[str, Any]:
+def path_event(events: list[MutableMapping[str, Any]]) -> MutableMapping[str, Any]:
     (event,) = [e for e in events if e["event"] == "install_path"]
     return event
 
