@@ -28,6 +28,7 @@ from updater.chunkindex import ChunkIndex, Entry
 from updater.errors import UpdaterError
 from updater.manifest import Compression
 from updater.release import Published
+from updater.state import SlotRecord, StateStore
 
 BLOCK = chunkindex.BLOCK_SIZE
 PLACES = 4  # changed 4 KiB pieces, each in its own 64 KiB block of the payload
@@ -150,14 +151,20 @@ def test_only_the_changed_blocks_are_downloaded(
 def test_a_resumed_install_keeps_what_the_target_already_holds(
     host: Host, repo: Repo, new_image: Path
 ) -> None:
-    """An earlier install left the new blocks in the target: nothing is downloaded
-    but the index, and the slot is verified whole all the same."""
+    """An earlier install (cut short: the state says so) left the new blocks in the
+    target: nothing is downloaded but the index, and the slot is verified whole."""
     published = publish(repo, new_image)
     raw = new_image.read_bytes()
     part = host.layout.by_label("USR-B")
     with host.disk.open("r+b") as fh:
         fh.seek(part.offset)
         fh.write(raw[: len(raw) // 2])  # the payload's changes lie in the first half
+    uuid = next(
+        str(s.slot.part_uuid) for s in host.boot_control().slots() if s.slot.label == "USR-B"
+    )
+    StateStore(host.state_dir).update(
+        lambda st: st.with_slot(uuid, SlotRecord("USR-B", "installing", "1.1.0"))
+    )
     events = install(host)
     assert host.slot_bytes("USR-B", len(raw)) == raw
     assert image_requests(repo) == []

@@ -185,12 +185,13 @@ def prepare(
     *,
     booted: SlotDevice,
     booted_length: int,
-    target: SlotDevice,
+    target: SlotDevice | None,
     min_saving: float,
     chunk_size: int,
     cancel: threading.Event | None = None,
 ) -> Prepared | Declined:
     """Read the index and both slots and plan; Declined when the full download it is.
+    ``target`` None: the target slot holds nothing the agent wrote; not read.
 
     Raises VerificationError for an index that is not the signed one or lies."""
     if image.index is None or index_url is None:
@@ -200,18 +201,35 @@ def prepare(
         return Declined("index_unavailable")
     index_bytes = image.index.size
     started = time.monotonic()
-    held = target_blocks(target, index, chunk_size=chunk_size, cancel=cancel)
-    wanted = {
-        e.digest for i, e in enumerate(index.entries) if i >= len(held) or held[i] != e.digest
-    }
-    windows = booted_windows(
-        booted,
-        booted_length,
-        wanted,
-        block_size=index.block_size,
-        chunk_size=chunk_size,
-        cancel=cancel,
-    )
+    # Both slots at once (reads and sha256 release the GIL); the booted slot is
+    # searched for every block, as what the target holds is not known yet.
+    held: list[bytes | None] = []
+    failed: list[BaseException] = []
+
+    def scan_target() -> None:
+        assert target is not None
+        try:
+            held.extend(target_blocks(target, index, chunk_size=chunk_size, cancel=cancel))
+        except BaseException as exc:
+            failed.append(exc)
+
+    scan = threading.Thread(target=scan_target, name="delta-scan-target", daemon=True)
+    if target is not None:
+        scan.start()
+    try:
+        windows = booted_windows(
+            booted,
+            booted_length,
+            {e.digest for e in index.entries},
+            block_size=index.block_size,
+            chunk_size=chunk_size,
+            cancel=cancel,
+        )
+    finally:
+        if target is not None:
+            scan.join()
+    if failed:
+        raise failed[0]
     p = plan(index, windows, held)
     seconds = time.monotonic() - started
     log.info(

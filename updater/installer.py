@@ -10,6 +10,7 @@ reports), the transport and the settings.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import replace
 
@@ -242,10 +243,18 @@ class Installer:
         if m.image.index is None:
             return delta.Declined("no_index")
         index_url = self.source.index_url(m)
-        rec = self.slots.store.load().slots.get(str(booted.part_uuid))
+        slots = self.slots.store.load().slots
+        rec = slots.get(str(booted.part_uuid))
         # the booted slot's image, if the agent wrote it; else the whole slot
         length = rec.raw_size if rec is not None and rec.raw_size is not None else booted.size
-        with self.slots.read_slot(booted) as source, self.slots.read_slot(target) as held:
+        # The target is read for blocks at their own place only if the agent wrote it
+        # (an earlier install, finished or not). One it never wrote holds nothing or
+        # what provisioning put there, which the booted slot then holds too: reading
+        # it would save writes, never downloads.
+        written = str(target.part_uuid) in slots
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(self.slots.read_slot(booted))
+            held = stack.enter_context(self.slots.read_slot(target)) if written else None
             return delta.prepare(
                 self.transport,
                 index_url,
