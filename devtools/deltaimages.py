@@ -69,8 +69,9 @@ def variant(src: Path, dst: Path, kind: str, seed: int = 2) -> None:
     sizes = {p: p.stat().st_size for p in files}
     total = sum(sizes.values())
     if kind == "one_pct":
-        big = [p for p in files if sizes[p] >= 64 * 1024]
         each = total // 100 // 100
+        # (at 1 GiB a place is ~86 KiB: only files larger than that can take one)
+        big = [p for p in files if sizes[p] >= 64 * 1024 and sizes[p] > each]
         for p in rng.sample(big, min(100, len(big))):
             with p.open("r+b") as fh:
                 at = rng.randrange(0, sizes[p] - each)

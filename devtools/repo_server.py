@@ -1,10 +1,11 @@
 """A static HTTP server for a release repository, on loopback, for tests,
 the demo and the benchmarks (not part of the agent).
 
-It honours Range and If-Range (Python's http.server does not), answers
-conditional GETs with ETags, sends files with sendfile(2) so it is never the
-bottleneck of a benchmark, records every request, and can misbehave on
-purpose per path (:class:`Fault`) to play a hostile or broken server.
+It honours Range (one range, ``bytes=a-`` or ``bytes=a-b``) and If-Range
+(Python's http.server does not), answers conditional GETs with ETags, sends
+files with sendfile(2) so it is never the bottleneck of a benchmark, records
+every request, and can misbehave on purpose per path (:class:`Fault`) to play
+a hostile or broken server.
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def etag_of(st: os.stat_result) -> str:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as nginx's tcp_nodelay: the head and the body go out as two
+    # writes, and a small body (a delta update's frames) would otherwise wait for
+    # the client's delayed ACK, 40 ms a request on keep-alive connections.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -174,14 +179,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 self._record(304, 0)
                 return
-            start, status = 0, 200
+            start, end, status = 0, size, 200
             rng = self.headers.get("Range")
-            if rng and not fault.ignore_range and rng.startswith("bytes=") and rng.endswith("-"):
+            if rng and not fault.ignore_range and rng.startswith("bytes="):
                 if_range = self.headers.get("If-Range")
                 if if_range is None or if_range == etag:
-                    start = int(rng[6:-1])
+                    first, _, last = rng[6:].partition("-")
+                    start = int(first)
+                    end = min(size, int(last) + 1) if last else size  # "a-b": b inclusive
                     status = 206
-                    if start >= size:
+                    if start >= size or end <= start:
                         self.send_response(416)
                         self.send_header("Content-Range", f"bytes */{size}")
                         self.send_header("Content-Length", "0")
@@ -192,19 +199,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("ETag", etag)
             self.send_header("Accept-Ranges", "bytes")
             if status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
             if fault.extra_bytes:
                 self.send_header("Connection", "close")
                 self.close_connection = True
             else:
-                self.send_header("Content-Length", str(size - start))
+                self.send_header("Content-Length", str(end - start))
             self.end_headers()
-            sent = self._body(fh, fault, start, size, data_override)
+            sent = self._body(fh, fault, start, end, data_override)
             self._record(status, sent)
 
     def _body(
-        self, fh: BinaryIO, fault: Fault, start: int, size: int, override: bytes | None
+        self, fh: BinaryIO, fault: Fault, start: int, end: int, override: bytes | None
     ) -> int:
+        """Send bytes ``start .. end-1`` of the file (or of ``override``)."""
         shared = self.server.shared
         simple = (
             override is None
@@ -216,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
             and not self._trickling
         )
         if simple:
-            sent: int = self.connection.sendfile(fh, offset=start, count=size - start)
+            sent: int = self.connection.sendfile(fh, offset=start, count=end - start)
             return sent
         fh.seek(0)
         data = override if override is not None else fh.read()
@@ -224,7 +232,7 @@ class _Handler(BaseHTTPRequestHandler):
             b = bytearray(data)
             b[fault.flip_byte_at] ^= 0xFF
             data = bytes(b)
-        body = data[start:] + b"\xa5" * fault.extra_bytes
+        body = data[start:end] + b"\xa5" * fault.extra_bytes
         limit = len(body)
         drop = False
         if fault.drop_after is not None and fault.drop_times > 0:

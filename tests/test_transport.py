@@ -164,6 +164,63 @@ def test_file_transport(tmp_path: Path) -> None:
     assert err.value.kind == "unsupported_url"
 
 
+def test_a_bounded_range(served: RepoServer) -> None:
+    t = fast()
+    stream = t.open_range(served.url + "/blob", start=1000, length=5000)
+    assert stream is not None and (stream.start, stream.length) == (1000, 5000)
+    got = b""
+    while piece := stream.read(100_000):
+        got += piece
+    stream.close()
+    assert got == DATA[1000:6000]
+    (request,) = served.requests
+    assert (request.headers["Range"], request.status) == ("bytes=1000-5999", 206)
+    with pytest.raises(ValueError):
+        t.open_range(served.url + "/blob", start=0, length=0)
+
+
+def test_a_range_past_the_end_is_refused(served: RepoServer) -> None:
+    with pytest.raises(DownloadError) as err:
+        fast().open_range(served.url + "/blob", start=len(DATA), length=10)
+    assert err.value.status == 416
+
+
+def test_a_server_that_ignores_range_answers_none(served: RepoServer) -> None:
+    served.fault("/blob", Fault(ignore_range=True))
+    assert fast().open_range(served.url + "/blob", start=10, length=10) is None
+
+
+def test_a_range_answered_with_other_bytes_is_refused(served: RepoServer) -> None:
+    """A 206 whose Content-Range is not the range asked for (here: the server
+    answers from the start as to ``bytes=a-``) is no place to cut frames from."""
+    served.fault("/blob", Fault(ignore_range=True))
+    t = fast()
+    original = t.request
+
+    def as_if_206(method: str, url: str, **kw: object) -> object:
+        resp = original(method, url, **kw)  # type: ignore[arg-type]
+        resp.status_code = 206
+        resp.headers["Content-Range"] = f"bytes 0-{len(DATA) - 1}/{len(DATA)}"
+        return resp
+
+    t.request = as_if_206  # type: ignore[method-assign,assignment]
+    with pytest.raises(DownloadError) as err:
+        t.open_range(served.url + "/blob", start=10, length=10)
+    assert err.value.kind == "http_status"
+
+
+def test_file_transport_range(tmp_path: Path) -> None:
+    (tmp_path / "blob").write_bytes(DATA)
+    url = (tmp_path / "blob").as_uri()
+    t = SchemeTransport()
+    stream = t.open_range(url, start=7, length=100)
+    assert stream is not None and stream.read(1000) == DATA[7:107] and stream.read(10) == b""
+    stream.close()
+    with pytest.raises(DownloadError) as err:
+        t.open_range(url, start=len(DATA) - 5, length=10)
+    assert err.value.status == 416
+
+
 # ---- https with a private CA, end to end ----------------------------------------------------
 
 

@@ -105,7 +105,8 @@ def _bad(message: str) -> VerificationError:
     return VerificationError(
         "index_malformed",
         f"chunk index: {message}",
-        hint="the publisher must fix the release; the full image is fetched instead",
+        hint="the publisher must fix the release (a lying index refuses it, as a "
+        "lying image would)",
     )
 
 

@@ -287,6 +287,7 @@ def updater(config: Config, *, progress: ProgressFn | None = None) -> Updater:
             readback=config.install.readback,
             chunk_size=config.install.chunk_size,
             resume_attempts=src.resume_attempts,
+            delta_min_saving=config.install.delta_min_saving,
         ),
         blocks=version_blocks(config),
         boot_files_refusal=boot_files_unused(config),

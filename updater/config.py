@@ -246,7 +246,11 @@ def _install(s: Section) -> InstallConfig:
     chunk = s.int_("chunk_size", d.chunk_size, minimum=64 * 1024, maximum=64 * 1024 * 1024)
     if chunk % 4096:
         raise s.error("chunk_size", "must be a multiple of 4096")
-    return InstallConfig(readback=s.bool_("readback", d.readback), chunk_size=chunk)
+    return InstallConfig(
+        readback=s.bool_("readback", d.readback),
+        chunk_size=chunk,
+        delta_min_saving=s.number("delta_min_saving", d.delta_min_saving, minimum=0.0, maximum=1.0),
+    )
 
 
 def _agent(s: Section) -> AgentConfig:

@@ -10,13 +10,14 @@ reports), the transport and the settings.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import replace
 
 import structlog
 
 from partitions.bootcontrol import Slot, SlotStatus
-from updater import download
+from updater import delta, download
 from updater.bootfiles import checked
 from updater.decisions import reusable_install
 from updater.errors import (
@@ -141,6 +142,17 @@ class Installer:
             _log_install_failed(m.version, slot, refusal)
             report(self.source, Happening("failed", version=m.version, error=refusal))
             raise refusal
+        # 0. Before anything changes: a delta install's index and plan (reads only).
+        try:
+            delta_plan = self._plan_delta(m, booted.slot, slot, cancel)
+        except Exception as exc:
+            error = internal_error(exc, "install")
+            _log_install_failed(m.version, slot, error)
+            if not isinstance(error, Cancelled):
+                report(self.source, Happening("failed", version=m.version, error=error))
+            if error is exc:
+                raise
+            raise error from exc
         log.info("install_started", version=m.version, slot=slot.label, url=url)
 
         # 1. From here on a crash must never leave the target bootable.
@@ -165,22 +177,39 @@ class Installer:
         report(self.source, Happening("download_started", version=m.version))
         try:
             self.slots.recheck_target(booted.slot, slot)
-            with self.slots.open_slot(slot) as device:
-                result = write_image(
-                    download.Download(
-                        self.transport,
-                        url,
-                        size=m.image.size,
-                        chunk_size=self.settings.chunk_size,
-                        resume_attempts=self.settings.resume_attempts,
-                    ),
-                    m.image,
-                    device,
-                    chunk_size=self.settings.chunk_size,
-                    readback=self.settings.readback,
+            result = None
+            if isinstance(delta_plan, delta.Prepared):
+                result = self._write_delta(
+                    m,
+                    url,
+                    delta_plan,
+                    booted=booted.slot,
+                    target=slot,
                     progress=progress,
                     cancel=cancel,
                 )
+                if result is None:
+                    delta_plan = delta.Declined(
+                        "range_ignored", delta_plan.plan.fetch_bytes, delta_plan.index_bytes
+                    )
+            if result is None:
+                with self.slots.open_slot(slot) as device:
+                    result = write_image(
+                        download.Download(
+                            self.transport,
+                            url,
+                            size=m.image.size,
+                            chunk_size=self.settings.chunk_size,
+                            resume_attempts=self.settings.resume_attempts,
+                        ),
+                        m.image,
+                        device,
+                        chunk_size=self.settings.chunk_size,
+                        readback=self.settings.readback,
+                        progress=progress,
+                        cancel=cancel,
+                    )
+                _log_path(m, delta_plan, m.image.size)
             # 5b. The slot's own boot files, before it may boot (the booted slot's: never).
             boot = self._write_boot_files(m, booted.slot, slot, cancel)
         except Exception as exc:
@@ -206,6 +235,69 @@ class Installer:
             "update_staged", version=m.version, slot=slot.label, seconds=round(result.seconds, 3)
         )
         return result
+
+    def _plan_delta(
+        self, m: Manifest, booted: Slot, target: Slot, cancel: threading.Event | None
+    ) -> delta.Prepared | delta.Declined:
+        """Whether to build the slot from the host's own blocks (:mod:`updater.delta`)."""
+        if m.image.index is None:
+            return delta.Declined("no_index")
+        index_url = self.source.index_url(m)
+        slots = self.slots.store.load().slots
+        rec = slots.get(str(booted.part_uuid))
+        # the booted slot's image, if the agent wrote it; else the whole slot
+        length = rec.raw_size if rec is not None and rec.raw_size is not None else booted.size
+        # The target is read for blocks at their own place only if the agent wrote it
+        # (an earlier install, finished or not). One it never wrote holds nothing or
+        # what provisioning put there, which the booted slot then holds too: reading
+        # it would save writes, never downloads.
+        written = str(target.part_uuid) in slots
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(self.slots.read_slot(booted))
+            held = stack.enter_context(self.slots.read_slot(target)) if written else None
+            return delta.prepare(
+                self.transport,
+                index_url,
+                m.image,
+                booted=source,
+                booted_length=min(length, booted.size),
+                target=held,
+                min_saving=self.settings.delta_min_saving,
+                chunk_size=self.settings.chunk_size,
+                cancel=cancel,
+            )
+
+    def _write_delta(
+        self,
+        m: Manifest,
+        url: str,
+        prepared: delta.Prepared,
+        *,
+        booted: Slot,
+        target: Slot,
+        progress: ProgressFn | None,
+        cancel: threading.Event | None,
+    ) -> WriteResult | None:
+        """The delta install; None when the server ignored Range (fall back: the full
+        download rewrites the whole slot, which is still unbootable)."""
+        try:
+            with self.slots.read_slot(booted) as source, self.slots.open_slot(target) as device:
+                written = delta.write_delta(
+                    self.transport,
+                    url,
+                    prepared,
+                    m.image,
+                    booted=source,
+                    device=device,
+                    chunk_size=self.settings.chunk_size,
+                    progress=progress,
+                    cancel=cancel,
+                )
+        except delta.RangeIgnored:
+            log.warning("delta_range_ignored", version=m.version, url=url)
+            return None
+        _log_path(m, prepared, written.downloaded + prepared.index_bytes)
+        return WriteResult(m.image.sha256, m.image.raw_sha256, m.image.raw_size, written.seconds)
 
     def _write_boot_files(
         self, m: Manifest, booted: Slot, target: Slot, cancel: threading.Event | None
@@ -248,6 +340,29 @@ class Installer:
                         hint="the ESP may be failing; check it with `fsck.vfat -n`",
                     )
         return tuple(BootFileRecord(b.name, b.size, b.sha256) for b in m.boot)
+
+
+def _log_path(m: Manifest, how: delta.Prepared | delta.Declined, downloaded: int) -> None:
+    """The one event that says how the image came: delta or full, and the bytes."""
+    if isinstance(how, delta.Prepared):
+        log.info(
+            "install_path",
+            version=m.version,
+            path="delta",
+            planned_bytes=how.plan.fetch_bytes + how.index_bytes,
+            downloaded_bytes=downloaded,
+            image_bytes=m.image.size,
+        )
+        return
+    log.info(
+        "install_path",
+        version=m.version,
+        path="full",
+        reason=how.reason,
+        planned_bytes=how.planned_bytes,
+        downloaded_bytes=downloaded + how.index_bytes,
+        image_bytes=m.image.size,
+    )
 
 
 def _log_install_failed(version: str, slot: Slot, error: UpdaterError) -> None:

@@ -91,6 +91,9 @@ class GrubEnvConfig:
 class InstallConfig:
     readback: bool = True  # re-read and hash the slot before making it bootable
     chunk_size: int = 1024 * 1024  # bytes per read/write
+    # A delta update (reuse the slots' blocks, fetch the rest) is taken when it saves
+    # at least this share of the full download (0..1); else the whole image.
+    delta_min_saving: float = 0.2
 
 
 @dataclass(frozen=True)

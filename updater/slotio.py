@@ -62,17 +62,27 @@ class SlotDevice:
     """An open slot for sequential writing, then syncing and reading back."""
 
     def __init__(
-        self, path: Path, offset: int, size: int, *, direct: bool = True, sync: bool = True
+        self,
+        path: Path,
+        offset: int,
+        size: int,
+        *,
+        direct: bool = True,
+        sync: bool = True,
+        writable: bool = True,
     ) -> None:
         """``sync=False`` leaves out every flush to the device: a defect on purpose,
         for tests/test_powercut.py to show that it catches one. Nothing else
-        passes it, and no configuration reaches it."""
+        passes it, and no configuration reaches it. ``writable=False`` opens the
+        slot read-only (the booted slot, read for a delta update)."""
         self.path = path
         self._flush = sync
         self.offset = offset
         self.size = size
+        self.writable = writable
+        mode = os.O_RDWR if writable else os.O_RDONLY
         try:
-            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self._fd = os.open(path, mode | os.O_CLOEXEC)
         except OSError as exc:
             raise _io_error(path, "open", exc) from None
         st = os.fstat(self._fd)
@@ -87,7 +97,7 @@ class SlotDevice:
         if direct and _O_DIRECT and offset % DIRECT_ALIGN == 0:
             # no O_DIRECT here (some file systems): the page cache it is
             with contextlib.suppress(OSError):
-                self._direct_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | _O_DIRECT)
+                self._direct_fd = os.open(path, mode | os.O_CLOEXEC | _O_DIRECT)
         self._staging: mmap.mmap | None = None
         self._tail = 0  # bytes of a partial block at the end, written buffered, kept in staging
         self._unsynced = 0  # bytes written buffered since the last periodic sync
@@ -100,7 +110,20 @@ class SlotDevice:
     def _device_size(self) -> int:
         return os.lseek(self._fd, 0, os.SEEK_END)
 
+    def seek(self, pos: int) -> None:
+        """Continue writing at slot position ``pos`` (a delta update skips the blocks
+        the slot already holds). With O_DIRECT, ``pos`` must be DIRECT_ALIGN-aligned.
+        A partial block written last is with the kernel already (buffered)."""
+        if not 0 <= pos <= self.size:
+            raise DiskError("io", f"{self.path}: position {pos} lies outside the slot")
+        if self.direct and pos % DIRECT_ALIGN:
+            raise DiskError("io", f"{self.path}: position {pos} is not {DIRECT_ALIGN}-aligned")
+        self._tail = 0
+        self.written = pos
+
     def write(self, data: bytes | memoryview) -> None:
+        if not self.writable:
+            raise DiskError("io", f"{self.path}: the slot was opened read-only")
         view = memoryview(data).cast("B")
         if self.written + len(view) > self.size:
             raise DiskError("io", f"{self.path}: refusing to write past the slot's end")
@@ -217,6 +240,17 @@ class SlotDevice:
             if progress is not None:
                 progress(done)
         return h.hexdigest()
+
+    def read_at(self, view: memoryview, pos: int) -> int:
+        """Fill ``view`` from slot position ``pos`` (less only at the slot's end)."""
+        end = min(len(view), self.size - pos) if pos < self.size else 0
+        done = 0
+        while done < end:
+            n = self._read(view[done:end], pos + done)
+            if n == 0:
+                break
+            done += n
+        return done
 
     def _read(self, view: memoryview, pos: int) -> int:
         """Read into ``view`` from slot position ``pos``, directly if the sizes allow."""

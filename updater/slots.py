@@ -45,6 +45,11 @@ def open_slot_device(slot: Slot) -> SlotDevice:
     return SlotDevice(slot.disk, slot.offset, slot.size)
 
 
+def read_slot_device(slot: Slot) -> SlotDevice:
+    """The slot's bytes, read-only (the booted slot, read for a delta update)."""
+    return SlotDevice(slot.disk, slot.offset, slot.size, writable=False)
+
+
 @dataclass(frozen=True)
 class SlotReport:
     label: str
@@ -90,6 +95,7 @@ class Slots:
         self.lock = lock
         self.sentinel = sentinel or NoRebootSentinel()
         self.open_slot = open_slot or open_slot_device
+        self.read_slot: OpenSlot = read_slot_device
         self.boot_files = boot_files  # None: no ESP configured (gpt-prio)
         self.chunk_size = chunk_size
 

@@ -94,6 +94,10 @@ class UpdateSource(Protocol):
 
     def image_url(self, manifest: Manifest) -> str: ...
 
+    def index_url(self, manifest: Manifest) -> str | None:
+        """Where the image's chunk index is (delta updates); None: none to use."""
+        ...
+
     def boot_url(self, manifest: Manifest, ref: BootFileRef) -> str:
         """Where one of the manifest's boot files is (its URL is relative to the manifest)."""
         ...
@@ -227,6 +231,10 @@ class StaticSource:
 
     def image_url(self, manifest: Manifest) -> str:
         return resolve_image_url(self.manifest_url, manifest)
+
+    def index_url(self, manifest: Manifest) -> str | None:
+        index = manifest.image.index
+        return None if index is None else resolve_url(self.manifest_url, index.url)
 
     def boot_url(self, manifest: Manifest, ref: BootFileRef) -> str:
         return resolve_url(self.manifest_url, ref.url)

@@ -87,6 +87,14 @@ class Transport(Protocol):
         """Open ``url`` for streaming from byte ``start``."""
         ...
 
+    def open_range(
+        self, url: str, *, start: int, length: int, if_range: str | None = None
+    ) -> ByteStream | None:
+        """Open exactly the bytes ``start .. start+length-1`` of ``url`` (a delta
+        update's frames); None when the server ignores Range (answers 200 with the
+        whole file) or the file changed since ``if_range``."""
+        ...
+
 
 @dataclass(frozen=True)
 class HttpSettings:
@@ -399,6 +407,45 @@ class HttpTransport:
         resp.close()
         raise status_error(url, resp.status_code)
 
+    def open_range(
+        self, url: str, *, start: int, length: int, if_range: str | None = None
+    ) -> ByteStream | None:
+        headers = {"Range": _range_header(start, length)}
+        if if_range:
+            headers["If-Range"] = if_range
+        resp = self.request("GET", url, headers=headers)
+        if resp.status_code == 200:
+            resp.close()  # Range ignored (or If-Range failed): the caller takes the whole file
+            return None
+        if resp.status_code != 206:
+            resp.close()
+            raise status_error(url, resp.status_code)
+        end = start + length - 1
+        content_range = resp.headers.get("Content-Range", "")
+        # exactly the bytes asked for: a server that answers another range (or a
+        # multipart one) is not a server this client can trust to cut frames
+        if not content_range.startswith(f"bytes {start}-{end}/"):
+            resp.close()
+            raise DownloadError(
+                "http_status",
+                f"{url}: asked for bytes {start}-{end}, got {content_range!r}",
+                status=206,
+            )
+        stream = _HttpStream(url, resp, start, self.speed_floor(url))
+        if stream.length is not None and stream.length != length:
+            stream.close()
+            raise DownloadError(
+                "too_much_data" if stream.length > length else "connection",
+                f"{url}: {stream.length} bytes announced for a range of {length}",
+            )
+        return stream
+
+
+def _range_header(start: int, length: int) -> str:
+    if start < 0 or length <= 0:
+        raise ValueError(f"bad range {start}+{length}")
+    return f"bytes={start}-{start + length - 1}"
+
 
 class _FileStream:
     def __init__(self, fh: io.BufferedReader, start: int, length: int, validator: str) -> None:
@@ -406,18 +453,33 @@ class _FileStream:
         self.start = start
         self.length: int | None = length
         self.validator: str | None = validator
+        self._left: int | None = None  # bytes a range may still return
+
+    def limit(self, n: int) -> None:
+        self._left = n
+
+    def _cap(self, n: int) -> int:
+        return n if self._left is None else min(n, self._left)
+
+    def _took(self, n: int) -> None:
+        if self._left is not None:
+            self._left -= n
 
     def read(self, n: int) -> bytes:
         try:
-            return self._fh.read(n)
+            data = self._fh.read(self._cap(n))
         except OSError as exc:
             raise DownloadError("connection", f"read failed: {exc}") from exc
+        self._took(len(data))
+        return data
 
     def readinto(self, buf: memoryview) -> int:
         try:
-            return self._fh.readinto(buf)
+            n = self._fh.readinto(buf[: self._cap(len(buf))])
         except OSError as exc:
             raise DownloadError("connection", f"read failed: {exc}") from exc
+        self._took(n)
+        return n
 
     def close(self) -> None:
         self._fh.close()
@@ -472,6 +534,24 @@ class FileTransport:
         fh.seek(start)
         return _FileStream(fh, start, st.st_size - start, tag)
 
+    def open_range(
+        self, url: str, *, start: int, length: int, if_range: str | None = None
+    ) -> ByteStream | None:
+        _range_header(start, length)  # the same argument checks as over HTTP
+        stream = self.open_stream(url, start=start, if_range=if_range)
+        if stream.start != start:  # changed since if_range: as HTTP's 200
+            stream.close()
+            return None
+        if stream.length is None or stream.length < length:
+            stream.close()
+            raise DownloadError(
+                "http_status", f"{url}: bytes {start}+{length} lie past its end", status=416
+            )
+        assert isinstance(stream, _FileStream)
+        stream.length = length
+        stream.limit(length)
+        return stream
+
 
 class SchemeTransport:
     """Dispatches on the URL scheme."""
@@ -493,3 +573,8 @@ class SchemeTransport:
 
     def open_stream(self, url: str, *, start: int = 0, if_range: str | None = None) -> ByteStream:
         return self._pick(url).open_stream(url, start=start, if_range=if_range)
+
+    def open_range(
+        self, url: str, *, start: int, length: int, if_range: str | None = None
+    ) -> ByteStream | None:
+        return self._pick(url).open_range(url, start=start, length=length, if_range=if_range)

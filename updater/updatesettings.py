@@ -15,3 +15,5 @@ class UpdateSettings:
     readback: bool = True  # read the slot back and hash it after the write
     chunk_size: int = 1024 * 1024  # bytes: each download read, slot write and re-hash
     resume_attempts: int = 5  # times a broken download is resumed before it fails
+    # a delta update is used when it downloads at least this share less than the full image
+    delta_min_saving: float = 0.2

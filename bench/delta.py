@@ -1,0 +1,152 @@
+"""Delta updates against the full download: bytes on the wire and wall time.
+
+``python -m bench.delta --size-mib 1024`` builds a base ext4 image and one
+changed image per kind (:mod:`devtools.deltaimages`: 1 % in 100 places, 10 %,
+an appended file, files that grow, a fresh image), publishes each with its
+chunk index on a loopback repository (:class:`devtools.repo_server.RepoServer`),
+and installs each twice onto a simulated host whose booted slot holds the base
+image (the target slot empty): once as the agent does it (the delta path when
+it saves at least ``[install] delta_min_saving``), once as a full download
+(the index answered 404: today's path). Bytes are what the server sent for the
+image and the index; the wall time is the agent's check + install, with the
+disk file's pages dropped from the cache before each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from bench.install_throughput import host_description
+from devtools.deltaimages import make_pair_set
+from devtools.gpgkeys import SigningKey, signing_key
+from devtools.host import provision
+from devtools.repo_server import Fault, RepoServer
+from updater import compose, config
+from updater.clock import SystemClock
+from updater.log import configure
+from updater.release import Published, ReleaseRequest, publish
+
+MIB = 1024 * 1024
+KINDS = ("one_pct", "ten_pct", "appended", "grown", "fresh")
+
+
+@dataclass(frozen=True)
+class Run:
+    path: str  # delta | full (what the agent did)
+    reason: str
+    sent: int  # bytes the server sent: image + index
+    seconds: float
+    scan_seconds: float  # of those: reading and hashing the slots to plan
+
+
+def _drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Setup:
+    work: Path
+    repo: Path
+    server: RepoServer
+    key: SigningKey
+    base: Path  # the booted slot's image
+
+
+def _install(setup: Setup, pub: Published, *, full: bool) -> Run:
+    work, server, base, key = setup.work, setup.server, setup.base, setup.key
+    channel = pub.manifest.channel
+    root = work / f"host-{channel}-{'full' if full else 'delta'}"
+    host = provision(
+        root,
+        slot_size=base.stat().st_size + 4 * MIB,
+        first_image=base,
+        first_version="1.0.0",
+        repo_url=server.url,
+        keyring=key.public_key,
+        channel=channel,
+    )
+    assert pub.index_path is not None
+    index_path = "/" + str(pub.index_path.relative_to(setup.repo))
+    server.clear_faults()
+    if full:
+        server.fault(index_path, Fault(status=404))
+    _drop_cache(host.disk)
+    before = len(server.requests)
+    started = time.monotonic()
+    up = compose.updater(config.load(host.config))
+    check = up.check()
+    assert check.update_available
+    with capture_logs() as events:
+        up.install(check)
+    seconds = time.monotonic() - started
+    (event,) = [e for e in events if e["event"] == "install_path"]
+    planned = [e for e in events if e["event"] == "delta_planned"]
+    scan = planned[0]["scan_seconds"] if planned else 0.0
+    sent = sum(r.sent for r in server.requests[before:] if r.path.startswith("/images/"))
+    shutil.rmtree(root)
+    return Run(event["path"], event.get("reason", ""), sent, seconds, scan)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    args = ap.parse_args()
+    kinds = tuple(args.kinds.split(","))
+    # the agent's own log is not what this prints (capture_logs reads its events)
+    configure(logging.INFO, stream=open(os.devnull, "w"))  # noqa: SIM115
+    print("machine:", ", ".join(f"{k} {v}" for k, v in host_description().items()))
+    with tempfile.TemporaryDirectory(prefix="bench-delta-") as tmp:
+        work = Path(tmp)
+        t0 = time.monotonic()
+        images = make_pair_set(work / "images", args.size_mib * MIB, kinds)
+        print(f"images built in {time.monotonic() - t0:.0f} s ({args.size_mib} MiB each)")
+        repo = work / "repo"
+        with signing_key(work / "gnupg") as key, RepoServer(repo) as server:
+            for i, kind in enumerate(kinds):
+                pub = _publish(repo, images[kind], key, kind, f"1.1.{i}")
+                image = pub.manifest.image
+                setup = Setup(work, repo, server, key, images["base"])
+                full = _install(setup, pub, full=True)
+                delta = _install(setup, pub, full=False)
+                print(
+                    f"{kind:9s} image {image.size / MIB:8.2f} MiB | "
+                    f"full: {full.sent / MIB:8.2f} MiB {full.seconds:6.2f} s | "
+                    f"agent ({delta.path}{', ' + delta.reason if delta.reason else ''}): "
+                    f"{delta.sent / MIB:8.2f} MiB ({100 * delta.sent / full.sent:5.1f} %) "
+                    f"{delta.seconds:6.2f} s (planning {delta.scan_seconds:.2f} s)",
+                    flush=True,
+                )
+
+
+def _publish(repo: Path, image: Path, key: SigningKey, channel: str, version: str) -> Published:
+    # each kind in its own channel and version (image directory): all stay served
+    return publish(
+        ReleaseRequest(
+            image=image,
+            version=version,
+            repo=repo,
+            gnupghome=key.gnupghome,
+            key_id=key.fingerprint,
+            channel=channel,
+        ),
+        SystemClock().now(),
+    )
+
+
+if __name__ == "__main__":
+    main()
