@@ -67,6 +67,8 @@ bench: setup
 	$(PY) -m bench.install_throughput
 	$(PY) -m bench.idle_agent
 	$(PY) -m bench.fleet_rollout
+	$(PY) -m bench.delta --size-mib 1024
+	$(PY) -m bench.release_index
 
 clean:
 	rm -rf $(VENV) build demo-run bench-run .mypy_cache .ruff_cache .pytest_cache
