@@ -188,7 +188,15 @@ def run_until(h: Harness, cond: Callable[[], bool]) -> None:
 
 
 def image_gets(repo: Repo) -> int:
-    return len([r for r in repo.server.requests if "/images/" in r.path])
+    """Downloads of an image: its requests, not those of its chunk index (``.chunks``, read
+    to plan a delta before any install) or of the manifest beside it."""
+    return len(
+        [
+            r
+            for r in repo.server.requests
+            if "/images/" in r.path and not r.path.endswith((".chunks", ".json", ".asc"))
+        ]
+    )
 
 
 def test_installs_and_reboots(
