@@ -44,7 +44,7 @@ from updater.chunkindex import ChunkIndex
 from updater.decompress import ZSTD_MAX_WINDOW
 from updater.deltaplan import Plan, plan
 from updater.errors import Cancelled, DiskError, DownloadError, VerificationError
-from updater.install import Progress, ProgressFn
+from updater.install import Progress, ProgressFn, hash_slot
 from updater.manifest import ImageRef
 from updater.slotio import SlotDevice, aligned_buffer
 from updater.transport import ByteStream, Transport
@@ -414,14 +414,7 @@ def write_delta(
     )
     writer.run()
     device.sync()
-
-    def read_progress(n: int) -> None:
-        _check_cancel(cancel)
-        if progress is not None:
-            progress(Progress("readback", n, image.raw_size))
-
-    device.drop_cache()
-    on_disk = device.hash(image.raw_size, chunk_size, read_progress)
+    on_disk = hash_slot(device, image, chunk_size, progress, cancel)
     if on_disk != image.raw_sha256:
         raise VerificationError(
             "hash_mismatch",

@@ -385,14 +385,15 @@ def _check_stream(
         )
 
 
-def _read_back(
+def hash_slot(
     device: SlotDevice,
     image: ImageRef,
     chunk_size: int,
     progress: ProgressFn | None,
     cancel: threading.Event | None,
-) -> None:
-    """Stage 3: the slot, read past the page cache, holds what was written."""
+) -> str:
+    """The sha256 of the slot's first ``image.raw_size`` bytes, read past the page cache
+    (progress as ``readback``; stoppable)."""
 
     def read_progress(n: int) -> None:
         if cancel is not None and cancel.is_set():
@@ -401,7 +402,18 @@ def _read_back(
             progress(Progress("readback", n, image.raw_size))
 
     device.drop_cache()
-    on_disk = device.hash(image.raw_size, chunk_size, read_progress)
+    return device.hash(image.raw_size, chunk_size, read_progress)
+
+
+def _read_back(
+    device: SlotDevice,
+    image: ImageRef,
+    chunk_size: int,
+    progress: ProgressFn | None,
+    cancel: threading.Event | None,
+) -> None:
+    """Stage 3: the slot, read past the page cache, holds what was written."""
+    on_disk = hash_slot(device, image, chunk_size, progress, cancel)
     if on_disk != image.raw_sha256:
         raise DiskError(
             "readback_mismatch",
