@@ -327,6 +327,7 @@ SUITE = "bookworm"
 SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 MMDEBSTRAP_OPTS = (
     "--variant=minbase",
+    "--format=tar",
     # the machine's clock may be past a snapshot's Valid-Until; the packages are still signed
     '--aptopt=Acquire::Check-Valid-Until "false"',
 )
@@ -376,7 +377,9 @@ def bookworm_root(cache: Path | None = None, packages: Sequence[str] | None = No
     if target.is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(f".partial-{os.getpid()}")
+    # the name ends in .tar and the format is named: mmdebstrap picks a directory
+    # for a name it does not know
+    partial = cache / f"{SUITE}-root-{key}.partial-{os.getpid()}.tar"
     try:
         run(
             [
@@ -391,6 +394,8 @@ def bookworm_root(cache: Path | None = None, packages: Sequence[str] | None = No
         )
         partial.rename(target)
     finally:
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
         partial.unlink(missing_ok=True)
     return target
 

@@ -224,7 +224,11 @@ class _Handler(BaseHTTPRequestHandler):
             and not self._trickling
         )
         if simple:
-            sent: int = self.connection.sendfile(fh, offset=start, count=end - start)
+            try:
+                sent: int = self.connection.sendfile(fh, offset=start, count=end - start)
+            except OSError:  # the client hung up (e.g. on a 200 to its Range request)
+                self.close_connection = True
+                sent = max(0, fh.tell() - start)  # sendfile leaves the position where it stopped
             return sent
         fh.seek(0)
         data = override if override is not None else fh.read()
