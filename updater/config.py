@@ -318,6 +318,7 @@ def _reboot(s: Section) -> RebootConfig:
         "pre_reboot_timeout_s", d.pre_reboot_timeout_s, minimum=0.1, maximum=3600
     )
     time_zone = s.str_("time_zone", d.time_zone) or d.time_zone
+    wait_for_users = s.bool_("wait_for_users", d.wait_for_users)
     max_failures = s.int_("max_failures", d.max_failures, minimum=1, maximum=MAX_MAX_FAILURES)
     windows = None
     if tables or start is not None:  # parsed here, at start, with file and key
@@ -339,6 +340,7 @@ def _reboot(s: Section) -> RebootConfig:
         release_after_s=release_after_s,
         pre_reboot_dir=pre_reboot_dir,
         pre_reboot_timeout_s=pre_reboot_timeout_s,
+        wait_for_users=wait_for_users,
         time_zone=time_zone,
         windows=windows,
         windows_file=windows_file,

@@ -120,6 +120,7 @@ class RebootConfig:
     release_after_s: float = 900.0  # give the slot back when logind refuses this long
     pre_reboot_dir: Path = Path("/etc/updater/pre-reboot.d")
     pre_reboot_timeout_s: float = 60.0
+    wait_for_users: bool = True  # no reboot while interactive users are logged in (logind)
     time_zone: str = "UTC"  # of the windows: an IANA name, "UTC" or "localtime"
     # [[reboot.window]] tables and locksmith's window_start = "Thu 04:00" with
     # window_length = "1h30m", parsed at load; None: no windows are configured
