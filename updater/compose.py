@@ -272,6 +272,7 @@ def updater(config: Config, *, progress: ProgressFn | None = None) -> Updater:
             src.ca_file,
             min_speed_bytes_s=src.min_speed_bytes_s,
             min_speed_window_s=src.min_speed_window_s,
+            proxy=src.proxy,
         )
     )
     transport = SchemeTransport(http=http)

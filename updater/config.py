@@ -110,8 +110,12 @@ def _source(s: Section) -> SourceConfig:
     kind = s.str_("kind", d.kind) or d.kind
     if kind not in ("static", "omaha"):
         raise s.error("kind", f"unknown source {kind!r}", hint="static or omaha")
+    proxy = s.str_("proxy", None) or None
+    if proxy is not None:
+        s.url("proxy", proxy, schemes=("http", "https"), hint=_PROXY_HINT)
     return SourceConfig(
         url=url,
+        proxy=proxy,
         channel=channel,
         keyring=keyring,
         ca_file=s.path("ca_file", d.ca_file),
@@ -130,6 +134,8 @@ def _source(s: Section) -> SourceConfig:
         ),
     )
 
+
+_PROXY_HINT = "an HTTP proxy: http://[user:password@]host:port"
 
 _APP_ID_RE = re.compile(
     r"^\{?[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\}?$"

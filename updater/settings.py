@@ -34,6 +34,9 @@ class SourceConfig:
     # A transfer slower than this on average over a window is abandoned (and resumed):
     min_speed_bytes_s: float = 1024.0  # 0: no floor
     min_speed_window_s: float = 60.0
+    # the repository's and the Omaha server's HTTP proxy (http(s)://[user:pass@]host:port);
+    # None: HTTPS_PROXY / HTTP_PROXY from the environment, if set. NO_PROXY applies to both.
+    proxy: str | None = None
 
 
 @dataclass(frozen=True)
