@@ -27,7 +27,7 @@ from policies.strategy import LockStrategy
 from tests.conftest import NotifySocket, Repo, until, updatectl
 from tests.dbus_support import POLICY, connect
 from tests.test_agent import FAST, Harness, RecordingRebooter, running, saved_machine
-from updater import compose, config
+from updater import compose, config, dbus_api
 from updater.agent import status_text
 from updater.clock import SystemClock
 from updater.errors import ExitCode, RefusedError
@@ -209,6 +209,7 @@ def lock_harness(
 @needs_bus
 @pytest.mark.root
 def test_the_reboot_waits_for_a_logged_in_user_and_gives_the_slot_back(
+    monkeypatch: pytest.MonkeyPatch,
     bus: PrivateBus,
     etcd: EtcdNode,
     group: str,
@@ -220,6 +221,7 @@ def test_the_reboot_waits_for_a_logged_in_user_and_gives_the_slot_back(
     repo.publish("1.1.0", usr_images["1.1.0"])
     metrics = Metrics()
     h = lock_harness(host, notify, etcd, group, metrics)
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)  # for `updatectl status`
 
     def gauge() -> float | None:
         text = metrics.render().decode()
@@ -235,6 +237,8 @@ def test_the_reboot_waits_for_a_logged_in_user_and_gives_the_slot_back(
         fake.add_session("root", 0, tty="", session_class="background")  # cron: not waited for
         ssh = fake.add_session("alice", 1000, tty="pts/0", remote=True, remote_host="10.0.0.5")
         h.agent.reboots.users = LogindSessions(client)
+        agent_bus = await connect(bus.address)
+        service = await dbus_api.serve(h.agent, agent_bus, coreos_compat=False)
         try:
             async with running(h):
                 await until(lambda: h.agent.machine.last_error is not None)
@@ -250,11 +254,20 @@ def test_the_reboot_waits_for_a_logged_in_user_and_gives_the_slot_back(
                 await until(lambda: "reboot_lock_given_back" in [e["event"] for e in logs])
                 await until(lambda: holders(etcd, group) == [])
                 assert h.rebooter.calls == []
+                # what an admin sees: `updatectl status`, from the agent over D-Bus
+                # (updatectl configures logging: the captured log ends here)
+                shown = await asyncio.to_thread(updatectl, host, "status")
+                assert shown.code == 0, shown.err
+                assert "(users are logged in)" in shown.out
+                assert "Last error:     users_logged_in: the reboot waits for 1" in shown.out
+                assert "alice on pts/0 from 10.0.0.5" in shown.out
                 fake.remove_session(ssh)  # alice logs out: the host takes the slot, reboots
                 await until(lambda: bool(h.rebooter.calls))
                 assert holders(etcd, group) == ["host-a"]
                 assert gauge() == 0.0
         finally:
+            await service.close()
+            agent_bus.disconnect()
             await fake.stop()
             client.disconnect()
             server.disconnect()
