@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 from dbus_fast import Variant
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from devtools import fake_logind
@@ -382,3 +384,46 @@ def test_wait_for_users_is_on_by_default_and_can_be_turned_off(host: Host, tmp_p
     result = updatectl(None, "--config", str(bad), "status")
     assert result.code == ExitCode.CONFIG, result
     assert "wait_for_users" in result.err and str(bad) in result.err
+
+
+# ---- logind's replies are outside input ---------------------------------------------------------
+
+_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.text(max_size=8),
+    st.builds(Variant, st.just("s"), st.text(max_size=8)),
+)
+_values = st.recursive(
+    _leaves, lambda inner: st.lists(inner, max_size=6) | st.tuples(inner, inner), max_leaves=24
+)
+_props = st.dictionaries(
+    st.sampled_from(
+        ["Id", "Name", "User", "Seat", "TTY", "Remote", "RemoteHost", "Class", "State"]
+    ),
+    _values,
+    max_size=9,
+)
+
+
+@pytest.mark.fuzz
+@given(_values)
+def test_fuzz_session_list(body: Any) -> None:
+    """Whatever ListSessions answers: its pairs, or ValueError (a refusal, never a crash)."""
+    try:
+        pairs = parse_session_list(body)
+    except ValueError:
+        return
+    assert all(isinstance(sid, str) and isinstance(path, str) for sid, path in pairs)
+
+
+@pytest.mark.fuzz
+@given(st.one_of(_props, _values))
+def test_fuzz_session_properties(props: Any) -> None:
+    try:
+        session = parse_session("1", props)
+    except ValueError:
+        return
+    assert isinstance(is_interactive(session), bool)
+    assert isinstance(session.describe(), str)
