@@ -248,7 +248,8 @@ def test_the_reboot_waits_for_a_logged_in_user_and_gives_the_slot_back(
                 assert m.staged == "1.1.0" and m.last_error is not None
                 assert m.last_error.kind == "users_logged_in"
                 assert "alice on pts/0 from 10.0.0.5" in m.last_error.message
-                assert status_text(h.agent.status()).endswith("(users are logged in)")
+                waited = "(the last attempt waited for logged-in users)"
+                assert status_text(h.agent.status()).endswith(waited)
                 assert gauge() == 1.0
                 # status, as an admin reads it
                 assert saved_machine(host)["last_error"]["kind"] == "users_logged_in"
@@ -260,7 +261,7 @@ def test_the_reboot_waits_for_a_logged_in_user_and_gives_the_slot_back(
                 # (updatectl configures logging: the captured log ends here)
                 shown = await asyncio.to_thread(updatectl, host, "status")
                 assert shown.code == 0, shown.err
-                assert "(users are logged in)" in shown.out
+                assert waited in shown.out
                 assert "Last error:     users_logged_in: the reboot waits for 1" in shown.out
                 assert "alice on pts/0 from 10.0.0.5" in shown.out
                 fake.remove_session(ssh)  # alice logs out: the host takes the slot, reboots

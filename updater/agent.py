@@ -63,7 +63,7 @@ def status_text(st: AgentStatus) -> str:
         case "UPDATED_NEED_REBOOT":
             text = f"Update {st.staged_version} staged, waiting for a reboot"
             if st.last_error_kind == "users_logged_in":
-                text += " (users are logged in)"
+                text += " (the last attempt waited for logged-in users)"
         case _:
             text = f"Error ({st.last_error_kind}): {st.last_error_message}"
     return text
