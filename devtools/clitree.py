@@ -55,7 +55,17 @@ class Command:
         return out
 
 
-def _option(action: argparse.Action) -> Option:
+def _help(action: argparse.Action, parser: argparse.ArgumentParser) -> str:
+    """The help as --help prints it: ``%(default)s`` and friends expanded."""
+    text = action.help or ""
+    if "%" not in text:
+        return text
+    params = {k: v for k, v in vars(action).items() if v is not argparse.SUPPRESS}
+    params["prog"] = parser.prog
+    return text % params
+
+
+def _option(action: argparse.Action, parser: argparse.ArgumentParser) -> Option:
     takes_value = action.nargs != 0
     metavar: str | None = None
     if takes_value:
@@ -66,7 +76,7 @@ def _option(action: argparse.Action) -> Option:
         metavar = "{" + ",".join(choices) + "}"
     return Option(
         flags=tuple(action.option_strings),
-        help=action.help or "",
+        help=_help(action, parser),
         metavar=metavar,
         choices=choices,
         path=action.type is Path,
@@ -89,15 +99,21 @@ def command_tree(
     positionals: list[Positional] = []
     commands: list[Command] = []
     for action in parser._actions:
+        if action.help == argparse.SUPPRESS:
+            continue  # hidden from --help: hidden here too
         if isinstance(action, argparse._SubParsersAction):
             helps = {a.dest: a.help or "" for a in action._choices_actions}
+            seen: set[int] = set()
             for name, sub in action.choices.items():
+                if id(sub) in seen:
+                    continue  # an alias of a command listed already
+                seen.add(id(sub))
                 commands.append(command_tree(sub, (*path, name), helps.get(name, "")))
         elif action.option_strings:
-            options.append(_option(action))
+            options.append(_option(action, parser))
         else:
             mv = action.metavar if isinstance(action.metavar, str) else action.dest
-            positionals.append(Positional(mv, action.help or "", action.nargs == "?"))
+            positionals.append(Positional(mv, _help(action, parser), action.nargs in ("?", "*")))
     return Command(
         path=path,
         help=help_ or (parser.description or ""),

@@ -6,6 +6,7 @@ compinit) and complete with them."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -242,3 +243,27 @@ print -r -- ran
 zpty -d shell
 """
     assert zsh(driver, tmp_path).strip() == "ran"
+
+
+def test_the_tree_reads_what_help_shows_of_any_parser() -> None:
+    """Hidden options stay hidden, %(default)s is expanded, an alias is not a second
+    command, a command without help is still one (a parser updatectl may grow into)."""
+    p = argparse.ArgumentParser(prog="updatectl", description="d")
+    p.add_argument("--hidden", help=argparse.SUPPRESS)
+    p.add_argument("--tries", type=int, default=3, help="this many (default %(default)s)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("hold", help="stop installs", aliases=["pause"])
+    plain = sub.add_parser("skip")
+    plain.add_argument("version", metavar="VERSION", help="the version")
+    tree = command_tree(p)
+    assert [o.flags for o in tree.options] == [("-h", "--help"), ("--tries",)]
+    assert tree.options[1].help == "this many (default 3)"
+    assert tree.options[1].metavar == "TRIES"
+    assert [(c.path, c.help) for c in tree.commands] == [
+        (("hold",), "stop installs"),
+        (("skip",), ""),
+    ]
+    assert tree.commands[1].positionals[0].name == "VERSION"
+    page = manpage.render("1", tree)
+    assert "hidden" not in page and "skip" in page and "pause" not in page
+    assert "__updatectl_value" in completion.bash(tree)
