@@ -18,7 +18,11 @@ What goes where (Debian's places, bookworm):
   ``dist/config.d`` with every setting commented out (the admin's file; the
   agent needs at least ``[source] url`` and a keyring, which no package can
   know); the example itself and GRUB's fragment under ``/usr/share/doc/updater``
-  and ``/usr/share/updater``.
+  and ``/usr/share/updater``;
+- updatectl(8) and its bash and zsh completions, generated from the parser
+  (devtools/manpage.py, devtools/completion.py) at build time, in
+  ``/usr/share/man/man8`` (gzip -9n, as Debian wants), ``/usr/share/bash-completion/
+  completions`` and ``/usr/share/zsh/vendor-completions``.
 
 ``Depends:`` are Debian's own packages (:data:`DEPENDS`): the Python
 libraries at the floors ``setup.cfg`` asks for (bookworm's versions, which the
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import gzip
 import hashlib
 import os
 import re
@@ -47,6 +52,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from devtools import completion, manpage
 from devtools.vm import cache_dir
 from updater.run import run
 
@@ -63,6 +69,9 @@ DBUS_POLICY = "usr/share/dbus-1/system.d/org.updater.Agent1.conf"
 TMPFILES = "usr/lib/tmpfiles.d/updater.conf"
 SITE_CONFIG = "etc/updater/config.d/50-site.toml"
 DOC_DIR = "usr/share/doc/updater"
+MAN_PAGE = "usr/share/man/man8/updatectl.8.gz"
+BASH_COMPLETION = "usr/share/bash-completion/completions/updatectl"
+ZSH_COMPLETION = "usr/share/zsh/vendor-completions/_updatectl"
 CONFFILES = (SITE_CONFIG,)
 
 
@@ -262,6 +271,10 @@ def stage_tree(stage: Path) -> None:
     _put(stage, "usr/share/updater/grub/updater.cfg", (DIST / "grub" / "updater.cfg").read_bytes())
     _put(stage, f"{DOC_DIR}/README.md", (ROOT / "README.md").read_bytes())
     _put(stage, f"{DOC_DIR}/copyright", _copyright().encode())
+    page = manpage.render(version()).encode()
+    _put(stage, MAN_PAGE, gzip.compress(page, compresslevel=9, mtime=0))
+    _put(stage, BASH_COMPLETION, completion.bash().encode())
+    _put(stage, ZSH_COMPLETION, completion.zsh().encode())
 
     size = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())
     files = sorted(

@@ -16,9 +16,17 @@ the only one the test bus lets talk to it):
 - ``no_flags`` (older still): no ``RebootWithFlags`` (UnknownMethod), and
   ``Reboot`` lets root pass every inhibitor.
 
-Tests add and remove inhibitors in-process (:meth:`FakeLogind.add_inhibitor`)
-or over the bus through the test-only interface ``org.updater.test.FakeLogind1``
-(``AddInhibitor(ssss) -> u``, ``RemoveInhibitor(u)``) on the same object.
+Sessions (who is logged in): ``ListSessions() -> a(susso)`` names one object
+per session, ``/org/freedesktop/login1/session/<id, path-escaped>``, with the
+properties of ``org.freedesktop.login1.Session`` (Id, Name, User, Seat, TTY,
+Remote, RemoteHost, Class, Type, State) read through
+``org.freedesktop.DBus.Properties``, as logind's are.
+
+Tests add and remove inhibitors and sessions in-process
+(:meth:`FakeLogind.add_inhibitor`, :meth:`FakeLogind.add_session`) or over the
+bus through the test-only interface ``org.updater.test.FakeLogind1``
+(``AddInhibitor(ssss) -> u``, ``RemoveInhibitor(u)``, ``AddSession(susssbss) -> s``,
+``RemoveSession(s)``) on the same object.
 Every call is recorded (method, args, time, outcome), in memory and, with
 ``--record FILE``, as JSON lines.
 
@@ -45,9 +53,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal
 
-from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, RequestNameReply
+from dbus_fast import (
+    BusType,
+    DBusError,
+    Message,
+    MessageType,
+    NameFlag,
+    PropertyAccess,
+    RequestNameReply,
+)
 from dbus_fast.aio import MessageBus
-from dbus_fast.service import ServiceInterface
+from dbus_fast.service import ServiceInterface, dbus_property
 
 from updater.dbuscompat import dbus_method, signature
 
@@ -58,6 +74,8 @@ BUS_NAME: Final = "org.freedesktop.login1"
 OBJECT_PATH: Final = "/org/freedesktop/login1"
 MANAGER_INTERFACE: Final = "org.freedesktop.login1.Manager"
 CONTROL_INTERFACE: Final = "org.updater.test.FakeLogind1"
+SESSION_INTERFACE: Final = "org.freedesktop.login1.Session"
+SESSION_PATH_PREFIX: Final = "/org/freedesktop/login1/session/"
 
 BLOCKED_BY_INHIBITOR_LOCK: Final = "org.freedesktop.login1.BlockedByInhibitorLock"
 ACCESS_DENIED: Final = "org.freedesktop.DBus.Error.AccessDenied"
@@ -96,6 +114,39 @@ class Inhibitor:
         return self.mode in ("block", "block-weak") and "shutdown" in self.what.split(":")
 
 
+@dataclass(frozen=True)
+class FakeSession:
+    """One logged-in session (logind's properties of it)."""
+
+    id: str
+    user: str
+    uid: int
+    seat: str = ""
+    tty: str = ""
+    session_class: str = "user"  # user, background, manager, greeter...
+    remote: bool = False
+    remote_host: str = ""
+    state: str = "active"  # online, active, closing
+
+    @property
+    def type(self) -> str:
+        return "tty" if self.tty else "unspecified"
+
+    @property
+    def path(self) -> str:
+        return SESSION_PATH_PREFIX + bus_path_encode(self.id)
+
+
+def bus_path_encode(label: str) -> str:
+    """sd_bus_path_encode: an object path label; anything but [A-Za-z0-9] (and a digit
+    first) becomes ``_XX``, as logind names ``/org/freedesktop/login1/session/_31``."""
+    out = []
+    for i, ch in enumerate(label):
+        plain = ch.isascii() and (ch.isalpha() or (ch.isdigit() and i > 0))
+        out.append(ch if plain else "".join(f"_{b:02x}" for b in ch.encode()))
+    return "".join(out) or "_"
+
+
 class FakeLogind:
     """The fake's state; :meth:`start` puts it on a bus."""
 
@@ -113,7 +164,10 @@ class FakeLogind:
         self.fail_with = fail_with  # (error name, text) every reboot answers, when set
         self.calls: list[Call] = []
         self.inhibitors: dict[int, Inhibitor] = {}
+        self.sessions: dict[str, FakeSession] = {}
+        self._session_objects: dict[str, ServiceInterface] = {}
         self._next_id = 1
+        self._next_session = 1
         self._bus: MessageBus | None = None
         self._interfaces: list[ServiceInterface] = []
 
@@ -130,6 +184,38 @@ class FakeLogind:
     def remove_inhibitor(self, handle: int) -> None:
         self.inhibitors.pop(handle, None)
 
+    def add_session(
+        self,
+        user: str = "alice",
+        uid: int = 1000,
+        *,
+        seat: str = "",
+        tty: str = "pts/0",
+        session_class: str = "user",
+        remote: bool = False,
+        remote_host: str = "",
+        state: str = "active",
+    ) -> str:
+        """Log ``user`` in; returns the session id (logind's are "1", "2", ..., "c1")."""
+        sid = str(self._next_session)
+        self._next_session += 1
+        session = FakeSession(sid, user, uid, seat, tty, session_class, remote, remote_host, state)
+        self.sessions[sid] = session
+        if self._bus is not None:
+            self._export_session(self._bus, session)
+        return sid
+
+    def remove_session(self, sid: str) -> None:
+        session = self.sessions.pop(sid, None)
+        interface = self._session_objects.pop(sid, None)
+        if session is not None and interface is not None and self._bus is not None:
+            self._bus.unexport(session.path, interface)
+
+    def _export_session(self, bus: MessageBus, session: FakeSession) -> None:
+        interface = _Session(session)
+        bus.export(session.path, interface)
+        self._session_objects[session.id] = interface
+
     @property
     def reboots(self) -> list[Call]:
         return [c for c in self.calls if c.outcome == "rebooted"]
@@ -143,6 +229,8 @@ class FakeLogind:
         if reply is not RequestNameReply.PRIMARY_OWNER:
             raise RuntimeError(f"fake logind could not own {BUS_NAME}: {reply}")
         self._bus = bus
+        for session in self.sessions.values():
+            self._export_session(bus, session)
         return self
 
     async def stop(self) -> None:
@@ -151,6 +239,9 @@ class FakeLogind:
             return
         for interface in self._interfaces:
             bus.unexport(OBJECT_PATH, interface)
+        for sid, interface in self._session_objects.items():
+            bus.unexport(self.sessions[sid].path, interface)
+        self._session_objects.clear()
         with contextlib.suppress(Exception):
             await bus.release_name(BUS_NAME)
 
@@ -184,6 +275,10 @@ class FakeLogind:
         self._record(Call("ListInhibitors", [], time.time(), "listed"))
         return [[i.what, i.who, i.why, i.mode, i.uid, i.pid] for i in self.inhibitors.values()]
 
+    def list_sessions(self) -> list[list[Any]]:
+        self._record(Call("ListSessions", [], time.time(), "listed"))
+        return [[s.id, s.uid, s.user, s.seat, s.path] for s in self.sessions.values()]
+
 
 class _LegacyManager(ServiceInterface):
     """org.freedesktop.login1.Manager without the *WithFlags methods."""
@@ -201,6 +296,70 @@ class _LegacyManager(ServiceInterface):
     @signature("a(ssssuu)")
     def list_inhibitors(self) -> list[list[Any]]:
         return self._state.list_inhibitors()
+
+    @dbus_method(name="ListSessions")
+    @signature("a(susso)")
+    def list_sessions(self) -> list[list[Any]]:
+        return self._state.list_sessions()
+
+
+class _Session(ServiceInterface):
+    """org.freedesktop.login1.Session: the read-only properties a session has."""
+
+    def __init__(self, session: FakeSession) -> None:
+        super().__init__(SESSION_INTERFACE)
+        self._s = session
+
+    @dbus_property(access=PropertyAccess.READ, name="Id")
+    @signature("s")
+    def id_(self) -> str:
+        return self._s.id
+
+    @dbus_property(access=PropertyAccess.READ, name="Name")
+    @signature("s")
+    def name(self) -> str:
+        return self._s.user
+
+    @dbus_property(access=PropertyAccess.READ, name="User")
+    @signature("(uo)")
+    def user(self) -> list[Any]:
+        return [self._s.uid, f"/org/freedesktop/login1/user/_{self._s.uid}"]
+
+    @dbus_property(access=PropertyAccess.READ, name="Seat")
+    @signature("(so)")
+    def seat(self) -> list[Any]:
+        seat = self._s.seat
+        return [seat, f"/org/freedesktop/login1/seat/{bus_path_encode(seat)}" if seat else "/"]
+
+    @dbus_property(access=PropertyAccess.READ, name="TTY")
+    @signature("s")
+    def tty(self) -> str:
+        return self._s.tty
+
+    @dbus_property(access=PropertyAccess.READ, name="Remote")
+    @signature("b")
+    def remote(self) -> bool:
+        return self._s.remote
+
+    @dbus_property(access=PropertyAccess.READ, name="RemoteHost")
+    @signature("s")
+    def remote_host(self) -> str:
+        return self._s.remote_host
+
+    @dbus_property(access=PropertyAccess.READ, name="Class")
+    @signature("s")
+    def session_class(self) -> str:
+        return self._s.session_class
+
+    @dbus_property(access=PropertyAccess.READ, name="Type")
+    @signature("s")
+    def type_(self) -> str:
+        return self._s.type
+
+    @dbus_property(access=PropertyAccess.READ, name="State")
+    @signature("s")
+    def state(self) -> str:
+        return self._s.state
 
 
 class _Manager(_LegacyManager):
@@ -233,6 +392,45 @@ class _Control(ServiceInterface):
     @signature("", handle="u")
     def remove_inhibitor(self, handle: int) -> None:
         self._state.remove_inhibitor(handle)
+
+    @dbus_method(name="AddSession")
+    @signature(
+        "s",
+        user="s",
+        uid="u",
+        seat="s",
+        tty="s",
+        session_class="s",
+        remote="b",
+        remote_host="s",
+        state="s",
+    )
+    def add_session(  # noqa: PLR0917 - a D-Bus method takes its arguments in order
+        self,
+        user: str,
+        uid: int,
+        seat: str,
+        tty: str,
+        session_class: str,
+        remote: bool,
+        remote_host: str,
+        state: str,
+    ) -> str:
+        return self._state.add_session(
+            user,
+            uid,
+            seat=seat,
+            tty=tty,
+            session_class=session_class,
+            remote=remote,
+            remote_host=remote_host,
+            state=state,
+        )
+
+    @dbus_method(name="RemoveSession")
+    @signature("", sid="s")
+    def remove_session(self, sid: str) -> None:
+        self._state.remove_session(sid)
 
 
 # ---- driving a fake in another process ------------------------------------------------------
@@ -271,6 +469,27 @@ async def add_inhibitor(
 
 async def remove_inhibitor(bus_address: str, handle: int) -> None:
     await _control_call(bus_address, "RemoveInhibitor", "u", [handle])
+
+
+async def add_session(
+    bus_address: str,
+    user: str = "alice",
+    uid: int = 1000,
+    *,
+    seat: str = "",
+    tty: str = "pts/0",
+    session_class: str = "user",
+    remote: bool = False,
+    remote_host: str = "",
+    state: str = "active",
+) -> str:
+    """Log ``user`` in on the fake logind on ``bus_address``; returns the session id."""
+    body = [user, uid, seat, tty, session_class, remote, remote_host, state]
+    return str(await _control_call(bus_address, "AddSession", "susssbss", body))
+
+
+async def remove_session(bus_address: str, sid: str) -> None:
+    await _control_call(bus_address, "RemoveSession", "s", [sid])
 
 
 def read_record(path: Path) -> list[dict[str, Any]]:

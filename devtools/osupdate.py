@@ -193,6 +193,12 @@ AUTOLOGIN_DROPIN = """[Service]
 ExecStart=
 ExecStart=-/sbin/agetty --autologin root --keep-baud 115200,57600,38400,9600 %I $TERM
 """
+# Root is logged in on the serial console (AUTOLOGIN_DROPIN): an interactive session
+# that the agent's default ([reboot] wait_for_users = true) would wait for, forever.
+USERS_DROPIN = """# The test image: root's console login (autologin) must not hold back the reboots.
+[reboot]
+wait_for_users = false
+"""
 # The agent runs it after staging an update, before asking logind to reboot.
 STAGED_HOOK = r"""#!/bin/sh
 exec >/dev/console 2>&1
@@ -297,6 +303,7 @@ def test_settings(
             AUTOLOGIN_DROPIN.encode(),
             0o644,
         ),
+        ("/usr/lib/updater/config.d/50-osimage-test-users.toml", USERS_DROPIN.encode(), 0o644),
     ]
     if failing_health_check:
         files.append(("/etc/updater/health.d/50-app-answers", FAILING_CHECK.encode(), 0o755))

@@ -13,6 +13,7 @@ nothing behind but the conffile (and the state, until purge).
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools import deb
+from devtools import completion, deb, manpage
 from devtools.fsimage import make_usr_image
 from devtools.gpgkeys import SigningKey
 from devtools.host import provision
@@ -96,6 +97,23 @@ def test_every_module_and_dist_file_is_in_place(built: Path) -> None:
     }
     assert {p for p in listing if p.endswith(".py")} == sources
     assert any(p.endswith("/updater/compose.py") for p in listing)
+
+
+def test_man_page_and_completions_are_shipped(built: Path, tmp_path: Path) -> None:
+    """updatectl(8), gzipped as Debian wants, and both completions where man-db, bash-
+    completion and zsh look; generated from this tree's parser at build time."""
+    listing = contents(built)
+    for place in (deb.MAN_PAGE, deb.BASH_COMPLETION, deb.ZSH_COMPLETION):
+        assert listing.get(f"/{place}") == "-rw-r--r--", place
+    run(["dpkg-deb", "--extract", str(built), str(tmp_path / "x")])
+    page = gzip.decompress((tmp_path / "x" / deb.MAN_PAGE).read_bytes()).decode()
+    assert page == manpage.render(deb.version())
+    assert (tmp_path / "x" / deb.BASH_COMPLETION).read_text() == completion.bash()
+    assert (tmp_path / "x" / deb.ZSH_COMPLETION).read_text() == completion.zsh()
+    shown = run(
+        ["man", "-l", str(tmp_path / "x" / deb.MAN_PAGE)], env={**os.environ, "MANWIDTH": "80"}
+    )
+    assert "updatectl lock status" in shown.text
 
 
 def test_maintainer_scripts_and_conffiles(built: Path, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from updater.fleetrecord import FleetRecord
 from updater.install import Progress
 from updater.rebooter import Rebooter
 from updater.rebootpath import RebootPath
+from updater.sessions import UserSessions
 from updater.update import UpdateCheckResult, Updater
 
 log = structlog.get_logger(__name__)
@@ -61,6 +62,8 @@ def status_text(st: AgentStatus) -> str:
             text = f"Finalizing {st.new_version}"
         case "UPDATED_NEED_REBOOT":
             text = f"Update {st.staged_version} staged, waiting for a reboot"
+            if st.last_error_kind == "users_logged_in":
+                text += " (the last attempt waited for logged-in users)"
         case _:
             text = f"Error ({st.last_error_kind}): {st.last_error_message}"
     return text
@@ -91,6 +94,7 @@ class Agent:
         waiter: Waiter = wait_any,
         pre_reboot: HealthCheck | None = None,
         fleet: FleetReporter | None = None,
+        users: UserSessions | None = None,
     ) -> None:
         self.updater = updater
         self._bless = bless
@@ -113,6 +117,7 @@ class Agent:
             timing=self.timing,
             metrics=metrics,
             pre_reboot=pre_reboot,
+            users=users,
         )
         self._m = mc.Machine()
         self._booted = _Booted()

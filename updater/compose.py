@@ -36,6 +36,7 @@ from updater.machine import Timing
 from updater.metrics import Metrics
 from updater.rebooter import LogindRebooter, Rebooter, UnavailableRebooter
 from updater.sdnotify import Notifier
+from updater.sessions import LogindSessions, UserSessions
 from updater.slots import Slots
 from updater.source import HttpCache, SignedFetcher, StaticSource, UpdateSource
 from updater.state import StateStore
@@ -271,6 +272,7 @@ def updater(config: Config, *, progress: ProgressFn | None = None) -> Updater:
             src.ca_file,
             min_speed_bytes_s=src.min_speed_bytes_s,
             min_speed_window_s=src.min_speed_window_s,
+            proxy=src.proxy,
         )
     )
     transport = SchemeTransport(http=http)
@@ -340,6 +342,11 @@ async def system_bus() -> MessageBus | None:
 
 def rebooter(bus: MessageBus | None) -> Rebooter:
     return LogindRebooter(bus) if bus is not None else UnavailableRebooter("no system bus")
+
+
+def user_sessions(bus: MessageBus | None) -> UserSessions | None:
+    """logind's sessions on ``bus``; without a bus, the rebooter refuses anyway."""
+    return LogindSessions(bus) if bus is not None else None
 
 
 def etcd_settings(config: Config) -> EtcdSettings:
@@ -465,8 +472,11 @@ def build_agent(
     notifier: Notifier,
     *,
     holder: str | None = None,
+    users: UserSessions | None = None,
 ) -> Agent:
-    """The agent of ``config`` (``holder``: its lock and fleet id, default this host's)."""
+    """The agent of ``config`` (``holder``: its lock and fleet id, default this host's;
+    ``users``: who is logged in, asked before a reboot unless ``[reboot] wait_for_users``
+    is false)."""
     checks = health_checker(config)
     return Agent(
         updater=up,
@@ -483,6 +493,7 @@ def build_agent(
             event="pre_reboot_hook",
         ),
         fleet=fleet_reporter(config, holder=holder),
+        users=users if config.reboot.wait_for_users else None,
     )
 
 
@@ -492,7 +503,7 @@ async def run_agent(config: Config) -> None:
     bus = await system_bus()
     metrics = Metrics()
     server = metrics.serve(config.metrics.listen) if config.metrics.listen else None
-    agent = build_agent(config, up, rebooter(bus), metrics, Notifier())
+    agent = build_agent(config, up, rebooter(bus), metrics, Notifier(), users=user_sessions(bus))
     service = None
     if bus is not None and config.agent.dbus:
         service = await dbus_api.serve(agent, bus, coreos_compat=config.agent.coreos_compat)

@@ -110,8 +110,12 @@ def _source(s: Section) -> SourceConfig:
     kind = s.str_("kind", d.kind) or d.kind
     if kind not in ("static", "omaha"):
         raise s.error("kind", f"unknown source {kind!r}", hint="static or omaha")
+    proxy = s.str_("proxy", None) or None
+    if proxy is not None:
+        s.url("proxy", proxy, schemes=("http", "https"), hint=_PROXY_HINT)
     return SourceConfig(
         url=url,
+        proxy=proxy,
         channel=channel,
         keyring=keyring,
         ca_file=s.path("ca_file", d.ca_file),
@@ -130,6 +134,8 @@ def _source(s: Section) -> SourceConfig:
         ),
     )
 
+
+_PROXY_HINT = "an HTTP proxy: http://[user:password@]host:port"
 
 _APP_ID_RE = re.compile(
     r"^\{?[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\}?$"
@@ -318,6 +324,7 @@ def _reboot(s: Section) -> RebootConfig:
         "pre_reboot_timeout_s", d.pre_reboot_timeout_s, minimum=0.1, maximum=3600
     )
     time_zone = s.str_("time_zone", d.time_zone) or d.time_zone
+    wait_for_users = s.bool_("wait_for_users", d.wait_for_users)
     max_failures = s.int_("max_failures", d.max_failures, minimum=1, maximum=MAX_MAX_FAILURES)
     windows = None
     if tables or start is not None:  # parsed here, at start, with file and key
@@ -339,6 +346,7 @@ def _reboot(s: Section) -> RebootConfig:
         release_after_s=release_after_s,
         pre_reboot_dir=pre_reboot_dir,
         pre_reboot_timeout_s=pre_reboot_timeout_s,
+        wait_for_users=wait_for_users,
         time_zone=time_zone,
         windows=windows,
         windows_file=windows_file,

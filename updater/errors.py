@@ -151,6 +151,7 @@ class RefusedError(UpdaterError):
             "last_bootable_slot",  # the change would leave the boot loader nothing to boot
             "version_blocked",  # the version rolled back on hosts of the group (policies.failed)
             "not_blocked",  # `fleet unblock`: nothing recorded for that version
+            "users_logged_in",  # the reboot waits for interactive users ([reboot] wait_for_users)
         }
     )
 

@@ -120,6 +120,11 @@ class Metrics:
         self._reboots_refused = Counter(
             "updater_reboots_refused", "Reboots refused (inhibitors, logind errors)", registry=r
         )
+        self._users_waited_for = Gauge(
+            "updater_reboot_waiting_for_users",
+            "Interactive user sessions the staged reboot waits for ([reboot] wait_for_users)",
+            registry=r,
+        )
         self._version_blocked = Gauge(
             "updater_version_blocked",
             "1 while the agent refuses a version that failed on hosts of its group",
@@ -188,6 +193,9 @@ class Metrics:
 
     def reboot_refused(self) -> None:
         self._reboots_refused.inc()
+
+    def users_waited_for(self, sessions: int) -> None:
+        self._users_waited_for.set(sessions)
 
     def version_blocked(self, version: str, blocked: bool) -> None:
         """``version`` is refused (or no longer is): one series per refused version."""

@@ -26,6 +26,7 @@ from updater.clock import Clock
 from updater.errors import RefusedError, UpdaterError, internal_error
 from updater.fleetrecord import FleetRecord
 from updater.rebooter import Rebooter
+from updater.sessions import UserSessions
 from updater.update import Updater
 
 log = structlog.get_logger(__name__)
@@ -68,6 +69,7 @@ class RebootPath:
         timing: mc.Timing,
         metrics: MetricsPort | None = None,
         pre_reboot: HealthCheck | None = None,
+        users: UserSessions | None = None,
     ) -> None:
         self.agent = agent
         self.fleet = fleet
@@ -78,6 +80,7 @@ class RebootPath:
         self.timing = timing
         self.metrics = metrics
         self.pre_reboot = pre_reboot
+        self.users = users
         self._steady_task: asyncio.Task[None] | None = None
 
     def report_steady(self) -> None:
@@ -152,6 +155,8 @@ class RebootPath:
                 self.agent.note_blocked(staged, False)  # the lock service let it through
             if await self._reboot_blocked(force):
                 return
+            if await self._users_logged_in():
+                return
         if self.pre_reboot is not None:
             report = await self.pre_reboot.run()
             if not report.ok:
@@ -183,6 +188,37 @@ class RebootPath:
                 raise
             return
         await self.agent.dispatch(mc.RebootStarted())
+
+    async def _users_logged_in(self) -> bool:
+        """Wait while interactive users are logged in (or logind cannot say who is); True
+        if so. A refusal like logind's: retried, backing off, and going on for
+        ``release_after_s`` it gives the slot back. A forced reboot does not ask."""
+        if self.users is None:
+            return False
+        try:
+            sessions = await self.users.interactive()
+        except Exception as exc:
+            error = exc if isinstance(exc, UpdaterError) else internal_error(exc, "logind sessions")
+            log.warning("reboot_waits", reason="sessions_unknown", error=error.message)
+            if self.metrics is not None:
+                self.metrics.error(error.kind)
+            await self.agent.dispatch(mc.RebooterRefused(mc.ErrorInfo(error.kind, error.message)))
+            return True
+        if self.metrics is not None:
+            self.metrics.users_waited_for(len(sessions))
+        if not sessions:
+            return False
+        who = [s.describe() for s in sessions]
+        since = self.agent.machine.refused_since
+        log.info(
+            "reboot_waits_for_users",
+            sessions=who,
+            staged=self.agent.machine.staged,
+            waited_s=0.0 if since is None else round(self.clock.monotonic() - since, 1),
+        )
+        message = f"the reboot waits for {len(who)} logged-in user session(s): {', '.join(who)}"
+        await self.agent.dispatch(mc.RebooterRefused(mc.ErrorInfo("users_logged_in", message)))
+        return True
 
     async def _reboot_blocked(self, force: bool) -> bool:
         """Refuse to reboot into a staged version the group blocks; True if refused.

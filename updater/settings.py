@@ -34,6 +34,9 @@ class SourceConfig:
     # A transfer slower than this on average over a window is abandoned (and resumed):
     min_speed_bytes_s: float = 1024.0  # 0: no floor
     min_speed_window_s: float = 60.0
+    # the repository's and the Omaha server's HTTP proxy (http(s)://[user:pass@]host:port);
+    # None: HTTPS_PROXY / HTTP_PROXY from the environment, if set. NO_PROXY applies to both.
+    proxy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ class RebootConfig:
     release_after_s: float = 900.0  # give the slot back when logind refuses this long
     pre_reboot_dir: Path = Path("/etc/updater/pre-reboot.d")
     pre_reboot_timeout_s: float = 60.0
+    wait_for_users: bool = True  # no reboot while interactive users are logged in (logind)
     time_zone: str = "UTC"  # of the windows: an IANA name, "UTC" or "localtime"
     # [[reboot.window]] tables and locksmith's window_start = "Thu 04:00" with
     # window_length = "1h30m", parsed at load; None: no windows are configured

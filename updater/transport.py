@@ -104,6 +104,9 @@ class HttpSettings:
     ca_file: Path | None = None  # trust these CAs for https instead of the system's
     min_speed_bytes_s: float = 1024.0  # slower than this on average (0: no floor) ...
     min_speed_window_s: float = 60.0  # ... over this long: abandoned (and resumed)
+    # every request through this proxy (but hosts NO_PROXY names); None: the environment's
+    # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as requests reads them
+    proxy: str | None = None
 
     @property
     def head_timeout_s(self) -> float | None:
@@ -370,8 +373,18 @@ class HttpTransport:
                 timeout=self._timeout,
                 verify=self._verify,
                 stream=True,
+                proxies=self._proxies(url),
                 **kwargs,
             )
+
+    def _proxies(self, url: str) -> dict[str, str]:
+        """The configured proxy for ``url`` (none for a host NO_PROXY names). Passed per
+        request: requests lets the environment's proxies override a session's, not these;
+        with none here, the environment's apply (requests' trust_env)."""
+        proxy = self.settings.proxy
+        if proxy is None or requests.utils.should_bypass_proxies(url, no_proxy=None):
+            return {}
+        return {"http": proxy, "https": proxy}
 
     def get(self, url: str, *, max_bytes: int, etag: str | None = None) -> FetchResult:
         headers = {"If-None-Match": etag} if etag else {}
