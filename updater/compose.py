@@ -39,7 +39,8 @@ from updater.sdnotify import Notifier
 from updater.slots import Slots
 from updater.source import HttpCache, SignedFetcher, StaticSource, UpdateSource
 from updater.state import StateStore
-from updater.transport import HttpSettings, HttpTransport, SchemeTransport
+from updater.transport import HttpSettings, HttpTransport, SchemeTransport, Transport
+from updater.trustchain import TrustChain
 from updater.update import Updater
 from updater.updatesettings import UpdateSettings
 
@@ -281,6 +282,7 @@ def updater(config: Config, *, progress: ProgressFn | None = None) -> Updater:
         slots=host_slots(config),
         source=source,
         verifier=GnupgVerifier(src.keyring),
+        trust=trust_chain(config, transport),
         transport=transport,
         settings=UpdateSettings(
             channel=expected_channel(config, omaha),
@@ -292,6 +294,18 @@ def updater(config: Config, *, progress: ProgressFn | None = None) -> Updater:
         blocks=version_blocks(config),
         boot_files_refusal=boot_files_unused(config),
         progress=progress,
+    )
+
+
+def trust_chain(config: Config, transport: Transport | None = None) -> TrustChain:
+    """The host's trust root: shipped in the image ([source] trust_root, or the keyring as
+    root 0), the floor in the state dir, and the repository's newer roots."""
+    return TrustChain(
+        state_dir=config.agent.state_dir,
+        transport=transport or SchemeTransport(http=HttpTransport(HttpSettings())),
+        clock=SystemClock(),
+        shipped_root=config.source.trust_root,
+        keyring=config.source.keyring,
     )
 
 
