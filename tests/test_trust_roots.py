@@ -6,6 +6,7 @@ installed: no slot, flag, state or trust-root change. Real gpg keys throughout."
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,9 +17,11 @@ import pytest
 from devtools.gpgkeys import SigningKey, ceremony_home, kill_agents
 from devtools.host import Host
 from tests.conftest import CliResult, Repo, updatectl
+from tests.omaha_server import Answer, OmahaServer, Release
 from tests.test_cycle import Snapshot, assert_refused, check_install, error_of
 from updater.errors import ExitCode
 from updater.gpg import sign_detached
+from updater.release import Published
 from updater.trustroot import Root, RootKey, serialize_root
 
 NOW = datetime.now(UTC)
@@ -449,3 +452,63 @@ def test_shipped_root_replaces_the_keyring(
     code, doc = check_install(host)
     assert code == 0 and doc["installed"] is True, doc
     assert [r.path for r in repo.server.requests if "/keys/" in r.path] == ["/keys/root.2.json"]
+
+
+# ---- Omaha: the roots beside the package ---------------------------------------------------------
+
+
+def omaha_release(repo: Repo, published: Published) -> Release:
+    data = published.image_path.read_bytes()
+    version = published.manifest.version
+    return Release(
+        version=version,
+        codebase=f"{repo.url}/images/{version}/",
+        package=published.image_path.name,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def test_omaha_walks_the_roots_beside_the_package(
+    host: Host,
+    repo: Repo,
+    usr_images: dict[str, Path],
+    ceremony: Path,
+    release_key: SigningKey,
+    second_key: SigningKey,
+) -> None:
+    """An Omaha server offers the package; the roots come from its codebase's keys/ (the
+    link updatectl release makes); a rotation revokes A there too."""
+    a, b = release_key, second_key
+    assert (
+        rotate(repo, ceremony, [a, b], "--add", b.fingerprint, "--remove", a.fingerprint).code == 0
+    )
+    good = repo.publish("1.1.0", usr_images["1.1.0"], key=b)
+    assert (repo.root / "images" / "1.1.0" / "keys").readlink() == Path("../../keys")
+    with OmahaServer(release=omaha_release(repo, good), answer=Answer.UPDATE) as server:
+        text = (
+            host.config.read_text().replace("[source]\n", '[source]\nkind = "omaha"\n')
+            + f'\n[omaha]\nserver = "{server.url}"\ngroup = "stable"\nflatcar_conf = false\n'
+        )
+        host.config.write_text(text)
+        # the thief's 1.2.0, signed by the revoked key, offered by a compromised server
+        leaked = repo.publish("1.2.0", usr_images["1.2.0"], key=a)
+        server.answer(Answer.UPDATE, release=omaha_release(repo, leaked))
+        before = Snapshot.take(host)
+        code, doc = check_install(host)
+        assert (code, error_of(doc)) == (ExitCode.VERIFICATION, ("verification", "key_rotated_out"))
+        assert_refused(host, before)
+        roots = [r.path for r in repo.server.requests if "/keys/" in r.path]
+        assert roots == [
+            "/images/1.2.0/keys/root.1.json",
+            "/images/1.2.0/keys/root.1.json.asc",
+            "/images/1.2.0/keys/root.2.json",
+            "/images/1.2.0/keys/root.3.json",  # refused: is a root missing? (no)
+        ]
+        # reported as update_engine's public key verification error (18)
+        assert [(e.type, e.result, e.error_code) for e in server.events()] == [(3, 0, 18)]
+
+        server.answer(Answer.UPDATE, release=omaha_release(repo, good))
+        code, doc = check_install(host)
+        assert code == 0 and doc["installed"] is True, doc
+        assert trusted(host)["version"] == 1

@@ -116,9 +116,9 @@ def explain_signers(lines: Iterable[str]) -> tuple[Signer, ...]:
             args = fields["ERRSIG"]
             fingerprint = args[6] if len(args) > 6 and args[6] else args[0]
         else:
-            for keyword, _ in _PROBLEMS:
+            for keyword in ("BADSIG", "REVKEYSIG", "EXPKEYSIG", "EXPSIG", "NO_PUBKEY"):
                 if keyword in fields and fields[keyword][0]:
-                    fingerprint = fields[keyword][0]
+                    fingerprint = fields[keyword][0]  # a long key id
                     break
         if fingerprint or reason == "good":
             signers.append(Signer(fingerprint.upper(), reason == "good" and bool(fingerprint)))
