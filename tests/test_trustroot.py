@@ -1,15 +1,17 @@
-"""The trust root rules, pure (updater/trustroot.py), and gpg's per-signature verdicts
-(updater.gpg.explain_signers): tables, no gpg run."""
+"""The trust root rules, pure (updater/trustroot.py), gpg's per-signature verdicts
+(updater.gpg.explain_signers): tables, no gpg run; and the host's record of its root."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from updater.errors import VerificationError
 from updater.gpg import explain_signers, is_key
+from updater.trustchain import TrustFile
 from updater.trustroot import (
     Root,
     RootKey,
@@ -165,3 +167,16 @@ def test_explain_signers() -> None:
 def test_is_key() -> None:
     assert is_key(FB, "09CFC4F6EF7F8A9F") and is_key(FB, FB)
     assert not is_key(FB, "") and not is_key(FB, "8A9F") and not is_key(FA, "09CFC4F6EF7F8A9F")
+
+
+def test_the_recorded_floor_never_goes_down(tmp_path: Path) -> None:
+    """Two walks at once (the agent, `updatectl check`): the slower, older one does not
+    overwrite the newer root."""
+    store = TrustFile(tmp_path / "state")
+    r3, r2 = root(3, 1, B), root(2, 1, A)
+    store.save(Trusted(r3, frozenset({A})), serialize_root(r3))
+    store.save(Trusted(r2), serialize_root(r2))
+    assert store.load() == Trusted(r3, frozenset({A}))
+    (tmp_path / "state" / "trust-root.json").write_text("{not json")
+    assert store.load() is None  # set aside, never trusted
+    assert any(p.name.startswith("trust-root.json.corrupt-") for p in store.path.parent.iterdir())

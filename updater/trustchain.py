@@ -12,6 +12,7 @@ verify the manifest.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Callable
@@ -104,20 +105,31 @@ class TrustFile:
             return None
 
     def save(self, trusted: Trusted, body: bytes) -> None:
-        doc = {
-            "schema": _TRUST_SCHEMA,
-            "version": trusted.root.version,
-            "root": body.decode(),
-            "retired": sorted(trusted.retired),
-        }
+        """Record ``trusted`` unless a newer root is recorded already: two walks at once
+        (the agent and `updatectl check`) must not lower the floor. Under a lock."""
         try:
-            atomic_write(self.path, (json.dumps(doc, indent=2) + "\n").encode(), mode=0o644)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with (self.path.parent / (TRUST_FILE + ".lock")).open("a") as lock:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                recorded = self.load()
+                if recorded is not None and recorded.root.version >= trusted.root.version:
+                    return
+                self._write(trusted, body)
         except OSError as exc:
             raise StateError(
                 "unwritable",
                 f"cannot write {self.path}: {exc.strerror}",
                 hint="check that [agent] state_dir exists and is writable",
             ) from None
+
+    def _write(self, trusted: Trusted, body: bytes) -> None:
+        doc = {
+            "schema": _TRUST_SCHEMA,
+            "version": trusted.root.version,
+            "root": body.decode(),
+            "retired": sorted(trusted.retired),
+        }
+        atomic_write(self.path, (json.dumps(doc, indent=2) + "\n").encode(), mode=0o644)
 
 
 class TrustChain:
