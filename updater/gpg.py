@@ -195,7 +195,8 @@ class GnupgVerifier:
             raise VerificationError(
                 "no_keyring",
                 "no keyring is configured",
-                hint="set [source] keyring to the release public key file(s)",
+                hint="set [source] keyring to the release public key file(s), "
+                "or [source] trust_root",
             )
         fingerprints = set()
         for path in self._keyring:

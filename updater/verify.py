@@ -88,7 +88,7 @@ def verify_manifest(
         raise VerificationError(
             "no_keyring",
             "no trusted signing key is configured",
-            hint="set [source] keyring to the release public key file(s)",
+            hint="set [source] keyring to the release public key file(s), or [source] trust_root",
         )
     if not verdict.valid:
         raise VerificationError(
