@@ -27,7 +27,6 @@ from updater.blessing import bless
 from updater.clock import Clock, SystemClock
 from updater.config import ESP_CANDIDATES, Config, entry_template
 from updater.errors import ConfigError
-from updater.gpg import GnupgVerifier
 from updater.health import HealthChecker, SystemdUnits
 from updater.hostlock import FlockHostLock
 from updater.hostports import KuredSentinel, OsReleaseFile
@@ -40,7 +39,7 @@ from updater.slots import Slots
 from updater.source import HttpCache, SignedFetcher, StaticSource, UpdateSource
 from updater.state import StateStore
 from updater.transport import HttpSettings, HttpTransport, SchemeTransport, Transport
-from updater.trustchain import TrustChain
+from updater.trustchain import ChainVerifier, TrustChain
 from updater.update import Updater
 from updater.updatesettings import UpdateSettings
 
@@ -281,8 +280,7 @@ def updater(config: Config, *, progress: ProgressFn | None = None) -> Updater:
     return Updater(
         slots=host_slots(config),
         source=source,
-        verifier=GnupgVerifier(src.keyring),
-        trust=trust_chain(config, transport),
+        verifier=ChainVerifier(trust_chain(config, transport), source.root_url),
         transport=transport,
         settings=UpdateSettings(
             channel=expected_channel(config, omaha),

@@ -154,12 +154,12 @@ class TrustChain:
 
     # -- where the walk starts
 
-    def shipped(self) -> tuple[Root, bytes | None]:
-        """The root in the OS image and its bytes (None for root 0, the keyring)."""
+    def shipped(self, *, keys: bool = True) -> tuple[Root, bytes | None]:
+        """The root in the OS image and its bytes (None for root 0, the keyring; its
+        fingerprints, a gpg run, only with ``keys``)."""
         if self._shipped_root is None:
-            verifier = GnupgVerifier(self._keyring, self._gpg_binary)
-            keys = tuple(RootKey(f, "") for f in sorted(verifier.fingerprints()))
-            return Root(0, 1, keys, None), None
+            fprs = GnupgVerifier(self._keyring, self._gpg_binary).fingerprints() if keys else ()
+            return Root(0, 1, tuple(RootKey(f, "") for f in sorted(fprs)), None), None
         try:
             with self._shipped_root.open("rb") as fh:
                 body = fh.read(MAX_ROOT_BYTES + 1)
@@ -174,14 +174,16 @@ class TrustChain:
 
     def current(self) -> Trusted:
         """What this host trusts now, without asking the repository."""
-        return self._start()[0]
+        return self._start(keys=True)[0]
 
-    def _start(self) -> tuple[Trusted, bytes | None]:
-        """The trusted root, and its bytes if it is the shipped one and newer than the floor."""
+    def _start(self, *, keys: bool) -> tuple[Trusted, bytes | None]:
+        """The trusted root, and its bytes if it is the shipped one and newer than the floor.
+        Root 0's fingerprints only with ``keys`` (the manifest check reads the keyring
+        itself: one gpg run per check, as without trust roots)."""
         persisted = self.file.load()
         if persisted is not None and self._shipped_root is None:
             return persisted, None  # root 0 (the keyring) is below any persisted root
-        shipped, body = self.shipped()
+        shipped, body = self.shipped(keys=keys)
         trusted = adopt(persisted, shipped)
         newer = trusted.root is shipped and body is not None
         return trusted, body if newer else None
@@ -209,7 +211,7 @@ class TrustChain:
         """Every newer root the repository publishes, accepted in order; the newest must
         not have expired. Raises VerificationError (nothing persisted past the last good
         root)."""
-        trusted, shipped_body = self._start()
+        trusted, shipped_body = self._start(keys=False)
         if shipped_body is not None:  # the image's root is the new floor
             self.file.save(trusted, shipped_body)
         for _ in range(MAX_WALK):
@@ -218,6 +220,8 @@ class TrustChain:
             body = self._get(url, MAX_ROOT_BYTES)
             if body is None:
                 break
+            if trusted.root.version == 0 and not trusted.root.keys:
+                trusted = Trusted(self.shipped(keys=True)[0])  # root 1 is signed by these
             signature = self._get(url + ".asc", MAX_SIGNATURE_BYTES)
             if signature is None:
                 raise VerificationError(
@@ -258,6 +262,18 @@ class TrustChain:
                 gpg_binary=self._gpg_binary,
             )
         return _GapAware(inner, lambda: self._get(root_url(root.version + 2), MAX_ROOT_BYTES), root)
+
+
+class ChainVerifier:
+    """The manifest's signature checker with trust roots: each check first walks the
+    repository's newer roots (``root_url``: the source's, asked after its fetch)."""
+
+    def __init__(self, chain: TrustChain, root_url: RootUrl) -> None:
+        self.chain = chain
+        self._root_url = root_url
+
+    def verify(self, data: bytes, signature: bytes) -> SignatureVerdict:
+        return self.chain.verifier(self._root_url).verify(data, signature)
 
 
 class _GapAware:

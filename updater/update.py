@@ -10,7 +10,6 @@ slots that need no update server are :class:`~updater.slots.Slots`'.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -54,15 +53,7 @@ class VersionBlocks(Protocol):
         ...
 
 
-class TrustRoots(Protocol):
-    """The host's trust root, walked forward (updater.trustchain.TrustChain)."""
-
-    def verifier(self, root_url: Callable[[int], str]) -> SignatureChecker:
-        """Walk the repository's newer roots; the newest root's manifest checker.
-        VerificationError for a broken, expired or rolled-back chain."""
-        ...
-
-
+# --- results -----------------------------------------------------------------
 # --- results -----------------------------------------------------------------
 
 
@@ -99,7 +90,6 @@ class Updater:
         transport: Transport,
         settings: UpdateSettings | None = None,
         blocks: VersionBlocks | None = None,
-        trust: TrustRoots | None = None,
         boot_files_refusal: ConfigError | None = None,
         progress: ProgressFn | None = None,
     ) -> None:
@@ -109,7 +99,6 @@ class Updater:
         self.transport = transport
         self.settings = settings or UpdateSettings()
         self.blocks = blocks  # None: no group shares failed versions (no etcd lock)
-        self.trust = trust  # None: ``verifier`` alone (its keyring, no root chain)
         self.progress = progress
         self.installer = Installer(
             slots=slots,
@@ -188,9 +177,7 @@ class Updater:
                 deferred=deferred,
                 interval_s=doc.interval_s,
             )
-        trust = self.trust
-        verifier = self.verifier if trust is None else trust.verifier(self.source.root_url)
-        verdict = None if doc.signature is None else verifier.verify(doc.body, doc.signature)
+        verdict = None if doc.signature is None else self.verifier.verify(doc.body, doc.signature)
         manifest = verify_manifest(
             doc.body,
             doc.signature,
