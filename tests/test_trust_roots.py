@@ -281,7 +281,8 @@ def test_leaked_old_key_after_rotation(
     rotated_before: bool,
 ) -> None:
     """The keyring's key leaked; root 1 revokes it. A release the thief signs with it is
-    refused, by a host that walks the revocation now and by one that knew it before."""
+    refused, by a host that walks the revocation now (a root that removes the key that
+    signed the manifest) and by one that knew it before (a leaked old key)."""
     a, b = release_key, second_key
     r = rotate(repo, ceremony, [a, b], "--add", b.fingerprint, "--remove", a.fingerprint)
     assert r.code == 0, r.err
