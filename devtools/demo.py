@@ -1,9 +1,12 @@
 """`make demo`: one full update cycle on built-in defaults, narrated.
 
-A throwaway signing key; releases 1.0.0 and 1.1.0 (small real ext4 images)
-published into a local repository served over loopback HTTP; a GPT disk image
-with USR-A/USR-B booted from A with 1.0.0. Then, with the real `updatectl`:
-check --install, "reboot" through the firmware emulation, mark-good, status.
+Two throwaway signing keys: the host pins the first (its keyring, root 0 of
+the trust roots); a key rotation (`updatectl keys rotate`, signed by both)
+replaces it with the second, which signs release 1.1.0. Releases 1.0.0 and
+1.1.0 (small real ext4 images) published into a local repository served over
+loopback HTTP; a GPT disk image with USR-A/USR-B booted from A with 1.0.0.
+Then, with the real `updatectl`: check --install (walking the rotation),
+"reboot" through the firmware emulation, mark-good, status.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from devtools.diskimage import cgpt_show
 from devtools.fsimage import make_usr_image, read_version
-from devtools.gpgkeys import signing_key
+from devtools.gpgkeys import ceremony_home, kill_agents, signing_key
 from devtools.host import LABELS, provision
 from devtools.repo_server import RepoServer
 from updater.log import configure
@@ -47,34 +50,70 @@ def show_flags(disk: Path) -> None:
         )
 
 
+def release(image: Path, version: str, repo: Path, gnupghome: Path, fingerprint: str) -> None:
+    sh(
+        UPDATECTL,
+        "release",
+        "--image",
+        str(image),
+        "--version",
+        version,
+        "--repo",
+        str(repo),
+        "--gnupghome",
+        str(gnupghome),
+        "--key",
+        fingerprint,
+    )
+
+
 def run_demo(work: Path) -> None:
     t0 = time.monotonic()
     work.mkdir(parents=True, exist_ok=True)
-    say("A throwaway release signing key (real gpg, ed25519)")
-    with signing_key(work / "publisher-gnupg", "updater demo <release@localhost>") as key:
-        print(f"  fingerprint {key.fingerprint}; public key {key.public_key}")
+    say("Two throwaway release signing keys (real gpg, ed25519): the old and the new")
+    with (
+        signing_key(work / "publisher-gnupg", "updater demo <release@localhost>") as key,
+        signing_key(work / "new-key-gnupg", "updater demo 2027 <release@localhost>") as new_key,
+    ):
+        print(f"  old key {key.fingerprint} (the hosts' keyring: {key.public_key.name})")
+        print(f"  new key {new_key.fingerprint}")
 
-        say("Two releases, 1.0.0 and 1.1.0: ext4 images that carry their version")
+        say("Release 1.0.0, signed by the old key")
         repo = work / "repo"
         images = {}
         for version in ("1.0.0", "1.1.0"):
             images[version] = make_usr_image(
                 work / f"usr-{version}.img", version, size=48 * 1024 * 1024
             )
+        release(images["1.0.0"], "1.0.0", repo, key.gnupghome, key.fingerprint)
+
+        say("Key rotation: root 1 trusts only the new key, signed by the old and the new")
+        ceremony = ceremony_home(work / "ceremony-gnupg", key, new_key)
+        try:
             sh(
                 UPDATECTL,
-                "release",
-                "--image",
-                str(images[version]),
-                "--version",
-                version,
+                "keys",
+                "rotate",
                 "--repo",
                 str(repo),
                 "--gnupghome",
-                str(key.gnupghome),
+                str(ceremony),
                 "--key",
                 key.fingerprint,
+                "--key",
+                new_key.fingerprint,
+                "--add",
+                new_key.fingerprint,
+                "--remove",
+                key.fingerprint,
+                "--expires-days",
+                "365",
             )
+        finally:
+            kill_agents(ceremony)
+
+        say("Release 1.1.0, signed by the new key only")
+        release(images["1.1.0"], "1.1.0", repo, new_key.gnupghome, new_key.fingerprint)
         print(
             "  repository:",
             *sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()),
@@ -101,7 +140,10 @@ def run_demo(work: Path) -> None:
             sh(UPDATECTL, *cfg, "status")
             show_flags(host.disk)
 
-            say("updatectl check --install: verify, stream into USR-B, make it the next boot")
+            say(
+                "updatectl check --install: walk the trust roots (old key -> new key), verify,"
+                " stream into USR-B, make it the next boot"
+            )
             sh(UPDATECTL, *cfg, "check", "--install")
             sh(UPDATECTL, *cfg, "status")
             show_flags(host.disk)

@@ -104,6 +104,32 @@ def sign_at(
     return out.read_bytes()
 
 
+def ceremony_home(home: Path, *keys: SigningKey) -> Path:
+    """One GNUPGHOME holding the secret keys of ``keys`` (a key ceremony signs with several);
+    kill its agent with :func:`kill_agents` afterwards."""
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    for key in keys:
+        secret = run(
+            [
+                "gpg",
+                "--homedir",
+                str(key.gnupghome),
+                "--batch",
+                "--pinentry-mode",
+                "loopback",
+                "--passphrase",
+                "",
+                "--armor",
+                "--export-secret-keys",
+                key.fingerprint,
+            ],
+            timeout=120,
+        ).stdout
+        _gpg(home, "--import", input=secret)
+    return home
+
+
 def kill_agents(home: Path) -> None:
     run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=False, timeout=30)
 

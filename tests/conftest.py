@@ -178,6 +178,17 @@ def rogue_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
 
 
 @pytest.fixture(scope="session")
+def second_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
+    """A second release key (key rotation, thresholds)."""
+    yield from _throwaway_key(tmp_path_factory, "second", "updater second <second@localhost>")
+
+
+@pytest.fixture(scope="session")
+def third_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
+    yield from _throwaway_key(tmp_path_factory, "third", "updater third <third@localhost>")
+
+
+@pytest.fixture(scope="session")
 def usr_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("usr-images")
     return {

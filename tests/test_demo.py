@@ -76,5 +76,7 @@ def test_the_demo_reads_cleanly(tmp_path: Path) -> None:
     assert not [line for line in lines if "warning" in line or "error" in line.lower()]
     text = "\n".join(lines)
     assert "Installed 1.1.0 into USR-B" in text
+    # 1.1.0 is signed by a key the host learned of through the rotation (make demo)
+    assert "Published root 1" in text and "Trust root:     1 (threshold 1" in text
     assert "Marked USR-B good" in text
     assert "==> Done in" in text

@@ -1,6 +1,6 @@
-"""Fuzzing the JSON readers (hypothesis): the release manifest, airlock's etcd
-semaphore, FleetLock answers, fleet host records, failed-version records and the
-agent's state file.
+"""Fuzzing the JSON readers (hypothesis): the release manifest, the trust root
+(and the host's record of it), airlock's etcd semaphore, FleetLock answers,
+fleet host records, failed-version records and the agent's state file.
 Whatever arrives (random bytes, JSON-ish text, deep nesting, mutated valid
 documents) is a result or the reader's typed error; no other exception, no
 hang, bounded memory. And what the semaphore writer writes back reads again."""
@@ -26,6 +26,8 @@ from updater import jsonutil
 from updater.errors import LockError, StateError, VerificationError
 from updater.manifest import BootFileRef, Compression, ImageRef, Manifest, parse, serialize
 from updater.state import SlotRecord, State, StateStore
+from updater.trustchain import TrustFile
+from updater.trustroot import Root, RootKey, Trusted, parse_root, serialize_root
 
 pytestmark = pytest.mark.fuzz
 
@@ -170,6 +172,69 @@ def test_fuzz_manifest_boot_fields(index: int, fields: dict[str, object]) -> Non
     doc = json.loads(MANIFEST)
     doc["boot"][index].update(fields)
     _manifest(json.dumps(doc).encode())
+
+
+# ---- the trust root (keys/root.<N>.json) and the host's record of it ---------------------------
+
+_PUB = "-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nmDMEZ\n=abcd\n-----END PGP PUBLIC KEY BLOCK-----\n"
+ROOT = serialize_root(
+    Root(3, 2, (RootKey("A" * 40, _PUB), RootKey("B" * 64, _PUB)), T0.replace(year=2027))
+)
+
+
+def _root(data: bytes) -> None:
+    result = parse_or_typed_error(lambda: parse_root(data))
+    assert isinstance(result, Root | VerificationError), result
+    if isinstance(result, VerificationError):
+        assert result.kind == "root_malformed" and len(result.message) < 1000
+        return
+    assert 1 <= result.threshold <= len(result.keys) and result.version >= 1
+    assert parse_root(serialize_root(result)) == result  # what a rotation writes reads back
+
+
+@given(st.one_of(anything, mutations([ROOT]), deep_documents))
+def test_fuzz_root(data: bytes) -> None:
+    _root(data)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["schema", "type", "version", "expires", "threshold", "keys"]),
+        json_values,
+    )
+)
+def test_fuzz_root_fields(fields: dict[str, object]) -> None:
+    doc = json.loads(ROOT)
+    doc.update(fields)
+    _root(json.dumps(doc).encode())
+
+
+@given(
+    st.integers(0, 1), st.dictionaries(st.sampled_from(["fingerprint", "public_key"]), json_values)
+)
+def test_fuzz_root_key_fields(index: int, fields: dict[str, object]) -> None:
+    doc = json.loads(ROOT)
+    doc["keys"][index].update(fields)
+    _root(json.dumps(doc).encode())
+
+
+TRUST_FILE = json.dumps(
+    {"schema": 1, "version": 3, "root": ROOT.decode(), "retired": ["C" * 40]}
+).encode()
+
+
+@given(st.one_of(anything, mutations([TRUST_FILE]), deep_documents))
+def test_fuzz_trust_file(data: bytes) -> None:
+    """The host's trust-root.json: read, or moved aside (None), or a newer schema refused."""
+    with tempfile.TemporaryDirectory() as d:
+        store = TrustFile(Path(d))
+        store.path.write_bytes(data)
+        result = parse_or_typed_error(store.load)
+        assert result is None or isinstance(result, Trusted | StateError), result
+        if isinstance(result, StateError):
+            assert result.kind == "newer_schema"
+        elif result is None:
+            assert not store.path.exists()  # set aside, never trusted
 
 
 # ---- airlock's semaphore in etcd ---------------------------------------------------------------

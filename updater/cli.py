@@ -16,7 +16,7 @@ from updater import config
 from updater.cli_fleet import cmd_fleet, cmd_fleet_unblock, cmd_fleetlock_serve, cmd_lock
 from updater.cli_host import cmd_agent, cmd_check, cmd_mark_good, cmd_rollback, cmd_status
 from updater.cli_output import emit_json
-from updater.cli_release import cmd_release
+from updater.cli_release import cmd_keys_rotate, cmd_release
 from updater.errors import UpdaterError
 from updater.log import configure
 from updater.manifest import Compression
@@ -149,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repo", type=Path, required=True, help="repository directory")
     r.add_argument("--channel", default="stable")
     r.add_argument("--gnupghome", type=Path, required=True, help="GnuPG home with the key")
-    r.add_argument("--key", required=True, help="signing key id or fingerprint")
+    r.add_argument(
+        "--key",
+        required=True,
+        action="append",
+        help="signing key id or fingerprint; repeat it for a root whose threshold is above 1",
+    )
     r.add_argument("--compression", choices=[c.value for c in Compression], default="zstd")
     r.add_argument(
         "--expires-days",
@@ -165,6 +170,39 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--uki", type=Path, help="a unified kernel image instead, written as /<slot>/uki.efi"
     )
+
+    ks = sub.add_parser("keys", help="the repository's trust roots (signing key rotation)")
+    ksub = ks.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+    kr = ksub.add_parser(
+        "rotate",
+        help="write the next root (keys/root.<N+1>.json), signed by the current and new keys",
+        description="write the next root (keys/root.<N+1>.json), signed by the current and "
+        "new keys; revoking a key is a rotation that removes it",
+    )
+    kr.add_argument("--json", action="store_true", help="print JSON")
+    kr.add_argument("--repo", type=Path, required=True, help="repository directory")
+    kr.add_argument("--gnupghome", type=Path, required=True, help="GnuPG home with the keys")
+    kr.add_argument(
+        "--key",
+        action="append",
+        required=True,
+        default=[],
+        help="a signing key's fingerprint (repeat: a threshold of the current root's keys and "
+        "of the next root's keys must sign)",
+    )
+    kr.add_argument("--add", action="append", default=[], help="fingerprint of a key to add")
+    kr.add_argument(
+        "--remove", action="append", default=[], help="fingerprint of a key to remove (revoke)"
+    )
+    kr.add_argument("--threshold", type=int, help="signatures a release needs (default: as now)")
+    kr.add_argument(
+        "--expires-days",
+        type=float,
+        default=365.0,
+        help="days until the new root expires (default 365): rotate again before",
+    )
+    kr.add_argument("--passphrase-file", type=Path, help="file holding the keys' passphrase")
+    kr.set_defaults(func=cmd_keys_rotate)
     return p
 
 
@@ -184,7 +222,8 @@ def main(
     args = build_parser().parse_args(argv)
     configure({0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG), stream=err)
     try:
-        cfg = None if args.command == "release" else config.load(args.config)
+        publishing = args.command in ("release", "keys")
+        cfg = None if publishing else config.load(args.config)
         args.err = err  # for warnings beside a command's output
         code: int = args.func(args, cfg, out)
         return code

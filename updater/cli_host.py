@@ -146,9 +146,12 @@ def cmd_status(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int
             raise
         report = None  # e.g. not root: the disk is unreadable, the agent answered
     failed, failed_error = _group_failed_versions(cfg)
+    trust, trust_error = _trust_root(cfg)
     if args.json:
         doc = dict(as_dict(report)) if report is not None else {}
         doc["agent"] = None if agent is None else dataclasses.asdict(agent)
+        doc["trust_root"] = trust
+        doc["trust_root_error"] = trust_error
         if failed is not None or failed_error is not None:
             from policies.failed import verdicts_as_dict  # noqa: PLC0415
 
@@ -162,11 +165,46 @@ def cmd_status(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int
         out.write("Agent:          not running (state from the disk and the state file)\n")
     if report is not None:
         _print_status(report, out)
+    _print_trust(trust, trust_error, out)
     if failed_error is not None:
         out.write(f"Failed versions: unknown ({failed_error})\n")
     elif failed:
         print_failed_versions(failed, out, cfg.reboot.max_failures)
     return 0
+
+
+def _trust_root(cfg: config.Config) -> tuple[dict[str, Any] | None, str | None]:
+    """The trust root this host holds (shipped or walked to; no network), or why not."""
+    try:
+        trusted = compose.trust_chain(cfg).current()
+    except UpdaterError as exc:
+        return None, str(exc)
+    root = trusted.root
+    return {
+        "version": root.version,
+        "threshold": root.threshold,
+        "keys": sorted(root.fingerprints),
+        "expires": None if root.expires is None else format_time(root.expires),
+        "retired": sorted(trusted.retired),
+        "source": "keyring" if root.version == 0 else "root",
+    }, None
+
+
+def _print_trust(trust: dict[str, Any] | None, error: str | None, out: TextIO) -> None:
+    if trust is None:
+        out.write(f"Trust root:     unknown ({error})\n")
+        return
+    if trust["version"] == 0:
+        out.write("Trust root:     0 (the [source] keyring; threshold 1, no expiry)\n")
+    else:
+        out.write(
+            f"Trust root:     {trust['version']} (threshold {trust['threshold']}, "
+            f"expires {trust['expires']})\n"
+        )
+    for fpr in trust["keys"]:
+        out.write(f"  key {fpr}\n")
+    for fpr in trust["retired"]:
+        out.write(f"  retired {fpr}\n")
 
 
 def _group_failed_versions(cfg: config.Config) -> tuple[list[Verdict] | None, str | None]:

@@ -27,7 +27,6 @@ from updater.blessing import bless
 from updater.clock import Clock, SystemClock
 from updater.config import ESP_CANDIDATES, Config, entry_template
 from updater.errors import ConfigError
-from updater.gpg import GnupgVerifier
 from updater.health import HealthChecker, SystemdUnits
 from updater.hostlock import FlockHostLock
 from updater.hostports import KuredSentinel, OsReleaseFile
@@ -40,7 +39,8 @@ from updater.sessions import LogindSessions, UserSessions
 from updater.slots import Slots
 from updater.source import HttpCache, SignedFetcher, StaticSource, UpdateSource
 from updater.state import StateStore
-from updater.transport import HttpSettings, HttpTransport, SchemeTransport
+from updater.transport import HttpSettings, HttpTransport, SchemeTransport, Transport
+from updater.trustchain import ChainVerifier, TrustChain
 from updater.update import Updater
 from updater.updatesettings import UpdateSettings
 
@@ -282,7 +282,7 @@ def updater(config: Config, *, progress: ProgressFn | None = None) -> Updater:
     return Updater(
         slots=host_slots(config),
         source=source,
-        verifier=GnupgVerifier(src.keyring),
+        verifier=ChainVerifier(trust_chain(config, transport), source.root_url),
         transport=transport,
         settings=UpdateSettings(
             channel=expected_channel(config, omaha),
@@ -294,6 +294,18 @@ def updater(config: Config, *, progress: ProgressFn | None = None) -> Updater:
         blocks=version_blocks(config),
         boot_files_refusal=boot_files_unused(config),
         progress=progress,
+    )
+
+
+def trust_chain(config: Config, transport: Transport | None = None) -> TrustChain:
+    """The host's trust root: shipped in the image ([source] trust_root, or the keyring as
+    root 0), the floor in the state dir, and the repository's newer roots."""
+    return TrustChain(
+        state_dir=config.agent.state_dir,
+        transport=transport or SchemeTransport(http=HttpTransport(HttpSettings())),
+        clock=SystemClock(),
+        shipped_root=config.source.trust_root,
+        keyring=config.source.keyring,
     )
 
 

@@ -107,6 +107,7 @@ def _source(s: Section) -> SourceConfig:
             if not k.startswith("/"):
                 raise s.error("keyring", f"must be absolute paths, not {k!r}")
         keyring = tuple(Path(k) for k in keyring_strs)
+    trust_root = s.path("trust_root", d.trust_root)
     kind = s.str_("kind", d.kind) or d.kind
     if kind not in ("static", "omaha"):
         raise s.error("kind", f"unknown source {kind!r}", hint="static or omaha")
@@ -118,6 +119,7 @@ def _source(s: Section) -> SourceConfig:
         proxy=proxy,
         channel=channel,
         keyring=keyring,
+        trust_root=trust_root,
         ca_file=s.path("ca_file", d.ca_file),
         connect_timeout_s=s.number(
             "connect_timeout_s", d.connect_timeout_s, minimum=0.1, maximum=600

@@ -100,6 +100,14 @@ class VerificationError(UpdaterError):
             "decompress_failed",
             "source_mismatch",  # an Omaha answer disagrees with the signed manifest
             "index_malformed",  # a signed chunk index that contradicts itself or the image
+            "signature_threshold",  # fewer trusted keys signed the manifest than the root needs
+            "key_rotated_out",  # signed by a key a root rotation removed (a leaked old key?)
+            "root_malformed",  # a trust root that is not a valid root document
+            "root_signature",  # a root signed by too few keys of the previous root or its own
+            "root_chain_broken",  # root.<N>.json holds a later version than N
+            "root_rollback",  # an older root offered as the next one (replayed, rolled back)
+            "root_missing",  # the shipped root is absent, or a gap in the repository's roots
+            "root_expired",  # the newest trust root is past its expiry
         }
     )
 

@@ -153,6 +153,13 @@ class OmahaSource:
             raise RuntimeError("boot_url before an offer")
         return resolve_url(self._offer.manifest_url, ref.url)
 
+    def root_url(self, version: int) -> str:
+        """Roots lie beside the package: ``<codebase>/keys/`` (updatectl release links
+        ``images/<version>/keys`` to the repository's ``keys``)."""
+        if self._offer is None:
+            raise RuntimeError("root_url before an offer")
+        return resolve_url(self._offer.manifest_url, f"keys/root.{version}.json")
+
     def report(self, happening: Happening) -> None:
         """Tell the server; never raises (the source contract): a report is best
         effort, and what cannot be sent now stays queued for the next request."""
@@ -200,6 +207,9 @@ class DisabledSource:
         raise RuntimeError("update checks are disabled")
 
     def boot_url(self, manifest: Manifest, ref: BootFileRef) -> str:
+        raise RuntimeError("update checks are disabled")
+
+    def root_url(self, version: int) -> str:
         raise RuntimeError("update checks are disabled")
 
     def report(self, happening: Happening) -> None:

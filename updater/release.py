@@ -70,7 +70,7 @@ class ReleaseRequest:
     version: str
     repo: Path
     gnupghome: Path
-    key_id: str
+    key_id: str | tuple[str, ...]  # one key, or one signature per key (a threshold)
     channel: str = "stable"
     compression: Compression = Compression.ZSTD
     expires_in: timedelta = DEFAULT_EXPIRY
@@ -279,6 +279,7 @@ def publish(req: ReleaseRequest, now: datetime) -> Published:
     beside = replace(
         manifest, image=replace(manifest.image, url=name, index=beside_index), boot=boot
     )
+    _link_keys(image_dir)
     _write_signed(req, image_dir / f"{name}.json", serialize(beside))
     _write_signed(req, manifest_path, serialize(manifest))
     log.info(
@@ -293,6 +294,14 @@ def publish(req: ReleaseRequest, now: datetime) -> Published:
         seconds=round(time.monotonic() - started, 3),
     )
     return Published(manifest, manifest_path, signature_path, image_path, index_path, index_seconds)
+
+
+def _link_keys(image_dir: Path) -> None:
+    """``images/<version>/keys`` -> ``../../keys``: an Omaha server's codebase is the image
+    directory, and agents look for the trust roots beside the package."""
+    link = image_dir / "keys"
+    if not link.is_symlink() and not link.exists():
+        link.symlink_to(Path("..", "..", "keys"), target_is_directory=True)
 
 
 def _check_boot_files(files: tuple[tuple[str, Path], ...]) -> None:

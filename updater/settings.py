@@ -25,6 +25,8 @@ class SourceConfig:
     url: str | None = None  # release repository base URL (http, https, file)
     channel: str = "stable"
     keyring: tuple[Path, ...] = ()  # public key files; none configured = error at check time
+    # the signed trust root shipped in the OS image (keys/root.<N>.json); None: keyring is root 0
+    trust_root: Path | None = None
     ca_file: Path | None = None  # PEM bundle for https; None: the system's CA store
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0

@@ -102,6 +102,10 @@ class UpdateSource(Protocol):
         """Where one of the manifest's boot files is (its URL is relative to the manifest)."""
         ...
 
+    def root_url(self, version: int) -> str:
+        """Where trust root ``version`` is published (``keys/root.<N>.json``); after a fetch."""
+        ...
+
     def report(self, happening: Happening) -> None:
         """Tell the server (best effort: kept and retried, never raises)."""
         ...
@@ -219,7 +223,8 @@ class StaticSource:
     def __init__(
         self, base_url: str, channel: str, transport: Transport, cache: HttpCache | None = None
     ) -> None:
-        self.manifest_url = base_url.rstrip("/") + f"/{channel}/release.json"
+        self.base_url = base_url.rstrip("/")
+        self.manifest_url = self.base_url + f"/{channel}/release.json"
         self.signature_url = self.manifest_url + ".asc"
         self._fetcher = SignedFetcher(transport, cache)
 
@@ -238,3 +243,6 @@ class StaticSource:
 
     def boot_url(self, manifest: Manifest, ref: BootFileRef) -> str:
         return resolve_url(self.manifest_url, ref.url)
+
+    def root_url(self, version: int) -> str:
+        return self.base_url + f"/keys/root.{version}.json"

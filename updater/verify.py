@@ -13,6 +13,7 @@ from datetime import datetime
 from updater import versions
 from updater.errors import VerificationError
 from updater.manifest import MAX_MANIFEST_BYTES, Manifest, parse
+from updater.trustroot import Signer
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,11 @@ class SignatureVerdict:
     detail: str  # what gpg said, for messages
     keyring: frozenset[str]  # fingerprints of every configured key
     reason: str = "good"  # bounded: good, bad_signature, key_revoked, key_expired,
-    # signature_expired, unknown_key, check_error, no_signature, no_answer
+    # signature_expired, unknown_key, check_error, no_signature, no_answer,
+    # key_retired (by a key a rotation removed), below_threshold (too few trusted signers)
+    good: frozenset[str] = frozenset()  # trusted keys with a good signature
+    threshold: int = 1  # how many distinct trusted keys must have signed
+    signers: tuple[Signer, ...] = ()  # every signature in the file
 
 
 # What to do about each reason a signature is not good.
@@ -38,7 +43,14 @@ _HINTS = {
     "unknown_key": "the signing key is not in [source] keyring: pin the publisher's key, "
     "or the release is not from your publisher",
     "no_signature": "release.json.asc must be an armored detached OpenPGP signature",
+    "key_retired": "a key rotation removed this key (revoked: leaked or retired); a release "
+    "signed by it now is not from your publisher, or the publisher must sign with the keys of "
+    "the newest root (updatectl status shows them)",
+    "below_threshold": "the trust root requires more signers: publish with one --key per "
+    "signing key (updatectl release --key A --key B)",
 }
+# Reasons that are their own kind of error (the rest are signature_invalid).
+_KINDS = {"key_retired": "key_rotated_out", "below_threshold": "signature_threshold"}
 
 
 @dataclass(frozen=True)
@@ -76,11 +88,11 @@ def verify_manifest(
         raise VerificationError(
             "no_keyring",
             "no trusted signing key is configured",
-            hint="set [source] keyring to the release public key file(s)",
+            hint="set [source] keyring to the release public key file(s), or [source] trust_root",
         )
     if not verdict.valid:
         raise VerificationError(
-            "signature_invalid",
+            _KINDS.get(verdict.reason, "signature_invalid"),
             f"the manifest signature is not valid: {verdict.detail}",
             hint=_HINTS.get(verdict.reason),
         )
