@@ -27,6 +27,7 @@ from updater.jsonutil import loads as load_json
 log = structlog.get_logger(__name__)
 
 HOSTS_PREFIX = "updater/v1/hosts/"
+LAST_ERROR_CHARS = 500  # of an error message in a record: a dashboard shows it, not a log
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class HostRecord:
     lock_held: bool | None  # None: this host does not use a cluster lock
     updated: float  # unix seconds of this record
     blocked_version: str = ""  # a version it refuses (failed on hosts of its group); "" none
+    strategy: str = ""  # its [reboot] strategy (immediate, off, lock); "" an older agent
+    last_error: str = ""  # the last error's message (at most LAST_ERROR_CHARS); "" none
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -54,8 +57,9 @@ class HostRecord:
         if not isinstance(doc, dict):
             raise ValueError("not an object")
         fields: dict[str, Any] = {f: doc.get(f) for f in cls.__dataclass_fields__}
-        if fields["blocked_version"] is None:  # a record of an agent from before it
-            fields["blocked_version"] = ""
+        for name in ("blocked_version", "strategy", "last_error"):
+            if fields[name] is None:  # a record of an agent from before the field
+                fields[name] = ""
         for name in (
             "id",
             "hostname",
@@ -66,6 +70,8 @@ class HostRecord:
             "staged_version",
             "last_error_kind",
             "blocked_version",
+            "strategy",
+            "last_error",
         ):
             if not isinstance(fields[name], str):
                 raise ValueError(f"{name} must be a string")

@@ -36,6 +36,7 @@ from updater.machine import Timing
 from updater.metrics import Metrics
 from updater.rebooter import LogindRebooter, Rebooter, UnavailableRebooter
 from updater.sdnotify import Notifier
+from updater.settings import fleet_publishing
 from updater.slots import Slots
 from updater.source import HttpCache, SignedFetcher, StaticSource, UpdateSource
 from updater.state import StateStore
@@ -423,10 +424,9 @@ def etcd_lock_observer(lock: EtcdLock, metrics: Metrics) -> Callable[[bool], Non
 
 
 def fleet_reporter(config: Config, *, holder: str | None = None) -> EtcdFleetReporter | None:
-    """With the etcd lock (and [etcd] publish_status), this host's fleet record."""
-    if not (config.reboot.strategy == "lock" and config.reboot.lock == "etcd"):
-        return None
-    if not config.etcd.publish_status:
+    """This host's fleet record in etcd, whatever its reboot strategy
+    (settings.fleet_publishing: [fleet] publish, by default with etcd configured)."""
+    if not fleet_publishing(config):
         return None
     from policies.etcdclient import EtcdClient
     from policies.fleet import FleetPublisher
@@ -435,7 +435,7 @@ def fleet_reporter(config: Config, *, holder: str | None = None) -> EtcdFleetRep
     ttl = 3 * config.agent.poll_interval_s
     hid = holder or host_id()
     publisher = FleetPublisher(EtcdClient(etcd_settings(config)), hid, ttl)
-    return EtcdFleetReporter(publisher, hid, config.reboot.group)
+    return EtcdFleetReporter(publisher, hid, config.reboot.group, config.reboot.strategy)
 
 
 class _RebooterOnDemand:
