@@ -14,15 +14,17 @@ import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from policies.etcdclient import EtcdClient
 from policies.etcdtxn import MAX_VALUE_BYTES, b64
 from policies.semaphore import SemaphoreStatus
 from updater.errors import LockError
 from updater.jsonutil import loads as load_json
+
+if TYPE_CHECKING:  # the client is passed in: the dashboard's pure views use the record alone
+    from policies.etcdclient import EtcdClient
 
 log = structlog.get_logger(__name__)
 
