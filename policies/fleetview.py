@@ -33,7 +33,7 @@ from policies.fleet import HOSTS_PREFIX, HostRecord
 from policies.semaphore import KEY_PREFIX as LOCK_PREFIX
 from policies.semaphore import Holder, Semaphore, SemaphoreStatus, decode_since
 from updater.errors import LockError
-from updater.versions import compare
+from updater.versions import compare, is_valid
 
 MAX_TEXT: Final = 500  # characters of any string from etcd that a view passes on
 MAX_LABEL: Final = 128  # characters of a metric label value
@@ -181,14 +181,14 @@ def parse_snapshot(
 
 
 def target_version(snapshot: FleetSnapshot) -> str:
-    """The newest version any host runs or has staged, not blocked in its group: where the
-    rollout goes. "" when no host names a version."""
+    """The newest valid version any host runs or has staged, not blocked in its group:
+    where the rollout goes. "" when no host names one."""
     blocked = {(g, v.version) for g, vs in snapshot.failed.items() for v in vs if v.blocked}
     seen = [
         v
         for h in snapshot.hosts
         for v in (h.booted_version, h.staged_version)
-        if v and (h.group, v) not in blocked
+        if is_valid(v) and (h.group, v) not in blocked
     ]
     best = ""
     for v in seen:
