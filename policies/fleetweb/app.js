@@ -139,7 +139,8 @@ function drawHosts(doc) {
   for (const h of doc.hosts.hosts) {
     const text = [h.hostname, h.group, h.booted_version, h.state, h.phase, h.last_error_kind].join(" ").toLowerCase();
     if (q && !text.includes(q)) continue;
-    const lock = h.held_for_s !== null ? "held " + age(h.held_for_s) : (h.lock_held === false ? "waiting" : "");
+    const waiting = h.lock_held === false && h.state === "UPDATED_NEED_REBOOT";
+    const lock = h.held_for_s !== null ? "held " + age(h.held_for_s) : (waiting ? "waiting" : "");
     const tr = row([h.hostname, h.group, h.strategy, h.booted_version, h.state, chip(h.phase),
       h.staged_version, lock, h.last_error_kind]);
     tr.dataset.host = h.hostname;
