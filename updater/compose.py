@@ -32,6 +32,7 @@ from updater.health import HealthChecker, SystemdUnits
 from updater.hostlock import FlockHostLock
 from updater.hostports import KuredSentinel, OsReleaseFile
 from updater.install import ProgressFn
+from updater.lockmetrics import MeteredLock
 from updater.machine import Timing
 from updater.metrics import Metrics
 from updater.rebooter import LogindRebooter, Rebooter, UnavailableRebooter
@@ -400,6 +401,8 @@ def reboot_strategy(
         observe = None
         if metrics is not None and config.reboot.lock == "etcd":
             observe = etcd_lock_observer(cast("EtcdLock", lock), metrics)
+        if metrics is not None:
+            lock = MeteredLock(lock, metrics, config.reboot.group)
         return LockStrategy(lock, holder or host_id(), clock, windows, observe)
     base = STRATEGIES[config.reboot.strategy]()
     return base if windows is None else Windowed(base, windows, clock)
