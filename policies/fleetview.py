@@ -184,12 +184,13 @@ def target_version(snapshot: FleetSnapshot) -> str:
     """The newest valid version any host runs or has staged, not blocked in its group:
     where the rollout goes. "" when no host names one."""
     blocked = {(g, v.version) for g, vs in snapshot.failed.items() for v in vs if v.blocked}
-    seen = [
+    seen = {
         v
         for h in snapshot.hosts
         for v in (h.booted_version, h.staged_version)
-        if is_valid(v) and (h.group, v) not in blocked
-    ]
+        if (h.group, v) not in blocked
+    }
+    seen = {v for v in seen if is_valid(v)}  # a fleet runs a handful of versions
     best = ""
     for v in seen:
         if not best or _newer(v, best):
