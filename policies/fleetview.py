@@ -55,7 +55,8 @@ class Unreadable:
     error: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"key": _cut(self.key, 200), "error": _cut(self.error)}
+        # the kind the agents' own readers raise for such a value (LockError "malformed")
+        return {"key": _cut(self.key, 200), "kind": "malformed", "error": _cut(self.error)}
 
 
 @dataclass(frozen=True)

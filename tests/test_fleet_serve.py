@@ -365,6 +365,7 @@ def test_hostile_records_are_shown_as_unreadable_or_as_text(
 ) -> None:
     node, _ = hostile_etcd
     srv, client = start(node.endpoints)
+    before = FleetWriter(client).revision()
     with contextlib.closing(client), serving(srv):
         r = get(srv, "/api/v1/hosts")
         assert r.status_code == 200
@@ -397,6 +398,8 @@ def test_hostile_records_are_shown_as_unreadable_or_as_text(
         assert "updater_fleet_records_unreadable 7" in metrics
         assert 'updater_fleet_lock_malformed{group="broken"} 1' in metrics
         assert srv.requests and not [p for _, p in srv.requests if "pwned" in p]
+        assert {u["kind"] for u in doc["unreadable"]} == {"malformed"}
+        assert FleetWriter(client).revision() == before  # nothing repaired, nothing written
 
 
 # ---- every host publishes, whatever its strategy (a real agent's reporter) --------------------
