@@ -112,7 +112,7 @@ def test_parse_locks() -> None:
         [
             kv(KEY_PREFIX + "g/v1/semaphore", sem),
             kv(KEY_PREFIX + "g/v1/holders/a", encode_since(NOW - 10)),
-            kv(KEY_PREFIX + "g/v1/holders/b%20c", b"garbage"),  # unknown start: None
+            kv(KEY_PREFIX + "g/v1/holders/b%20c", b'{"since":' + b"9" * 400 + b"}"),  # no time
             kv(KEY_PREFIX + "h/v1/semaphore", b'{"total_slots":-1,"holders":[]}'),
             kv(KEY_PREFIX + "odd-key", b"x"),
             kv(KEY_PREFIX + "g/v1/other", b"x"),  # airlock's own: ignored
