@@ -29,6 +29,7 @@ FLAGS = (
     "--headless",
     "--no-sandbox",  # tests run as root in CI, where the sandbox refuses to start
     "--disable-gpu",
+    "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
     "--remote-debugging-pipe",
     "--no-first-run",
     "--no-default-browser-check",

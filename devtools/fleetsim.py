@@ -21,8 +21,12 @@ from policies.etcdlock import EtcdLock
 from policies.etcdtxn import b64
 from policies.failed import FailedVersions
 from policies.fleet import HOSTS_PREFIX, HostRecord
+from policies.semaphore import semaphore_key
 
 OLD, NEW = "1.0.0", "1.1.0"
+# markup in a record: if a page ever made elements of it, the browser would fetch these
+SCRIPT = '<script>fetch("/pwned-script")</script>'
+IMG = '<img src="/pwned-img" onerror="fetch(\'/pwned-onerror\')">'
 GROUPS = ("web", "db")
 
 
@@ -109,3 +113,37 @@ class FleetWriter:
     def revision(self) -> int:
         header = self.client.call("kv/range", {"key": b64("\0"), "limit": 1}).get("header", {})
         return int(header.get("revision", 0))
+
+
+def hostile(writer: FleetWriter, now: float) -> str:
+    """Write what a dashboard must survive: a host record whose fields hold markup (its id
+    is returned) and values under the dashboard's prefixes that are no records."""
+    evil = HostRecord(
+        id="e" * 32,
+        hostname=IMG,
+        group="web",
+        booted_slot="USR-A",
+        booted_version=SCRIPT,
+        state="<b>IDLE</b>",
+        staged_version="",
+        last_check=0,
+        last_error_kind="</td><td>x",
+        lock_held=None,
+        updated=now,
+        strategy="lock",
+        last_error=SCRIPT + IMG,
+    )
+    writer.put(evil)
+    bad = {
+        HOSTS_PREFIX + "not-json": b"{not json",
+        HOSTS_PREFIX + "array": b"[1,2,3]",
+        HOSTS_PREFIX + "nan": b'{"id":"nan","updated":NaN}',
+        HOSTS_PREFIX + "deep": b"[" * 10000 + b"]" * 10000,
+        HOSTS_PREFIX + "huge": b'{"hostname":"' + b"A" * (1024 * 1024 + 10) + b'"}',
+        HOSTS_PREFIX + "f" * 32: dataclasses.replace(evil, id="other").encode(),
+        semaphore_key("broken"): b'{"total_slots":"<script>","holders":[]}',
+        "updater/v1/groups/web/failed/9.9.9": b"<html>not a record</html>",
+    }
+    for key, value in bad.items():
+        writer.put_raw(key, value)
+    return evil.id

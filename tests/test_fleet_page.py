@@ -15,12 +15,11 @@ import pytest
 
 from devtools.chromium import Chromium, Page
 from devtools.etcd import EtcdNode
-from devtools.fleetsim import NEW, FleetWriter, fleet, host_id
+from devtools.fleetsim import IMG, NEW, SCRIPT, FleetWriter, fleet, host_id, hostile
 from policies.etcdclient import EtcdClient, EtcdSettings
 from policies.fleet import HostRecord
 from policies.fleetserve import EtcdReads, FleetCache, FleetServer, ServeSettings, serving
 from tests.conftest import wait_for
-from tests.test_fleet_serve import IMG, SCRIPT, hostile
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "test-output"

@@ -20,7 +20,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.etcd import EtcdNode, free_port
-from devtools.fleetsim import GROUPS, NEW, OLD, FleetWriter, fleet, host_id
+from devtools.fleetsim import GROUPS, IMG, NEW, OLD, SCRIPT, FleetWriter, fleet, host_id, hostile
 from devtools.tls import make_tls
 from policies.etcdclient import EtcdClient, EtcdSettings
 from policies.fleet import HOSTS_PREFIX, HostRecord
@@ -32,7 +32,6 @@ from policies.fleetserve import (
     read_token,
     serving,
 )
-from policies.semaphore import semaphore_key
 from tests.conftest import updatectl
 from updater import compose, config
 from updater.agentapi import AgentStatus
@@ -310,42 +309,6 @@ def test_etcd_down_is_503_and_up_0() -> None:
 
 
 # ---- hostile records ---------------------------------------------------------------------------
-
-SCRIPT = '<script>fetch("/pwned-script")</script>'
-IMG = '<img src="/pwned-img" onerror="fetch(\'/pwned-onerror\')">'
-
-
-def hostile(writer: FleetWriter, now: float) -> dict[str, str]:
-    """Records a dashboard must survive; key -> why it is there."""
-    evil = HostRecord(
-        id="e" * 32,
-        hostname=IMG,
-        group="web",
-        booted_slot="USR-A",
-        booted_version=SCRIPT,
-        state="<b>IDLE</b>",
-        staged_version="",
-        last_check=0,
-        last_error_kind="</td><td>x",
-        lock_held=None,
-        updated=now,
-        strategy="lock",
-        last_error=SCRIPT + IMG,
-    )
-    writer.put(evil)
-    bad = {
-        HOSTS_PREFIX + "not-json": b"{not json",
-        HOSTS_PREFIX + "array": b"[1,2,3]",
-        HOSTS_PREFIX + "nan": b'{"id":"nan","updated":NaN}',
-        HOSTS_PREFIX + "deep": b"[" * 10000 + b"]" * 10000,
-        HOSTS_PREFIX + "huge": b'{"hostname":"' + b"A" * (1024 * 1024 + 10) + b'"}',
-        HOSTS_PREFIX + "f" * 32: HostRecord(**{**evil.__dict__, "id": "other"}).encode(),
-        semaphore_key("broken"): b'{"total_slots":"<script>","holders":[]}',
-        "updater/v1/groups/web/failed/9.9.9": b"<html>not a record</html>",
-    }
-    for key, value in bad.items():
-        writer.put_raw(key, value)
-    return {"evil": evil.id}
 
 
 @pytest.fixture
