@@ -142,3 +142,20 @@ def test_hostile_records_are_text_and_never_run(tmp_path: Path, browser: Chromiu
             assert "/api/v1/fleet" in asked
             assert not [p for p in asked if "pwned" in p]  # no payload ever fetched anything
             assert not page.events("Runtime.exceptionThrown")
+
+
+def test_the_page_with_a_token(etcd: EtcdNode, browser: Chromium) -> None:
+    """With --token-file the page takes the token from its address's fragment (never sent
+    to the server), drops it from the address bar and sends it as a bearer token."""
+    client = EtcdClient(EtcdSettings(endpoints=etcd.endpoints, timeout_s=5))
+    FleetWriter(client).put_all(fleet(5, time.time()))
+    cache = FleetCache(EtcdReads(client, 1), refresh_s=0.3, stale_after_s=3600)
+    srv = FleetServer(ServeSettings(port=0, token="page-t0ken"), cache)
+    with contextlib.closing(client), serving(srv):
+        without = browser.open(srv.url + "/")
+        wait_for(lambda: text(without, "#status").startswith("needs a token"), 20, "a 401 shown")
+        assert rows(without) == 0
+        page = browser.open(srv.url + "/#token=page-t0ken")
+        wait_for(lambda: rows(page) >= 5, 20, "the page shows the hosts")
+        assert page.evaluate("location.hash") == ""
+        assert not [p for _, p in srv.requests if "page-t0ken" in p]
