@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import urlsplit
 
 import structlog
@@ -106,8 +106,16 @@ def static_files() -> dict[str, bytes]:
 # ---- reading etcd ------------------------------------------------------------------------------
 
 
+class FleetReads(Protocol):
+    """Where the fleet is read from (the port :class:`FleetCache` uses)."""
+
+    def read(self, now: float) -> FleetSnapshot:
+        """The fleet as it is now; LockError when it cannot be read."""
+        ...
+
+
 class EtcdReads:
-    """One consistent read of the three prefixes (the port :class:`FleetCache` uses)."""
+    """One consistent read of the three prefixes from etcd: a :class:`FleetReads`."""
 
     def __init__(self, client: EtcdClient, max_failures: int) -> None:
         self.client = client
@@ -176,7 +184,7 @@ class FleetCache:
 
     def __init__(
         self,
-        reads: EtcdReads,
+        reads: FleetReads,
         *,
         refresh_s: float,
         stale_after_s: float,

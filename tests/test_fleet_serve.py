@@ -461,3 +461,22 @@ def test_cli_refuses_bad_options(tmp_path: Path, args: list[str]) -> None:
     r = updatectl(None, "--config", str(cfg), "fleet", "serve", "--listen", "127.0.0.1:0", *args)
     assert r.code == 3, r.err
     assert "error" in r.err.lower() or r.err
+
+
+def test_etcd_lost_after_a_read_serves_the_last_read_marked_down() -> None:
+    with EtcdNode() as node:
+        client = EtcdClient(EtcdSettings(endpoints=node.endpoints, timeout_s=1))
+        FleetWriter(client).put_all(fleet(10, time.time()))
+        cache = FleetCache(EtcdReads(client, 1), refresh_s=3600, stale_after_s=STALE_AFTER_S)
+        srv = FleetServer(ServeSettings(port=0), cache)
+        with contextlib.closing(client), serving(srv):
+            assert get(srv, "/api/v1/fleet").json()["up"] is True
+            node.kill(0)
+            cache.refresh()
+            doc = get(srv, "/api/v1/fleet").json()
+            assert doc["up"] is False and len(doc["hosts"]["hosts"]) == 10
+            assert "updater_fleet_up 0" in get(srv, "/metrics").text
+            assert cache.error  # why, for the log and the next answers
+            node.restart(0)
+            cache.refresh()
+            assert get(srv, "/api/v1/fleet").json()["up"] is True and not cache.error
