@@ -41,11 +41,13 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from policies.etcdtxn import request_range
+from policies.etcdtxn import KeyValue, request_range
 from policies.failed import PREFIX as FAILED_PREFIX
-from policies.fleet import HOSTS_PREFIX
+from policies.fleet import HOSTS_PREFIX, HostRecord
 from policies.fleetview import (
     FleetSnapshot,
+    Unreadable,
+    decode_host,
     fleet_view,
     metrics_text,
     parse_snapshot,
@@ -120,6 +122,9 @@ class EtcdReads:
     def __init__(self, client: EtcdClient, max_failures: int) -> None:
         self.client = client
         self.max_failures = max_failures
+        # key -> (mod_revision, what it decoded to): most records are the same from one
+        # read to the next, and decoding (bounded JSON) is most of a read's time
+        self._decoded: dict[str, tuple[int, HostRecord | Unreadable]] = {}
 
     def read(self, now: float) -> FleetSnapshot:
         result = self.client.txn(
@@ -133,6 +138,14 @@ class EtcdReads:
         if len(result.ranges) != 3:
             raise LockError("malformed", "etcd answered a transaction without its reads")
         hosts, locks, failed = result.ranges
+        known, self._decoded = self._decoded, {}
+
+        def decode(kv: KeyValue) -> HostRecord | Unreadable:
+            seen = known.get(kv.key)
+            decoded = seen[1] if seen and seen[0] == kv.mod_revision else decode_host(kv)
+            self._decoded[kv.key] = (kv.mod_revision, decoded)  # only keys that still exist
+            return decoded
+
         return parse_snapshot(
             hosts,
             locks,
@@ -140,6 +153,7 @@ class EtcdReads:
             max_failures=self.max_failures,
             revision=result.revision,
             read_at=now,
+            decode=decode,
         )
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -83,18 +83,29 @@ class FleetSnapshot:
 # ---- parsing what etcd holds -------------------------------------------------------------------
 
 
-def parse_hosts(kvs: Iterable[KeyValue]) -> tuple[list[HostRecord], list[Unreadable]]:
+def decode_host(kv: KeyValue) -> HostRecord | Unreadable:
+    """The record at ``kv``, or why it is not one."""
+    try:
+        record = HostRecord.decode(kv.value)
+    except (ValueError, TypeError) as exc:
+        return Unreadable(kv.key, str(exc))
+    if HOSTS_PREFIX + record.id != kv.key:
+        return Unreadable(kv.key, f"the record names another host: {record.id[:80]!r}")
+    return record
+
+
+def parse_hosts(
+    kvs: Iterable[KeyValue], decode: Callable[[KeyValue], HostRecord | Unreadable] = decode_host
+) -> tuple[list[HostRecord], list[Unreadable]]:
+    """The hosts' records, and the keys that hold none. ``decode``: :func:`decode_host`,
+    or the same remembered per key and revision (a reader that reads again and again)."""
     hosts, bad = [], []
     for kv in kvs:
-        try:
-            record = HostRecord.decode(kv.value)
-        except (ValueError, TypeError) as exc:
-            bad.append(Unreadable(kv.key, str(exc)))
-            continue
-        if HOSTS_PREFIX + record.id != kv.key:
-            bad.append(Unreadable(kv.key, f"the record names another host: {record.id[:80]!r}"))
-            continue
-        hosts.append(record)
+        result = decode(kv)
+        if isinstance(result, Unreadable):
+            bad.append(result)
+        else:
+            hosts.append(result)
     return sorted(hosts, key=lambda h: (h.group, h.hostname, h.id)), bad
 
 
@@ -164,8 +175,9 @@ def parse_snapshot(
     max_failures: int,
     revision: int,
     read_at: float,
+    decode: Callable[[KeyValue], HostRecord | Unreadable] = decode_host,
 ) -> FleetSnapshot:
-    records, bad_hosts = parse_hosts(hosts)
+    records, bad_hosts = parse_hosts(hosts, decode)
     group_locks, bad_locks = parse_locks(locks)
     verdicts, bad_failed = parse_failed(failed, max_failures)
     return FleetSnapshot(

@@ -5,6 +5,7 @@ records; methods that would change something; the bearer token; TLS; the CLI."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from devtools.etcd import EtcdNode, free_port
 from devtools.fleetsim import GROUPS, IMG, NEW, OLD, SCRIPT, FleetWriter, fleet, host_id, hostile
 from devtools.tls import make_tls
 from policies.etcdclient import EtcdClient, EtcdSettings
+from policies.etcdtxn import b64
 from policies.fleet import HOSTS_PREFIX, HostRecord
 from policies.fleetserve import (
     EtcdReads,
@@ -480,3 +482,24 @@ def test_etcd_lost_after_a_read_serves_the_last_read_marked_down() -> None:
             node.restart(0)
             cache.refresh()
             assert get(srv, "/api/v1/fleet").json()["up"] is True and not cache.error
+
+
+def test_reads_decode_only_what_changed(etcd: EtcdNode, group: str) -> None:
+    """Records are decoded again only when their revision moved; deleted keys are
+    forgotten."""
+    client = EtcdClient(EtcdSettings(endpoints=etcd.endpoints, timeout_s=5))
+    with contextlib.closing(client):
+        w = FleetWriter(client)
+        mine = [
+            dataclasses.replace(h, id=f"{group}-{i}", group=group)
+            for i, h in enumerate(fleet(3, time.time()))
+        ]
+        w.put_all(mine)
+        reads = EtcdReads(client, 1)
+        first = {h.id: h for h in reads.read(time.time()).hosts if h.group == group}
+        w.change(mine[0], booted_version="9.9.9")
+        client.call("kv/deleterange", {"key": b64(HOSTS_PREFIX + mine[1].id)})
+        second = {h.id: h for h in reads.read(time.time()).hosts if h.group == group}
+        assert second[mine[0].id].booted_version == "9.9.9"
+        assert mine[1].id not in second and HOSTS_PREFIX + mine[1].id not in reads._decoded
+        assert second[mine[2].id] is first[mine[2].id]  # the same object: not decoded again
