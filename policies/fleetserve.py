@@ -215,21 +215,26 @@ class FleetCache:
     def refresh(self) -> None:
         try:
             snapshot = self.reads.read(self.clock())
+            rendered = render(snapshot, up=True, stale_after_s=self.stale_after_s)
         except LockError as exc:
             if self.error != exc.message:
                 log.warning("fleet_serve_etcd_failed", error_kind=exc.kind, error=exc.message)
-            self.error = exc.message
-            # the last good read stays, marked down: a dashboard shows the fleet as it was
-            self.rendered = render(self._snapshot, up=False, stale_after_s=self.stale_after_s)
+            self._down(exc.message)
             return
         except Exception:  # a bug: logged, and the server keeps serving the last read
             log.exception("fleet_serve_read_crashed")
+            self._down("the dashboard failed to read the fleet; see its log")
             return
         if self.error:
             log.info("fleet_serve_etcd_back")
         self.error = ""
         self._snapshot = snapshot
-        self.rendered = render(snapshot, up=True, stale_after_s=self.stale_after_s)
+        self.rendered = rendered
+
+    def _down(self, why: str) -> None:
+        """The last good read stays, marked down: a dashboard shows the fleet as it was."""
+        self.error = why
+        self.rendered = render(self._snapshot, up=False, stale_after_s=self.stale_after_s)
 
     def run(self, stop: threading.Event) -> None:
         """Refresh until ``stop``: every ``refresh_s``, and never busy more than a third of
