@@ -69,6 +69,7 @@ bench: setup
 	$(PY) -m bench.fleet_rollout
 	$(PY) -m bench.delta --size-mib 1024
 	$(PY) -m bench.release_index
+	$(PY) -m bench.fleet_serve
 
 clean:
 	rm -rf $(VENV) build demo-run bench-run .mypy_cache .ruff_cache .pytest_cache

@@ -14,19 +14,22 @@ import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from policies.etcdclient import EtcdClient
 from policies.etcdtxn import MAX_VALUE_BYTES, b64
 from policies.semaphore import SemaphoreStatus
 from updater.errors import LockError
 from updater.jsonutil import loads as load_json
 
+if TYPE_CHECKING:  # the client is passed in: the dashboard's pure views use the record alone
+    from policies.etcdclient import EtcdClient
+
 log = structlog.get_logger(__name__)
 
 HOSTS_PREFIX = "updater/v1/hosts/"
+LAST_ERROR_CHARS = 500  # of an error message in a record: a dashboard shows it, not a log
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class HostRecord:
     lock_held: bool | None  # None: this host does not use a cluster lock
     updated: float  # unix seconds of this record
     blocked_version: str = ""  # a version it refuses (failed on hosts of its group); "" none
+    strategy: str = ""  # its [reboot] strategy (immediate, off, lock); "" an older agent
+    last_error: str = ""  # the last error's message (at most LAST_ERROR_CHARS); "" none
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -54,8 +59,9 @@ class HostRecord:
         if not isinstance(doc, dict):
             raise ValueError("not an object")
         fields: dict[str, Any] = {f: doc.get(f) for f in cls.__dataclass_fields__}
-        if fields["blocked_version"] is None:  # a record of an agent from before it
-            fields["blocked_version"] = ""
+        for name in ("blocked_version", "strategy", "last_error"):
+            if fields[name] is None:  # a record of an agent from before the field
+                fields[name] = ""
         for name in (
             "id",
             "hostname",
@@ -66,6 +72,8 @@ class HostRecord:
             "staged_version",
             "last_error_kind",
             "blocked_version",
+            "strategy",
+            "last_error",
         ):
             if not isinstance(fields[name], str):
                 raise ValueError(f"{name} must be a string")

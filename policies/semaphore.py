@@ -19,6 +19,7 @@ negative count) is reported as ``LockError("malformed")`` naming the key.
 from __future__ import annotations
 
 import json
+import math
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -209,4 +210,8 @@ def decode_since(raw: bytes) -> float | None:
     since = doc.get("since") if isinstance(doc, dict) else None
     if isinstance(since, bool) or not isinstance(since, int | float):
         return None
-    return float(since)
+    try:
+        value = float(since)
+    except OverflowError:  # an integer of hundreds of digits: JSON, but no time
+        return None
+    return value if math.isfinite(value) else None

@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 from tests.conftest import updatectl
 from updater import config, flatcar
 from updater.errors import ConfigError, ExitCode
+from updater.settings import fleet_publishing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,13 +177,13 @@ def test_syntax_error(tmp_path: Path) -> None:
 def test_unknown_keys_warn_but_do_not_fail(tmp_path: Path) -> None:
     """An older agent (after a fallback) must start with a newer agent's config."""
     usr, run, etc = dirs(tmp_path)
-    (etc / "10.toml").write_text('[source]\nfuture_key = 1\n[fleet]\nstrategy = "lock"\n')
+    (etc / "10.toml").write_text('[source]\nfuture_key = 1\n[fleets]\nstrategy = "lock"\n')
     with capture_logs() as logs:
         cfg = config.load(dirs=(usr, run, etc))
     assert cfg.source.channel == "stable"
     events = {(e["event"], e.get("key", e.get("section"))) for e in logs}
     assert ("config_key_unknown", "source.future_key") in events
-    assert ("config_section_unknown", "fleet") in events
+    assert ("config_section_unknown", "fleets") in events
 
 
 def test_windows_add_up_across_dropins(tmp_path: Path) -> None:
@@ -561,3 +562,41 @@ def test_a_time_zone_of_thousands_of_parts_is_a_config_error(tmp_path: Path) -> 
     result = updatectl(None, "--config", str(f), "status", "--json")
     assert result.code == ExitCode.CONFIG
     assert result.json()["error"]["message"].startswith(f"{f}:reboot.time_zone")
+
+
+ETCD_AT = '[etcd]\nendpoints = ["http://10.0.0.1:2379"]\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "publishes"),
+    [
+        ("", False),  # a single machine: no etcd anywhere
+        ('[reboot]\nstrategy = "off"\n', False),
+        ('[reboot]\nstrategy = "lock"\n', True),  # the etcd lock (the default lock)
+        ('[reboot]\nstrategy = "lock"\nlock = "fleetlock"\n[fleetlock]\nurl = "http://a"\n', False),
+        (ETCD_AT, True),  # immediate, with an etcd endpoint
+        ('[reboot]\nstrategy = "off"\n' + ETCD_AT, True),
+        (
+            '[reboot]\nstrategy = "lock"\nlock = "fleetlock"\n[fleetlock]\nurl = "http://a"\n'
+            + ETCD_AT,
+            True,
+        ),
+        (ETCD_AT + "publish_status = false\n", False),  # the older key still turns it off
+        ('[reboot]\nstrategy = "lock"\n[fleet]\npublish = false\n', False),
+        ("[fleet]\npublish = true\n", True),  # the default endpoint, by request
+        (ETCD_AT + "publish_status = false\n[fleet]\npublish = true\n", True),
+    ],
+)
+def test_fleet_publishing(tmp_path: Path, text: str, publishes: bool) -> None:
+    """Every host may publish its record, whatever its reboot strategy (issue 16)."""
+    f = tmp_path / "one.toml"
+    f.write_text(text)
+    assert fleet_publishing(config.load(f)) is publishes
+
+
+def test_fleet_publish_must_be_a_boolean(tmp_path: Path) -> None:
+    f = tmp_path / "one.toml"
+    f.write_text('[fleet]\npublish = "yes"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(f)
+    assert err.value.key == "fleet.publish" and err.value.file == str(f)

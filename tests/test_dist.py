@@ -60,3 +60,15 @@ def test_example_config_is_valid() -> None:
     cfg = config.load(DIST / "config.d" / "50-example.toml")
     assert cfg.source.url == "https://updates.example.com/os"
     assert cfg.disk.slots == ("USR-A", "USR-B")
+
+
+def test_the_fleet_dashboard_unit() -> None:
+    text = (DIST / "updater-fleet-serve.service").read_text()
+    for line in (
+        "Type=notify",
+        "ExecStart=/usr/bin/updatectl fleet serve --log=auto $FLEET_SERVE_OPTS",
+        "Environment=FLEET_SERVE_OPTS=--listen=127.0.0.1:9477",
+        "EnvironmentFile=-/etc/updater/fleet-serve.env",
+        "DynamicUser=yes",
+    ):
+        assert line in text

@@ -645,3 +645,18 @@ def test_a_gateway_answering_nonsense_is_unavailable(status: int, body: bytes) -
             c.close()
         finally:
             server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "value", [b'{"since":' + b"9" * 400 + b"}", b'{"since":-1e999}', b'{"since":"x"}', b"not json"]
+)
+def test_a_holder_start_that_is_no_time_is_unknown(
+    etcd: EtcdNode, client: EtcdClient, group: str, value: bytes
+) -> None:
+    """A hostile start time (an integer no float holds, ...) makes the age unknown; the
+    status is still read (it once raised OverflowError)."""
+    lock = EtcdLock(client, group, 1)
+    assert lock.acquire("host-1")
+    put(etcd, holder_key(group, "host-1"), value)
+    st = lock.status()
+    assert st is not None and [(h.id, h.since) for h in st.holders] == [("host-1", None)]

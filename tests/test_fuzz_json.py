@@ -15,15 +15,19 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
+from policies.etcdtxn import KeyValue
 from policies.failed import FailedRecord, Failure, decide
-from policies.fleet import HostRecord
+from policies.fleet import HOSTS_PREFIX, HostRecord
 from policies.fleetlock import MAX_ANSWER_BYTES, FleetLockError, Outcome, judge
 from policies.fleetlockproto import PRE_REBOOT, STEADY_STATE
+from policies.fleetview import fleet_view, metrics_text, parse_snapshot
+from policies.semaphore import KEY_PREFIX as LOCK_PREFIX
 from policies.semaphore import Semaphore
 from tests.fuzzing import fewer_examples, parse_or_typed_error
 from updater import jsonutil
-from updater.errors import LockError, StateError, VerificationError
+from updater.errors import LockError, StateError, UpdaterError, VerificationError
 from updater.manifest import BootFileRef, Compression, ImageRef, Manifest, parse, serialize
 from updater.state import SlotRecord, State, StateStore
 from updater.trustchain import TrustFile
@@ -306,6 +310,50 @@ def test_fuzz_host_records(data: bytes) -> None:
 
     result = parse_or_typed_error(decode)
     assert result is None or isinstance(result, HostRecord), result
+
+
+# ---- the fleet dashboard's reading of etcd (policies.fleetview) -------------------------------
+
+DASHBOARD_KEYS = st.one_of(
+    st.builds(lambda t: HOSTS_PREFIX + t, st.text(max_size=40)),
+    st.builds(lambda g, r: f"{LOCK_PREFIX}{g}/v1/{r}", st.text(max_size=12), st.text(max_size=20)),
+    st.builds(lambda t: LOCK_PREFIX + t, st.text(max_size=40)),
+    st.builds(
+        lambda g, v: f"updater/v1/groups/{g}/failed/{v}", st.text(max_size=12), st.text(max_size=20)
+    ),
+)
+FAILED_DOC = b'{"version":"1.2.0","failures":[{"host":"h","kind":"x","at":1}]}'
+SINCE_DOC = b'{"since":1800000000.5}'
+HUGE_SINCE = b'{"since":' + b"9" * 400 + b"}"
+DASHBOARD_VALUES = st.one_of(
+    anything,
+    mutations([HOST.encode(), FAILED_DOC, SINCE_DOC, HUGE_SINCE, SEMAPHORES[0]]),
+    deep_documents,
+)
+
+
+@given(
+    st.lists(st.tuples(DASHBOARD_KEYS, DASHBOARD_VALUES), max_size=8),
+    st.floats(min_value=0, max_value=4e9),
+)
+def test_fuzz_dashboard_views(kvs: list[tuple[str, bytes]], now: float) -> None:
+    """Whatever etcd holds under the dashboard's prefixes, every view is made and is JSON;
+    /metrics still parses."""
+    items = [KeyValue(k, v, 1, 1) for k, v in kvs]
+    hosts = [kv for kv in items if kv.key.startswith(HOSTS_PREFIX)]
+    locks = [kv for kv in items if kv.key.startswith(LOCK_PREFIX)]
+    failed = [kv for kv in items if kv.key.startswith("updater/v1/groups/")]
+
+    def views() -> tuple[str, str]:
+        snap = parse_snapshot(hosts, locks, failed, max_failures=1, revision=1, read_at=now)
+        doc = json.dumps(fleet_view(snap, 3600.0), allow_nan=True)
+        return doc, metrics_text(snap, up=True, stale_after_s=3600.0)
+
+    result = parse_or_typed_error(views)
+    assert not isinstance(result, UpdaterError), result  # nothing to refuse: it is shown
+    doc, metrics = result
+    assert json.loads(doc) is not None
+    list(text_string_to_metric_families(metrics))
 
 
 # ---- failed-version records (policies.failed) --------------------------------------------------

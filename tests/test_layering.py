@@ -31,6 +31,7 @@ PURE = {
     "updater.chunkindex": "the chunk index of a delta update",
     "updater.deltaplan": "the delta planner",
     "updater.trustroot": "the trust roots and the rules of their chain",
+    "policies.fleetview": "the fleet dashboard's views",
 }
 IMPURE_LIBRARIES = ("requests", "urllib3", "socket", "subprocess", "dbus_fast", "http", "shutil")
 

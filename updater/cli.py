@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import TextIO
 
 from updater import config
-from updater.cli_fleet import cmd_fleet, cmd_fleet_unblock, cmd_fleetlock_serve, cmd_lock
+from updater.cli_fleet import (
+    cmd_fleet,
+    cmd_fleet_serve,
+    cmd_fleet_unblock,
+    cmd_fleetlock_serve,
+    cmd_lock,
+)
 from updater.cli_host import cmd_agent, cmd_check, cmd_mark_good, cmd_rollback, cmd_status
 from updater.cli_output import emit_json
 from updater.cli_release import cmd_keys_rotate, cmd_release
@@ -99,6 +105,48 @@ def build_parser() -> argparse.ArgumentParser:
     fu.add_argument("--group", help="lock group (default: [reboot] group)")
     fu.add_argument("--json", action="store_true", help="print JSON")
     fu.set_defaults(func=cmd_fleet_unblock)
+    fsv = fsub.add_parser(
+        "serve",
+        help="the fleet dashboard: read-only HTTP over etcd (a page, JSON, /metrics)",
+        description="serve the fleet dashboard (GET /, /api/v1/hosts, /api/v1/groups, "
+        "/api/v1/versions, /metrics) from etcd; [etcd] gives TLS and auth",
+    )
+    fsv.add_argument(
+        "--listen", default="127.0.0.1:9477", help="IP:PORT (default 127.0.0.1:9477; 0.0.0.0:9477)"
+    )
+    fsv.add_argument(
+        "--etcd",
+        action="append",
+        metavar="URL",
+        help="etcd endpoint, repeatable (default: [etcd] endpoints)",
+    )
+    fsv.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate chain")
+    fsv.add_argument("--tls-key", type=Path, help="and this PEM private key")
+    fsv.add_argument(
+        "--token-file",
+        type=Path,
+        help="/api/ and /metrics need Authorization: Bearer <the token in this file>",
+    )
+    fsv.add_argument(
+        "--refresh",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="read etcd this often (default 2)",
+    )
+    fsv.add_argument(
+        "--stale-after",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="a reboot slot held longer is shown stale (default 3600)",
+    )
+    fsv.add_argument(
+        "--log",
+        choices=["auto", "journal", "console", "json"],
+        help="log destination (default: auto)",
+    )
+    fsv.set_defaults(func=cmd_fleet_serve, json=False)
 
     flk = sub.add_parser(
         "fleetlock",

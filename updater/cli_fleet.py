@@ -260,3 +260,85 @@ def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextI
         notifier.stopping()
         log.info("fleetlock_stopping", url=server.url)
     return 0
+
+
+def cmd_fleet_serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from policies.etcdclient import EtcdClient  # noqa: PLC0415 - etcd only when asked for
+    from policies.fleetserve import (  # noqa: PLC0415
+        EtcdReads,
+        FleetCache,
+        FleetServer,
+        ServeSettings,
+        read_token,
+        serving,
+    )
+    from updater.listen import parse_listen  # noqa: PLC0415
+    from updater.sdnotify import Notifier  # noqa: PLC0415
+
+    configure(logging.DEBUG if args.verbose > 1 else logging.INFO, mode=args.log or "auto")
+    addr = parse_listen(
+        args.listen,
+        key="--listen",
+        allow_port_zero=True,
+        loopback_only=False,
+        what="dashboard listen address",
+        hint='an IP literal and a port: "0.0.0.0:9477", "127.0.0.1:9477", "[::]:9477"',
+    )
+    if addr.family != "tcp":
+        raise ConfigError("invalid", "the dashboard speaks HTTP over TCP", key="--listen")
+    for name, value, low, high in (
+        ("--refresh", args.refresh, 0.1, 3600.0),
+        ("--stale-after", args.stale_after, 1.0, 365 * 86400.0),
+    ):
+        if not low <= value <= high:  # NaN too
+            raise ConfigError("invalid", f"must be {low:g}..{high:g} seconds", key=name)
+    token = None if args.token_file is None else read_token(args.token_file)
+    settings = ServeSettings(
+        host=addr.host,
+        port=addr.port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token=token,
+    )
+    etcd = compose.etcd_settings(cfg)
+    if args.etcd:
+        etcd = dataclasses.replace(etcd, endpoints=tuple(args.etcd))
+    client = EtcdClient(etcd)
+    cache = FleetCache(
+        EtcdReads(client, cfg.reboot.max_failures),
+        refresh_s=args.refresh,
+        stale_after_s=args.stale_after,
+    )
+    try:
+        server = FleetServer(settings, cache)
+    except ConfigError:
+        client.close()
+        raise
+    except OSError as exc:
+        client.close()
+        raise ConfigError(
+            "invalid", f"cannot listen on {addr}: {exc.strerror or exc}", key="--listen"
+        ) from None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with contextlib.closing(client), serving(server):
+        log = structlog.get_logger("updater.fleetserve")
+        log.info(
+            "fleet_serving",
+            url=server.url,
+            etcd=list(etcd.endpoints),
+            token=token is not None,
+            refresh_s=args.refresh,
+        )
+        out.write(f"Fleet dashboard on {server.url}/\n")
+        out.flush()
+        notifier = Notifier()
+        notifier.ready(f"serving {server.url}")
+        stop.wait()
+        notifier.stopping()
+        log.info("fleet_serve_stopping", url=server.url)
+    return 0

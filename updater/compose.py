@@ -31,11 +31,13 @@ from updater.health import HealthChecker, SystemdUnits
 from updater.hostlock import FlockHostLock
 from updater.hostports import KuredSentinel, OsReleaseFile
 from updater.install import ProgressFn
+from updater.lockmetrics import MeteredLock
 from updater.machine import Timing
 from updater.metrics import Metrics
 from updater.rebooter import LogindRebooter, Rebooter, UnavailableRebooter
 from updater.sdnotify import Notifier
 from updater.sessions import LogindSessions, UserSessions
+from updater.settings import fleet_publishing
 from updater.slots import Slots
 from updater.source import HttpCache, SignedFetcher, StaticSource, UpdateSource
 from updater.state import StateStore
@@ -418,6 +420,8 @@ def reboot_strategy(
         observe = None
         if metrics is not None and config.reboot.lock == "etcd":
             observe = etcd_lock_observer(cast("EtcdLock", lock), metrics)
+        if metrics is not None:
+            lock = MeteredLock(lock, metrics, config.reboot.group)
         return LockStrategy(lock, holder or host_id(), clock, windows, observe)
     base = STRATEGIES[config.reboot.strategy]()
     return base if windows is None else Windowed(base, windows, clock)
@@ -442,10 +446,9 @@ def etcd_lock_observer(lock: EtcdLock, metrics: Metrics) -> Callable[[bool], Non
 
 
 def fleet_reporter(config: Config, *, holder: str | None = None) -> EtcdFleetReporter | None:
-    """With the etcd lock (and [etcd] publish_status), this host's fleet record."""
-    if not (config.reboot.strategy == "lock" and config.reboot.lock == "etcd"):
-        return None
-    if not config.etcd.publish_status:
+    """This host's fleet record in etcd, whatever its reboot strategy
+    (settings.fleet_publishing: [fleet] publish, by default with etcd configured)."""
+    if not fleet_publishing(config):
         return None
     from policies.etcdclient import EtcdClient
     from policies.fleet import FleetPublisher
@@ -454,7 +457,7 @@ def fleet_reporter(config: Config, *, holder: str | None = None) -> EtcdFleetRep
     ttl = 3 * config.agent.poll_interval_s
     hid = holder or host_id()
     publisher = FleetPublisher(EtcdClient(etcd_settings(config)), hid, ttl)
-    return EtcdFleetReporter(publisher, hid, config.reboot.group)
+    return EtcdFleetReporter(publisher, hid, config.reboot.group, config.reboot.strategy)
 
 
 class _RebooterOnDemand:

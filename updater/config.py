@@ -44,6 +44,7 @@ from updater.settings import (
     Config,
     DiskConfig,
     EtcdConfig,
+    FleetConfig,
     FleetLockConfig,
     GrubEnvConfig,
     HealthConfig,
@@ -68,6 +69,7 @@ __all__ = [
     "Config",
     "DiskConfig",
     "EtcdConfig",
+    "FleetConfig",
     "FleetLockConfig",
     "GrubEnvConfig",
     "HealthConfig",
@@ -384,7 +386,13 @@ def _etcd(s: Section) -> EtcdConfig:
         password_file=password,
         timeout_s=s.number("timeout_s", d.timeout_s, minimum=0.1, maximum=300),
         publish_status=s.bool_("publish_status", d.publish_status),
+        endpoints_set=s.raw("endpoints") is not None,
     )
+
+
+def _fleet(s: Section) -> FleetConfig:
+    publish = s.raw("publish")
+    return FleetConfig(publish=None if publish is None else s.bool_("publish", False))
 
 
 def _fleetlock(s: Section) -> FleetLockConfig:
@@ -436,6 +444,7 @@ _SECTIONS = {
     "reboot": _reboot,
     "etcd": _etcd,
     "fleetlock": _fleetlock,
+    "fleet": _fleet,
     "health": _health,
     "metrics": _metrics,
 }

@@ -5,17 +5,20 @@ from __future__ import annotations
 import socket
 import time
 
-from policies.fleet import FleetPublisher, HostRecord
+from policies.fleet import LAST_ERROR_CHARS, FleetPublisher, HostRecord
 from updater.agentapi import AgentStatus
 
 
 class EtcdFleetReporter:
     """The agent's FleetReporter port over etcd; blocking, called from a thread."""
 
-    def __init__(self, publisher: FleetPublisher, host_id: str, group: str) -> None:
+    def __init__(
+        self, publisher: FleetPublisher, host_id: str, group: str, strategy: str = ""
+    ) -> None:
         self.publisher = publisher
         self.host_id = host_id
         self.group = group
+        self.strategy = strategy
         self.hostname = socket.gethostname()
 
     def report(
@@ -35,5 +38,7 @@ class EtcdFleetReporter:
                 lock_held=lock_held,
                 updated=time.time(),
                 blocked_version=blocked_version,
+                strategy=self.strategy,
+                last_error=status.last_error_message[:LAST_ERROR_CHARS],
             )
         )

@@ -152,6 +152,33 @@ class Metrics:
             ["group"],
             registry=r,
         )
+        # this host's own use of the reboot lock (policies.rebootlock, any lock kind)
+        self._lock_held = Gauge(
+            "updater_lock_slot_held",
+            "1 while this host holds a slot of its group's reboot lock",
+            ["group"],
+            registry=r,
+        )
+        self._lock_held_s = Gauge(
+            "updater_lock_held_seconds",
+            "How long this host has held its reboot slot (0: it holds none)",
+            ["group"],
+            registry=r,
+        )
+        self._lock_wait_s = Gauge(
+            "updater_lock_waiting_seconds",
+            "How long this host has waited for a reboot slot (0: it does not wait)",
+            ["group"],
+            registry=r,
+        )
+        self._lock_errors = Counter(
+            "updater_lock_errors",
+            "Requests to the reboot lock that failed, by error kind",
+            ["group", "kind"],
+            registry=r,
+        )
+        self._lock_times: dict[str, tuple[float | None, float | None]] = {}  # held, waiting since
+        self._lock_mutex = threading.Lock()
 
     # ---- what the daemon calls ---------------------------------------------------------------
 
@@ -224,6 +251,27 @@ class Metrics:
         for gauge in (self._lock_holders, self._lock_slots, self._lock_oldest):
             with contextlib.suppress(KeyError):
                 gauge.remove(group)
+
+    def lock_state(self, group: str, *, held: bool, waiting: bool, now: float) -> None:
+        """This host holds a slot of ``group`` (since the first ``held`` report), or waits
+        for one (since the first ``waiting`` report), or neither; ``now``: monotonic
+        seconds, the clock the durations are read with at scrape time."""
+        with self._lock_mutex:
+            held_since, wait_since = self._lock_times.get(group, (None, None))
+            held_since = (held_since if held_since is not None else now) if held else None
+            wait_since = (wait_since if wait_since is not None else now) if waiting else None
+            self._lock_times[group] = (held_since, wait_since)
+        self._lock_held.labels(group=group).set(1 if held else 0)
+        self._lock_held_s.labels(group=group).set_function(lambda: self._lock_age(group, 0))
+        self._lock_wait_s.labels(group=group).set_function(lambda: self._lock_age(group, 1))
+
+    def _lock_age(self, group: str, which: int) -> float:
+        with self._lock_mutex:
+            since = self._lock_times.get(group, (None, None))[which]
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
+
+    def lock_error(self, group: str, kind: str) -> None:
+        self._lock_errors.labels(group=group, kind=self._bounded(kind)).inc()
 
     # ---- exposition ----------------------------------------------------------------------------
 

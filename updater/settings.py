@@ -146,6 +146,14 @@ class EtcdConfig:
     password_file: Path | None = None
     timeout_s: float = 5.0
     publish_status: bool = True  # keep this host's status under updater/v1/hosts/
+    endpoints_set: bool = False  # endpoints were given in a file (not the default)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    # keep this host's record under updater/v1/hosts/ in etcd; None: when an etcd
+    # endpoint is configured or the etcd lock is used (fleet_publishing)
+    publish: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,19 @@ class Config:
     reboot: RebootConfig = field(default_factory=RebootConfig)
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     fleetlock: FleetLockConfig = field(default_factory=FleetLockConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     files: tuple[Path, ...] = ()  # where it came from, in merge order
+
+
+def fleet_publishing(config: Config) -> bool:
+    """Whether this host keeps its fleet record in etcd, whatever its reboot strategy:
+    ``[fleet] publish`` if set; else not when the older ``[etcd] publish_status`` is
+    false; else when an etcd endpoint is configured or the etcd lock is used."""
+    if config.fleet.publish is not None:
+        return config.fleet.publish
+    if not config.etcd.publish_status:
+        return False
+    etcd_lock = config.reboot.strategy == "lock" and config.reboot.lock == "etcd"
+    return config.etcd.endpoints_set or etcd_lock
