@@ -31,6 +31,7 @@ from updater.blocking import release_memory, run_blocking
 from updater.clock import Clock
 from updater.errors import Cancelled, RefusedError, UpdaterError, internal_error
 from updater.fleetrecord import FleetRecord
+from updater.hostpolicy import HostPolicy
 from updater.install import Progress
 from updater.rebooter import Rebooter
 from updater.rebootpath import RebootPath
@@ -47,6 +48,8 @@ def status_text(st: AgentStatus) -> str:
     match st.state:
         case "IDLE":
             text = f"Idle, {booted}"
+            if st.held:
+                text += "; held"
             if st.last_error_kind:
                 text += f"; last error: {st.last_error_kind}"
         case "CHECKING_FOR_UPDATE":
@@ -91,8 +94,14 @@ class Agent:
         waiter: Waiter = wait_any,
         pre_reboot: HealthCheck | None = None,
         fleet: FleetReporter | None = None,
+        on_request: RebootStrategy | None = None,
+        reloader: Callable[[], Updater] | None = None,
     ) -> None:
         self.updater = updater
+        # builds the updater of the configuration as it is now (D-Bus Reload)
+        self._reloader = reloader
+        self._reloaded: Updater | None = None  # swapped in when the next check starts
+        self._policy = HostPolicy()
         self._bless = bless
         self.clock = clock
         self.notifier = notifier
@@ -113,6 +122,7 @@ class Agent:
             timing=self.timing,
             metrics=metrics,
             pre_reboot=pre_reboot,
+            on_request=on_request,
         )
         self._m = mc.Machine()
         self._booted = _Booted()
@@ -178,7 +188,12 @@ class Agent:
 
     def status(self) -> AgentStatus:
         m = self._m
+        until = self._policy.held_until(self.clock.now().timestamp())
         return AgentStatus(
+            held=until is not None,
+            held_until=int(until or 0),
+            skipped_versions=self._policy.skipped,
+            pin=self.updater.settings.pin or "",
             state=m.state.value,
             booted_slot=self._booted.slot,
             booted_version=self._booted.version,
@@ -204,7 +219,27 @@ class Agent:
         await self._dispatch(mc.CheckRequested())
 
     async def reboot_now(self) -> None:
-        await self._dispatch(mc.RebootRequested())
+        await self._dispatch(mc.RebootRequested(force=True))
+
+    async def request_reboot(self) -> str:
+        await self._dispatch(mc.RebootRequested(force=False))
+        return "started" if self._m.reboot_started_at is not None else "waiting"
+
+    async def reload(self) -> None:
+        policy = await run_blocking(self.updater.host_policy)  # policy_corrupt: the caller hears
+        if self._reloader is not None:
+            # a bad configuration is the caller's to hear; the agent keeps the one it has
+            self._reloaded = await run_blocking(self._reloader)
+        self._policy = policy
+        log.info(
+            "agent_reloaded",
+            held=policy.held(self.clock.now().timestamp()),
+            skipped=list(policy.skipped),
+            config=self._reloaded is not None,
+        )
+        self._publish()
+        if self._m.state == mc.S.IDLE and self._reloaded is not None:
+            await self._dispatch(mc.CheckRequested())  # the new channel or pin, now
 
     async def mark_good(self) -> None:
         await self._bless()
@@ -246,6 +281,10 @@ class Agent:
             if self.metrics is not None:
                 self.metrics.rollback(rolled_back)
         state = self.updater.store.load()
+        try:
+            self._policy = await run_blocking(self.updater.host_policy)
+        except UpdaterError as exc:  # every check fails on it too, visibly
+            log.error("host_policy_unreadable", error_kind=exc.kind, error=exc.message)
         staged = await run_blocking(self.updater.staged_slot_boots_next)
         resumed = machinerecord.resume(
             machinerecord.from_dict(state.agent), now, staged_still_next=staged
@@ -334,8 +373,8 @@ class Agent:
                 self._start_work(self._do_check(), "check")
             case mc.Install(offer=offer):
                 self._start_work(self._do_install(offer), "install")
-            case mc.Finalize(force=force):
-                await self.reboots.finalize(force)
+            case mc.Finalize(force=force, requested=requested):
+                await self.reboots.finalize(force, requested)
             case mc.ReportError(error=error):
                 log.error(
                     "update_failed",
@@ -411,7 +450,22 @@ class Agent:
         self._count(exc.kind)
         await self._dispatch(mc.Failed(mc.ErrorInfo(exc.kind, exc.message)))
 
+    def _take_reloaded(self) -> None:
+        """A check is starting and nothing else runs: the reloaded configuration's
+        updater takes over (channel, pin, source)."""
+        if self._reloaded is None:
+            return
+        self.updater = self.reboots.updater = self._reloaded
+        self._reloaded = None
+        log.info("config_applied", channel=self.updater.settings.channel)
+
     async def _do_check(self) -> None:
+        self._take_reloaded()
+        try:
+            self._policy = await run_blocking(self.updater.host_policy)
+        except UpdaterError as exc:
+            await self._fail(exc)
+            return
         await self._refresh_booted()  # `updatectl mark-good` may have blessed it meanwhile
         if self._booted.trial:
             # Not blessed yet: installing would overwrite the only known-good slot.
@@ -427,6 +481,11 @@ class Agent:
             self.metrics.checked(self.clock.now().timestamp())
         self._check = result
         m = result.manifest
+        if m is not None and result.refused is not None:
+            # the admin's decision, not a failure: nothing to back off from
+            log.info("update_refused_by_host", version=m.version, error_kind=result.refused.kind)
+            await self._dispatch(mc.NoUpdate(result.interval_s))
+            return
         if m is not None and result.blocked is not None:
             self.note_blocked(m.version, True)
             await self._fail(refusal(result.blocked))
@@ -507,6 +566,13 @@ class Agent:
             if self.metrics is not None:
                 self.metrics.state_changed(st.state, self.clock.now().timestamp())
         self.notifier.status(status_text(st))
+        if self.metrics is not None:
+            try:
+                self.metrics.host_policy(
+                    st.held_until if st.held else None, st.skipped_versions, st.pin
+                )
+            except Exception:
+                log.exception("metrics_not_counted", error_kind="host_policy")
         self.fleet_record.refresh()
         for listener in list(self._listeners):
             try:

@@ -182,7 +182,7 @@ def _group_failed_versions(cfg: config.Config) -> tuple[list[Verdict] | None, st
 
 def cmd_agent(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     configure(logging.DEBUG if args.verbose > 1 else logging.INFO, mode=args.log or cfg.agent.log)
-    asyncio.run(compose.run_agent(cfg))
+    asyncio.run(compose.run_agent(cfg, args.config))
     return 0
 
 

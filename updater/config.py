@@ -33,6 +33,7 @@ from updater.configfiles import (
     merge,
 )
 from updater.errors import ConfigError, LockError
+from updater.hostpolicy import valid_pin
 from updater.listen import parse_listen
 from updater.log import LogMode
 from updater.manifest import valid_channel
@@ -110,7 +111,13 @@ def _source(s: Section) -> SourceConfig:
     kind = s.str_("kind", d.kind) or d.kind
     if kind not in ("static", "omaha"):
         raise s.error("kind", f"unknown source {kind!r}", hint="static or omaha")
+    pin = s.str_("pin", d.pin)
+    if pin is not None and not valid_pin(pin):
+        raise s.error(
+            "pin", f"invalid pin {pin!r}", hint='a line such as "1.4.*", or a version prefix "1.4"'
+        )
     return SourceConfig(
+        pin=pin,
         url=url,
         channel=channel,
         keyring=keyring,

@@ -34,6 +34,7 @@ class SourceConfig:
     # A transfer slower than this on average over a window is abandoned (and resumed):
     min_speed_bytes_s: float = 1024.0  # 0: no floor
     min_speed_window_s: float = 60.0
+    pin: str | None = None  # "1.4.*" or a version prefix: only that line (updater.hostpolicy)
 
 
 @dataclass(frozen=True)
