@@ -43,6 +43,8 @@ class HostRecord:
     lock_held: bool | None  # None: this host does not use a cluster lock
     updated: float  # unix seconds of this record
     blocked_version: str = ""  # a version it refuses (failed on hosts of its group); "" none
+    held: bool = False  # an admin holds it (`updatectl hold`): no installs
+    held_until: int = 0  # unix seconds the hold ends; 0: until `updatectl unhold`
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -56,6 +58,15 @@ class HostRecord:
         fields: dict[str, Any] = {f: doc.get(f) for f in cls.__dataclass_fields__}
         if fields["blocked_version"] is None:  # a record of an agent from before it
             fields["blocked_version"] = ""
+        if fields["held"] is None:  # older agents: no hold
+            fields["held"] = False
+        if fields["held_until"] is None:
+            fields["held_until"] = 0
+        held_until = fields["held_until"]
+        if not isinstance(fields["held"], bool) or isinstance(held_until, bool):
+            raise ValueError("held must be a boolean")
+        if not isinstance(held_until, int) or held_until < 0:
+            raise ValueError("held_until must be unix seconds")
         for name in (
             "id",
             "hostname",
@@ -152,6 +163,7 @@ class FleetSummary:
     errors: tuple[tuple[str, str], ...] = ()  # (hostname, last error kind)
     states: dict[str, int] = field(default_factory=dict)
     refusing: tuple[tuple[str, str], ...] = ()  # (hostname, blocked version it refuses)
+    held: tuple[tuple[str, int], ...] = ()  # (hostname, until: unix seconds, 0 until unhold)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,6 +194,7 @@ def summarize(
         errors=tuple((h.hostname, h.last_error_kind) for h in hosts if h.last_error_kind),
         states=dict(sorted(Counter(h.state for h in hosts).items())),
         refusing=tuple((h.hostname, h.blocked_version) for h in hosts if h.blocked_version),
+        held=tuple((h.hostname, h.held_until) for h in hosts if h.held),
     )
 
 

@@ -13,8 +13,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 from updater import compose, config
 from updater.agent import status_text
 from updater.agentapi import AgentStatus
+from updater.cli_admin import policy_doc
+from updater.clock import SystemClock
 from updater.dbus_api import read_status
 from updater.errors import UpdaterError
+from updater.hostpolicy import HostPolicy
+from updater.hostpolicy import format_time as format_unix
+from updater.hostpolicyfile import HostPolicyStore
 from updater.install import WriteResult
 from updater.log import configure
 from updater.machine import Timing, server_interval
@@ -146,9 +151,19 @@ def cmd_status(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int
             raise
         report = None  # e.g. not root: the disk is unreadable, the agent answered
     failed, failed_error = _group_failed_versions(cfg)
+    now = SystemClock().now().timestamp()
+    try:
+        policy: HostPolicy | None = HostPolicyStore(cfg.agent.state_dir).load()
+        policy_error = None
+    except UpdaterError as exc:
+        policy, policy_error = None, f"{exc.kind}: {exc.message}"
     if args.json:
         doc = dict(as_dict(report)) if report is not None else {}
         doc["agent"] = None if agent is None else dataclasses.asdict(agent)
+        doc["channel"] = cfg.source.channel
+        doc["pin"] = cfg.source.pin
+        doc["host_policy"] = None if policy is None else policy_doc(policy, now)
+        doc["host_policy_error"] = policy_error
         if failed is not None or failed_error is not None:
             from policies.failed import verdicts_as_dict  # noqa: PLC0415
 
@@ -160,6 +175,13 @@ def cmd_status(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int
         _print_agent(agent, out)
     else:
         out.write("Agent:          not running (state from the disk and the state file)\n")
+    out.write(f"Channel:        {cfg.source.channel}\n")
+    if cfg.source.pin:
+        out.write(f"Pinned to:      {cfg.source.pin}\n")
+    if policy_error is not None:
+        out.write(f"Host policy:    unreadable ({policy_error}): no installs\n")
+    elif policy is not None:
+        _print_policy(policy, now, out)
     if report is not None:
         _print_status(report, out)
     if failed_error is not None:
@@ -167,6 +189,20 @@ def cmd_status(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int
     elif failed:
         print_failed_versions(failed, out, cfg.reboot.max_failures)
     return 0
+
+
+def _print_policy(policy: HostPolicy, now: float, out: TextIO) -> None:
+    until = policy.held_until(now)
+    if until is not None:
+        when = "`updatectl unhold`" if until == 0.0 else format_unix(until)
+        out.write(f"Held:           no installs until {when}\n")
+    if policy.skipped:
+        out.write(f"Skipped:        {', '.join(policy.skipped)}\n")
+    d = policy.downgrade
+    if d is not None:
+        out.write(
+            f"Downgrade:      {d.version} of {d.channel} allowed once (below the floor {d.floor})\n"
+        )
 
 
 def _group_failed_versions(cfg: config.Config) -> tuple[list[Verdict] | None, str | None]:

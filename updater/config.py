@@ -459,8 +459,10 @@ def validate(merged: Mapping[str, Mapping[str, Value]], files: Sequence[Path]) -
 
 
 def load(config_file: Path | None = None, dirs: Sequence[Path] = DROPIN_DIRS) -> Config:
-    """Load ``config_file`` alone, or the merged drop-ins."""
-    if config_file is not None:
+    """Load ``config_file`` alone (a directory: its drop-ins alone), or the merged drop-ins."""
+    if config_file is not None and config_file.is_dir():
+        files = dropin_files([config_file])
+    elif config_file is not None:
         if not config_file.exists():
             raise ConfigError("missing", "no such file", file=str(config_file))
         files = [config_file]

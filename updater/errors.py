@@ -164,7 +164,7 @@ class UsageError(UpdaterError):
     """A command-line argument that argparse could not judge (a time in the past...)."""
 
     exit_code = ExitCode.USAGE
-    kinds = frozenset({"bad_time"})
+    kinds = frozenset({"bad_time", "bad_version", "bad_channel"})
 
 
 class StateError(UpdaterError):

@@ -35,5 +35,7 @@ class EtcdFleetReporter:
                 lock_held=lock_held,
                 updated=time.time(),
                 blocked_version=blocked_version,
+                held=status.held,
+                held_until=status.held_until,
             )
         )

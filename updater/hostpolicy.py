@@ -137,6 +137,16 @@ def downgrade_allowed(policy: HostPolicy, channel: str, version: str) -> bool:
     return d is not None and d.channel == channel and d.version == version
 
 
+def below_floor(version: str, booted: str | None, highest: str | None) -> str | None:
+    """The floor ``version`` is below (the booted version or the highest this host ever
+    accepted, whichever is higher), or None when it is not below it."""
+    floors = [v for v in (booted, highest) if v is not None]
+    if not floors:
+        return None
+    floor = max(floors, key=versions.sort_key)
+    return floor if versions.compare(version, floor) < 0 else None
+
+
 # ---- hold times -------------------------------------------------------------------------------
 
 _DURATION = re.compile(r"(?:([0-9]{1,6})([smhdw]))+")
