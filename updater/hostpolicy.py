@@ -159,7 +159,6 @@ def parse_until(text: str, now: datetime) -> float:
     """``--until``: a duration from ``now`` (``90m``, ``2h``, ``1d12h``, ``2w``) or a
     time (ISO 8601: ``2026-12-24``, ``2026-12-24T08:00``, with ``Z`` or an offset;
     without one, UTC). Unix seconds; UsageError if malformed or not in the future."""
-    text = text.strip()
     if _DURATION.fullmatch(text):
         seconds = sum(int(n) * _UNIT_S[u] for n, u in _TERM.findall(text))
         until = now + timedelta(seconds=seconds)
