@@ -47,6 +47,8 @@ def _check_doc(result: UpdateCheckResult, timing: Timing) -> dict[str, Any]:
         # what the agent would wait: the server's wish, held to its bounds
         "poll_interval_s": None if interval is None else server_interval(interval, timing),
         "blocked": None if result.blocked is None else result.blocked.describe(),
+        # this host refuses it (held, skipped, pinned): kind and why
+        "refused": None if result.refused is None else result.refused.as_dict(),
     }
     m = result.manifest
     if m is not None:
@@ -87,6 +89,8 @@ def cmd_check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         out.write(f"Up to date: {result.booted_version} is the newest on {m.channel}.\n")
     elif result.staged:
         out.write(f"{m.version} is already installed in {result.target.label}: reboot to apply.\n")
+    elif result.refused is not None:
+        out.write(f"Update available but refused: {result.refused.message}.\n")
     elif result.blocked is not None:
         out.write(
             f"Update available but refused: {result.blocked.describe()}. "

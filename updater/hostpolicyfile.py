@@ -54,15 +54,16 @@ class HostPolicyStore:
         """Load, change, save. ``replace_corrupt``: an unreadable file counts as empty
         (hold and unhold: what the admin says now is the whole policy)."""
         with self._lock:
+            corrupt = False
             try:
                 before = self.load()
             except StateError as exc:
                 if not replace_corrupt:
                     raise
                 log.warning("host_policy_replaced", path=str(self.path), error=exc.message)
-                before = HostPolicy()
+                before, corrupt = HostPolicy(), True
             after = change(before)
-            if after != before:
+            if after != before or corrupt:
                 self.save(after)
             return after
 
