@@ -102,6 +102,7 @@ class Agent:
         self._reloader = reloader
         self._reloaded: Updater | None = None  # swapped in when the next check starts
         self._policy = HostPolicy()
+        self._recheck = False  # a Reload asks for a check as soon as the agent is idle
         self._bless = bless
         self.clock = clock
         self.notifier = notifier
@@ -238,8 +239,10 @@ class Agent:
             config=self._reloaded is not None,
         )
         self._publish()
-        if self._m.state == mc.S.IDLE and self._reloaded is not None:
-            await self._dispatch(mc.CheckRequested())  # the new channel or pin, now
+        # what changed (a channel, a pin, an unhold) is weighed by a check: now if idle,
+        # else as soon as the agent is idle again (a check under way read the old)
+        self._recheck = True
+        self._reschedule()
 
     async def mark_good(self) -> None:
         await self._bless()
@@ -364,6 +367,8 @@ class Agent:
 
     def _reschedule(self) -> None:
         delay = mc.next_delay(self._m, self.timing, self.rng.random())
+        if self._recheck and self._m.state == mc.S.IDLE:
+            delay = 0.0
         self._deadline = None if delay is None else self.clock.monotonic() + delay
         self._wake.set()
 
@@ -460,6 +465,7 @@ class Agent:
         log.info("config_applied", channel=self.updater.settings.channel)
 
     async def _do_check(self) -> None:
+        self._recheck = False
         self._take_reloaded()
         try:
             self._policy = await run_blocking(self.updater.host_policy)

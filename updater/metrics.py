@@ -133,7 +133,7 @@ class Metrics:
         )
         self._held_until = Gauge(
             "updater_held_until_timestamp_seconds",
-            "Unix time the hold ends (0: until `updatectl unhold`; none while not held)",
+            "Unix time the hold ends (0: until `updatectl unhold`, or not held)",
             registry=r,
         )
         self._skipped = Gauge(
@@ -230,11 +230,7 @@ class Metrics:
         before = self._policy_shown
         self._policy_shown = shown
         self._held.set(0 if held_until is None else 1)
-        if held_until is None:
-            with contextlib.suppress(KeyError):
-                self._held_until.remove()
-        else:
-            self._held_until.set(held_until)
+        self._held_until.set(held_until or 0)
         for version in set(before[1]) - set(skipped):
             with contextlib.suppress(KeyError):
                 self._skipped.remove(version)
