@@ -8,12 +8,12 @@ import asyncio
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import structlog
 
 from updater import compose, config, versions
-from updater.cli_output import emit_json
+from updater.cli_output import emit_json, policy_doc
 from updater.clock import SystemClock
 from updater.configfiles import DROPIN_DIRS
 from updater.dbus_client import call
@@ -70,19 +70,6 @@ def _tell_agent(cfg: config.Config, err: TextIO) -> bool:
         )
         return False
     return True
-
-
-def policy_doc(policy: HostPolicy, now: float) -> dict[str, Any]:
-    until = policy.held_until(now)
-    d = policy.downgrade
-    return {
-        "held": until is not None,
-        "held_until": None if not until else format_time(until),
-        "skipped": list(policy.skipped),
-        "downgrade": None
-        if d is None
-        else {"channel": d.channel, "version": d.version, "floor": d.floor},
-    }
 
 
 def _policy_done(

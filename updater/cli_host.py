@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 from updater import compose, config
 from updater.agent import status_text
 from updater.agentapi import AgentStatus
-from updater.cli_admin import policy_doc
 from updater.clock import SystemClock
 from updater.dbus_api import read_status
 from updater.errors import UpdaterError
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
     from policies.failed import Verdict
 
 
-from updater.cli_output import emit_json, print_failed_versions
+from updater.cli_output import emit_json, policy_doc, print_failed_versions
 
 
 def _check_doc(result: UpdateCheckResult, timing: Timing) -> dict[str, Any]:
