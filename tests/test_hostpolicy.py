@@ -4,13 +4,19 @@ machine's reboot request through the policy (updater.machine)."""
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fuzzing import fewer_examples, parse_or_typed_error
+from tests.test_fuzz_json import anything, deep_documents, mutations
 from updater.errors import RefusedError, StateError, UsageError
 from updater.hostpolicy import (
     Downgrade,
@@ -26,7 +32,7 @@ from updater.hostpolicy import (
     to_json,
     valid_pin,
 )
-from updater.hostpolicyfile import HostPolicyStore
+from updater.hostpolicyfile import POLICY_FILE, HostPolicyStore
 from updater.machine import (
     Finalize,
     Machine,
@@ -38,6 +44,7 @@ from updater.machine import (
     Tick,
     step,
 )
+from updater.metrics import Metrics
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 T = NOW.timestamp()
@@ -331,3 +338,59 @@ def test_reboot_request_with_nothing_staged(state: S) -> None:
     after, got = step(Machine(state), RebootRequested(force=False), 1000.0)
     assert after.reboot_wanted is False
     assert [type(a) for a in got] == [Refuse] and got[0].kind == "nothing_staged"  # type: ignore[union-attr]
+
+
+# ---- fuzzed: whatever the file holds is a policy or policy_corrupt ------------------------------
+
+POLICY_DOC = (json.dumps(to_json(FULL)) + "\n").encode()
+
+
+@pytest.mark.fuzz
+@settings(max_examples=fewer_examples(2))  # files on disk
+@given(st.one_of(anything, mutations([POLICY_DOC]), deep_documents))
+def test_fuzz_policy_file(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        store = HostPolicyStore(Path(d))
+        store.path.write_bytes(data)
+        result = parse_or_typed_error(store.load)
+        assert isinstance(result, HostPolicy | StateError), result
+        if isinstance(result, StateError):
+            assert result.kind == "policy_corrupt" and len(result.message) < 1000
+        else:
+            store.save(result)  # what was read can be written again, and reads the same
+            assert store.load() == result
+        assert not any(p.name != POLICY_FILE for p in Path(d).iterdir())
+
+
+# ---- the metrics of the policy ------------------------------------------------------------------
+
+
+def test_policy_metrics_follow_the_policy() -> None:
+    m = Metrics()
+
+    def samples() -> dict[str, float]:
+        out = {}
+        for family in text_string_to_metric_families(m.render().decode()):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return {k: v for k, v in out.items() if "held" in k or "skipped" in k or "pin" in k}
+
+    assert samples() == {"updater_held": 0, "updater_held_until_timestamp_seconds": 0}
+    m.host_policy(T + 60, ("1.1.0", "1.2.0"), "1.4.*")
+    assert samples() == {
+        "updater_held": 1,
+        "updater_held_until_timestamp_seconds": T + 60,
+        "updater_version_skipped{version=1.1.0}": 1,
+        "updater_version_skipped{version=1.2.0}": 1,
+        "updater_pin_info{pin=1.4.*}": 1,
+    }
+    m.host_policy(None, ("1.2.0",), "1.5")
+    assert samples() == {
+        "updater_held": 0,
+        "updater_held_until_timestamp_seconds": 0,
+        "updater_version_skipped{version=1.2.0}": 1,
+        "updater_pin_info{pin=1.5}": 1,
+    }
+    m.host_policy(None, (), "")
+    assert samples() == {"updater_held": 0, "updater_held_until_timestamp_seconds": 0}
