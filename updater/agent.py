@@ -227,22 +227,26 @@ class Agent:
         return "started" if self._m.reboot_started_at is not None else "waiting"
 
     async def reload(self) -> None:
+        """The host policy now; the configuration's update source (channel, pin, server)
+        from the next check. The reboot policy and the rest need a restart."""
         policy = await run_blocking(self.updater.host_policy)  # policy_corrupt: the caller hears
-        if self._reloader is not None:
-            # a bad configuration is the caller's to hear; the agent keeps the one it has
-            self._reloaded = await run_blocking(self._reloader)
         self._policy = policy
-        log.info(
-            "agent_reloaded",
-            held=policy.held(self.clock.now().timestamp()),
-            skipped=list(policy.skipped),
-            config=self._reloaded is not None,
-        )
         self._publish()
-        # what changed (a channel, a pin, an unhold) is weighed by a check: now if idle,
-        # else as soon as the agent is idle again (a check under way read the old)
-        self._recheck = True
-        self._reschedule()
+        try:
+            if self._reloader is not None:
+                # a bad configuration is the caller's to hear; the agent keeps the one it has
+                self._reloaded = await run_blocking(self._reloader)
+        finally:
+            log.info(
+                "agent_reloaded",
+                held=policy.held(self.clock.now().timestamp()),
+                skipped=list(policy.skipped),
+                config=self._reloaded is not None,
+            )
+            # what changed (a channel, a pin, an unhold) is weighed by a check: now if
+            # idle, else as soon as the agent is idle again (a check under way read the old)
+            self._recheck = True
+            self._reschedule()
 
     async def mark_good(self) -> None:
         await self._bless()
