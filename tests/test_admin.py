@@ -305,7 +305,12 @@ def test_channel_refusals(host: Host, repo: Repo, usr_images: dict[str, Path]) -
     shutil.copy(repo.manifest_path("beta"), repo.root / "evil" / "release.json")
     r = ctl(conf, "channel", "evil", "--json")
     assert r.code == 4 and error_kind(r) == "signature_missing"
+    # signed, but beta's manifest replayed as another channel's
+    repo.sign_manifest(repo.manifest_path("beta").read_bytes(), channel="evil")
+    r = ctl(conf, "channel", "evil", "--json")
+    assert r.code == 4 and error_kind(r) == "channel_mismatch"
     assert not (conf / "90-channel.toml").exists()
+    assert not HostPolicyStore(host.state_dir).path.exists()
 
 
 @pytest.mark.root  # switches to another user
