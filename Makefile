@@ -50,13 +50,13 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 unit: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 # The parsers' property-based fuzzing, with many more examples than make test
 # (HYPOTHESIS_PROFILE=fuzz: tests/fuzzing.py). Minutes, not seconds.

@@ -73,14 +73,44 @@ def _unlisted_spawns() -> dict[str, str]:
     return out
 
 
+_WORKERS_UNLISTED: dict[str, str] = {}  # under xdist: what the workers found
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     unlisted = _unlisted_spawns()
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller reports it
+        workeroutput["unlisted_spawns"] = json.dumps(unlisted)
+        return
+    unlisted.update(_WORKERS_UNLISTED)
     if unlisted:
         sys.stderr.write(
             "\nERROR: the tests started programs that scripts/tools.list does not install:\n"
             + "".join(f"  {p}  (first by {t})\n" for p, t in sorted(unlisted.items()))
         )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """xdist: a worker finished; keep the programs it started unlisted."""
+    found = getattr(node, "workeroutput", {}).get("unlisted_spawns")
+    if found:
+        _WORKERS_UNLISTED.update(json.loads(found))
+
+
+# The tests that boot QEMU machines (or build their Debian trees) carry
+# xdist_group("vm"): they run one after another in one xdist worker, and first:
+# they are the suite's long pole (about two thirds of its time) and share the
+# image cache; the rest of the suite runs beside them in the other worker
+# (`make test`: pytest -n 2 --dist loadgroup).
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def in_vm_group(item: pytest.Item) -> bool:
+        return any(m.args[:1] == ("vm",) for m in item.iter_markers("xdist_group"))
+
+    items.sort(key=lambda item: not in_vm_group(item))  # stable: the VM tests first
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

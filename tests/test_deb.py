@@ -30,6 +30,8 @@ from updater.clock import SystemClock
 from updater.release import ReleaseRequest, publish
 from updater.run import run
 
+pytestmark = pytest.mark.xdist_group("vm")  # the VM tests share one worker: tests/conftest.py
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:

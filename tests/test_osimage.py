@@ -22,6 +22,8 @@ from devtools import osimage, vm
 from updater import config
 from updater.run import Completed
 
+pytestmark = pytest.mark.xdist_group("vm")  # the VM tests share one worker: tests/conftest.py
+
 # ---- the recipe, without building -------------------------------------------------------------
 
 
