@@ -48,6 +48,8 @@ class HostRecord:
     blocked_version: str = ""  # a version it refuses (failed on hosts of its group); "" none
     strategy: str = ""  # its [reboot] strategy (immediate, off, lock); "" an older agent
     last_error: str = ""  # the last error's message (at most LAST_ERROR_CHARS); "" none
+    held: bool = False  # an admin holds it (`updatectl hold`): no installs
+    held_until: int = 0  # unix seconds the hold ends; 0: until `updatectl unhold`
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -62,6 +64,15 @@ class HostRecord:
         for name in ("blocked_version", "strategy", "last_error"):
             if fields[name] is None:  # a record of an agent from before the field
                 fields[name] = ""
+        if fields["held"] is None:  # older agents: no hold
+            fields["held"] = False
+        if fields["held_until"] is None:
+            fields["held_until"] = 0
+        held_until = fields["held_until"]
+        if not isinstance(fields["held"], bool) or isinstance(held_until, bool):
+            raise ValueError("held must be a boolean")
+        if not isinstance(held_until, int) or held_until < 0:
+            raise ValueError("held_until must be unix seconds")
         for name in (
             "id",
             "hostname",
@@ -160,6 +171,7 @@ class FleetSummary:
     errors: tuple[tuple[str, str], ...] = ()  # (hostname, last error kind)
     states: dict[str, int] = field(default_factory=dict)
     refusing: tuple[tuple[str, str], ...] = ()  # (hostname, blocked version it refuses)
+    held: tuple[tuple[str, int], ...] = ()  # (hostname, until: unix seconds, 0 until unhold)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +202,7 @@ def summarize(
         errors=tuple((h.hostname, h.last_error_kind) for h in hosts if h.last_error_kind),
         states=dict(sorted(Counter(h.state for h in hosts).items())),
         refusing=tuple((h.hostname, h.blocked_version) for h in hosts if h.blocked_version),
+        held=tuple((h.hostname, h.held_until) for h in hosts if h.held),
     )
 
 

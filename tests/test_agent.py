@@ -601,7 +601,7 @@ def run_window(h: Harness, clock: WindowClock) -> asyncio.Task[None] | None:
         task = asyncio.create_task(h.agent.run(h.stop))
         outcome.append(task)
         with contextlib.suppress(AssertionError):  # a wedge is told by what it left behind
-            await until(lambda: clock.parked or task.done(), timeout=10)
+            await until(lambda: clock.parked or task.done(), timeout=60)  # a busy machine
         h.stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(task), 10)

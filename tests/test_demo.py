@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from devtools.diskimage import cgpt_flags
@@ -58,15 +59,18 @@ def test_the_demo_reads_cleanly(tmp_path: Path) -> None:
         "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path / 'no-bus'}",
     }
     env.pop("JOURNAL_STREAM", None)
-    r = subprocess.run(
-        [sys.executable, "-m", "devtools.demo", "--workdir", str(tmp_path / "demo")],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    # a short work dir: gpg-agent's socket path (<gnupghome>/S.gpg-agent.browser) must fit
+    # in 108 bytes, and pytest's tmp_path under xdist is long
+    with tempfile.TemporaryDirectory(prefix="demo-") as workdir:
+        r = subprocess.run(
+            [sys.executable, "-m", "devtools.demo", "--workdir", workdir],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = (r.stdout + r.stderr).splitlines()
     raw = [line for line in lines if line.lstrip().startswith("{")]

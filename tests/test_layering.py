@@ -32,15 +32,37 @@ PURE = {
     "updater.deltaplan": "the delta planner",
     "updater.trustroot": "the trust roots and the rules of their chain",
     "policies.fleetview": "the fleet dashboard's views",
+    "updater.hostpolicy": "the admin's decisions for one host (hold, skips, pin, floor)",
 }
 IMPURE_LIBRARIES = ("requests", "urllib3", "socket", "subprocess", "dbus_fast", "http", "shutil")
 
 # Who may import whom among the modules of one job (the rest follow the cycle rule):
 # a command module of the CLI, the D-Bus client and the CoreOS interface stand alone.
 FORBIDDEN = {
-    "updater.cli_host": {"updater.cli", "updater.cli_fleet", "updater.cli_release"},
-    "updater.cli_fleet": {"updater.cli", "updater.cli_host", "updater.cli_release"},
-    "updater.cli_release": {"updater.cli", "updater.cli_host", "updater.cli_fleet"},
+    "updater.cli_host": {
+        "updater.cli",
+        "updater.cli_fleet",
+        "updater.cli_release",
+        "updater.cli_admin",
+    },
+    "updater.cli_fleet": {
+        "updater.cli",
+        "updater.cli_host",
+        "updater.cli_release",
+        "updater.cli_admin",
+    },
+    "updater.cli_release": {
+        "updater.cli",
+        "updater.cli_host",
+        "updater.cli_fleet",
+        "updater.cli_admin",
+    },
+    "updater.cli_admin": {
+        "updater.cli",
+        "updater.cli_host",
+        "updater.cli_fleet",
+        "updater.cli_release",
+    },
     "updater.dbus_client": {"updater.dbus_api", "updater.dbus_coreos"},
     "updater.dbus_coreos": {"updater.dbus_api", "updater.dbus_client"},
     "updater.dbus_wire": {"updater.dbus_api", "updater.dbus_client", "updater.dbus_coreos"},

@@ -31,6 +31,7 @@ from updater.blocking import release_memory, run_blocking
 from updater.clock import Clock
 from updater.errors import Cancelled, RefusedError, UpdaterError, internal_error
 from updater.fleetrecord import FleetRecord
+from updater.hostpolicy import HostPolicy
 from updater.install import Progress
 from updater.rebooter import Rebooter
 from updater.rebootpath import RebootPath
@@ -48,6 +49,8 @@ def status_text(st: AgentStatus) -> str:
     match st.state:
         case "IDLE":
             text = f"Idle, {booted}"
+            if st.held:
+                text += "; held"
             if st.last_error_kind:
                 text += f"; last error: {st.last_error_kind}"
         case "CHECKING_FOR_UPDATE":
@@ -95,8 +98,15 @@ class Agent:
         pre_reboot: HealthCheck | None = None,
         fleet: FleetReporter | None = None,
         users: UserSessions | None = None,
+        on_request: RebootStrategy | None = None,
+        reloader: Callable[[], Updater] | None = None,
     ) -> None:
         self.updater = updater
+        # builds the updater of the configuration as it is now (D-Bus Reload)
+        self._reloader = reloader
+        self._reloaded: Updater | None = None  # swapped in when the next check starts
+        self._policy = HostPolicy()
+        self._recheck = False  # a Reload asks for a check as soon as the agent is idle
         self._bless = bless
         self.clock = clock
         self.notifier = notifier
@@ -118,6 +128,7 @@ class Agent:
             metrics=metrics,
             pre_reboot=pre_reboot,
             users=users,
+            on_request=on_request,
         )
         self._m = mc.Machine()
         self._booted = _Booted()
@@ -183,7 +194,12 @@ class Agent:
 
     def status(self) -> AgentStatus:
         m = self._m
+        until = self._policy.held_until(self.clock.now().timestamp())
         return AgentStatus(
+            held=until is not None,
+            held_until=int(until or 0),
+            skipped_versions=self._policy.skipped,
+            pin=self.updater.settings.pin or "",
             state=m.state.value,
             booted_slot=self._booted.slot,
             booted_version=self._booted.version,
@@ -209,7 +225,33 @@ class Agent:
         await self._dispatch(mc.CheckRequested())
 
     async def reboot_now(self) -> None:
-        await self._dispatch(mc.RebootRequested())
+        await self._dispatch(mc.RebootRequested(force=True))
+
+    async def request_reboot(self) -> str:
+        await self._dispatch(mc.RebootRequested(force=False))
+        return "started" if self._m.reboot_started_at is not None else "waiting"
+
+    async def reload(self) -> None:
+        """The host policy now; the configuration's update source (channel, pin, server)
+        from the next check. The reboot policy and the rest need a restart."""
+        policy = await run_blocking(self.updater.host_policy)  # policy_corrupt: the caller hears
+        self._policy = policy
+        self._publish()
+        try:
+            if self._reloader is not None:
+                # a bad configuration is the caller's to hear; the agent keeps the one it has
+                self._reloaded = await run_blocking(self._reloader)
+        finally:
+            log.info(
+                "agent_reloaded",
+                held=policy.held(self.clock.now().timestamp()),
+                skipped=list(policy.skipped),
+                config=self._reloaded is not None,
+            )
+            # what changed (a channel, a pin, an unhold) is weighed by a check: now if
+            # idle, else as soon as the agent is idle again (a check under way read the old)
+            self._recheck = True
+            self._reschedule()
 
     async def mark_good(self) -> None:
         await self._bless()
@@ -251,6 +293,10 @@ class Agent:
             if self.metrics is not None:
                 self.metrics.rollback(rolled_back)
         state = self.updater.store.load()
+        try:
+            self._policy = await run_blocking(self.updater.host_policy)
+        except UpdaterError as exc:  # every check fails on it too, visibly
+            log.error("host_policy_unreadable", error_kind=exc.kind, error=exc.message)
         staged = await run_blocking(self.updater.staged_slot_boots_next)
         resumed = machinerecord.resume(
             machinerecord.from_dict(state.agent), now, staged_still_next=staged
@@ -330,6 +376,8 @@ class Agent:
 
     def _reschedule(self) -> None:
         delay = mc.next_delay(self._m, self.timing, self.rng.random())
+        if self._recheck and self._m.state == mc.S.IDLE:
+            delay = 0.0
         self._deadline = None if delay is None else self.clock.monotonic() + delay
         self._wake.set()
 
@@ -339,8 +387,8 @@ class Agent:
                 self._start_work(self._do_check(), "check")
             case mc.Install(offer=offer):
                 self._start_work(self._do_install(offer), "install")
-            case mc.Finalize(force=force):
-                await self.reboots.finalize(force)
+            case mc.Finalize(force=force, requested=requested):
+                await self.reboots.finalize(force, requested)
             case mc.ReportError(error=error):
                 log.error(
                     "update_failed",
@@ -416,7 +464,23 @@ class Agent:
         self._count(exc.kind)
         await self._dispatch(mc.Failed(mc.ErrorInfo(exc.kind, exc.message)))
 
+    def _take_reloaded(self) -> None:
+        """A check is starting and nothing else runs: the reloaded configuration's
+        updater takes over (channel, pin, source)."""
+        if self._reloaded is None:
+            return
+        self.updater = self.reboots.updater = self._reloaded
+        self._reloaded = None
+        log.info("config_applied", channel=self.updater.settings.channel)
+
     async def _do_check(self) -> None:
+        self._recheck = False
+        self._take_reloaded()
+        try:
+            self._policy = await run_blocking(self.updater.host_policy)
+        except UpdaterError as exc:
+            await self._fail(exc)
+            return
         await self._refresh_booted()  # `updatectl mark-good` may have blessed it meanwhile
         if self._booted.trial:
             # Not blessed yet: installing would overwrite the only known-good slot.
@@ -432,6 +496,11 @@ class Agent:
             self.metrics.checked(self.clock.now().timestamp())
         self._check = result
         m = result.manifest
+        if m is not None and result.refused is not None:
+            # the admin's decision, not a failure: nothing to back off from
+            log.info("update_refused_by_host", version=m.version, error_kind=result.refused.kind)
+            await self._dispatch(mc.NoUpdate(result.interval_s))
+            return
         if m is not None and result.blocked is not None:
             self.note_blocked(m.version, True)
             await self._fail(refusal(result.blocked))
@@ -512,6 +581,13 @@ class Agent:
             if self.metrics is not None:
                 self.metrics.state_changed(st.state, self.clock.now().timestamp())
         self.notifier.status(status_text(st))
+        if self.metrics is not None:
+            try:
+                self.metrics.host_policy(
+                    st.held_until if st.held else None, st.skipped_versions, st.pin
+                )
+            except Exception:
+                log.exception("metrics_not_counted", error_kind="host_policy")
         self.fleet_record.refresh()
         for listener in list(self._listeners):
             try:

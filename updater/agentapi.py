@@ -33,6 +33,11 @@ class AgentStatus:
     last_error_message: str
     last_check_time: int  # unix seconds of the last completed check; 0 never
     last_change_time: int  # unix seconds of the last state change
+    # what an admin decided for this host (updater.hostpolicy); the API only grows
+    held: bool = False  # `updatectl hold`: no installs
+    held_until: int = 0  # unix seconds the hold ends; 0: until `updatectl unhold` (or none)
+    skipped_versions: tuple[str, ...] = ()  # `updatectl skip`
+    pin: str = ""  # [source] pin
 
 
 StatusListener = Callable[[AgentStatus], None]
@@ -62,6 +67,18 @@ class AgentControl(Protocol):
 
     async def mark_good(self) -> None:
         """Run the health checks, then mark the booted slot good (or bad)."""
+        ...
+
+    async def request_reboot(self) -> str:
+        """Reboot into the staged update through the reboot policy (its lock and
+        windows; ``off`` gives way), as soon as it allows: ``started`` if the reboot
+        was asked of logind now, ``waiting`` if the policy said not yet (the agent
+        keeps asking). RefusedError ``nothing_staged`` if nothing is staged."""
+        ...
+
+    async def reload(self) -> None:
+        """Re-read the host's hold, skips and downgrade allowance (``<state_dir>``) and
+        the configuration (applied at the next check; ConfigError if it is invalid)."""
         ...
 
     async def reset_status(self) -> None:

@@ -51,6 +51,8 @@ class MetricsPort(Protocol):
 
     def version_blocked(self, version: str, blocked: bool) -> None: ...
 
+    def host_policy(self, held_until: float | None, skipped: tuple[str, ...], pin: str) -> None: ...
+
 
 class Waiter(Protocol):
     async def __call__(self, timeout: float | None, *events: asyncio.Event) -> None:

@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import TextIO
 
 from updater import config
+from updater.cli_admin import (
+    cmd_channel,
+    cmd_hold,
+    cmd_reboot,
+    cmd_skip,
+    cmd_unhold,
+    cmd_unskip,
+)
 from updater.cli_fleet import (
     cmd_fleet,
     cmd_fleet_serve,
@@ -32,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="updatectl", description="A/B OS updates: check, install, inspect, publish."
     )
-    p.add_argument("--config", type=Path, help="read this one TOML file instead of the drop-ins")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="read this one TOML file (or this directory's drop-ins) instead of the drop-ins",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -57,6 +69,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="log destination (default: [agent] log, auto)",
     )
     add("rollback", cmd_rollback, "boot the other slot next, if it holds a verified install")
+    rb = add(
+        "reboot",
+        cmd_reboot,
+        "reboot into the staged update through the reboot policy (its lock and windows)",
+    )
+    rb.add_argument(
+        "--force", action="store_true", help="reboot now, past the policy (not inhibitors)"
+    )
+    hd = add("hold", cmd_hold, "stop installs on this host until `unhold` (or --until)")
+    hd.add_argument(
+        "--until", metavar="TIME", help="end the hold then: 2026-12-24T08:00Z, or 12h, 2d, 1w"
+    )
+    add("unhold", cmd_unhold, "let this host install updates again")
+    sk = add("skip", cmd_skip, "never install VERSION on this host")
+    sk.add_argument("version", metavar="VERSION")
+    us = add("unskip", cmd_unskip, "let this host install VERSION again")
+    us.add_argument("version", metavar="VERSION")
+    ch = add(
+        "channel",
+        cmd_channel,
+        "follow channel NAME (writes a drop-in); refused if its newest is below this host's floor",
+    )
+    ch.add_argument("name", metavar="NAME")
+    ch.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="root: install the channel's newest once, below the version floor",
+    )
     lk = sub.add_parser(
         "lock",
         help="the cluster reboot lock (etcd)",

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 
 from updater.cli_output import age, emit_json, print_failed_versions
+from updater.hostpolicy import format_time as format_unix
 
 
 def cmd_lock(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
@@ -114,6 +115,11 @@ def cmd_fleet(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         out.write("Refusing a blocked version:\n")
         for name, version in summary.refusing:
             out.write(f"  {name:30} {version}\n")
+    if summary.held:
+        out.write("Held by an admin (no installs):\n")
+        for name, until in summary.held:
+            when = "until unhold" if until == 0 else f"until {format_unix(until)}"
+            out.write(f"  {name:30} {when}\n")
     return 0
 
 

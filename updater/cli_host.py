@@ -13,8 +13,12 @@ from typing import TYPE_CHECKING, Any, TextIO
 from updater import compose, config
 from updater.agent import status_text
 from updater.agentapi import AgentStatus
+from updater.clock import SystemClock
 from updater.dbus_api import read_status
 from updater.errors import UpdaterError
+from updater.hostpolicy import HostPolicy
+from updater.hostpolicy import format_time as format_unix
+from updater.hostpolicyfile import HostPolicyStore
 from updater.install import WriteResult
 from updater.log import configure
 from updater.machine import Timing, server_interval
@@ -27,7 +31,7 @@ if TYPE_CHECKING:
     from policies.failed import Verdict
 
 
-from updater.cli_output import emit_json, print_failed_versions
+from updater.cli_output import emit_json, policy_doc, print_failed_versions
 
 
 def _check_doc(result: UpdateCheckResult, timing: Timing) -> dict[str, Any]:
@@ -42,6 +46,8 @@ def _check_doc(result: UpdateCheckResult, timing: Timing) -> dict[str, Any]:
         # what the agent would wait: the server's wish, held to its bounds
         "poll_interval_s": None if interval is None else server_interval(interval, timing),
         "blocked": None if result.blocked is None else result.blocked.describe(),
+        # this host refuses it (held, skipped, pinned): kind and why
+        "refused": None if result.refused is None else result.refused.as_dict(),
     }
     m = result.manifest
     if m is not None:
@@ -82,6 +88,8 @@ def cmd_check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         out.write(f"Up to date: {result.booted_version} is the newest on {m.channel}.\n")
     elif result.staged:
         out.write(f"{m.version} is already installed in {result.target.label}: reboot to apply.\n")
+    elif result.refused is not None:
+        out.write(f"Update available but refused: {result.refused.message}.\n")
     elif result.blocked is not None:
         out.write(
             f"Update available but refused: {result.blocked.describe()}. "
@@ -147,11 +155,21 @@ def cmd_status(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int
         report = None  # e.g. not root: the disk is unreadable, the agent answered
     failed, failed_error = _group_failed_versions(cfg)
     trust, trust_error = _trust_root(cfg)
+    now = SystemClock().now().timestamp()
+    try:
+        policy: HostPolicy | None = HostPolicyStore(cfg.agent.state_dir).load()
+        policy_error = None
+    except UpdaterError as exc:
+        policy, policy_error = None, f"{exc.kind}: {exc.message}"
     if args.json:
         doc = dict(as_dict(report)) if report is not None else {}
         doc["agent"] = None if agent is None else dataclasses.asdict(agent)
         doc["trust_root"] = trust
         doc["trust_root_error"] = trust_error
+        doc["channel"] = cfg.source.channel
+        doc["pin"] = cfg.source.pin
+        doc["host_policy"] = None if policy is None else policy_doc(policy, now)
+        doc["host_policy_error"] = policy_error
         if failed is not None or failed_error is not None:
             from policies.failed import verdicts_as_dict  # noqa: PLC0415
 
@@ -163,6 +181,13 @@ def cmd_status(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int
         _print_agent(agent, out)
     else:
         out.write("Agent:          not running (state from the disk and the state file)\n")
+    out.write(f"Channel:        {cfg.source.channel}\n")
+    if cfg.source.pin:
+        out.write(f"Pinned to:      {cfg.source.pin}\n")
+    if policy_error is not None:
+        out.write(f"Host policy:    unreadable ({policy_error}): no installs\n")
+    elif policy is not None:
+        _print_policy(policy, now, out)
     if report is not None:
         _print_status(report, out)
     _print_trust(trust, trust_error, out)
@@ -207,6 +232,20 @@ def _print_trust(trust: dict[str, Any] | None, error: str | None, out: TextIO) -
         out.write(f"  retired {fpr}\n")
 
 
+def _print_policy(policy: HostPolicy, now: float, out: TextIO) -> None:
+    until = policy.held_until(now)
+    if until is not None:
+        when = "`updatectl unhold`" if until == 0.0 else format_unix(until)
+        out.write(f"Held:           no installs until {when}\n")
+    if policy.skipped:
+        out.write(f"Skipped:        {', '.join(policy.skipped)}\n")
+    d = policy.downgrade
+    if d is not None:
+        out.write(
+            f"Downgrade:      {d.version} of {d.channel} allowed once (below the floor {d.floor})\n"
+        )
+
+
 def _group_failed_versions(cfg: config.Config) -> tuple[list[Verdict] | None, str | None]:
     """With the etcd lock: the group's failed versions, or why they could not be read."""
     blocks = compose.version_blocks(cfg)
@@ -220,7 +259,7 @@ def _group_failed_versions(cfg: config.Config) -> tuple[list[Verdict] | None, st
 
 def cmd_agent(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     configure(logging.DEBUG if args.verbose > 1 else logging.INFO, mode=args.log or cfg.agent.log)
-    asyncio.run(compose.run_agent(cfg))
+    asyncio.run(compose.run_agent(cfg, args.config))
     return 0
 
 

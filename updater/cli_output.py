@@ -1,10 +1,13 @@
-"""What ``updatectl``'s commands share in their output: JSON, ages, failed versions."""
+"""What ``updatectl``'s commands share in their output: JSON, ages, failed versions,
+the host policy."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
+
+from updater.hostpolicy import HostPolicy, format_time
 
 if TYPE_CHECKING:
     from policies.failed import Verdict
@@ -43,3 +46,16 @@ def print_failed_versions(verdicts: list[Verdict], out: TextIO, max_failures: in
             out.write(f"    {f.host:34} {f.kind:16} {when}\n")
     if any(v.blocked for v in verdicts):
         out.write("  (`updatectl fleet unblock VERSION` lets the group take a blocked version)\n")
+
+
+def policy_doc(policy: HostPolicy, now: float) -> dict[str, Any]:
+    until = policy.held_until(now)
+    d = policy.downgrade
+    return {
+        "held": until is not None,
+        "held_until": None if not until else format_time(until),
+        "skipped": list(policy.skipped),
+        "downgrade": None
+        if d is None
+        else {"channel": d.channel, "version": d.version, "floor": d.floor},
+    }

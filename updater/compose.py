@@ -26,9 +26,12 @@ from updater.agent import Agent
 from updater.blessing import bless
 from updater.clock import Clock, SystemClock
 from updater.config import ESP_CANDIDATES, Config, entry_template
+from updater.config import load as load_config
 from updater.errors import ConfigError
 from updater.health import HealthChecker, SystemdUnits
 from updater.hostlock import FlockHostLock
+from updater.hostpolicy import target_version_prefix
+from updater.hostpolicyfile import HostPolicyStore
 from updater.hostports import KuredSentinel, OsReleaseFile
 from updater.install import ProgressFn
 from updater.lockmetrics import MeteredLock
@@ -115,7 +118,10 @@ def update_source(
         app_id = config.omaha.app_id
         return OmahaSource(
             OmahaClient(server, transport=http),
-            lambda version: host_context(app_id, version, group),
+            lambda version: replace(
+                host_context(app_id, version, group),
+                target_version_prefix=target_version_prefix(config.source.pin),
+            ),
             SignedFetcher(transport, cache),
             EventQueue(config.agent.state_dir / "omaha-events.json"),
         )
@@ -292,7 +298,9 @@ def updater(config: Config, *, progress: ProgressFn | None = None) -> Updater:
             chunk_size=config.install.chunk_size,
             resume_attempts=src.resume_attempts,
             delta_min_saving=config.install.delta_min_saving,
+            pin=src.pin,
         ),
+        policy=HostPolicyStore(config.agent.state_dir),
         blocks=version_blocks(config),
         boot_files_refusal=boot_files_unused(config),
         progress=progress,
@@ -427,6 +435,17 @@ def reboot_strategy(
     return base if windows is None else Windowed(base, windows, clock)
 
 
+def request_strategy(config: Config, strategy: RebootStrategy, clock: Clock) -> RebootStrategy:
+    """What `updatectl reboot` (D-Bus RequestReboot) asks: the configured strategy, its
+    lock and windows; but `off` (never by itself) gives way to the admin's request,
+    inside the windows if any."""
+    if config.reboot.strategy != "off":
+        return strategy
+    base = STRATEGIES["immediate"]()
+    windows = config.reboot.windows
+    return base if windows is None else Windowed(base, windows, clock)
+
+
 def etcd_lock_observer(lock: EtcdLock, metrics: Metrics) -> Callable[[bool], None]:
     """While this host waits for a slot, read the holders and their start times into
     the metrics (one more etcd read per refusal); once granted, drop them."""
@@ -488,14 +507,17 @@ def build_agent(
     *,
     holder: str | None = None,
     users: UserSessions | None = None,
+    config_file: Path | None = None,
 ) -> Agent:
     """The agent of ``config`` (``holder``: its lock and fleet id, default this host's;
     ``users``: who is logged in, asked before a reboot unless ``[reboot] wait_for_users``
     is false)."""
     checks = health_checker(config)
+    strategy = reboot_strategy(config, up.slots.clock, holder=holder, metrics=metrics)
     return Agent(
         updater=up,
-        strategy=reboot_strategy(config, up.slots.clock, holder=holder, metrics=metrics),
+        strategy=strategy,
+        on_request=request_strategy(config, strategy, up.slots.clock),
         rebooter=reboot,
         bless=lambda: bless(up.slots, checks, reboot),
         clock=up.slots.clock,
@@ -509,16 +531,27 @@ def build_agent(
         ),
         fleet=fleet_reporter(config, holder=holder),
         users=users if config.reboot.wait_for_users else None,
+        # D-Bus Reload: the configuration as it is now, from where this one came
+        reloader=lambda: updater(load_config(config_file)),
     )
 
 
-async def run_agent(config: Config) -> None:
-    """`updatectl agent`: run until SIGTERM or SIGINT."""
+async def run_agent(config: Config, config_file: Path | None = None) -> None:
+    """`updatectl agent`: run until SIGTERM or SIGINT (``config_file``: what `--config`
+    named, read again on D-Bus Reload)."""
     up = updater(config)
     bus = await system_bus()
     metrics = Metrics()
     server = metrics.serve(config.metrics.listen) if config.metrics.listen else None
-    agent = build_agent(config, up, rebooter(bus), metrics, Notifier(), users=user_sessions(bus))
+    agent = build_agent(
+        config,
+        up,
+        rebooter(bus),
+        metrics,
+        Notifier(),
+        users=user_sessions(bus),
+        config_file=config_file,
+    )
     service = None
     if bus is not None and config.agent.dbus:
         service = await dbus_api.serve(agent, bus, coreos_compat=config.agent.coreos_compat)

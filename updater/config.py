@@ -33,6 +33,7 @@ from updater.configfiles import (
     merge,
 )
 from updater.errors import ConfigError, LockError
+from updater.hostpolicy import valid_pin
 from updater.listen import parse_listen
 from updater.log import LogMode
 from updater.manifest import valid_channel
@@ -116,7 +117,13 @@ def _source(s: Section) -> SourceConfig:
     proxy = s.str_("proxy", None) or None
     if proxy is not None:
         s.url("proxy", proxy, schemes=("http", "https"), hint=_PROXY_HINT)
+    pin = s.str_("pin", d.pin)
+    if pin is not None and not valid_pin(pin):
+        raise s.error(
+            "pin", f"invalid pin {pin!r}", hint='a line such as "1.4.*", or a version prefix "1.4"'
+        )
     return SourceConfig(
+        pin=pin,
         url=url,
         proxy=proxy,
         channel=channel,
@@ -471,8 +478,10 @@ def validate(merged: Mapping[str, Mapping[str, Value]], files: Sequence[Path]) -
 
 
 def load(config_file: Path | None = None, dirs: Sequence[Path] = DROPIN_DIRS) -> Config:
-    """Load ``config_file`` alone, or the merged drop-ins."""
-    if config_file is not None:
+    """Load ``config_file`` alone (a directory: its drop-ins alone), or the merged drop-ins."""
+    if config_file is not None and config_file.is_dir():
+        files = dropin_files([config_file])
+    elif config_file is not None:
         if not config_file.exists():
             raise ConfigError("missing", "no such file", file=str(config_file))
         files = [config_file]

@@ -8,7 +8,8 @@ Two services, both fed from one :class:`~updater.agentapi.AgentControl`:
   ``/org/updater/Agent1``: read-only properties mirroring
   :class:`~updater.agentapi.AgentStatus`, ``PropertiesChanged`` on every
   change, and methods ``CheckNow``, ``InstallNow``, ``RebootNow``,
-  ``MarkGood``. An :class:`~updater.errors.UpdaterError` becomes the D-Bus
+  ``MarkGood``, ``RequestReboot`` (-> ``started`` | ``waiting``), ``Reload``.
+  An :class:`~updater.errors.UpdaterError` becomes the D-Bus
   error ``org.updater.Agent1.Error.<Kind>`` (``reboot_refused`` ->
   ``RebootRefused``) carrying the message;
 - optionally, CoreOS update_engine's ``com.coreos.update1.Manager`` at
@@ -54,6 +55,7 @@ from updater.dbus_coreos import (
 from updater.dbus_wire import (
     BUS_NAME,
     INTERFACE,
+    METHOD_RETURNS,
     METHODS,
     OBJECT_PATH,
     PROPERTIES,
@@ -75,6 +77,7 @@ __all__ = [
     "COREOS_OBJECT_PATH",
     "INTERFACE",
     "METHODS",
+    "METHOD_RETURNS",
     "OBJECT_PATH",
     "PROPERTIES",
     "AgentAccessDeniedError",
@@ -102,6 +105,10 @@ def _wire(status: AgentStatus, prop: Property) -> Any:
         return max(0, int(value))
     if prop.signature == "d":
         return float(value)
+    if prop.signature == "b":
+        return bool(value)
+    if prop.signature == "as":
+        return [str(v) for v in value]
     return str(value)
 
 
@@ -179,6 +186,26 @@ class AgentInterface(ServiceInterface):
     def last_change_time(self) -> int:
         return max(0, self._status.last_change_time)
 
+    @dbus_property(access=PropertyAccess.READ, name="Held")
+    @signature("b")
+    def held(self) -> bool:
+        return self._status.held
+
+    @dbus_property(access=PropertyAccess.READ, name="HeldUntil")
+    @signature("t")
+    def held_until(self) -> int:
+        return max(0, self._status.held_until)
+
+    @dbus_property(access=PropertyAccess.READ, name="SkippedVersions")
+    @signature("as")
+    def skipped_versions(self) -> list[str]:
+        return list(self._status.skipped_versions)
+
+    @dbus_property(access=PropertyAccess.READ, name="Pin")
+    @signature("s")
+    def pin(self) -> str:
+        return self._status.pin
+
     @dbus_method(name="CheckNow")
     @signature("")
     async def check_now(self) -> None:
@@ -198,6 +225,16 @@ class AgentInterface(ServiceInterface):
     @signature("")
     async def mark_good(self) -> None:
         await forward("MarkGood", self._control.mark_good)
+
+    @dbus_method(name="RequestReboot")
+    @signature("s")
+    async def request_reboot(self) -> str:
+        return await forward("RequestReboot", self._control.request_reboot)
+
+    @dbus_method(name="Reload")
+    @signature("")
+    async def reload(self) -> None:
+        await forward("Reload", self._control.reload)
 
 
 class AgentService:

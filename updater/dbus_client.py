@@ -21,6 +21,7 @@ from updater.agentapi import AgentStatus
 from updater.dbus_wire import (
     BUS_NAME,
     DEFAULT_CALL_TIMEOUT_S,
+    EMPTY,
     INTERFACE,
     METHODS,
     NO_OWNER,
@@ -55,7 +56,9 @@ def _status_from_properties(values: dict[str, Variant]) -> AgentStatus:
                 log.warning(
                     "agent_property_mistyped", property=prop.name, signature=value.signature
                 )
-            kwargs[prop.field] = {"s": "", "t": 0, "d": 0.0}[prop.signature]
+            kwargs[prop.field] = EMPTY[prop.signature]
+        elif prop.signature == "as":
+            kwargs[prop.field] = tuple(value.value)
         else:
             kwargs[prop.field] = value.value
     return AgentStatus(**kwargs)
@@ -100,8 +103,9 @@ async def read_status(bus_address: str | None = None, timeout_s: float = 2.0) ->
 
 async def call(
     method: str, bus_address: str | None = None, *, timeout_s: float = DEFAULT_CALL_TIMEOUT_S
-) -> None:
-    """Call one method of ``org.updater.Agent1`` (a key of METHODS) and wait for it.
+) -> Any:
+    """Call one method of ``org.updater.Agent1`` (a key of METHODS) and wait for it;
+    what it returns (None for most).
 
     Raises the UpdaterError the agent raised (same category and kind),
     AgentUnavailableError when no agent answers, AgentAccessDeniedError
@@ -144,3 +148,4 @@ async def call(
     if reply.message_type == MessageType.ERROR:
         text = str(reply.body[0]) if reply.body else ""
         raise from_dbus_error(reply.error_name or "", text)
+    return reply.body[0] if reply.body else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 import structlog
 from dbus_fast import (
@@ -33,7 +33,11 @@ METHODS: Final = {
     "InstallNow": "install_now",
     "RebootNow": "reboot_now",
     "MarkGood": "mark_good",
+    "RequestReboot": "request_reboot",
+    "Reload": "reload",
 }
+# what a method returns (D-Bus signature), when not nothing
+METHOD_RETURNS: Final = {"RequestReboot": "s"}
 
 DEFAULT_CALL_TIMEOUT_S: Final = 300.0  # mark-good runs health checks; an install can be long
 
@@ -64,7 +68,13 @@ PROPERTIES: Final = (
     Property("LastErrorMessage", "last_error_message", "s"),
     Property("LastCheckTime", "last_check_time", "t"),
     Property("LastChangeTime", "last_change_time", "t"),
+    Property("Held", "held", "b"),
+    Property("HeldUntil", "held_until", "t"),
+    Property("SkippedVersions", "skipped_versions", "as"),
+    Property("Pin", "pin", "s"),
 )
+# a property's value when the agent does not send it (an older agent)
+EMPTY: Final = {"s": "", "t": 0, "d": 0.0, "b": False, "as": ()}
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -134,11 +144,14 @@ def from_dbus_error(name: str, text: str) -> UpdaterError:
     return cls(kind, text)
 
 
-async def forward(method: str, action: Callable[[], Awaitable[None]]) -> None:
+_T = TypeVar("_T")
+
+
+async def forward(method: str, action: Callable[[], Awaitable[_T]]) -> _T:
     """Run one agent action for a D-Bus caller, its errors turned into D-Bus errors."""
     log.info("dbus_method_called", method=method)
     try:
-        await action()
+        return await action()
     except UpdaterError as err:
         log.info("dbus_method_failed", method=method, category=err.category, kind=err.kind)
         raise to_dbus_error(err) from err

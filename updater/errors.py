@@ -160,15 +160,29 @@ class RefusedError(UpdaterError):
             "version_blocked",  # the version rolled back on hosts of the group (policies.failed)
             "not_blocked",  # `fleet unblock`: nothing recorded for that version
             "users_logged_in",  # the reboot waits for interactive users ([reboot] wait_for_users)
+            "held",  # `updatectl hold`: no installs on this host until `unhold` (or --until)
+            "skipped",  # `updatectl skip VERSION`: this host refuses that version
+            "pinned",  # outside [source] pin: this host stays on its line
+            "channel_downgrade",  # the channel's newest is below this host's version floor
+            "not_root",  # only root may do that (`channel --allow-downgrade`)
         }
     )
+
+
+class UsageError(UpdaterError):
+    """A command-line argument that argparse could not judge (a time in the past...)."""
+
+    exit_code = ExitCode.USAGE
+    kinds = frozenset({"bad_time", "bad_version", "bad_channel"})
 
 
 class StateError(UpdaterError):
     """The persisted agent state cannot be read or written."""
 
     exit_code = ExitCode.STATE
-    kinds = frozenset({"unwritable", "newer_schema"})
+    # policy_corrupt: <state_dir>/hostpolicy.json (hold, skips) cannot be read: no
+    # installs until it is fixed (a lost hold must not install on a held host)
+    kinds = frozenset({"unwritable", "newer_schema", "policy_corrupt"})
 
 
 class HealthError(UpdaterError):

@@ -40,5 +40,7 @@ class EtcdFleetReporter:
                 blocked_version=blocked_version,
                 strategy=self.strategy,
                 last_error=status.last_error_message[:LAST_ERROR_CHARS],
+                held=status.held,
+                held_until=status.held_until,
             )
         )

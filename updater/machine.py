@@ -157,9 +157,11 @@ def step(
             if m.state == S.REPORTING_ERROR_EVENT:
                 return enter(m, S.IDLE, now), ()
             return m, ()
-        case RebootRequested():
+        case RebootRequested(force=force):
             if m.state == S.UPDATED_NEED_REBOOT:
-                return _attempt(m, mono, timing, force=True)
+                if not force:
+                    m = replace(m, reboot_wanted=True)
+                return _attempt(m, mono, timing, force=force)
             return m, (Refuse("nothing_staged", "no update is staged: nothing to reboot into"),)
         case NoUpdate(interval_s=interval):
             require(S.CHECKING_FOR_UPDATE)
@@ -197,6 +199,7 @@ def step(
                 last_error=None,
                 progress=1.0,
                 finalizing=True,
+                reboot_wanted=False,
             ), (Finalize(),)
         case Progressed(phase=phase, fraction=fraction):
             require(*INSTALLING)
@@ -216,6 +219,7 @@ def step(
                 progress=1.0,
                 reboot_refusals=0,
                 finalizing=True,
+                reboot_wanted=False,
             ), (Finalize(),)
         case Failed(error=error):
             require(*BUSY)
@@ -265,6 +269,7 @@ def step(
                 last_error=error,
                 progress=0.0,
                 reboot_refusals=0,
+                reboot_wanted=False,
             ), (ReportError(error),)
     raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
 
@@ -296,7 +301,8 @@ def _attempt(
         if mono - m.reboot_started_at < timing.reboot_patience_s:
             return m, (Note("reboot_already_started", "debug", (("seconds_ago", since),)),)
         notes = (Note("reboot_did_not_happen", "warning", (("seconds_ago", since),)),)
-    return replace(m, finalizing=True, reboot_started_at=None), (*notes, Finalize(force=force))
+    finalize = Finalize(force=force, requested=m.reboot_wanted and not force)
+    return replace(m, finalizing=True, reboot_started_at=None), (*notes, finalize)
 
 
 def _release(m: Machine, reason: str) -> tuple[Machine, tuple[Action, ...]]:

@@ -53,6 +53,9 @@ class Machine:
     finalizing: bool = False  # an attempt (policy, pre-reboot hooks, rebooter) is under way
     reboot_started_at: float | None = None  # the rebooter accepted a reboot then
     refused_since: float | None = None  # the rebooter has refused since then
+    # an admin asked for a reboot through the policy (`updatectl reboot`): every attempt,
+    # until the update is rebooted into or gone, uses the on-request strategy
+    reboot_wanted: bool = False
 
 
 # ---- events -----------------------------------------------------------------------------------
@@ -75,7 +78,10 @@ class ResetRequested:
 
 @dataclass(frozen=True)
 class RebootRequested:
-    """Reboot into the staged update now, whatever the policy says."""
+    """Reboot into the staged update now: ``force``, whatever the policy says (D-Bus
+    RebootNow); else through the policy, as soon as it allows (RequestReboot)."""
+
+    force: bool = True
 
 
 @dataclass(frozen=True)
@@ -203,9 +209,10 @@ class Install:
 class Finalize:
     """Ask the reboot policy (unless forced), run the pre-reboot hooks and reboot; answer
     RebootStarted, RebooterRefused, RebootRefused, AttemptAbandoned or Unstaged, then
-    FinalizeEnded."""
+    FinalizeEnded. ``requested``: an admin asked for it (the on-request strategy)."""
 
     force: bool = False
+    requested: bool = False
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,30 @@ class Metrics:
             ["version"],
             registry=r,
         )
+        self._held = Gauge(
+            "updater_held",
+            "1 while an admin holds this host (`updatectl hold`): no installs",
+            registry=r,
+        )
+        self._held_until = Gauge(
+            "updater_held_until_timestamp_seconds",
+            "Unix time the hold ends (0: until `updatectl unhold`, or not held)",
+            registry=r,
+        )
+        self._skipped = Gauge(
+            "updater_version_skipped",
+            "1 for each version an admin refused on this host (`updatectl skip`)",
+            ["version"],
+            registry=r,
+        )
+        self._pin = Gauge(
+            "updater_pin_info",
+            "1, labelled with [source] pin, while this host is pinned to a line",
+            ["pin"],
+            registry=r,
+        )
+        self._policy_shown: tuple[float | None, tuple[str, ...], str] = (None, (), "")
+        self._held.set(0)
         # The cluster lock as a host waiting for a slot last read it: only waiting
         # hosts export these, so max by (group) over the fleet is the stuck holder.
         self._lock_holders = Gauge(
@@ -231,6 +255,27 @@ class Metrics:
         else:
             with contextlib.suppress(KeyError):
                 self._version_blocked.remove(version)
+
+    def host_policy(self, held_until: float | None, skipped: tuple[str, ...], pin: str) -> None:
+        """The admin's decisions for this host: held (``held_until``: None not held, 0
+        until unhold, else unix time), the versions it skips, its pin ("" none)."""
+        shown = (held_until, skipped, pin)
+        if shown == self._policy_shown:
+            return
+        before = self._policy_shown
+        self._policy_shown = shown
+        self._held.set(0 if held_until is None else 1)
+        self._held_until.set(held_until or 0)
+        for version in set(before[1]) - set(skipped):
+            with contextlib.suppress(KeyError):
+                self._skipped.remove(version)
+        for version in skipped:
+            self._skipped.labels(version=version).set(1)
+        if before[2] and before[2] != pin:
+            with contextlib.suppress(KeyError):
+                self._pin.remove(before[2])
+        if pin:
+            self._pin.labels(pin=pin).set(1)
 
     def lock_waiting(
         self, group: str, holders: int, slots: int, oldest_since: float | None

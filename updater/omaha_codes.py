@@ -125,6 +125,11 @@ ERROR_CODES: Final[Mapping[str, ErrorCode]] = {
     "too_large": _E.OMAHA_RESPONSE_INVALID,
     "unsupported_protocol": _E.OMAHA_RESPONSE_INVALID,
     "server_refused": _E.OMAHA_RESPONSE_INVALID,
+    # this host's own refusal (an admin's hold, skip or pin): never a failure report of
+    # ours (the agent stays on its version and says nothing), the code should one be needed
+    "held": _E.OMAHA_UPDATE_IGNORED_PER_POLICY,
+    "skipped": _E.OMAHA_UPDATE_IGNORED_PER_POLICY,
+    "pinned": _E.OMAHA_UPDATE_IGNORED_PER_POLICY,
     # outcomes that are no exception of ours
     "deferred": _E.OMAHA_UPDATE_DEFERRED_PER_POLICY,
     "rollback": _E.ROLLBACK_ERROR,
@@ -149,6 +154,7 @@ ERROR_CODES: Final[Mapping[str, ErrorCode]] = {
             "last_bootable_slot",
             "version_blocked",
             "not_blocked",
+            "users_logged_in",
             "unwritable",
             "newer_schema",
             "unavailable",
@@ -157,6 +163,12 @@ ERROR_CODES: Final[Mapping[str, ErrorCode]] = {
             "refused",
             "bad_argument",
             "cancelled",
+            "channel_downgrade",
+            "not_root",
+            "policy_corrupt",
+            "bad_time",
+            "bad_version",
+            "bad_channel",
             "command_failed",
             "command_missing",
             "command_timeout",

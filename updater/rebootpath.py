@@ -70,6 +70,7 @@ class RebootPath:
         metrics: MetricsPort | None = None,
         pre_reboot: HealthCheck | None = None,
         users: UserSessions | None = None,
+        on_request: RebootStrategy | None = None,
     ) -> None:
         self.agent = agent
         self.fleet = fleet
@@ -81,6 +82,9 @@ class RebootPath:
         self.metrics = metrics
         self.pre_reboot = pre_reboot
         self.users = users
+        # what an admin's request (`updatectl reboot`) asks instead of ``strategy``: the
+        # same lock and windows, but `off` gives way (None: ``strategy`` itself)
+        self.on_request = on_request
         self._steady_task: asyncio.Task[None] | None = None
 
     def report_steady(self) -> None:
@@ -92,15 +96,16 @@ class RebootPath:
         if self._steady_task is not None:
             self._steady_task.cancel()
 
-    async def finalize(self, force: bool) -> None:
-        """Policy (unless forced), pre-reboot hooks, then logind. Fails closed.
+    async def finalize(self, force: bool, requested: bool = False) -> None:
+        """Policy (unless forced; ``requested``: the on-request strategy), pre-reboot
+        hooks, then logind. Fails closed.
 
         A crash of any of them is a failed reboot attempt (asked again later,
         backing off); the machine gives back the slot taken for it. The machine
         started this attempt and hears when it is over (one at a time).
         """
         try:
-            await self._try_finalize(force)
+            await self._try_finalize(force, requested)
         except RefusedError:
             raise  # a forced reboot that logind refused: the caller hears of it
         except Exception as exc:
@@ -112,7 +117,7 @@ class RebootPath:
         finally:
             await self.agent.dispatch(mc.FinalizeEnded())
 
-    async def _try_finalize(self, force: bool) -> None:
+    async def _try_finalize(self, force: bool, requested: bool) -> None:
         # The group's failed versions, before the lock is asked for and again once it is
         # held: a host that rolled back meanwhile has recorded its version before it let
         # the slot go (see _report_steady).
@@ -120,8 +125,11 @@ class RebootPath:
             return
         if not force:
             staged = self.agent.machine.staged
+            policy = self.strategy
+            if requested and self.on_request is not None:
+                policy = self.on_request
             try:
-                allowed = await run_blocking(functools.partial(self.strategy.can_finalize, staged))
+                allowed = await run_blocking(functools.partial(policy.can_finalize, staged))
             except Exception as exc:  # fail closed, and count it
                 if isinstance(exc, RefusedError) and exc.kind == "version_blocked" and staged:
                     # a lock service (our FleetLock server) knows the group's failed versions
@@ -136,7 +144,7 @@ class RebootPath:
                 kind = exc.kind if isinstance(exc, UpdaterError) else "policy"
                 log.error(
                     "reboot_policy_failed",
-                    strategy=self.strategy.name,
+                    strategy=policy.name,
                     error_kind=kind,
                     error=str(exc),
                 )
@@ -148,7 +156,10 @@ class RebootPath:
             self.fleet.refresh()  # lock held or not: the fleet shows who waits
             if not allowed:
                 log.info(
-                    "reboot_deferred", strategy=self.strategy.name, staged=self.agent.machine.staged
+                    "reboot_deferred",
+                    strategy=policy.name,
+                    staged=self.agent.machine.staged,
+                    requested=requested,
                 )
                 return
             if staged is not None and self.updater.blocks is None:
@@ -168,7 +179,9 @@ class RebootPath:
                     self.metrics.error("pre_reboot_failed")
                 await self.agent.dispatch(mc.AttemptAbandoned("pre_reboot_failed"))
                 return
-        log.info("reboot_requested", staged=self.agent.machine.staged, forced=force)
+        log.info(
+            "reboot_requested", staged=self.agent.machine.staged, forced=force, asked=requested
+        )
         if self.metrics is not None:
             self.metrics.reboot_requested()
         try:

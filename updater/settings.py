@@ -39,6 +39,7 @@ class SourceConfig:
     # the repository's and the Omaha server's HTTP proxy (http(s)://[user:pass@]host:port);
     # None: HTTPS_PROXY / HTTP_PROXY from the environment, if set. NO_PROXY applies to both.
     proxy: str | None = None
+    pin: str | None = None  # "1.4.*" or a version prefix: only that line (updater.hostpolicy)
 
 
 @dataclass(frozen=True)

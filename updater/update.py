@@ -19,8 +19,10 @@ from partitions.bootcontrol import Slot, SlotStatus
 from policies.failed import FailedRecord, Verdict, refusal
 from updater import versions
 from updater.decisions import check_claim, is_staged
-from updater.errors import ConfigError, OmahaError, UpdaterError, VerificationError
+from updater.errors import ConfigError, OmahaError, RefusedError, UpdaterError, VerificationError
 from updater.gpg import SignatureChecker
+from updater.hostpolicy import HostPolicy, downgrade_allowed, install_refusal
+from updater.hostpolicyfile import HostPolicyStore
 from updater.install import ProgressFn, WriteResult
 from updater.installer import Installer
 from updater.manifest import Manifest
@@ -71,6 +73,8 @@ class UpdateCheckResult:
     deferred: str | None = None  # the server holds an update back (its rollout policy)
     interval_s: float | None = None  # the server's poll interval, if it gave one
     blocked: Verdict | None = None  # the version failed on hosts of the group: not installed
+    refused: RefusedError | None = None  # this host refuses it: held, skipped, pinned
+    downgrade: bool = False  # below the floor, by the admin's one-shot allowance
 
 
 class Updater:
@@ -92,8 +96,10 @@ class Updater:
         blocks: VersionBlocks | None = None,
         boot_files_refusal: ConfigError | None = None,
         progress: ProgressFn | None = None,
+        policy: HostPolicyStore | None = None,
     ) -> None:
         self.slots = slots
+        self.policy = policy  # the admin's hold, skips and downgrade allowance
         self.source = source
         self.verifier = verifier
         self.transport = transport
@@ -125,6 +131,10 @@ class Updater:
 
     def unstage(self, version: str, reason: str) -> Slot | None:
         return self.slots.unstage(version, reason)
+
+    def host_policy(self) -> HostPolicy:
+        """The admin's decisions for this host (StateError ``policy_corrupt``: fail closed)."""
+        return HostPolicy() if self.policy is None else self.policy.load()
 
     # -- verbs
 
@@ -177,7 +187,12 @@ class Updater:
                 deferred=deferred,
                 interval_s=doc.interval_s,
             )
+        policy = self.host_policy()
+        allow_below = policy.downgrade.version if policy.downgrade is not None else None
+        if not downgrade_allowed(policy, self.settings.channel, allow_below or ""):
+            allow_below = None
         verdict = None if doc.signature is None else self.verifier.verify(doc.body, doc.signature)
+        now = self.slots.clock.now()
         manifest = verify_manifest(
             doc.body,
             doc.signature,
@@ -187,14 +202,30 @@ class Updater:
                 booted_version=booted_version,
                 highest_accepted=state.highest_version,
                 slot_size=target.slot.size,
-                now=self.slots.clock.now(),
+                now=now,
+                allow_below=allow_below,
             ),
         )
         if doc.claim is not None:
             check_claim(doc.claim, manifest, self.source.image_url(manifest))
         failed_before = manifest.version in state.failed_versions
-        available = is_newer(manifest, booted_version) and not failed_before
+        downgrade = (
+            manifest.version == allow_below
+            and booted_version is not None
+            and versions.compare(manifest.version, booted_version) < 0
+        )
+        available = (is_newer(manifest, booted_version) or downgrade) and not failed_before
         staged = available and is_staged(state, target, self.slots.boot.primary(), manifest.version)
+        refused = None
+        if available and not staged:
+            refused = install_refusal(manifest.version, policy, self.settings.pin, now.timestamp())
+            if refused is not None:
+                log.info(
+                    "install_refused_by_host",
+                    version=manifest.version,
+                    error_kind=refused.kind,
+                    reason=refused.message,
+                )
         blocked = self.blocked(manifest.version) if available and not staged else None
         log.info(
             "update_checked",
@@ -215,6 +246,30 @@ class Updater:
             failed_before,
             interval_s=doc.interval_s,
             blocked=blocked,
+            refused=refused,
+            downgrade=downgrade,
+        )
+
+    def newest(self) -> Manifest | None:
+        """The channel's newest release, verified (signature, channel, expiry, size) but
+        not held to this host's version floor: what `updatectl channel` weighs."""
+        booted, target = self.slots.pair()
+        state = self.store.load()
+        doc = self.source.fetch(self.slots.booted_version(state, booted.slot))
+        if isinstance(doc, NoOffer | HeldBack):
+            return None
+        verdict = None if doc.signature is None else self.verifier.verify(doc.body, doc.signature)
+        return verify_manifest(
+            doc.body,
+            doc.signature,
+            verdict,
+            Expectations(
+                channel=self.settings.channel,
+                booted_version=None,
+                highest_accepted=None,
+                slot_size=target.slot.size,
+                now=self.slots.clock.now(),
+            ),
         )
 
     def blocked(self, version: str) -> Verdict | None:
@@ -265,9 +320,22 @@ class Updater:
         """Install a checked update into the other slot; None if there is nothing to do."""
         if not check.update_available or check.staged or check.manifest is None:
             return None
+        if check.refused is not None:
+            raise check.refused
         if check.blocked is not None:
             raise refusal(check.blocked)
-        return self.installer.install(check.manifest, cancel, progress or self.progress)
+        result = self.installer.install(check.manifest, cancel, progress or self.progress)
+        if check.downgrade:
+            self._downgraded(check.manifest.version)
+        return result
+
+    def _downgraded(self, version: str) -> None:
+        """The allowed downgrade is staged: ``version`` is the floor now, and the
+        allowance is used up (one-shot)."""
+        self.store.update(lambda st: replace(st, highest_version=version))
+        if self.policy is not None:
+            self.policy.update(lambda p: replace(p, downgrade=None))
+        log.warning("downgrade_installed", version=version, channel=self.settings.channel)
 
     def _report(self, happening: Happening) -> None:
         report(self.source, happening)

@@ -17,3 +17,4 @@ class UpdateSettings:
     resume_attempts: int = 5  # times a broken download is resumed before it fails
     # a delta update is used when it downloads at least this share less than the full image
     delta_min_saving: float = 0.2
+    pin: str | None = None  # [source] pin: only versions of this line (updater.hostpolicy)

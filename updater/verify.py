@@ -63,6 +63,8 @@ class Expectations:
     slot_size: int  # bytes
     now: datetime
     max_manifest_bytes: int = MAX_MANIFEST_BYTES
+    # the one version an admin allowed below the floor (`updatectl channel --allow-downgrade`)
+    allow_below: str | None = None
 
 
 def check_size(data: bytes, limit: int = MAX_MANIFEST_BYTES) -> None:
@@ -115,8 +117,10 @@ def verify_manifest(
             "channel_mismatch",
             f"the manifest is for channel {manifest.channel!r}, this host follows {exp.channel!r}",
         )
+    below_allowed = exp.allow_below is not None and manifest.version == exp.allow_below
     if (
-        exp.booted_version is not None
+        not below_allowed
+        and exp.booted_version is not None
         and versions.compare(manifest.version, exp.booted_version) < 0
     ):
         raise VerificationError(
@@ -124,7 +128,8 @@ def verify_manifest(
             f"the manifest offers {manifest.version}, older than the booted {exp.booted_version}",
         )
     if (
-        exp.highest_accepted is not None
+        not below_allowed
+        and exp.highest_accepted is not None
         and versions.compare(manifest.version, exp.highest_accepted) < 0
     ):
         raise VerificationError(
