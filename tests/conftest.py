@@ -99,18 +99,19 @@ def pytest_testnodedown(node: Any, error: object) -> None:
         _WORKERS_UNLISTED.update(json.loads(found))
 
 
-# The tests that boot QEMU machines (or build their Debian trees) carry
-# xdist_group("vm"): they run one after another in one xdist worker, and first:
-# they are the suite's long pole (about two thirds of its time) and share the
-# image cache; the rest of the suite runs beside them in the other worker
-# (`make test`: pytest -n 2 --dist loadgroup).
+# The tests that boot QEMU machines or build their Debian trees, and those that time
+# themselves against deadlines or a calibration run under load (kill -9 at random
+# points, 52 agents under etcd faults), carry xdist_group("serial"): they run one
+# after another in one xdist worker, and first: they are the suite's long pole
+# (about two thirds of its time) and share the image cache; the rest of the suite
+# runs beside them in the other worker (`make test`: pytest -n 2 --dist loadgroup).
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    def in_vm_group(item: pytest.Item) -> bool:
-        return any(m.args[:1] == ("vm",) for m in item.iter_markers("xdist_group"))
+    def serial(item: pytest.Item) -> bool:
+        return any(m.args[:1] == ("serial",) for m in item.iter_markers("xdist_group"))
 
-    items.sort(key=lambda item: not in_vm_group(item))  # stable: the VM tests first
+    items.sort(key=lambda item: not serial(item))  # stable: the serial group first
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

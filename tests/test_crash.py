@@ -33,6 +33,9 @@ from partitions.mtools import MtoolsStore, fat_partition
 from tests.conftest import Repo, updatectl
 from tests.test_bootfiles import esp_host_with_boot_files
 
+# kills timed against a calibration run: one worker, one at a time (tests/conftest.py)
+pytestmark = pytest.mark.xdist_group("serial")
+
 KILLS = 50
 SLOW = Fault(chunk_delay_s=0.01)  # ~0.3 s of download: kills land inside the stream
 

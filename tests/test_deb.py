@@ -31,7 +31,7 @@ from updater.clock import SystemClock
 from updater.release import ReleaseRequest, publish
 from updater.run import run
 
-pytestmark = pytest.mark.xdist_group("vm")  # the VM tests share one worker: tests/conftest.py
+pytestmark = pytest.mark.xdist_group("serial")  # one worker, one at a time: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

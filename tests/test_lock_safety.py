@@ -55,6 +55,8 @@ from tests.test_metrics import value as metric
 
 pytestmark = [
     pytest.mark.slow,
+    # 52 agents and etcd members on deadlines: one worker, one at a time (tests/conftest.py)
+    pytest.mark.xdist_group("serial"),
     pytest.mark.skipif(shutil.which("etcd") is None, reason="needs etcd"),
 ]
 

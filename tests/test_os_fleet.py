@@ -38,7 +38,7 @@ from devtools.osupdate import World
 from devtools.repo_server import RepoServer
 from policies.failed import failed_key
 
-pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.xdist_group("vm")]
+pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.xdist_group("serial")]
 
 VERSIONS = ("1.0.0", "1.1.0", "1.2.0")  # 1.2.0 ships a failing health check
 ROLLOUT_LIMIT_S = 1200.0

@@ -32,7 +32,7 @@ from devtools.osupdate import World
 from devtools.repo_server import RepoServer
 from updater import config
 
-pytestmark = pytest.mark.xdist_group("vm")  # the VM tests share one worker: tests/conftest.py
+pytestmark = pytest.mark.xdist_group("serial")  # one worker, one at a time: tests/conftest.py
 
 VERSIONS = ("1.0.0", "1.1.0")
 TIMES: dict[str, float] = {}  # what each scenario took, printed at the end

@@ -22,7 +22,7 @@ from devtools import osimage, vm
 from updater import config
 from updater.run import Completed
 
-pytestmark = pytest.mark.xdist_group("vm")  # the VM tests share one worker: tests/conftest.py
+pytestmark = pytest.mark.xdist_group("serial")  # one worker, one at a time: tests/conftest.py
 
 # ---- the recipe, without building -------------------------------------------------------------
 

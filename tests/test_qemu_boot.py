@@ -29,7 +29,7 @@ from devtools.gpgkeys import SigningKey
 from tests.conftest import HOST_SLOT_SIZE, USR_IMAGE_SIZE, CliResult, Repo, updatectl
 from updater.errors import ExitCode
 
-pytestmark = pytest.mark.xdist_group("vm")  # the VM tests share one worker: tests/conftest.py
+pytestmark = pytest.mark.xdist_group("serial")  # one worker, one at a time: tests/conftest.py
 
 # ---- the pieces, without QEMU -------------------------------------------------------------------
 
