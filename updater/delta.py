@@ -64,7 +64,8 @@ from updater.transport import ByteStream, Transport
 log = structlog.get_logger(__name__)
 
 DIGEST = 32  # bytes of a sha256
-SCAN_BUFFERS = 4  # chunk buffers in flight between the scan's reader, hasher and writer
+SCAN_BUFFERS = 3  # chunk buffers in flight between the scan's reader, hasher and writer
+SCAN_READ = 4 * 1024 * 1024  # bytes a scan read (at least): large reads, fewer syscalls
 
 
 class RangeIgnored(Exception):
@@ -155,7 +156,8 @@ class _Scan:
         self.booted = booted
         self.held_device = held
         self.device = device
-        self.step = max(bs, chunk_size - chunk_size % bs)  # whole blocks a read
+        size = max(chunk_size, SCAN_READ)
+        self.step = max(bs, size - size % bs)  # whole blocks a read
         length = min(booted_length, booted.size)
         self.booted_end = length - length % chunkindex.SUB_BLOCK
         self.end = self.booted_end if held is None else max(self.booted_end, index.raw_size)
