@@ -433,6 +433,7 @@ class _Writer:
         )
         if stream is None:
             raise RangeIgnored
+        filled = 0  # bytes of inflated blocks in self.buf, written together
         try:
             if self.validator is None:
                 self.validator = stream.validator
@@ -450,8 +451,13 @@ class _Writer:
                         "to the block the signed index names",
                         hint="the image on the server is not the one the index cuts up",
                     )
-                self.device.write(data)
+                if filled + size > len(self.buf):
+                    self.device.write(self.buf[:filled])
+                    filled = 0
+                self.buf[filled : filled + size] = data
+                filled += size
                 self._report()
+            self.device.write(self.buf[:filled])
         finally:
             stream.close()
 
