@@ -46,7 +46,9 @@ import mmap
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 import zstandard
@@ -62,6 +64,8 @@ from updater.slotio import SlotDevice, aligned_buffer
 from updater.transport import ByteStream, Transport
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 DIGEST = 32  # bytes of a sha256
 SCAN_BUFFERS = 3  # chunk buffers in flight between the scan's reader, hasher and writer
@@ -355,6 +359,74 @@ def _inflate(dctx: zstandard.ZstdDecompressor, frame: bytes, size: int, block: i
     return b"".join(parts)
 
 
+class _WriteBehind:
+    """A writer thread for pass 2: the caller fills pooled buffers (reads the booted
+    slot, inflates frames) while the previous ones are written."""
+
+    def __init__(self, device: SlotDevice, size: int, cancel: threading.Event | None) -> None:
+        self.device = device
+        self.size = size  # bytes a buffer
+        self.stage = Stage(cancel)
+        self.free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(SCAN_BUFFERS):
+            self.free.put(aligned_buffer(size))
+        self.queue: queue.Queue[tuple[int, mmap.mmap, int] | None] = queue.Queue(SCAN_BUFFERS)
+        self.thread = threading.Thread(target=self._write, name="delta-write", daemon=True)
+        self.thread.start()
+
+    def buffer(self) -> memoryview:
+        return memoryview(self._call(self.stage.get, self.free))
+
+    def write(self, pos: int, buf: memoryview, length: int) -> None:
+        """Write ``buf[:length]`` (a buffer from :meth:`buffer`) at slot position ``pos``."""
+        assert isinstance(buf.obj, mmap.mmap)
+        self._call(self.stage.put, self.queue, (pos, buf.obj, length))
+
+    def close(self) -> None:
+        """Wait for every write; raise the writer's error, if any."""
+        try:
+            self._call(self.stage.put, self.queue, None)
+        finally:
+            if self.stage.error is None:
+                self.thread.join()
+            else:
+                self.stage.stop.set()
+                self.thread.join()
+        self._raise()
+
+    def abandon(self) -> None:
+        self.stage.stop.set()
+        self.thread.join()
+
+    def _call(self, f: Callable[..., _T], *args: object) -> _T:
+        try:
+            return f(*args)
+        except Stopped:
+            self._raise()
+            raise
+
+    def _raise(self) -> None:
+        err = self.stage.error
+        if err is None:
+            return
+        if isinstance(err, OSError):
+            raise DiskError("io", f"{self.device.path}: {err}") from err
+        raise err
+
+    def _write(self) -> None:
+        stage = self.stage
+        try:
+            while (item := stage.get(self.queue)) is not None:
+                pos, buf, length = item
+                self.device.seek(pos)
+                self.device.write(memoryview(buf)[:length])
+                self.free.put(buf)
+        except Stopped:
+            pass
+        except BaseException as exc:
+            stage.fail(exc)
+
+
 class _Writer:
     """Pass 2: writes the rest of the plan into the target slot, in block order."""
 
@@ -379,13 +451,21 @@ class _Writer:
         self.device = device
         self.progress = progress
         self.cancel = cancel
-        self.buf = memoryview(aligned_buffer(max(chunk_size, self.index.block_size)))
+        self.writes = _WriteBehind(device, max(chunk_size, index.block_size), cancel)
         self.dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
         self.validator: str | None = None
         self.downloaded = 0
         self._reported = 0.0
 
     def run(self) -> None:
+        try:
+            self._run()
+        except BaseException:
+            self.writes.abandon()
+            raise
+        self.writes.close()
+
+    def _run(self) -> None:
         index, p = self.index, self.plan
         count = len(index.entries)
         kept = set(p.keep)
@@ -396,14 +476,12 @@ class _Writer:
             _check_cancel(self.cancel)
             if i in ranges:
                 r = ranges[i]
-                self.device.seek(index.block(i)[0])
                 self._fetch(r.first, r.last, r.offset, r.length)
                 i = r.last + 1
             elif i in kept:
                 while i < count and i in kept:
                     i += 1
             elif i in sources:
-                self.device.seek(index.block(i)[0])
                 i = self._copy(i, sources)
             else:  # the planner gives every block one of the three
                 raise AssertionError(f"block {i} has no plan")
@@ -417,14 +495,14 @@ class _Writer:
         while (
             j in sources
             and sources[j] == src + (j - i) * self.index.block_size
-            and length + self.index.block(j)[1] <= len(self.buf)
+            and length + self.index.block(j)[1] <= self.writes.size
         ):
             length += self.index.block(j)[1]
             j += 1
-        view = self.buf[:length]
-        if self.booted.read_at(view, src) != length:
+        buf = self.writes.buffer()
+        if self.booted.read_at(buf[:length], src) != length:
             raise DiskError("io", f"the booted slot ends before {src + length} (block {i})")
-        self.device.write(view)
+        self.writes.write(self.index.block(i)[0], buf, length)
         return j
 
     def _fetch(self, first: int, last: int, offset: int, length: int) -> None:
@@ -433,7 +511,9 @@ class _Writer:
         )
         if stream is None:
             raise RangeIgnored
-        filled = 0  # bytes of inflated blocks in self.buf, written together
+        pos = self.index.block(first)[0]
+        buf = self.writes.buffer()
+        filled = 0  # bytes of inflated blocks in buf, written together
         try:
             if self.validator is None:
                 self.validator = stream.validator
@@ -451,13 +531,13 @@ class _Writer:
                         "to the block the signed index names",
                         hint="the image on the server is not the one the index cuts up",
                     )
-                if filled + size > len(self.buf):
-                    self.device.write(self.buf[:filled])
-                    filled = 0
-                self.buf[filled : filled + size] = data
+                if filled + size > len(buf):
+                    self.writes.write(pos, buf, filled)
+                    pos, buf, filled = pos + filled, self.writes.buffer(), 0
+                buf[filled : filled + size] = data
                 filled += size
                 self._report()
-            self.device.write(self.buf[:filled])
+            self.writes.write(pos, buf, filled)
         finally:
             stream.close()
 
