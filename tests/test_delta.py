@@ -149,6 +149,27 @@ def test_only_the_changed_blocks_are_downloaded(
     assert host.reboot() == "USR-B"
 
 
+def test_blocks_moved_by_4_kib_are_copied_not_fetched(
+    host: Host, repo: Repo, usr_images: dict[str, Path], tmp_path: Path
+) -> None:
+    """4 KiB inserted at the payload's start moves the rest of it by 4 KiB: no block
+    of it is in place, each is found at its 4 KiB offset in the booted slot."""
+    base = usr_images["1.0.0"].read_bytes()
+    at = base.find(hashlib.sha256(b"1.0.0/0").digest()) // 4096 * 4096
+    data = base[:at] + random.Random(3).randbytes(4096) + base[at:-4096]
+    new_image = tmp_path / "usr-1.1.0.img"
+    new_image.write_bytes(data)
+    moved = len(changed_blocks(usr_images["1.0.0"], new_image))
+    assert moved >= 30  # the 2 MiB payload's blocks, all moved
+    publish(repo, new_image)
+    events = install(host)
+    assert host.slot_bytes("USR-B", len(data)) == data
+    planned = next(e for e in events if e["event"] == "delta_planned")
+    assert planned["blocks_copied"] >= moved - 3
+    sent = sum(r.sent for r in image_requests(repo))
+    assert sent <= 3 * (BLOCK + chunkindex.FRAME_SLACK)  # the block with the insert, its edges
+
+
 def test_a_resumed_install_keeps_what_the_target_already_holds(
     host: Host, repo: Repo, new_image: Path
 ) -> None:
