@@ -9,7 +9,9 @@ image (the target slot empty): once as the agent does it (the delta path when
 it saves at least ``[install] delta_min_saving``), once as a full download
 (the index answered 404: today's path). Bytes are what the server sent for the
 image and the index; the wall time is the agent's check + install, with the
-disk file's pages dropped from the cache before each run.
+disk file's pages dropped from the cache before each run; "scan" is the part of
+it that read both slots and wrote the blocks found in place (the delta_planned
+event's scan_seconds).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Run:
     reason: str
     sent: int  # bytes the server sent: image + index
     seconds: float
-    scan_seconds: float  # of those: reading and hashing the slots to plan
+    scan_seconds: float  # of those: the scan (both slots read, blocks in place written)
 
 
 def _drop_cache(path: Path) -> None:
@@ -128,7 +130,7 @@ def main() -> None:
                     f"full: {full.sent / MIB:8.2f} MiB {full.seconds:6.2f} s | "
                     f"agent ({delta.path}{', ' + delta.reason if delta.reason else ''}): "
                     f"{delta.sent / MIB:8.2f} MiB ({100 * delta.sent / full.sent:5.1f} %) "
-                    f"{delta.seconds:6.2f} s (planning {delta.scan_seconds:.2f} s)",
+                    f"{delta.seconds:6.2f} s (scan {delta.scan_seconds:.2f} s)",
                     flush=True,
                 )
 

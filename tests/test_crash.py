@@ -32,11 +32,13 @@ from partitions.firmware import boot_disk_image
 from partitions.mtools import MtoolsStore, fat_partition
 from tests.conftest import Repo, updatectl
 from tests.test_bootfiles import esp_host_with_boot_files
+from tests.test_delta import changed_image
 
 # kills timed against a calibration run: one worker, one at a time (tests/conftest.py)
 pytestmark = pytest.mark.xdist_group("serial")
 
 KILLS = 50
+DELTA_KILLS = 20
 SLOW = Fault(chunk_delay_s=0.01)  # ~0.3 s of download: kills land inside the stream
 
 
@@ -84,12 +86,28 @@ def phase(host: Host) -> str:
     return "staged" if '"installed"' in text else "before-install"
 
 
+def image_bytes_sent(repo: Repo, since: int) -> int:
+    """Bytes of the image the server sent in the requests from number ``since`` on."""
+    path = repo.image_path()
+    return sum(r.sent for r in repo.server.requests[since:] if r.path == path)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("path", ["full", "delta"])
 def test_kill_at_random_points(
-    host: Host, repo: Repo, usr_images: dict[str, Path], tmp_path: Path
+    host: Host, repo: Repo, usr_images: dict[str, Path], tmp_path: Path, path: str
 ) -> None:
-    repo.publish("1.1.0", usr_images["1.1.0"])
-    raw = usr_images["1.1.0"].read_bytes()
+    """``full``: 1.1.0 shares too little with 1.0.0 for a delta (the full download);
+    ``delta``: 1.0.0 with 16 places changed, built from the booted slot's blocks and
+    16 fetched ones (a slower link: kills land among the fetches), and a resumed
+    install fetches no more than a whole one, fewer when the kill came after a fetch."""
+    image = usr_images["1.1.0"]
+    slow, kills = SLOW, KILLS
+    if path == "delta":
+        image = changed_image(usr_images["1.0.0"], tmp_path / "usr-1.1.0.img", places=16)
+        slow, kills = Fault(chunk_delay_s=0.1), DELTA_KILLS
+    repo.publish("1.1.0", image)
+    raw = image.read_bytes()
     raw_sha = hashlib.sha256(raw).hexdigest()
     slot_a = host.layout.by_label("USR-A")
     old_a = hashlib.sha256(host.slot_bytes("USR-A")).hexdigest()
@@ -100,18 +118,21 @@ def test_kill_at_random_points(
         shutil.copyfile(pristine, host.disk)
         shutil.rmtree(host.state_dir, ignore_errors=True)
 
-    repo.server.fault(repo.image_path(), SLOW)
+    repo.server.fault(repo.image_path(), slow)
     marks = calibrate(host)
+    whole = image_bytes_sent(repo, 0)  # what an install from scratch downloads
+    assert (whole < len(raw) // 4) == (path == "delta"), whole
     reset()
+    resumed: list[int] = []
 
     rng = random.Random(20261128)
     landed: Counter[str] = Counter()
     booted_new = 0
-    for i in range(KILLS):
+    for i in range(kills):
         # Most kills between the start of the install and its end, some anywhere.
         lo = 0.0 if i % 10 == 0 else marks["install_started"] * 0.9
         delay = rng.uniform(lo, marks["end"] * 1.05)
-        repo.server.fault(repo.image_path(), SLOW)
+        repo.server.fault(repo.image_path(), slow)
         proc = subprocess.Popen(
             install_argv(host), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -142,17 +163,27 @@ def test_kill_at_random_points(
 
         # The agent starts again: a fresh install completes.
         repo.server.clear_faults()
+        since = len(repo.server.requests)
+        where = phase(host)
         r = updatectl(host, "check", "--install", "--json")
         assert r.code == 0, f"kill {i} at {delay:.3f}s: {r.err}"
         assert host.slot_bytes("USR-B", len(raw)) == raw
         assert updatectl(host, "status", "--json").json()["state"] == "update_staged"
+        if where == "installing":
+            resumed.append(image_bytes_sent(repo, since))
         reset()
 
     # The kills really spread across the steps.
-    assert sum(landed.values()) == KILLS
-    assert landed["installing"] >= KILLS // 3, landed
+    assert sum(landed.values()) == kills
+    assert landed["installing"] >= kills // 3, landed
     assert landed["before-install"] >= 1, landed
+    if path == "delta":
+        # a resumed delta keeps the blocks the killed one wrote: never more, often less
+        assert all(n <= whole for n in resumed), (whole, resumed)
+        assert sum(n < whole for n in resumed) >= 2, (whole, resumed)
     print(f"\nkill points: {dict(landed)}; firmware booted the new slot {booted_new} times")
+    if path == "delta":
+        print(f"image bytes of a whole delta install {whole}, of each resumed one {resumed}")
 
 
 KERNEL = b"\x7fkernel 1.1.0 " * 40_000  # ~0.6 MiB: kills land inside its download and copy

@@ -22,6 +22,7 @@ from devtools.gpgkeys import SigningKey
 from devtools.host import Host, write_config
 from devtools.repo_server import Fault, Request
 from tests.conftest import Repo
+from tests.omaha_server import Answer, OmahaServer, Release
 from tests.test_cycle import B, Snapshot, assert_refused
 from updater import chunkindex, compose, config
 from updater.chunkindex import ChunkIndex, Entry
@@ -148,6 +149,27 @@ def test_only_the_changed_blocks_are_downloaded(
     assert host.reboot() == "USR-B"
 
 
+def test_blocks_moved_by_4_kib_are_copied_not_fetched(
+    host: Host, repo: Repo, usr_images: dict[str, Path], tmp_path: Path
+) -> None:
+    """4 KiB inserted at the payload's start moves the rest of it by 4 KiB: no block
+    of it is in place, each is found at its 4 KiB offset in the booted slot."""
+    base = usr_images["1.0.0"].read_bytes()
+    at = base.find(hashlib.sha256(b"1.0.0/0").digest()) // 4096 * 4096
+    data = base[:at] + random.Random(3).randbytes(4096) + base[at:-4096]
+    new_image = tmp_path / "usr-1.1.0.img"
+    new_image.write_bytes(data)
+    moved = len(changed_blocks(usr_images["1.0.0"], new_image))
+    assert moved >= 30  # the 2 MiB payload's blocks, all moved
+    publish(repo, new_image)
+    events = install(host)
+    assert host.slot_bytes("USR-B", len(data)) == data
+    planned = next(e for e in events if e["event"] == "delta_planned")
+    assert planned["blocks_copied"] >= moved - 3
+    sent = sum(r.sent for r in image_requests(repo))
+    assert sent <= 3 * (BLOCK + chunkindex.FRAME_SLACK)  # the block with the insert, its edges
+
+
 def test_a_resumed_install_keeps_what_the_target_already_holds(
     host: Host, repo: Repo, new_image: Path
 ) -> None:
@@ -216,6 +238,42 @@ def test_an_image_without_an_index_takes_the_full_download(
     repo.publish("1.1.0", new_image, compression=Compression.XZ)
     events = install(host)
     assert (path_event(events)["path"], path_event(events)["reason"]) == ("full", "no_index")
+
+
+def test_through_an_omaha_server_only_the_changed_blocks_are_downloaded(
+    host: Host, repo: Repo, new_image: Path
+) -> None:
+    """The Omaha server names the package; the chunk index lies beside it, named in
+    the signed manifest beside the package: the same delta path as the static one."""
+    published = publish(repo, new_image)
+    body = published.image_path.read_bytes()
+    release = Release(
+        version="1.1.0",
+        codebase=f"{repo.url}/images/1.1.0/",
+        package=published.image_path.name,
+        size=len(body),
+        sha256=hashlib.sha256(body).hexdigest(),
+    )
+    with OmahaServer(release=release, answer=Answer.UPDATE) as server:
+        host.config.write_text(
+            host.config.read_text().replace("[source]\n", '[source]\nkind = "omaha"\n')
+            + f'\n[omaha]\nserver = "{server.url}"\ngroup = "stable"\nflatcar_conf = false\n'
+        )
+        events = install(host)
+    raw = new_image.read_bytes()
+    assert host.slot_bytes("USR-B", len(raw)) == raw
+    assert cgpt_flags(host.disk, B).bootable
+    paths = [r.path for r in repo.server.requests]
+    package = f"/images/1.1.0/{published.image_path.name}"
+    assert f"{package}.json" in paths and f"{package}.json.asc" in paths  # beside the package
+    assert f"{package}.chunks" in paths
+    got = [r for r in repo.server.requests if r.path == package]
+    assert got and all(r.status == 206 and not r.headers["Range"].endswith("-") for r in got)
+    sent = sum(r.sent for r in got)
+    assert sent <= PLACES * (BLOCK + chunkindex.FRAME_SLACK)
+    event = path_event(events)
+    assert event["path"] == "delta"
+    assert event["downloaded_bytes"] == sent + published.manifest.image.index.size  # type: ignore[union-attr]
 
 
 # ---- an index that is not the signed one, or lies: refused before anything changes ------------

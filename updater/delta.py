@@ -1,40 +1,54 @@
 """The delta install (issue 14): build the new image in the target slot from the
 blocks the host already has, and download only the rest.
 
-Before anything changes: fetch the chunk index the signed manifest names
-(:mod:`updater.chunkindex`, checked against the manifest's size and sha256),
-hash the target slot per block at its own place (what an earlier, broken or
-older install left there) and the booted slot per 4 KiB (the digest of the
-64 KiB window at every 4 KiB offset), and plan (:mod:`updater.deltaplan`).
-Then, in block order: skip the blocks the target holds, copy those the booted
-slot holds, and fetch the others as Range requests into the published image,
-each frame decompressed (bounded) and checked against its block digest before
-it is written. Last, the whole slot is hashed from the device, past the page
-cache: nothing may boot unless it is the manifest's raw sha256, whatever the
-index said.
+Before anything changes, :func:`fetch_index` fetches the chunk index the signed
+manifest names (:mod:`updater.chunkindex`, checked against the manifest's size
+and sha256). Then, once the target is unbootable, :func:`write_delta`:
 
-Rules (the caller, :class:`updater.installer.Installer`, applies them):
+1. **scans** both slots in one pass of large reads (a reader thread, the
+   caller's thread hashing, a writer thread writing): the booted slot is hashed
+   per 4 KiB, and a block that the booted slot holds at its own place (most
+   blocks of an updated image stay where they were) is written into the target
+   from the buffer just read, at once. The target, when the agent wrote it
+   before (an earlier, broken or older install), is hashed at each block's own
+   place: a block it already holds is kept, not written. Only around blocks
+   that are not in place is the digest of the 64 KiB window at every 4 KiB
+   offset computed, to find blocks a file system moved;
+2. **plans** the rest (:mod:`updater.deltaplan`): the blocks found elsewhere in
+   the booted slot are copied, the others fetched as Range requests into the
+   published image, each frame decompressed (bounded) and checked against its
+   block digest before it is written;
+3. hashes the **whole slot from the device**, past the page cache: nothing may
+   boot unless it is the manifest's raw sha256, whatever the index said.
+
+Rules (:class:`updater.installer.Installer` applies them):
 
 - **fall back to the full download** when there is nothing to use: no index in
   the manifest (or the source has none), the index cannot be fetched (404, a
-  network error), the server ignores Range (a 200 to a Range request, at any
-  point: the full download then rewrites the whole slot), or the plan saves
-  less than ``[install] delta_min_saving`` of the download;
+  network error), the plan saves less than ``[install] delta_min_saving`` of
+  the download, or the server ignores Range (a 200 to a Range request, at any
+  point). The target is unbootable from before the scan: the full download
+  then rewrites the whole slot;
 - **refuse the update** (a typed error, nothing bootable) when something lies:
   index bytes that are not the signed ones (``size_mismatch``,
   ``hash_mismatch``), a signed index that does not cut the image into frames
-  in order (``index_malformed``), a frame that does not inflate to its block
-  (``decompress_failed``, ``hash_mismatch``), a slot that does not hash to the
-  manifest's raw sha256 at the end (``hash_mismatch``). Exactly as a full
-  download refuses an image that is not the signed one.
+  in order (``index_malformed``): both before anything changes; a frame that
+  does not inflate to its block (``decompress_failed``, ``hash_mismatch``), a
+  slot that does not hash to the manifest's raw sha256 at the end
+  (``hash_mismatch``). Exactly as a full download refuses an image that is not
+  the signed one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
+import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 import zstandard
@@ -43,29 +57,23 @@ from updater import chunkindex
 from updater.chunkindex import ChunkIndex
 from updater.decompress import ZSTD_MAX_WINDOW
 from updater.deltaplan import Plan, plan
-from updater.errors import Cancelled, DiskError, DownloadError, VerificationError
-from updater.install import Progress, ProgressFn, hash_slot
+from updater.errors import Cancelled, DiskError, DownloadError, UpdaterError, VerificationError
+from updater.install import Progress, ProgressFn, Stage, Stopped, hash_slot
 from updater.manifest import ImageRef
 from updater.slotio import SlotDevice, aligned_buffer
 from updater.transport import ByteStream, Transport
 
 log = structlog.get_logger(__name__)
 
+_T = TypeVar("_T")
+
 DIGEST = 32  # bytes of a sha256
+SCAN_BUFFERS = 3  # chunk buffers in flight between the scan's reader, hasher and writer
+SCAN_READ = 4 * 1024 * 1024  # bytes a scan read (at least): large reads, fewer syscalls
 
 
 class RangeIgnored(Exception):
     """The server answered a Range request with the whole file: fall back."""
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A delta install worth doing: the index and the plan."""
-
-    index: ChunkIndex
-    plan: Plan
-    index_bytes: int  # downloaded for the index
-    scan_seconds: float  # reading and hashing both slots
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ class Declined:
 @dataclass(frozen=True)
 class DeltaWritten:
     downloaded: int  # bytes of frames
+    planned_bytes: int  # bytes of frames the plan fetches
     seconds: float
 
 
@@ -113,139 +122,209 @@ def fetch_index(transport: Transport, url: str, image: ImageRef) -> ChunkIndex |
     )
 
 
-def booted_windows(
-    device: SlotDevice,
-    length: int,
-    wanted: set[bytes],
-    *,
-    block_size: int,
-    chunk_size: int,
-    cancel: threading.Event | None = None,
-) -> dict[bytes, int]:
-    """Where in the first ``length`` bytes of ``device`` each of ``wanted`` (block
-    digests) starts, at any sub-block offset; stops once all are found."""
-    sub = chunkindex.SUB_BLOCK
-    per = block_size // sub  # sub-blocks a window
-    step = max(sub, chunk_size - chunk_size % sub)
-    buf = memoryview(aligned_buffer(step))
-    found: dict[bytes, int] = {}
-    tail = b""  # sub-digests of the last per-1 sub-blocks before this chunk
-    pos = 0
-    length -= length % sub
-    while pos < length and len(found) < len(wanted):
-        _check_cancel(cancel)
-        n = device.read_at(buf[: min(step, length - pos)], pos)
-        n -= n % sub
-        if not n:
-            break
-        subs = tail + b"".join(hashlib.sha256(buf[i : i + sub]).digest() for i in range(0, n, sub))
-        view = memoryview(subs)
-        first = pos // sub - len(tail) // DIGEST  # sub-block index of subs[0]
-        for j in range(len(subs) // DIGEST - per + 1):
-            d = hashlib.sha256(view[j * DIGEST : (j + per) * DIGEST]).digest()
-            if d in wanted and d not in found:
-                found[d] = (first + j) * sub
-        tail = subs[-(per - 1) * DIGEST :] if per > 1 else b""
-        pos += n
-    return found
+@dataclass(frozen=True)
+class Scanned:
+    """What the scan found, and what it already wrote."""
+
+    held: list[bytes | None]  # per block: its digest where the target now holds it
+    found: dict[bytes, int]  # block digest -> a raw offset in the booted slot holding it
+    kept: int  # blocks the target held already
+    in_place: int  # blocks written from the booted slot's same place
+    seconds: float
 
 
-def target_blocks(
-    device: SlotDevice,
+# A chunk read by the scan: its slot position, its buffer, bytes of the booted slot
+# and of the target in it (the target's from ``step`` on).
+_Chunk = tuple[int, mmap.mmap, int, int]
+# The runs of a chunk to write (slot position, start in the buffer, length), and it.
+_Runs = tuple[list[tuple[int, int, int]], mmap.mmap]
+
+
+class _Scan:
+    """Pass 1: a reader thread reads both slots a chunk at a time, the caller's thread
+    hashes and decides, a writer thread writes the blocks found in place."""
+
+    def __init__(
+        self,
+        index: ChunkIndex,
+        *,
+        booted: SlotDevice,
+        booted_length: int,
+        held: SlotDevice | None,
+        device: SlotDevice,
+        chunk_size: int,
+        cancel: threading.Event | None,
+    ) -> None:
+        bs = index.block_size
+        self.index = index
+        self.booted = booted
+        self.held_device = held
+        self.device = device
+        size = max(chunk_size, SCAN_READ)
+        self.step = max(bs, size - size % bs)  # whole blocks a read
+        length = min(booted_length, booted.size)
+        self.booted_end = length - length % chunkindex.SUB_BLOCK
+        self.end = self.booted_end if held is None else max(self.booted_end, index.raw_size)
+        self.stage = Stage(cancel)
+        self.free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(SCAN_BUFFERS):
+            self.free.put(aligned_buffer(self.step * (2 if held is not None else 1)))
+        self.chunks: queue.Queue[_Chunk | None] = queue.Queue(SCAN_BUFFERS)
+        self.to_write: queue.Queue[_Runs | None] = queue.Queue(SCAN_BUFFERS)
+        self.digests = [e.digest for e in index.entries]
+        self.wanted = set(self.digests)
+        self.held: list[bytes | None] = [None] * len(self.digests)
+        self.found: dict[bytes, int] = {}
+        self.kept = 0
+        self.in_place = 0
+        # the last booted block: number, sub-digests, whether it is in place
+        self._prev: tuple[int, list[bytes], bool] | None = None
+
+    def run(self) -> None:
+        stage = self.stage
+        threads = [
+            threading.Thread(target=self._guard, args=(self._read,), name="delta-scan-read"),
+            threading.Thread(target=self._guard, args=(self._write,), name="delta-scan-write"),
+        ]
+        for t in threads:
+            t.daemon = True
+            t.start()
+        try:
+            self._guard(self._hash)
+        finally:
+            for t in threads:
+                t.join()
+        if stage.error is not None:
+            err = stage.error
+            if isinstance(err, UpdaterError):
+                raise err
+            if isinstance(err, OSError):
+                raise DiskError("io", f"{self.device.path}: {err}") from err
+            raise err
+
+    def _guard(self, work: object) -> None:
+        assert callable(work)
+        try:
+            work()
+        except Stopped:
+            pass
+        except BaseException as exc:
+            self.stage.fail(exc)
+
+    def _read(self) -> None:
+        stage, step, raw_size = self.stage, self.step, self.index.raw_size
+        for pos in range(0, self.end, step):
+            buf = stage.get(self.free)
+            view = memoryview(buf)
+            bn = tn = 0
+            if pos < self.booted_end:
+                bn = self.booted.read_at(view[: min(step, self.booted_end - pos)], pos)
+                bn -= bn % chunkindex.SUB_BLOCK
+            if self.held_device is not None and pos < raw_size:
+                tn = self.held_device.read_at(view[step : step + min(step, raw_size - pos)], pos)
+            stage.put(self.chunks, (pos, buf, bn, tn))
+        stage.put(self.chunks, None)
+
+    def _write(self) -> None:
+        stage = self.stage
+        while (item := stage.get(self.to_write)) is not None:
+            runs, buf = item
+            view = memoryview(buf)
+            for pos, start, length in runs:
+                self.device.seek(pos)
+                self.device.write(view[start : start + length])
+            self.free.put(buf)
+
+    def _hash(self) -> None:
+        stage = self.stage
+        while (item := stage.get(self.chunks)) is not None:
+            pos, buf, bn, tn = item
+            stage.put(self.to_write, (self._chunk(pos, memoryview(buf), bn, tn), buf))
+        stage.put(self.to_write, None)
+
+    def _chunk(self, pos: int, view: memoryview, bn: int, tn: int) -> list[tuple[int, int, int]]:
+        """Decide the blocks of the chunk at ``pos``; the runs to write from it."""
+        index, bs, sub, step = self.index, self.index.block_size, chunkindex.SUB_BLOCK, self.step
+        per = bs // sub
+        sha = hashlib.sha256
+        subs = [sha(view[k : k + sub]).digest() for k in range(0, bn, sub)]
+        count = len(self.digests)
+        runs: list[tuple[int, int, int]] = []
+        first = pos // bs
+        for b in range(-(-max(bn, tn) // bs)):
+            i, rel = first + b, b * bs
+            block_subs = subs[b * per : (b + 1) * per]
+            d = chunkindex.combine(block_subs) if len(block_subs) == per else None
+            if d is not None and d in self.wanted and d not in self.found:
+                self.found[d] = pos + rel
+            in_place = False
+            if i < count:
+                want = self.digests[i]
+                _, blen = index.block(i)
+                if blen == bs:
+                    in_place = d == want
+                elif rel + blen <= bn:
+                    in_place = chunkindex.block_digest(view[rel : rel + blen]) == want
+                if rel + blen <= tn and (
+                    chunkindex.block_digest(view[step + rel : step + rel + blen]) == want
+                ):
+                    self.held[i] = want
+                    self.kept += 1
+                elif in_place:
+                    self.held[i] = want
+                    self.in_place += 1
+                    if runs and runs[-1][1] + runs[-1][2] == rel:
+                        p, s, n = runs[-1]
+                        runs[-1] = (p, s, n + blen)
+                    else:
+                        runs.append((pos + rel, rel, blen))
+            self._windows(i, block_subs, in_place)
+        self.stage.check_cancel()
+        return runs
+
+    def _windows(self, i: int, block_subs: list[bytes], in_place: bool) -> None:
+        """The 64 KiB windows at the 4 KiB offsets inside booted block i - 1, where
+        either it or block i is not in place (whole blocks: found by :meth:`_chunk`)."""
+        prev = self._prev
+        per = self.index.block_size // chunkindex.SUB_BLOCK
+        self._prev = (i, block_subs, in_place) if len(block_subs) == per else None
+        if prev is None or prev[0] != i - 1 or (prev[2] and in_place) or not block_subs:
+            return
+        if len(self.found) == len(self.wanted):
+            return
+        joined = memoryview(b"".join(prev[1] + block_subs))
+        base = (i - 1) * self.index.block_size
+        sha, found, wanted = hashlib.sha256, self.found, self.wanted
+        for k in range(1, min(per, len(joined) // DIGEST - per + 1)):
+            w = sha(joined[k * DIGEST : (k + per) * DIGEST]).digest()
+            if w in wanted and w not in found:
+                found[w] = base + k * chunkindex.SUB_BLOCK
+
+
+def scan(
     index: ChunkIndex,
-    *,
-    chunk_size: int,
-    cancel: threading.Event | None = None,
-) -> list[bytes | None]:
-    """The digest of what ``device`` holds at each block's own place (None past its end)."""
-    count = len(index.entries)
-    per_read = max(1, chunk_size // index.block_size)
-    buf = memoryview(aligned_buffer(per_read * index.block_size))
-    out: list[bytes | None] = []
-    i = 0
-    while i < count:
-        _check_cancel(cancel)
-        start, _ = index.block(i)
-        k = min(per_read, count - i)
-        last_start, last_len = index.block(i + k - 1)
-        want = last_start + last_len - start
-        n = device.read_at(buf[:want], start)
-        for j in range(k):
-            s, blen = index.block(i + j)
-            rel = s - start
-            out.append(chunkindex.block_digest(buf[rel : rel + blen]) if rel + blen <= n else None)
-        i += k
-    return out
-
-
-def prepare(
-    transport: Transport,
-    index_url: str | None,
-    image: ImageRef,
     *,
     booted: SlotDevice,
     booted_length: int,
-    target: SlotDevice | None,
-    min_saving: float,
+    held: SlotDevice | None,
+    device: SlotDevice,
     chunk_size: int,
     cancel: threading.Event | None = None,
-) -> Prepared | Declined:
-    """Read the index and both slots and plan; Declined when the full download it is.
-    ``target`` None: the target slot holds nothing the agent wrote; not read.
-
-    Raises VerificationError for an index that is not the signed one or lies."""
-    if image.index is None or index_url is None:
-        return Declined("no_index")
-    index = fetch_index(transport, index_url, image)
-    if index is None:
-        return Declined("index_unavailable")
-    index_bytes = image.index.size
+) -> Scanned:
+    """Pass 1 (see the module's text): ``device`` is the target, written; ``held`` the
+    target read-only when the agent wrote it before (else None: not read)."""
     started = time.monotonic()
-    # Both slots at once (reads and sha256 release the GIL); the booted slot is
-    # searched for every block, as what the target holds is not known yet.
-    held: list[bytes | None] = []
-    failed: list[BaseException] = []
-
-    def scan_target() -> None:
-        assert target is not None
-        try:
-            held.extend(target_blocks(target, index, chunk_size=chunk_size, cancel=cancel))
-        except BaseException as exc:
-            failed.append(exc)
-
-    scan = threading.Thread(target=scan_target, name="delta-scan-target", daemon=True)
-    if target is not None:
-        scan.start()
-    try:
-        windows = booted_windows(
-            booted,
-            booted_length,
-            {e.digest for e in index.entries},
-            block_size=index.block_size,
-            chunk_size=chunk_size,
-            cancel=cancel,
-        )
-    finally:
-        if target is not None:
-            scan.join()
-    if failed:
-        raise failed[0]
-    p = plan(index, windows, held)
-    seconds = time.monotonic() - started
-    log.info(
-        "delta_planned",
-        planned_bytes=p.fetch_bytes,
-        image_bytes=p.image_bytes,
-        saving=round(p.saving, 4),
-        blocks_kept=len(p.keep),
-        blocks_copied=len(p.copy),
-        blocks_fetched=len(index.entries) - len(p.keep) - len(p.copy),
-        ranges=len(p.fetch),
-        scan_seconds=round(seconds, 3),
+    s = _Scan(
+        index,
+        booted=booted,
+        booted_length=booted_length,
+        held=held,
+        device=device,
+        chunk_size=chunk_size,
+        cancel=cancel,
     )
-    if p.saving < min_saving:
-        return Declined("saving_too_small", p.fetch_bytes, index_bytes)
-    return Prepared(index, p, index_bytes, seconds)
+    s.run()
+    return Scanned(s.held, s.found, s.kept, s.in_place, time.monotonic() - started)
 
 
 def _read_exact(stream: ByteStream, n: int, url: str) -> bytes:
@@ -280,14 +359,83 @@ def _inflate(dctx: zstandard.ZstdDecompressor, frame: bytes, size: int, block: i
     return b"".join(parts)
 
 
+class _WriteBehind:
+    """A writer thread for pass 2: the caller fills pooled buffers (reads the booted
+    slot, inflates frames) while the previous ones are written."""
+
+    def __init__(self, device: SlotDevice, size: int, cancel: threading.Event | None) -> None:
+        self.device = device
+        self.size = size  # bytes a buffer
+        self.stage = Stage(cancel)
+        self.free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(SCAN_BUFFERS):
+            self.free.put(aligned_buffer(size))
+        self.queue: queue.Queue[tuple[int, mmap.mmap, int] | None] = queue.Queue(SCAN_BUFFERS)
+        self.thread = threading.Thread(target=self._write, name="delta-write", daemon=True)
+        self.thread.start()
+
+    def buffer(self) -> memoryview:
+        return memoryview(self._call(self.stage.get, self.free))
+
+    def write(self, pos: int, buf: memoryview, length: int) -> None:
+        """Write ``buf[:length]`` (a buffer from :meth:`buffer`) at slot position ``pos``."""
+        assert isinstance(buf.obj, mmap.mmap)
+        self._call(self.stage.put, self.queue, (pos, buf.obj, length))
+
+    def close(self) -> None:
+        """Wait for every write; raise the writer's error, if any."""
+        try:
+            self._call(self.stage.put, self.queue, None)
+        finally:
+            if self.stage.error is None:
+                self.thread.join()
+            else:
+                self.stage.stop.set()
+                self.thread.join()
+        self._raise()
+
+    def abandon(self) -> None:
+        self.stage.stop.set()
+        self.thread.join()
+
+    def _call(self, f: Callable[..., _T], *args: object) -> _T:
+        try:
+            return f(*args)
+        except Stopped:
+            self._raise()
+            raise
+
+    def _raise(self) -> None:
+        err = self.stage.error
+        if err is None:
+            return
+        if isinstance(err, OSError):
+            raise DiskError("io", f"{self.device.path}: {err}") from err
+        raise err
+
+    def _write(self) -> None:
+        stage = self.stage
+        try:
+            while (item := stage.get(self.queue)) is not None:
+                pos, buf, length = item
+                self.device.seek(pos)
+                self.device.write(memoryview(buf)[:length])
+                self.free.put(buf)
+        except Stopped:
+            pass
+        except BaseException as exc:
+            stage.fail(exc)
+
+
 class _Writer:
-    """Writes the plan into the target slot, in block order."""
+    """Pass 2: writes the rest of the plan into the target slot, in block order."""
 
     def __init__(
         self,
         transport: Transport,
         url: str,
-        prepared: Prepared,
+        index: ChunkIndex,
+        p: Plan,
         *,
         booted: SlotDevice,
         device: SlotDevice,
@@ -297,19 +445,27 @@ class _Writer:
     ) -> None:
         self.transport = transport
         self.url = url
-        self.index = prepared.index
-        self.plan = prepared.plan
+        self.index = index
+        self.plan = p
         self.booted = booted
         self.device = device
         self.progress = progress
         self.cancel = cancel
-        self.buf = memoryview(aligned_buffer(max(chunk_size, self.index.block_size)))
+        self.writes = _WriteBehind(device, max(chunk_size, index.block_size), cancel)
         self.dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
         self.validator: str | None = None
         self.downloaded = 0
         self._reported = 0.0
 
     def run(self) -> None:
+        try:
+            self._run()
+        except BaseException:
+            self.writes.abandon()
+            raise
+        self.writes.close()
+
+    def _run(self) -> None:
         index, p = self.index, self.plan
         count = len(index.entries)
         kept = set(p.keep)
@@ -325,7 +481,6 @@ class _Writer:
             elif i in kept:
                 while i < count and i in kept:
                     i += 1
-                self.device.seek(index.block(i)[0] if i < count else index.raw_size)
             elif i in sources:
                 i = self._copy(i, sources)
             else:  # the planner gives every block one of the three
@@ -340,14 +495,14 @@ class _Writer:
         while (
             j in sources
             and sources[j] == src + (j - i) * self.index.block_size
-            and length + self.index.block(j)[1] <= len(self.buf)
+            and length + self.index.block(j)[1] <= self.writes.size
         ):
             length += self.index.block(j)[1]
             j += 1
-        view = self.buf[:length]
-        if self.booted.read_at(view, src) != length:
+        buf = self.writes.buffer()
+        if self.booted.read_at(buf[:length], src) != length:
             raise DiskError("io", f"the booted slot ends before {src + length} (block {i})")
-        self.device.write(view)
+        self.writes.write(self.index.block(i)[0], buf, length)
         return j
 
     def _fetch(self, first: int, last: int, offset: int, length: int) -> None:
@@ -356,6 +511,9 @@ class _Writer:
         )
         if stream is None:
             raise RangeIgnored
+        pos = self.index.block(first)[0]
+        buf = self.writes.buffer()
+        filled = 0  # bytes of inflated blocks in buf, written together
         try:
             if self.validator is None:
                 self.validator = stream.validator
@@ -373,8 +531,13 @@ class _Writer:
                         "to the block the signed index names",
                         hint="the image on the server is not the one the index cuts up",
                     )
-                self.device.write(data)
+                if filled + size > len(buf):
+                    self.writes.write(pos, buf, filled)
+                    pos, buf, filled = pos + filled, self.writes.buffer(), 0
+                buf[filled : filled + size] = data
+                filled += size
                 self._report()
+            self.writes.write(pos, buf, filled)
         finally:
             stream.close()
 
@@ -388,31 +551,68 @@ class _Writer:
 def write_delta(
     transport: Transport,
     url: str,
-    prepared: Prepared,
+    index: ChunkIndex,
     image: ImageRef,
     *,
+    index_bytes: int,
     booted: SlotDevice,
+    booted_length: int,
+    held: SlotDevice | None,
     device: SlotDevice,
+    min_saving: float,
     chunk_size: int,
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
-) -> DeltaWritten:
-    """Carry out ``prepared`` into ``device``, then hash the whole slot from the device.
+) -> DeltaWritten | Declined:
+    """Build the image in ``device`` from ``booted`` (its first ``booted_length``
+    bytes), what ``held`` (the target, read-only; None: not read) holds and Range
+    requests to ``url``; then hash the whole slot from the device.
 
-    Raises RangeIgnored (fall back: the slot holds garbage, still unbootable),
-    VerificationError, DownloadError or DiskError."""
+    Declined (fall back: the slot holds garbage, still unbootable) when the saving
+    is below ``min_saving`` or the server ignores Range. Raises VerificationError,
+    DownloadError or DiskError."""
     started = time.monotonic()
+    found = scan(
+        index,
+        booted=booted,
+        booted_length=booted_length,
+        held=held,
+        device=device,
+        chunk_size=chunk_size,
+        cancel=cancel,
+    )
+    p = plan(index, found.found, found.held)
+    fetched = sum(r.last - r.first + 1 for r in p.fetch)
+    log.info(
+        "delta_planned",
+        planned_bytes=p.fetch_bytes,
+        image_bytes=p.image_bytes,
+        saving=round(p.saving, 4),
+        blocks_kept=found.kept,
+        blocks_in_place=found.in_place,
+        blocks_copied=len(p.copy),
+        blocks_fetched=fetched,
+        ranges=len(p.fetch),
+        scan_seconds=round(found.seconds, 3),
+    )
+    if p.saving < min_saving:
+        return Declined("saving_too_small", p.fetch_bytes, index_bytes)
     writer = _Writer(
         transport,
         url,
-        prepared,
+        index,
+        p,
         booted=booted,
         device=device,
         chunk_size=chunk_size,
         progress=progress,
         cancel=cancel,
     )
-    writer.run()
+    try:
+        writer.run()
+    except RangeIgnored:
+        log.warning("delta_range_ignored", url=url)
+        return Declined("range_ignored", p.fetch_bytes, index_bytes)
     device.sync()
     on_disk = hash_slot(device, image, chunk_size, progress, cancel)
     if on_disk != image.raw_sha256:
@@ -431,4 +631,4 @@ def write_delta(
         readback=True,
         delta=True,
     )
-    return DeltaWritten(writer.downloaded, seconds)
+    return DeltaWritten(writer.downloaded, p.fetch_bytes, seconds)

@@ -69,11 +69,11 @@ class IntoSource(Protocol):
 _Block = tuple[memoryview, mmap.mmap | None]
 
 
-class _Stop(Exception):
+class Stopped(Exception):
     """Another stage failed; this one unwinds quietly."""
 
 
-class _Stage:
+class Stage:
     """Shared failure slot and stop flag of the pipeline's threads.
 
     ``cancel`` is the caller's: once set, every stage stops at its next queue
@@ -89,7 +89,7 @@ class _Stage:
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
             self.fail(Cancelled("cancelled", "the install was stopped"))
-            raise _Stop
+            raise Stopped
 
     def fail(self, exc: BaseException) -> None:
         with self._lock:
@@ -101,7 +101,7 @@ class _Stage:
         while True:
             self.check_cancel()
             if self.stop.is_set():
-                raise _Stop
+                raise Stopped
             try:
                 q.put(item, timeout=0.1)
                 return
@@ -112,7 +112,7 @@ class _Stage:
         while True:
             self.check_cancel()
             if self.stop.is_set():
-                raise _Stop
+                raise Stopped
             try:
                 return q.get(timeout=0.1)
             except queue.Empty:
@@ -122,7 +122,7 @@ class _Stage:
 class _QueueReader:
     """A file-like ``read(n)`` over the fetcher's queue, for the decompressors."""
 
-    def __init__(self, stage: _Stage, q: queue.Queue[_Block | None]) -> None:
+    def __init__(self, stage: Stage, q: queue.Queue[_Block | None]) -> None:
         self._stage = stage
         self._q = q
         self._item = memoryview(b"")
@@ -232,7 +232,7 @@ class _Pipeline:
         self.device = device
         self.chunk_size = chunk_size
         self.progress = progress
-        self.stage = _Stage(cancel)
+        self.stage = Stage(cancel)
         self.passthrough = image.compression is Compression.NONE
         self.pooled = self.passthrough and isinstance(chunks, IntoSource)
         self.fetched: queue.Queue[_Block | None] = queue.Queue(QUEUE_DEPTH)
@@ -258,7 +258,7 @@ class _Pipeline:
             t.start()
         try:
             self._transform()
-        except _Stop:
+        except Stopped:
             pass
         except BaseException as exc:
             stage.fail(exc)
@@ -305,7 +305,7 @@ class _Pipeline:
                     self.downloaded += len(chunk)
                     stage.put(self.fetched, (memoryview(chunk), None))
             stage.put(self.fetched, None)
-        except _Stop:
+        except Stopped:
             pass
         except BaseException as exc:
             stage.fail(exc)
@@ -323,7 +323,7 @@ class _Pipeline:
                 if buf is not None:
                     self.free.put(buf)
             self.device.sync()
-        except _Stop:
+        except Stopped:
             pass
         except BaseException as exc:
             stage.fail(exc)

@@ -17,7 +17,7 @@ from dataclasses import replace
 import structlog
 
 from partitions.bootcontrol import Slot, SlotStatus
-from updater import delta, download
+from updater import chunkindex, delta, download
 from updater.bootfiles import checked
 from updater.decisions import reusable_install
 from updater.errors import (
@@ -142,9 +142,14 @@ class Installer:
             _log_install_failed(m.version, slot, refusal)
             report(self.source, Happening("failed", version=m.version, error=refusal))
             raise refusal
-        # 0. Before anything changes: a delta install's index and plan (reads only).
+        # 0. Before anything changes: a delta install's index (read and checked). The
+        # target is read for blocks at their own place only if the agent wrote it
+        # (an earlier install, finished or not). One it never wrote holds nothing or
+        # what provisioning put there, which the booted slot then holds too: reading
+        # it would save writes, never downloads.
+        target_written = uuid in self.slots.store.load().slots
         try:
-            delta_plan = self._plan_delta(m, booted.slot, slot, cancel)
+            how = self._delta_index(m)
         except Exception as exc:
             error = internal_error(exc, "install")
             _log_install_failed(m.version, slot, error)
@@ -177,22 +182,22 @@ class Installer:
         report(self.source, Happening("download_started", version=m.version))
         try:
             self.slots.recheck_target(booted.slot, slot)
-            result = None
-            if isinstance(delta_plan, delta.Prepared):
-                result = self._write_delta(
+            result: WriteResult | delta.Declined = (
+                how
+                if isinstance(how, delta.Declined)
+                else self._write_delta(
                     m,
                     url,
-                    delta_plan,
+                    how,
                     booted=booted.slot,
                     target=slot,
+                    target_written=target_written,
                     progress=progress,
                     cancel=cancel,
                 )
-                if result is None:
-                    delta_plan = delta.Declined(
-                        "range_ignored", delta_plan.plan.fetch_bytes, delta_plan.index_bytes
-                    )
-            if result is None:
+            )
+            if isinstance(result, delta.Declined):
+                declined = result
                 with self.slots.open_slot(slot) as device:
                     result = write_image(
                         download.Download(
@@ -209,7 +214,7 @@ class Installer:
                         progress=progress,
                         cancel=cancel,
                     )
-                _log_path(m, delta_plan, m.image.size)
+                _log_path(m, declined, m.image.size)
             # 5b. The slot's own boot files, before it may boot (the booted slot's: never).
             boot = self._write_boot_files(m, booted.slot, slot, cancel)
         except Exception as exc:
@@ -236,67 +241,58 @@ class Installer:
         )
         return result
 
-    def _plan_delta(
-        self, m: Manifest, booted: Slot, target: Slot, cancel: threading.Event | None
-    ) -> delta.Prepared | delta.Declined:
-        """Whether to build the slot from the host's own blocks (:mod:`updater.delta`)."""
+    def _delta_index(self, m: Manifest) -> chunkindex.ChunkIndex | delta.Declined:
+        """The release's chunk index (:mod:`updater.delta`), or why the full download."""
         if m.image.index is None:
             return delta.Declined("no_index")
         index_url = self.source.index_url(m)
-        slots = self.slots.store.load().slots
-        rec = slots.get(str(booted.part_uuid))
-        # the booted slot's image, if the agent wrote it; else the whole slot
-        length = rec.raw_size if rec is not None and rec.raw_size is not None else booted.size
-        # The target is read for blocks at their own place only if the agent wrote it
-        # (an earlier install, finished or not). One it never wrote holds nothing or
-        # what provisioning put there, which the booted slot then holds too: reading
-        # it would save writes, never downloads.
-        written = str(target.part_uuid) in slots
-        with contextlib.ExitStack() as stack:
-            source = stack.enter_context(self.slots.read_slot(booted))
-            held = stack.enter_context(self.slots.read_slot(target)) if written else None
-            return delta.prepare(
-                self.transport,
-                index_url,
-                m.image,
-                booted=source,
-                booted_length=min(length, booted.size),
-                target=held,
-                min_saving=self.settings.delta_min_saving,
-                chunk_size=self.settings.chunk_size,
-                cancel=cancel,
-            )
+        if index_url is None:
+            return delta.Declined("no_index")
+        index = delta.fetch_index(self.transport, index_url, m.image)
+        if index is None:
+            return delta.Declined("index_unavailable")
+        return index
 
     def _write_delta(
         self,
         m: Manifest,
         url: str,
-        prepared: delta.Prepared,
+        index: chunkindex.ChunkIndex,
         *,
         booted: Slot,
         target: Slot,
+        target_written: bool,
         progress: ProgressFn | None,
         cancel: threading.Event | None,
-    ) -> WriteResult | None:
-        """The delta install; None when the server ignored Range (fall back: the full
-        download rewrites the whole slot, which is still unbootable)."""
-        try:
-            with self.slots.read_slot(booted) as source, self.slots.open_slot(target) as device:
-                written = delta.write_delta(
-                    self.transport,
-                    url,
-                    prepared,
-                    m.image,
-                    booted=source,
-                    device=device,
-                    chunk_size=self.settings.chunk_size,
-                    progress=progress,
-                    cancel=cancel,
-                )
-        except delta.RangeIgnored:
-            log.warning("delta_range_ignored", version=m.version, url=url)
-            return None
-        _log_path(m, prepared, written.downloaded + prepared.index_bytes)
+    ) -> WriteResult | delta.Declined:
+        """The delta install; Declined when the full download it is (the target is
+        unbootable and the full download rewrites all of it)."""
+        assert m.image.index is not None
+        rec = self.slots.store.load().slots.get(str(booted.part_uuid))
+        # the booted slot's image, if the agent wrote it; else the whole slot
+        length = rec.raw_size if rec is not None and rec.raw_size is not None else booted.size
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(self.slots.read_slot(booted))
+            held = stack.enter_context(self.slots.read_slot(target)) if target_written else None
+            device = stack.enter_context(self.slots.open_slot(target))
+            written = delta.write_delta(
+                self.transport,
+                url,
+                index,
+                m.image,
+                index_bytes=m.image.index.size,
+                booted=source,
+                booted_length=min(length, booted.size),
+                held=held,
+                device=device,
+                min_saving=self.settings.delta_min_saving,
+                chunk_size=self.settings.chunk_size,
+                progress=progress,
+                cancel=cancel,
+            )
+        if isinstance(written, delta.Declined):
+            return written
+        _log_delta_path(m, written, m.image.index.size)
         return WriteResult(m.image.sha256, m.image.raw_sha256, m.image.raw_size, written.seconds)
 
     def _write_boot_files(
@@ -342,18 +338,20 @@ class Installer:
         return tuple(BootFileRecord(b.name, b.size, b.sha256) for b in m.boot)
 
 
-def _log_path(m: Manifest, how: delta.Prepared | delta.Declined, downloaded: int) -> None:
-    """The one event that says how the image came: delta or full, and the bytes."""
-    if isinstance(how, delta.Prepared):
-        log.info(
-            "install_path",
-            version=m.version,
-            path="delta",
-            planned_bytes=how.plan.fetch_bytes + how.index_bytes,
-            downloaded_bytes=downloaded,
-            image_bytes=m.image.size,
-        )
-        return
+def _log_delta_path(m: Manifest, written: delta.DeltaWritten, index_bytes: int) -> None:
+    """The one event that says how the image came: as a delta, and the bytes."""
+    log.info(
+        "install_path",
+        version=m.version,
+        path="delta",
+        planned_bytes=written.planned_bytes + index_bytes,
+        downloaded_bytes=written.downloaded + index_bytes,
+        image_bytes=m.image.size,
+    )
+
+
+def _log_path(m: Manifest, how: delta.Declined, downloaded: int) -> None:
+    """The one event that says how the image came: in full, why, and the bytes."""
     log.info(
         "install_path",
         version=m.version,

@@ -144,9 +144,11 @@ class OmahaSource:
         return resolve_image_url(self._offer.manifest_url, manifest)
 
     def index_url(self, manifest: Manifest) -> str | None:
-        # Not yet: an Omaha offer downloads the whole image (issue 14 names the index
-        # beside the package as the next step).
-        return None
+        # the chunk index lies beside the package, named in the manifest beside it
+        if self._offer is None:
+            raise RuntimeError("index_url before an offer")
+        index = manifest.image.index
+        return None if index is None else resolve_url(self._offer.manifest_url, index.url)
 
     def boot_url(self, manifest: Manifest, ref: BootFileRef) -> str:
         if self._offer is None:

@@ -25,7 +25,9 @@ import errno
 import hashlib
 import mmap
 import os
+import queue
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +37,7 @@ _DROP_CACHE = getattr(os, "POSIX_FADV_DONTNEED", 4)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 DIRECT_ALIGN = 4096  # bytes; a multiple of every logical block size in use (512, 4096)
 STAGING_SIZE = 1024 * 1024  # bytes; where data that is not itself aligned is copied to
+HASH_BUFFERS = 2  # chunk buffers of a slot's hash: one read while the other is hashed
 SYNC_EVERY = 32 * 1024 * 1024  # bytes; without O_DIRECT, fdatasync and drop after this many
 
 
@@ -225,20 +228,50 @@ class SlotDevice:
         """SHA-256 of the first ``length`` bytes of the slot, read from the device.
 
         With O_DIRECT where it works (whole blocks), so not even a page the
-        cache kept can stand in for what the device holds.
+        cache kept can stand in for what the device holds. A reader thread reads
+        the next chunk while this one is hashed (both release the GIL).
+        ``progress`` gets the bytes hashed; an exception it raises stops the read.
         """
         h = hashlib.sha256()
-        view = memoryview(aligned_buffer(chunk_size))
+        free: queue.Queue[memoryview] = queue.Queue()
+        for _ in range(HASH_BUFFERS):
+            free.put(memoryview(aligned_buffer(chunk_size)))
+        filled: queue.Queue[tuple[memoryview, int] | BaseException] = queue.Queue()
+        stop = threading.Event()
+
+        def read() -> None:
+            done = 0
+            try:
+                while done < length:
+                    view = free.get()
+                    if stop.is_set():
+                        return
+                    n = self._read(view[: min(chunk_size, length - done)], done)
+                    if n == 0:
+                        raise DiskError("io", f"{self.path}: unexpected end of device")
+                    filled.put((view, n))
+                    done += n
+            except BaseException as exc:
+                filled.put(exc)
+
+        reader = threading.Thread(target=read, name="slot-hash-read", daemon=True)
+        reader.start()
         done = 0
-        while done < length:
-            want = min(chunk_size, length - done)
-            n = self._read(view[:want], done)
-            if n == 0:
-                raise DiskError("io", f"{self.path}: unexpected end of device")
-            h.update(view[:n])
-            done += n
-            if progress is not None:
-                progress(done)
+        try:
+            while done < length:
+                item = filled.get()
+                if isinstance(item, BaseException):
+                    raise item
+                view, n = item
+                h.update(view[:n])
+                done += n
+                free.put(view)
+                if progress is not None:
+                    progress(done)
+        finally:
+            stop.set()
+            free.put(memoryview(b""))  # wakes a reader waiting for a buffer
+            reader.join()
         return h.hexdigest()
 
     def read_at(self, view: memoryview, pos: int) -> int:
