@@ -29,7 +29,6 @@ from updater.hostpolicy import Hold, HostPolicy
 from updater.hostpolicyfile import HostPolicyStore
 
 A, B = 1, 2
-UPDATECTL = str(Path(sys.executable).with_name("updatectl"))
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -325,13 +324,23 @@ def test_only_root_may_allow_a_downgrade(
         conf.chmod(0o755)
         shutil.copy(host.config, conf / "50-host.toml")
         (conf / "50-host.toml").chmod(0o644)
+        # updatectl's own code, in a process that is nobody when it runs: it loads as
+        # root (the checkout and the interpreter may sit where only root reads, as in
+        # CI), then drops to uid/gid 65534 before the command line is parsed
+        argv = ["--config", str(conf), "channel", "lts", "--allow-downgrade", "--json"]
+        child = (
+            "import os, sys\n"
+            "from updater import cli, cli_admin, cli_output, config\n"
+            "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+            f"sys.exit(cli.main({argv!r}))\n"
+        )
         r = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", UPDATECTL,
-             "--config", str(conf), "channel", "lts", "--allow-downgrade", "--json"],
+            [sys.executable, "-c", child],
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
+            cwd="/",
             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
                  "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path / 'no-bus'}"},
         )  # fmt: skip

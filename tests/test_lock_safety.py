@@ -491,7 +491,7 @@ def test_real_agents_never_exceed_the_slots_under_harder_faults(tmp_path: Path, 
             }
             procs += victim_procs.values()
             killed_at: dict[str, float] = {}
-            until_s = time.monotonic() + 90
+            until_s = time.monotonic() + 180  # a liveness guard: a loaded machine is slow
             while len(killed_at) < VICTIMS:
                 assert time.monotonic() < until_s, "the victims never held the slots"
                 st = lock.status()
