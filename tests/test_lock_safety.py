@@ -31,10 +31,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -421,7 +423,21 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
 @pytest.mark.skipif(
     shutil.which("ip") is None or shutil.which("nft") is None, reason="needs ip and nft"
 )
-def test_real_agents_never_exceed_the_slots_under_harder_faults(tmp_path: Path, repo: Repo) -> None:
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path: the agents' unix sockets live under it, and a
+    socket path must fit in 108 bytes (pytest's tmp_path under xdist does not)."""
+    path = Path(tempfile.mkdtemp(prefix="lock-safety-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_real_agents_never_exceed_the_slots_under_harder_faults(
+    short_tmp: Path, repo: Repo
+) -> None:
+    tmp_path = short_tmp
     """52 real agents (the composition root's Agent: update source, install, the etcd
     lock strategy, pre-reboot hooks, bless, the steady step; only the reboot emulated,
     see devtools/reboot_agent.py) update from 1.0.0 to 1.1.0 on a group with 2 slots,
