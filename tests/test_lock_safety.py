@@ -419,10 +419,6 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-@pytest.mark.root
-@pytest.mark.skipif(
-    shutil.which("ip") is None or shutil.which("nft") is None, reason="needs ip and nft"
-)
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temp dir with a short path: the agents' unix sockets live under it, and a
@@ -434,10 +430,13 @@ def short_tmp() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.root
+@pytest.mark.skipif(
+    shutil.which("ip") is None or shutil.which("nft") is None, reason="needs ip and nft"
+)
 def test_real_agents_never_exceed_the_slots_under_harder_faults(
     short_tmp: Path, repo: Repo
 ) -> None:
-    tmp_path = short_tmp
     """52 real agents (the composition root's Agent: update source, install, the etcd
     lock strategy, pre-reboot hooks, bless, the steady step; only the reboot emulated,
     see devtools/reboot_agent.py) update from 1.0.0 to 1.1.0 on a group with 2 slots,
@@ -454,6 +453,7 @@ def test_real_agents_never_exceed_the_slots_under_harder_faults(
        record (one reboot each, into USR-B; down intervals never overlap by more
        than 2; blessed, steady on 1.1.0, the slot given back) and the disks.
     """
+    tmp_path = short_tmp
     seed = int(os.environ.get("LOCK_SAFETY_SEED", random.randrange(1 << 30)))
     print(f"LOCK_SAFETY_SEED={seed}")
     t_start = time.monotonic()
