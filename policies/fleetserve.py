@@ -53,6 +53,7 @@ from policies.fleetview import (
     parse_snapshot,
 )
 from policies.semaphore import KEY_PREFIX as LOCK_PREFIX
+from policies.tlsserve import server_tls_context
 from updater.errors import ConfigError, LockError
 
 if TYPE_CHECKING:
@@ -266,20 +267,7 @@ class ServeSettings:
             )
 
     def tls_context(self) -> ssl.SSLContext | None:
-        if self.tls_cert is None or self.tls_key is None:
-            return None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            ctx.load_cert_chain(self.tls_cert, self.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                "unreadable",
-                f"cannot load the TLS certificate and key: {exc}",
-                file=str(self.tls_cert),
-                hint="PEM files: the certificate chain and its unencrypted private key",
-            ) from None
-        return ctx
+        return server_tls_context(self.tls_cert, self.tls_key)
 
 
 class _Handler(BaseHTTPRequestHandler):
