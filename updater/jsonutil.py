@@ -19,6 +19,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 MAX_DEPTH = 32  # nesting levels; none of our documents needs more than a handful
@@ -160,3 +161,29 @@ def _skip_ws(text: str, i: int) -> int:
 
 def _short(text: str) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def field(obj: dict[str, Any], key: str, typ: type, error: ErrorFactory, where: str = "") -> Any:
+    """``obj[key]``, which must be a ``typ`` (a JSON true is never an int), or
+    ``error`` naming the field (``where`` prefixes its path)."""
+    if key not in obj:
+        raise error(f"missing field {where}{key}")
+    value = obj[key]
+    # bool is an int in Python; a JSON true is never a valid size
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise error(f"field {where}{key} must be {typ.__name__}, not {type(value).__name__}")
+    return value
+
+
+def utc_time(text: str, key: str, error: ErrorFactory) -> datetime:
+    """An ISO 8601 time with its zone, in UTC, or ``error`` naming the field ``key``."""
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise error(f"field {key} is not an ISO 8601 time: {text[:64]!r}") from None
+    if t.tzinfo is None:
+        raise error(f"field {key} has no time zone: {text[:64]!r}")
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise error(f"field {key} is out of range: {text[:64]!r}") from None

@@ -105,27 +105,11 @@ def _bad(message: str) -> VerificationError:
 
 
 def _field(obj: dict[str, Any], key: str, typ: type, where: str = "") -> Any:
-    if key not in obj:
-        raise _bad(f"missing field {where}{key}")
-    value = obj[key]
-    # bool is an int in Python; a JSON true is never a valid size
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise _bad(f"field {where}{key} must be {typ.__name__}, not {type(value).__name__}")
-    return value
+    return jsonutil.field(obj, key, typ, _bad, where)
 
 
 def _time(obj: dict[str, Any], key: str) -> datetime:
-    text = _field(obj, key, str)
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        raise _bad(f"field {key} is not an ISO 8601 time: {text[:64]!r}") from None
-    if t.tzinfo is None:
-        raise _bad(f"field {key} has no time zone: {text[:64]!r}")
-    try:
-        return t.astimezone(UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
-        raise _bad(f"field {key} is out of range: {text[:64]!r}") from None
+    return jsonutil.utc_time(_field(obj, key, str), key, _bad)
 
 
 def _size(obj: dict[str, Any], key: str, where: str = "image.") -> int:

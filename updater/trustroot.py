@@ -86,25 +86,11 @@ def _bad(message: str) -> VerificationError:
 
 
 def _field(obj: dict[str, Any], key: str, typ: type, where: str = "") -> Any:
-    if key not in obj:
-        raise _bad(f"missing field {where}{key}")
-    value = obj[key]
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise _bad(f"field {where}{key} must be {typ.__name__}, not {type(value).__name__}")
-    return value
+    return jsonutil.field(obj, key, typ, _bad, where)
 
 
 def _time(text: str) -> datetime:
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        raise _bad(f"field expires is not an ISO 8601 time: {text[:64]!r}") from None
-    if t.tzinfo is None:
-        raise _bad(f"field expires has no time zone: {text[:64]!r}")
-    try:
-        return t.astimezone(UTC)
-    except OverflowError:
-        raise _bad(f"field expires is out of range: {text[:64]!r}") from None
+    return jsonutil.utc_time(text, "expires", _bad)
 
 
 def normalize_fingerprint(text: str) -> str | None:
