@@ -367,6 +367,22 @@ def _polls(cond: Callable[[], bool], timeout: float, what: str) -> Iterator[None
         yield
 
 
+async def reboot_now_when_free(agent: Any, attempts: int = 200) -> None:
+    """``agent.reboot_now()``, asked again while the agent's own reboot attempt (the
+    policy's, after staging) is under way: the refusal says to ask again."""
+    from updater.errors import RefusedError  # noqa: PLC0415
+
+    for _ in range(attempts - 1):
+        try:
+            await agent.reboot_now()
+            return
+        except RefusedError as exc:
+            if "under way" not in exc.message:
+                raise
+        await asyncio.sleep(0.05)
+    await agent.reboot_now()
+
+
 async def until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
     """Wait (in the event loop) until ``cond()`` holds."""
     for _ in _polls(cond, timeout, what):

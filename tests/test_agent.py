@@ -25,7 +25,7 @@ from devtools.repo_server import Fault
 from partitions.bootcontrol import Slot
 from policies.rebootlock import FailureReport
 from policies.strategy import Immediate, Off, RebootStrategy
-from tests.conftest import NotifySocket, Repo, until
+from tests.conftest import NotifySocket, Repo, reboot_now_when_free, until
 from tests.omaha_server import Answer, OmahaServer, Release
 from updater import compose, config, machinerecord
 from updater import machine as mc
@@ -247,13 +247,7 @@ def test_strategy_off_stages_only_and_reboot_now_forces(
             await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
             await until(lambda: policy.no >= 3)  # several reboot-retry periods: it says no
             assert h.rebooter.calls == []
-            for _ in range(200):  # asked while the agent's own attempt runs: ask again
-                try:
-                    await h.agent.reboot_now()
-                    break
-                except RefusedError as exc:
-                    assert "under way" in exc.message, exc
-                    await asyncio.sleep(0.05)
+            await reboot_now_when_free(h.agent)
             assert len(h.rebooter.calls) == 1
 
     asyncio.run(scenario())
@@ -767,12 +761,8 @@ def test_a_forced_reboot_that_crashes_answers_the_caller_and_is_counted(
     async def scenario() -> None:
         async with running(h):
             await until(lambda: h.agent.status().state == "UPDATED_NEED_REBOOT")
-            for _ in range(200):  # the policy's own attempt after staging may still run
-                with pytest.raises(UpdaterError) as err:
-                    await h.agent.reboot_now()
-                if "under way" not in err.value.message:
-                    break
-                await asyncio.sleep(0.05)
+            with pytest.raises(UpdaterError) as err:
+                await reboot_now_when_free(h.agent)
             assert err.value.kind == "internal" and "logind went away" in err.value.message
 
     asyncio.run(scenario())

@@ -26,7 +26,7 @@ from devtools.host import Host
 from policies.etcdclient import EtcdClient, EtcdSettings
 from policies.etcdlock import EtcdLock
 from policies.strategy import LockStrategy
-from tests.conftest import NotifySocket, Repo, until, updatectl
+from tests.conftest import NotifySocket, Repo, reboot_now_when_free, until, updatectl
 from tests.dbus_support import POLICY, connect
 from tests.test_agent import FAST, Harness, RecordingRebooter, running, saved_machine
 from updater import compose, config, dbus_api
@@ -303,13 +303,7 @@ def test_a_forced_reboot_does_not_wait_for_users(
         try:
             async with running(h):
                 await until(lambda: h.agent.machine.staged == "1.1.0")
-                for _ in range(200):  # the policy's own attempt after staging may still run
-                    try:
-                        await h.agent.reboot_now()
-                        break
-                    except RefusedError as exc:
-                        assert "under way" in exc.message, exc
-                        await asyncio.sleep(0.05)
+                await reboot_now_when_free(h.agent)
                 assert len(h.rebooter.calls) == 1
         finally:
             await fake.stop()
