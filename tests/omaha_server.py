@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import hashlib
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from pathlib import Path
 import defusedxml.ElementTree
 
 from devtools.loopback import LoopbackHTTPServer, LoopbackServer
+from updater.release import Published
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -441,3 +443,25 @@ class OmahaServer(LoopbackServer[_Server]):
 
     def events(self) -> list[SeenEvent]:
         return [e for r in self.requests for e in r.events]
+
+
+def omaha_release(repo_url: str, published: Published) -> Release:
+    """What an Omaha server offers for a release published into the repository at
+    ``repo_url``: its package under ``images/<version>/``."""
+    data = published.image_path.read_bytes()
+    version = published.manifest.version
+    return Release(
+        version=version,
+        codebase=f"{repo_url}/images/{version}/",
+        package=published.image_path.name,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def use_omaha(config: Path, server_url: str) -> None:
+    """Point the host's config at the Omaha server (group stable, no update.conf)."""
+    config.write_text(
+        config.read_text().replace("[source]\n", '[source]\nkind = "omaha"\n')
+        + f'\n[omaha]\nserver = "{server_url}"\ngroup = "stable"\nflatcar_conf = false\n'
+    )

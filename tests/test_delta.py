@@ -22,7 +22,7 @@ from devtools.gpgkeys import SigningKey
 from devtools.host import Host, write_config
 from devtools.repo_server import Fault, Request
 from tests.conftest import Repo
-from tests.omaha_server import Answer, OmahaServer, Release
+from tests.omaha_server import Answer, OmahaServer, omaha_release, use_omaha
 from tests.test_cycle import B, Snapshot, assert_refused
 from updater import chunkindex, compose, config
 from updater.chunkindex import ChunkIndex, Entry
@@ -246,19 +246,8 @@ def test_through_an_omaha_server_only_the_changed_blocks_are_downloaded(
     """The Omaha server names the package; the chunk index lies beside it, named in
     the signed manifest beside the package: the same delta path as the static one."""
     published = publish(repo, new_image)
-    body = published.image_path.read_bytes()
-    release = Release(
-        version="1.1.0",
-        codebase=f"{repo.url}/images/1.1.0/",
-        package=published.image_path.name,
-        size=len(body),
-        sha256=hashlib.sha256(body).hexdigest(),
-    )
-    with OmahaServer(release=release, answer=Answer.UPDATE) as server:
-        host.config.write_text(
-            host.config.read_text().replace("[source]\n", '[source]\nkind = "omaha"\n')
-            + f'\n[omaha]\nserver = "{server.url}"\ngroup = "stable"\nflatcar_conf = false\n'
-        )
+    with OmahaServer(release=omaha_release(repo.url, published), answer=Answer.UPDATE) as server:
+        use_omaha(host.config, server.url)
         events = install(host)
     raw = new_image.read_bytes()
     assert host.slot_bytes("USR-B", len(raw)) == raw

@@ -5,7 +5,6 @@ events kept while the server is unreachable, and every hostile answer."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,14 @@ from devtools.diskimage import cgpt_flags
 from devtools.host import Host
 from partitions.bootcontrol import SlotFlags
 from tests.conftest import Repo, updatectl
-from tests.omaha_server import Answer, OmahaServer, Release, SeenEvent
+from tests.omaha_server import (
+    Answer,
+    OmahaServer,
+    Release,
+    SeenEvent,
+    omaha_release,
+    use_omaha,
+)
 from tests.test_cycle import Snapshot, assert_refused
 from updater.errors import ExitCode
 from updater.manifest import Compression
@@ -24,21 +30,8 @@ from updater.manifest import Compression
 @pytest.fixture
 def omaha(host: Host, repo: Repo, usr_images: dict[str, Path]) -> Iterator[OmahaServer]:
     published = repo.publish("1.1.0", usr_images["1.1.0"], compression=Compression.ZSTD)
-    image = published.image_path
-    data = image.read_bytes()
-    release = Release(
-        version="1.1.0",
-        codebase=f"{repo.url}/images/1.1.0/",
-        package=image.name,
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
-    with OmahaServer(release=release, answer=Answer.NOUPDATE) as server:
-        text = (
-            host.config.read_text().replace("[source]\n", '[source]\nkind = "omaha"\n')
-            + f'\n[omaha]\nserver = "{server.url}"\ngroup = "stable"\nflatcar_conf = false\n'
-        )
-        host.config.write_text(text)
+    with OmahaServer(release=omaha_release(repo.url, published), answer=Answer.NOUPDATE) as server:
+        use_omaha(host.config, server.url)
         yield server
 
 

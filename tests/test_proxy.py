@@ -6,7 +6,6 @@ changes nothing."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from devtools.tls import TLSFiles, make_tls
 from policies.etcdclient import EtcdClient, EtcdSettings
 from policies.etcdlock import EtcdLock
 from tests.conftest import Repo, updatectl
-from tests.omaha_server import Answer, OmahaServer, Release
+from tests.omaha_server import Answer, OmahaServer, omaha_release, use_omaha
 from tests.test_cycle import Snapshot, assert_refused
 from updater import config
 from updater.errors import ConfigError, ExitCode
@@ -126,19 +125,8 @@ def test_the_omaha_server_through_the_proxy(
     host: Host, repo: Repo, usr_images: dict[str, Path], proxy: ProxyServer
 ) -> None:
     published = repo.publish("1.1.0", usr_images["1.1.0"], compression=Compression.ZSTD)
-    data = published.image_path.read_bytes()
-    release = Release(
-        version="1.1.0",
-        codebase=f"{repo.url}/images/1.1.0/",
-        package=published.image_path.name,
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
-    with OmahaServer(release=release, answer=Answer.UPDATE) as omaha:
-        host.config.write_text(
-            host.config.read_text().replace("[source]\n", '[source]\nkind = "omaha"\n')
-            + f'\n[omaha]\nserver = "{omaha.url}"\ngroup = "stable"\nflatcar_conf = false\n'
-        )
+    with OmahaServer(release=omaha_release(repo.url, published), answer=Answer.UPDATE) as omaha:
+        use_omaha(host.config, omaha.url)
         set_proxy(host, proxy.url)
         r = updatectl(host, "check", "--install", "--json")
         assert r.code == 0, r.err

@@ -6,7 +6,6 @@ installed: no slot, flag, state or trust-root change. Real gpg keys throughout."
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,11 +16,10 @@ import pytest
 from devtools.gpgkeys import SigningKey, ceremony_home, kill_agents
 from devtools.host import Host
 from tests.conftest import CliResult, Repo, updatectl
-from tests.omaha_server import Answer, OmahaServer, Release
+from tests.omaha_server import Answer, OmahaServer, omaha_release, use_omaha
 from tests.test_cycle import Snapshot, assert_refused, check_install, error_of
 from updater.errors import ExitCode
 from updater.gpg import sign_detached
-from updater.release import Published
 from updater.trustroot import Root, RootKey, serialize_root
 
 NOW = datetime.now(UTC)
@@ -458,18 +456,6 @@ def test_shipped_root_replaces_the_keyring(
 # ---- Omaha: the roots beside the package ---------------------------------------------------------
 
 
-def omaha_release(repo: Repo, published: Published) -> Release:
-    data = published.image_path.read_bytes()
-    version = published.manifest.version
-    return Release(
-        version=version,
-        codebase=f"{repo.url}/images/{version}/",
-        package=published.image_path.name,
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
-
-
 def test_omaha_walks_the_roots_beside_the_package(
     host: Host,
     repo: Repo,
@@ -486,15 +472,11 @@ def test_omaha_walks_the_roots_beside_the_package(
     )
     good = repo.publish("1.1.0", usr_images["1.1.0"], key=b)
     assert (repo.root / "images" / "1.1.0" / "keys").readlink() == Path("../../keys")
-    with OmahaServer(release=omaha_release(repo, good), answer=Answer.UPDATE) as server:
-        text = (
-            host.config.read_text().replace("[source]\n", '[source]\nkind = "omaha"\n')
-            + f'\n[omaha]\nserver = "{server.url}"\ngroup = "stable"\nflatcar_conf = false\n'
-        )
-        host.config.write_text(text)
+    with OmahaServer(release=omaha_release(repo.url, good), answer=Answer.UPDATE) as server:
+        use_omaha(host.config, server.url)
         # the thief's 1.2.0, signed by the revoked key, offered by a compromised server
         leaked = repo.publish("1.2.0", usr_images["1.2.0"], key=a)
-        server.answer(Answer.UPDATE, release=omaha_release(repo, leaked))
+        server.answer(Answer.UPDATE, release=omaha_release(repo.url, leaked))
         before = Snapshot.take(host)
         code, doc = check_install(host)
         assert (code, error_of(doc)) == (ExitCode.VERIFICATION, ("verification", "key_rotated_out"))
@@ -509,7 +491,7 @@ def test_omaha_walks_the_roots_beside_the_package(
         # reported as update_engine's public key verification error (18)
         assert [(e.type, e.result, e.error_code) for e in server.events()] == [(3, 0, 18)]
 
-        server.answer(Answer.UPDATE, release=omaha_release(repo, good))
+        server.answer(Answer.UPDATE, release=omaha_release(repo.url, good))
         code, doc = check_install(host)
         assert code == 0 and doc["installed"] is True, doc
         assert trusted(host)["version"] == 1
