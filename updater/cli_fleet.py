@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -19,8 +20,9 @@ from updater.errors import ConfigError, RefusedError, UpdaterError
 from updater.log import configure
 
 if TYPE_CHECKING:
-    from policies.etcdclient import EtcdClient
+    from policies.etcdclient import EtcdClient, EtcdSettings
     from policies.failed import FailedVersions
+    from updater.listen import ListenAddress
 
 
 from updater.cli_output import age, emit_json, print_failed_versions
@@ -197,10 +199,52 @@ def _fleetlock_max_failures(flag: int | None, cfg: config.Config) -> int:
     return flag
 
 
-def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    import signal  # noqa: PLC0415
-    import threading  # noqa: PLC0415
+def _http_listen(text: str, what: str, port: int, not_tcp: str) -> ListenAddress:
+    """``--listen`` of our HTTP servers: an IP literal and a TCP port (any address)."""
+    from updater.listen import parse_listen  # noqa: PLC0415
 
+    addr = parse_listen(
+        text,
+        key="--listen",
+        allow_port_zero=True,
+        loopback_only=False,
+        what=f"{what} listen address",
+        hint=f'an IP literal and a port: "0.0.0.0:{port}", "127.0.0.1:{port}", "[::]:{port}"',
+    )
+    if addr.family != "tcp":
+        raise ConfigError("invalid", not_tcp, key="--listen")
+    return addr
+
+
+def _etcd(args: argparse.Namespace, cfg: config.Config) -> EtcdSettings:
+    """The configured etcd, with ``--etcd`` endpoints over its own."""
+    etcd = compose.etcd_settings(cfg)
+    if args.etcd:
+        etcd = dataclasses.replace(etcd, endpoints=tuple(args.etcd))
+    return etcd
+
+
+def _stop_on_signals() -> threading.Event:
+    """Set by SIGTERM or SIGINT (installed before the server starts)."""
+    import signal  # noqa: PLC0415
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _serve_until(stop: threading.Event, url: str) -> None:
+    """Tell systemd we serve ``url``, wait for ``stop``, tell it we are stopping."""
+    from updater.sdnotify import Notifier  # noqa: PLC0415
+
+    notifier = Notifier()
+    notifier.ready(f"serving {url}")
+    stop.wait()
+    notifier.stopping()
+
+
+def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     from policies.etcdclient import EtcdClient  # noqa: PLC0415 - etcd only when asked for
     from policies.fleetlockd import (  # noqa: PLC0415 - etcd only when asked for
         FleetLockServer,
@@ -211,23 +255,10 @@ def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextI
         FleetLockService,
         StoredFailedVersions,
     )
-    from updater.listen import parse_listen  # noqa: PLC0415
-    from updater.sdnotify import Notifier  # noqa: PLC0415
 
     configure(logging.DEBUG if args.verbose > 1 else logging.INFO, mode=args.log or "auto")
-    addr = parse_listen(
-        args.listen,
-        key="--listen",
-        allow_port_zero=True,
-        loopback_only=False,
-        what="FleetLock listen address",
-        hint='an IP literal and a port: "0.0.0.0:3333", "127.0.0.1:3333", "[::]:3333"',
-    )
-    if addr.family != "tcp":
-        raise ConfigError("invalid", "FleetLock clients speak HTTP over TCP", key="--listen")
-    etcd = compose.etcd_settings(cfg)
-    if args.etcd:
-        etcd = dataclasses.replace(etcd, endpoints=tuple(args.etcd))
+    addr = _http_listen(args.listen, "FleetLock", 3333, "FleetLock clients speak HTTP over TCP")
+    etcd = _etcd(args, cfg)
     settings = ServerSettings(
         host=addr.host,
         port=addr.port,
@@ -246,9 +277,7 @@ def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextI
         raise ConfigError(
             "invalid", f"cannot listen on {addr}: {exc.strerror or exc}", key="--listen"
         ) from None
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = _stop_on_signals()
     with contextlib.closing(client), running(server):
         log = structlog.get_logger("updater.fleetlockd")
         log.info(
@@ -260,18 +289,12 @@ def cmd_fleetlock_serve(args: argparse.Namespace, cfg: config.Config, out: TextI
         )
         out.write(f"FleetLock serving on {server.url}\n")
         out.flush()
-        notifier = Notifier()
-        notifier.ready(f"serving {server.url}")
-        stop.wait()
-        notifier.stopping()
+        _serve_until(stop, server.url)
         log.info("fleetlock_stopping", url=server.url)
     return 0
 
 
 def cmd_fleet_serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    import signal  # noqa: PLC0415
-    import threading  # noqa: PLC0415
-
     from policies.etcdclient import EtcdClient  # noqa: PLC0415 - etcd only when asked for
     from policies.fleetserve import (  # noqa: PLC0415
         EtcdReads,
@@ -281,20 +304,9 @@ def cmd_fleet_serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -
         read_token,
         serving,
     )
-    from updater.listen import parse_listen  # noqa: PLC0415
-    from updater.sdnotify import Notifier  # noqa: PLC0415
 
     configure(logging.DEBUG if args.verbose > 1 else logging.INFO, mode=args.log or "auto")
-    addr = parse_listen(
-        args.listen,
-        key="--listen",
-        allow_port_zero=True,
-        loopback_only=False,
-        what="dashboard listen address",
-        hint='an IP literal and a port: "0.0.0.0:9477", "127.0.0.1:9477", "[::]:9477"',
-    )
-    if addr.family != "tcp":
-        raise ConfigError("invalid", "the dashboard speaks HTTP over TCP", key="--listen")
+    addr = _http_listen(args.listen, "dashboard", 9477, "the dashboard speaks HTTP over TCP")
     for name, value, low, high in (
         ("--refresh", args.refresh, 0.1, 3600.0),
         ("--stale-after", args.stale_after, 1.0, 365 * 86400.0),
@@ -309,9 +321,7 @@ def cmd_fleet_serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -
         tls_key=args.tls_key,
         token=token,
     )
-    etcd = compose.etcd_settings(cfg)
-    if args.etcd:
-        etcd = dataclasses.replace(etcd, endpoints=tuple(args.etcd))
+    etcd = _etcd(args, cfg)
     client = EtcdClient(etcd)
     cache = FleetCache(
         EtcdReads(client, cfg.reboot.max_failures),
@@ -328,9 +338,7 @@ def cmd_fleet_serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -
         raise ConfigError(
             "invalid", f"cannot listen on {addr}: {exc.strerror or exc}", key="--listen"
         ) from None
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = _stop_on_signals()
     with contextlib.closing(client), serving(server):
         log = structlog.get_logger("updater.fleetserve")
         log.info(
@@ -342,9 +350,6 @@ def cmd_fleet_serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -
         )
         out.write(f"Fleet dashboard on {server.url}/\n")
         out.flush()
-        notifier = Notifier()
-        notifier.ready(f"serving {server.url}")
-        stop.wait()
-        notifier.stopping()
+        _serve_until(stop, server.url)
         log.info("fleet_serve_stopping", url=server.url)
     return 0
