@@ -48,6 +48,8 @@ class Run:
     sent: int  # bytes the server sent: image + index
     seconds: float
     scan_seconds: float  # of those: the scan (both slots read, blocks in place written)
+    pass2_seconds: float  # the rest of the plan: copies and Range requests
+    hash_seconds: float  # the whole slot hashed from the device
 
 
 def _drop_cache(path: Path) -> None:
@@ -98,15 +100,24 @@ def _install(setup: Setup, pub: Published, *, full: bool) -> Run:
     (event,) = [e for e in events if e["event"] == "install_path"]
     planned = [e for e in events if e["event"] == "delta_planned"]
     scan = planned[0]["scan_seconds"] if planned else 0.0
+    written = [e for e in events if e["event"] == "image_written" and e.get("delta")]
+    pass2 = written[0]["pass2_seconds"] if written else 0.0
+    hashed = written[0]["hash_seconds"] if written else 0.0
     sent = sum(r.sent for r in server.requests[before:] if r.path.startswith("/images/"))
     shutil.rmtree(root)
-    return Run(event["path"], event.get("reason", ""), sent, seconds, scan)
+    return Run(event["path"], event.get("reason", ""), sent, seconds, scan, pass2, hashed)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each install (median)")
+    ap.add_argument(
+        "--images",
+        type=Path,
+        help="build the images here once and reuse them (default: a temp dir)",
+    )
     args = ap.parse_args()
     kinds = tuple(args.kinds.split(","))
     # the agent's own log is not what this prints (capture_logs reads its events)
@@ -115,24 +126,54 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-delta-") as tmp:
         work = Path(tmp)
         t0 = time.monotonic()
-        images = make_pair_set(work / "images", args.size_mib * MIB, kinds)
-        print(f"images built in {time.monotonic() - t0:.0f} s ({args.size_mib} MiB each)")
+        images = _images(args.images or work / "images", args.size_mib * MIB, kinds)
+        print(f"images ready in {time.monotonic() - t0:.0f} s ({args.size_mib} MiB each)")
         repo = work / "repo"
         with signing_key(work / "gnupg") as key, RepoServer(repo) as server:
             for i, kind in enumerate(kinds):
                 pub = _publish(repo, images[kind], key, kind, f"1.1.{i}")
                 image = pub.manifest.image
                 setup = Setup(work, repo, server, key, images["base"])
-                full = _install(setup, pub, full=True)
-                delta = _install(setup, pub, full=False)
+                fulls: list[Run] = []
+                deltas: list[Run] = []
+                for r in range(args.repeat):  # alternating, so a drift hits both alike
+                    for is_full in (True, False) if r % 2 == 0 else (False, True):
+                        (fulls if is_full else deltas).append(_install(setup, pub, full=is_full))
+                full, delta = _median(fulls), _median(deltas)
+                ratios = [d.seconds / f.seconds for f, d in zip(fulls, deltas, strict=True)]
                 print(
                     f"{kind:9s} image {image.size / MIB:8.2f} MiB | "
                     f"full: {full.sent / MIB:8.2f} MiB {full.seconds:6.2f} s | "
                     f"agent ({delta.path}{', ' + delta.reason if delta.reason else ''}): "
                     f"{delta.sent / MIB:8.2f} MiB ({100 * delta.sent / full.sent:5.1f} %) "
-                    f"{delta.seconds:6.2f} s (scan {delta.scan_seconds:.2f} s)",
+                    f"{delta.seconds:6.2f} s (scan {delta.scan_seconds:.2f} s, "
+                    f"rest of the plan {delta.pass2_seconds:.2f} s, "
+                    f"slot hash {delta.hash_seconds:.2f} s) | "
+                    f"agent / full {delta.seconds / full.seconds:.2f}"
+                    + (
+                        f" (runs: {', '.join(f'{x:.2f}' for x in ratios)})"
+                        if len(ratios) > 1
+                        else ""
+                    ),
                     flush=True,
                 )
+
+
+def _median(runs: list[Run]) -> Run:
+    """The run of median wall time (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
+
+
+def _images(where: Path, size: int, kinds: tuple[str, ...]) -> dict[str, Path]:
+    """The base image and one per kind in ``where``, built unless all are there."""
+    names = {"base": where / "base.img", **{k: where / f"{k}.img" for k in kinds}}
+    marker = where / f"built-{size}"
+    if marker.exists() and all(p.exists() for p in names.values()):
+        return names
+    shutil.rmtree(where, ignore_errors=True)
+    images = make_pair_set(where, size, kinds)
+    marker.touch()
+    return images
 
 
 def _publish(repo: Path, image: Path, key: SigningKey, channel: str, version: str) -> Published:

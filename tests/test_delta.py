@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import threading
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ def refused(host: Host) -> tuple[str, str, list[MutableMapping[str, Any]]]:
     check = up.check()
     with capture_logs() as events, pytest.raises(UpdaterError) as caught:
         up.install(check)
+    # pass 2's writer and the whole-slot hash behind it are stopped, not left running
+    assert [t.name for t in threading.enumerate() if t.name.startswith("delta-")] == []
     return caught.value.category, caught.value.kind, events
 
 

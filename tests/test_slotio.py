@@ -6,12 +6,16 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from devtools.diskimage import loop_device
+from updater.delta import Watermark
 from updater.errors import DiskError
+from updater.install import Stopped
 from updater.slotio import DIRECT_ALIGN, SlotDevice, aligned_buffer
 
 OFFSET = 1 << 20
@@ -96,3 +100,45 @@ def test_refuses_past_the_end(tmp_path: Path) -> None:
             dev.write(bytes(DIRECT_ALIGN + 1))
         assert dev.written == SIZE - DIRECT_ALIGN
     assert path.read_bytes()[OFFSET + SIZE :] == b"\xee" * (1 << 20)
+
+
+def test_a_hash_behind_a_writer_reads_only_what_is_final(tmp_path: Path) -> None:
+    """``ready`` holds each read of the hash until the writer has made those bytes
+    final (the delta install's whole-slot hash follows pass 2 so): the digest is the
+    written content's, although the hash started before the first write."""
+    path = disk(tmp_path)
+    content = random.Random(5).randbytes(SIZE)
+    piece = SIZE // 6
+    final = Watermark()
+    asked: list[int] = []
+
+    def ready(end: int) -> None:
+        asked.append(end)
+        final.wait(end)
+
+    def write() -> None:
+        with SlotDevice(path, OFFSET, SIZE) as w:
+            for k in range(0, SIZE, piece):
+                time.sleep(0.05)  # the hash, unheld, would long have read the old bytes
+                w.seek(k)
+                w.write(content[k : k + piece])
+                final.advance(k + piece)
+
+    writer = threading.Thread(target=write)
+    with SlotDevice(path, OFFSET, SIZE, writable=False) as dev:
+        assert dev.direct  # read from the device, not from the writer's pages
+        writer.start()
+        digest = dev.hash(SIZE, 1 << 19, ready=ready)
+    writer.join()
+    assert digest == hashlib.sha256(content).hexdigest()
+    assert asked == list(range(1 << 19, SIZE + 1, 1 << 19))
+
+
+def test_a_hash_behind_a_writer_that_fails_stops(tmp_path: Path) -> None:
+    path = disk(tmp_path)
+    final = Watermark()
+    final.advance(1 << 20)
+    threading.Timer(0.1, final.fail).start()
+    with SlotDevice(path, OFFSET, SIZE, writable=False) as dev, pytest.raises(Stopped):
+        dev.hash(SIZE, 1 << 19, ready=final.wait)
+    assert [t.name for t in threading.enumerate() if t.name == "slot-hash-read"] == []

@@ -359,18 +359,55 @@ def _inflate(dctx: zstandard.ZstdDecompressor, frame: bytes, size: int, block: i
     return b"".join(parts)
 
 
+class Watermark:
+    """How far the target slot holds its final bytes: pass 2 advances it as its
+    writes land (in block order), the whole-slot hash waits on it."""
+
+    def __init__(self) -> None:
+        self._until = 0
+        self._failed = False
+        self._cond = threading.Condition()
+
+    def advance(self, pos: int) -> None:
+        with self._cond:
+            if pos > self._until:
+                self._until = pos
+                self._cond.notify_all()
+
+    def fail(self) -> None:
+        """Pass 2 stopped: whoever waits stops too."""
+        with self._cond:
+            self._failed = True
+            self._cond.notify_all()
+
+    def wait(self, pos: int) -> None:
+        """Return once the bytes before ``pos`` are final; Stopped if pass 2 failed."""
+        with self._cond:
+            while self._until < pos:
+                if self._failed:
+                    raise Stopped
+                self._cond.wait()
+
+
 class _WriteBehind:
     """A writer thread for pass 2: the caller fills pooled buffers (reads the booted
-    slot, inflates frames) while the previous ones are written."""
+    slot, inflates frames) while the previous ones are written. It advances
+    ``final`` past each write, and to each position :meth:`mark` names, in order."""
 
-    def __init__(self, device: SlotDevice, size: int, cancel: threading.Event | None) -> None:
+    def __init__(
+        self, device: SlotDevice, size: int, cancel: threading.Event | None, final: Watermark
+    ) -> None:
         self.device = device
         self.size = size  # bytes a buffer
+        self.final = final
         self.stage = Stage(cancel)
         self.free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(SCAN_BUFFERS):
             self.free.put(aligned_buffer(size))
-        self.queue: queue.Queue[tuple[int, mmap.mmap, int] | None] = queue.Queue(SCAN_BUFFERS)
+        # (slot position, buffer or None for a mark, bytes of it)
+        self.queue: queue.Queue[tuple[int, mmap.mmap | None, int] | None] = queue.Queue(
+            SCAN_BUFFERS + 1
+        )
         self.thread = threading.Thread(target=self._write, name="delta-write", daemon=True)
         self.thread.start()
 
@@ -381,6 +418,10 @@ class _WriteBehind:
         """Write ``buf[:length]`` (a buffer from :meth:`buffer`) at slot position ``pos``."""
         assert isinstance(buf.obj, mmap.mmap)
         self._call(self.stage.put, self.queue, (pos, buf.obj, length))
+
+    def mark(self, pos: int) -> None:
+        """Every byte before ``pos`` is final once the writes queued so far land."""
+        self._call(self.stage.put, self.queue, (pos, None, 0))
 
     def close(self) -> None:
         """Wait for every write; raise the writer's error, if any."""
@@ -418,9 +459,11 @@ class _WriteBehind:
         try:
             while (item := stage.get(self.queue)) is not None:
                 pos, buf, length = item
-                self.device.seek(pos)
-                self.device.write(memoryview(buf)[:length])
-                self.free.put(buf)
+                if buf is not None:
+                    self.device.seek(pos)
+                    self.device.write(memoryview(buf)[:length])
+                    self.free.put(buf)
+                self.final.advance(pos + length)
         except Stopped:
             pass
         except BaseException as exc:
@@ -442,6 +485,7 @@ class _Writer:
         chunk_size: int,
         progress: ProgressFn | None,
         cancel: threading.Event | None,
+        final: Watermark,
     ) -> None:
         self.transport = transport
         self.url = url
@@ -451,7 +495,7 @@ class _Writer:
         self.device = device
         self.progress = progress
         self.cancel = cancel
-        self.writes = _WriteBehind(device, max(chunk_size, index.block_size), cancel)
+        self.writes = _WriteBehind(device, max(chunk_size, index.block_size), cancel, final)
         self.dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
         self.validator: str | None = None
         self.downloaded = 0
@@ -474,17 +518,20 @@ class _Writer:
         i = 0
         while i < count:
             _check_cancel(self.cancel)
+            if i in kept:
+                while i < count and i in kept:
+                    i += 1
+                continue
+            self.writes.mark(index.block(i)[0])  # all before block i is final
             if i in ranges:
                 r = ranges[i]
                 self._fetch(r.first, r.last, r.offset, r.length)
                 i = r.last + 1
-            elif i in kept:
-                while i < count and i in kept:
-                    i += 1
             elif i in sources:
                 i = self._copy(i, sources)
             else:  # the planner gives every block one of the three
                 raise AssertionError(f"block {i} has no plan")
+        self.writes.mark(index.raw_size)
 
     def _copy(self, i: int, sources: dict[int, int]) -> int:
         """Copy the run of blocks from ``i`` whose sources follow each other in the
@@ -548,6 +595,60 @@ class _Writer:
             self.progress(Progress("download", self.downloaded, self.plan.fetch_bytes))
 
 
+def _first_unfinished(index: ChunkIndex, p: Plan) -> int:
+    """The slot position of the first block pass 2 writes (the raw size if none)."""
+    todo = [r.first for r in p.fetch] + [c.block for c in p.copy]
+    return index.block(min(todo))[0] if todo else index.raw_size
+
+
+class _HashBehind:
+    """The whole-slot hash (:func:`updater.install.hash_slot`) in its own thread, each
+    read waiting until pass 2 has made those bytes final. Its progress is reported
+    once ``reporting`` is set (pass 2 reports its own until then)."""
+
+    def __init__(
+        self,
+        device: SlotDevice,
+        image: ImageRef,
+        chunk_size: int,
+        progress: ProgressFn | None,
+        cancel: threading.Event | None,
+        *,
+        final: Watermark,
+    ) -> None:
+        self.reporting = False
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._final = final
+
+        def report(p: Progress) -> None:
+            if self.reporting and progress is not None:
+                progress(p)
+
+        def run() -> None:
+            try:
+                self._digest = hash_slot(
+                    device, image, chunk_size, report, cancel, ready=final.wait
+                )
+            except BaseException as exc:  # handed to the caller by result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="delta-hash", daemon=True)
+        self._thread.start()
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+    def abandon(self) -> None:
+        """Pass 2 failed (``final`` failed too): wait for the thread to stop."""
+        self._final.fail()
+        self._thread.join()
+
+
 def write_delta(
     transport: Transport,
     url: str,
@@ -597,6 +698,8 @@ def write_delta(
     )
     if p.saving < min_saving:
         return Declined("saving_too_small", p.fetch_bytes, index_bytes)
+    final = Watermark()
+    final.advance(_first_unfinished(index, p))  # the scan wrote or kept all before it
     writer = _Writer(
         transport,
         url,
@@ -607,14 +710,35 @@ def write_delta(
         chunk_size=chunk_size,
         progress=progress,
         cancel=cancel,
+        final=final,
+    )
+    pass2_started = time.monotonic()
+    # 3. The whole-slot hash reads behind pass 2 (the bytes before its position are
+    # final), past the page cache: only where the device is read with O_DIRECT (else
+    # the reads would come from the pages pass 2 just wrote: it follows the sync).
+    behind = (
+        _HashBehind(device, image, chunk_size, progress, cancel, final=final)
+        if device.direct
+        else None
     )
     try:
         writer.run()
-    except RangeIgnored:
-        log.warning("delta_range_ignored", url=url)
-        return Declined("range_ignored", p.fetch_bytes, index_bytes)
+    except BaseException as exc:
+        final.fail()
+        if behind is not None:
+            behind.abandon()
+        if isinstance(exc, RangeIgnored):
+            log.warning("delta_range_ignored", url=url)
+            return Declined("range_ignored", p.fetch_bytes, index_bytes)
+        raise
     device.sync()
-    on_disk = hash_slot(device, image, chunk_size, progress, cancel)
+    pass2_seconds = time.monotonic() - pass2_started
+    if behind is not None:
+        behind.reporting = True
+        on_disk = behind.result()
+    else:
+        on_disk = hash_slot(device, image, chunk_size, progress, cancel)
+    hash_seconds = time.monotonic() - pass2_started - pass2_seconds
     if on_disk != image.raw_sha256:
         raise VerificationError(
             "hash_mismatch",
@@ -628,6 +752,9 @@ def write_delta(
         raw_size=image.raw_size,
         downloaded=writer.downloaded,
         seconds=round(seconds, 3),
+        scan_seconds=round(found.seconds, 3),
+        pass2_seconds=round(pass2_seconds, 3),
+        hash_seconds=round(hash_seconds, 3),  # the part of it after pass 2
         readback=True,
         delta=True,
     )

@@ -391,9 +391,11 @@ def hash_slot(
     chunk_size: int,
     progress: ProgressFn | None,
     cancel: threading.Event | None,
+    *,
+    ready: Callable[[int], None] | None = None,
 ) -> str:
     """The sha256 of the slot's first ``image.raw_size`` bytes, read past the page cache
-    (progress as ``readback``; stoppable)."""
+    (progress as ``readback``; stoppable); ``ready``: see :meth:`SlotDevice.hash`."""
 
     def read_progress(n: int) -> None:
         if cancel is not None and cancel.is_set():
@@ -402,7 +404,7 @@ def hash_slot(
             progress(Progress("readback", n, image.raw_size))
 
     device.drop_cache()
-    return device.hash(image.raw_size, chunk_size, read_progress)
+    return device.hash(image.raw_size, chunk_size, read_progress, ready)
 
 
 def _read_back(

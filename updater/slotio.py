@@ -223,7 +223,11 @@ class SlotDevice:
         os.posix_fadvise(self._fd, self.offset, self.size, _DROP_CACHE)
 
     def hash(
-        self, length: int, chunk_size: int, progress: Callable[[int], None] | None = None
+        self,
+        length: int,
+        chunk_size: int,
+        progress: Callable[[int], None] | None = None,
+        ready: Callable[[int], None] | None = None,
     ) -> str:
         """SHA-256 of the first ``length`` bytes of the slot, read from the device.
 
@@ -231,6 +235,9 @@ class SlotDevice:
         cache kept can stand in for what the device holds. A reader thread reads
         the next chunk while this one is hashed (both release the GIL).
         ``progress`` gets the bytes hashed; an exception it raises stops the read.
+        ``ready(end)``, if given, is called before each read and returns once the
+        slot's bytes before ``end`` are final (a hash that follows a writer); an
+        exception it raises stops the hash.
         """
         h = hashlib.sha256()
         free: queue.Queue[memoryview] = queue.Queue()
@@ -246,7 +253,10 @@ class SlotDevice:
                     view = free.get()
                     if stop.is_set():
                         return
-                    n = self._read(view[: min(chunk_size, length - done)], done)
+                    want = min(chunk_size, length - done)
+                    if ready is not None:
+                        ready(done + want)
+                    n = self._read(view[:want], done)
                     if n == 0:
                         raise DiskError("io", f"{self.path}: unexpected end of device")
                     filled.put((view, n))
