@@ -131,6 +131,7 @@ class Scanned:
     kept: int  # blocks the target held already
     in_place: int  # blocks written from the booted slot's same place
     seconds: float
+    booted_bytes: int  # of the booted slot, read
 
 
 # A chunk read by the scan: its slot position, its buffer, bytes of the booted slot
@@ -324,7 +325,7 @@ def scan(
         cancel=cancel,
     )
     s.run()
-    return Scanned(s.held, s.found, s.kept, s.in_place, time.monotonic() - started)
+    return Scanned(s.held, s.found, s.kept, s.in_place, time.monotonic() - started, s.booted_end)
 
 
 def _read_exact(stream: ByteStream, n: int, url: str) -> bytes:
@@ -694,6 +695,7 @@ def write_delta(
         blocks_copied=len(p.copy),
         blocks_fetched=fetched,
         ranges=len(p.fetch),
+        booted_bytes=found.booted_bytes,
         scan_seconds=round(found.seconds, 3),
     )
     if p.saving < min_saving:

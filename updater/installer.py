@@ -17,7 +17,7 @@ from dataclasses import replace
 import structlog
 
 from partitions.bootcontrol import Slot, SlotStatus
-from updater import chunkindex, delta, download
+from updater import chunkindex, delta, download, fssize
 from updater.bootfiles import checked
 from updater.decisions import reusable_install
 from updater.errors import (
@@ -30,6 +30,7 @@ from updater.errors import (
 )
 from updater.install import Progress, ProgressFn, WriteResult, write_image
 from updater.manifest import Manifest
+from updater.slotio import aligned_buffer
 from updater.slots import Slots
 from updater.source import Happening, UpdateSource, report
 from updater.state import BootFileRecord, BootReport, Pending, SlotRecord, State, now_iso
@@ -269,10 +270,16 @@ class Installer:
         unbootable and the full download rewrites all of it)."""
         assert m.image.index is not None
         rec = self.slots.store.load().slots.get(str(booted.part_uuid))
-        # the booted slot's image, if the agent wrote it; else the whole slot
-        length = rec.raw_size if rec is not None and rec.raw_size is not None else booted.size
         with contextlib.ExitStack() as stack:
             source = stack.enter_context(self.slots.read_slot(booted))
+            # the booted slot's image, if the agent wrote it; else its file system
+            # (provisioning wrote it), else the whole slot
+            if rec is not None and rec.raw_size is not None:
+                length = rec.raw_size
+            else:
+                head = aligned_buffer(fssize.HEAD)
+                got = source.read_at(memoryview(head), 0)
+                length = fssize.fs_size(bytes(head[:got]), booted.size) or booted.size
             held = stack.enter_context(self.slots.read_slot(target)) if target_written else None
             device = stack.enter_context(self.slots.open_slot(target))
             written = delta.write_delta(
