@@ -17,6 +17,7 @@ event's scan_seconds).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import shutil
@@ -28,16 +29,18 @@ from pathlib import Path
 from structlog.testing import capture_logs
 
 from bench.install_throughput import host_description
-from devtools.deltaimages import make_pair_set
+from devtools.deltaimages import PREVIOUS, make_pair_set
 from devtools.gpgkeys import SigningKey, signing_key
-from devtools.host import provision
+from devtools.host import Host, provision, write_into
 from devtools.repo_server import Fault, RepoServer
 from updater import compose, config
 from updater.clock import SystemClock
 from updater.log import configure
 from updater.release import Published, ReleaseRequest, publish
+from updater.state import SlotRecord, StateStore
 
 MIB = 1024 * 1024
+TARGET = "USR-B"  # the slot a host provisioned on USR-A installs into
 KINDS = ("one_pct", "ten_pct", "appended", "grown", "fresh")
 
 
@@ -68,6 +71,7 @@ class Setup:
     server: RepoServer
     key: SigningKey
     base: Path  # the booted slot's image
+    previous: Path | None  # the target slot's, as the agent wrote it (None: never written)
 
 
 def _install(setup: Setup, pub: Published, *, full: bool) -> Run:
@@ -83,6 +87,8 @@ def _install(setup: Setup, pub: Published, *, full: bool) -> Run:
         keyring=key.public_key,
         channel=channel,
     )
+    if setup.previous is not None:
+        _hold_previous(host, setup.previous)
     assert pub.index_path is not None
     index_path = "/" + str(pub.index_path.relative_to(setup.repo))
     server.clear_faults()
@@ -108,6 +114,20 @@ def _install(setup: Setup, pub: Published, *, full: bool) -> Run:
     return Run(event["path"], event.get("reason", ""), sent, seconds, scan, pass2, hashed)
 
 
+def _hold_previous(host: Host, image: Path) -> None:
+    """The target slot holds ``image``, written by the agent as the release before the
+    booted one (a host's second update onwards: A/B slots alternate)."""
+    write_into(host.disk, host.layout.by_label(TARGET).offset, image)
+    raw = image.read_bytes()
+    uuid = next(
+        str(s.slot.part_uuid) for s in host.boot_control().slots() if s.slot.label == TARGET
+    )
+    record = SlotRecord(
+        TARGET, "good", "0.9.0", raw_size=len(raw), raw_sha256=hashlib.sha256(raw).hexdigest()
+    )
+    StateStore(host.state_dir).update(lambda st: st.with_slot(uuid, record))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=256)
@@ -118,6 +138,12 @@ def main() -> None:
         type=Path,
         help="build the images here once and reuse them (default: a temp dir)",
     )
+    ap.add_argument(
+        "--steady",
+        action="store_true",
+        help="the target slot holds the release before the booted one (as from a host's "
+        "second update on), not bytes the agent never wrote",
+    )
     args = ap.parse_args()
     kinds = tuple(args.kinds.split(","))
     # the agent's own log is not what this prints (capture_logs reads its events)
@@ -126,14 +152,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-delta-") as tmp:
         work = Path(tmp)
         t0 = time.monotonic()
-        images = _images(args.images or work / "images", args.size_mib * MIB, kinds)
+        built = kinds + ((PREVIOUS,) if args.steady else ())
+        images = _images(args.images or work / "images", args.size_mib * MIB, built)
+        print(
+            "target slot:",
+            "holds the release before the booted one" if args.steady else "never written",
+        )
         print(f"images ready in {time.monotonic() - t0:.0f} s ({args.size_mib} MiB each)")
         repo = work / "repo"
         with signing_key(work / "gnupg") as key, RepoServer(repo) as server:
             for i, kind in enumerate(kinds):
                 pub = _publish(repo, images[kind], key, kind, f"1.1.{i}")
                 image = pub.manifest.image
-                setup = Setup(work, repo, server, key, images["base"])
+                previous = images[PREVIOUS] if args.steady else None
+                setup = Setup(work, repo, server, key, images["base"], previous)
                 fulls: list[Run] = []
                 deltas: list[Run] = []
                 for r in range(args.repeat):  # alternating, so a drift hits both alike

@@ -124,14 +124,21 @@ def make_image(tree: Path, path: Path, size: int) -> Path:
     return path
 
 
+PREVIOUS = "previous"  # a kind make_pair_set builds: the release before the base
+
+
 def make_pair_set(work: Path, size: int, kinds: tuple[str, ...] = KINDS) -> dict[str, Path]:
-    """``{"base": image, kind: image, ...}`` under ``work``: images of ``size`` bytes."""
+    """``{"base": image, kind: image, ...}`` under ``work``: images of ``size`` bytes
+    (``previous``: the base's own predecessor, 1 % of it different)."""
     base_tree = work / "tree-base"
     build_tree(base_tree, int(size * 0.8))
     images = {"base": make_image(base_tree, work / "base.img", size)}
     for kind in kinds:
         tree = work / f"tree-{kind}"
-        variant(base_tree, tree, kind)
+        if kind == PREVIOUS:  # as if the base were a 1 % update of it
+            variant(base_tree, tree, "one_pct", seed=7)
+        else:
+            variant(base_tree, tree, kind)
         images[kind] = make_image(tree, work / f"{kind}.img", size)
         shutil.rmtree(tree)
     shutil.rmtree(base_tree)

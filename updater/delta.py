@@ -41,6 +41,7 @@ Rules (:class:`updater.installer.Installer` applies them):
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import mmap
 import queue
@@ -180,8 +181,14 @@ class _Scan:
         self.in_place = 0
         # the last booted block: number, sub-digests, whether it is in place
         self._prev: tuple[int, list[bytes], bool] | None = None
+        self.helper: concurrent.futures.Executor  # a second hashing thread, while run() runs
 
     def run(self) -> None:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="delta-scan-hash") as h:
+            self.helper = h
+            self._run()
+
+    def _run(self) -> None:
         stage = self.stage
         threads = [
             threading.Thread(target=self._guard, args=(self._read,), name="delta-scan-read"),
@@ -247,8 +254,19 @@ class _Scan:
         """Decide the blocks of the chunk at ``pos``; the runs to write from it."""
         index, bs, sub, step = self.index, self.index.block_size, chunkindex.SUB_BLOCK, self.step
         per = bs // sub
-        sha = hashlib.sha256
-        subs = [sha(view[k : k + sub]).digest() for k in range(0, bn, sub)]
+        # The 4 KiB digests on both cores (hashlib lets go of the GIL while it hashes):
+        # the helper takes the target's (held) bytes, else the booted bytes' second half.
+        whole_t = tn - tn % bs
+        if whole_t:
+            theirs = self.helper.submit(_sub_digests, view[step : step + whole_t])
+            subs = _sub_digests(view[:bn])
+            t_subs = theirs.result()
+        else:
+            half = bn // 2 - (bn // 2) % sub
+            theirs = self.helper.submit(_sub_digests, view[half:bn])
+            subs = _sub_digests(view[:half])
+            subs += theirs.result()
+            t_subs = []
         count = len(self.digests)
         runs: list[tuple[int, int, int]] = []
         first = pos // bs
@@ -267,7 +285,12 @@ class _Scan:
                 elif rel + blen <= bn:
                     in_place = chunkindex.block_digest(view[rel : rel + blen]) == want
                 if rel + blen <= tn and (
-                    chunkindex.block_digest(view[step + rel : step + rel + blen]) == want
+                    (
+                        chunkindex.combine(t_subs[b * per : (b + 1) * per])
+                        if rel + bs <= whole_t
+                        else chunkindex.block_digest(view[step + rel : step + rel + blen])
+                    )
+                    == want
                 ):
                     self.held[i] = want
                     self.kept += 1
@@ -326,6 +349,12 @@ def scan(
     )
     s.run()
     return Scanned(s.held, s.found, s.kept, s.in_place, time.monotonic() - started, s.booted_end)
+
+
+def _sub_digests(view: memoryview) -> list[bytes]:
+    """The sha256 of each 4 KiB of ``view`` (a whole number of them)."""
+    sha, sub = hashlib.sha256, chunkindex.SUB_BLOCK
+    return [sha(view[k : k + sub]).digest() for k in range(0, len(view), sub)]
 
 
 def _read_exact(stream: ByteStream, n: int, url: str) -> bytes:
