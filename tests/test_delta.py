@@ -204,6 +204,59 @@ def test_a_resumed_install_keeps_what_the_target_already_holds(
     assert planned["blocks_kept"] >= len(raw) // 2 // BLOCK and planned["planned_bytes"] == 0
 
 
+def hold_previous(host: Host, image: Path) -> None:
+    """USR-B holds ``image``, written by the agent (the release before the booted one:
+    a host's second update onwards)."""
+    raw = image.read_bytes()
+    part = host.layout.by_label("USR-B")
+    with host.disk.open("r+b") as fh:
+        fh.seek(part.offset)
+        fh.write(raw)
+    uuid = next(
+        str(s.slot.part_uuid) for s in host.boot_control().slots() if s.slot.label == "USR-B"
+    )
+    record = SlotRecord("USR-B", "good", "0.9.0", len(raw), hashlib.sha256(raw).hexdigest())
+    StateStore(host.state_dir).update(lambda st: st.with_slot(uuid, record))
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["changed", "moved-by-4-KiB"])
+def test_the_target_holding_the_release_before_spares_the_booted_reads(
+    host: Host, repo: Repo, usr_images: dict[str, Path], tmp_path: Path, moved: bool
+) -> None:
+    """From a host's second update on, the target holds the release before the booted
+    one: the blocks it holds at their place are kept (not read from the booted slot,
+    not written); the booted slot is read only around the blocks it lacks, and a
+    block moved there is still found and copied."""
+    base = usr_images["1.0.0"]
+    hold_previous(host, changed_image(base, tmp_path / "usr-0.9.0.img", seed=5))
+    if moved:  # 4 KiB inserted in the payload: the blocks after it move (all of them)
+        data = base.read_bytes()
+        at = data.find(hashlib.sha256(b"1.0.0/0").digest()) // 4096 * 4096
+        at += 8 * BLOCK  # the payload's first 8 blocks stay in place
+        new = data[:at] + random.Random(3).randbytes(4096) + data[at:-4096]
+        new_image = tmp_path / "usr-1.1.0.img"
+        new_image.write_bytes(new)
+    else:
+        new_image = changed_image(base, tmp_path / "usr-1.1.0.img", seed=1)
+    publish(repo, new_image)
+    events = install(host)
+    raw = new_image.read_bytes()
+    assert host.slot_bytes("USR-B", len(raw)) == raw
+    planned = next(e for e in events if e["event"] == "delta_planned")
+    sent = sum(r.sent for r in image_requests(repo))
+    if moved:
+        assert planned["blocks_copied"] >= 20, planned
+        assert sent <= 3 * (BLOCK + chunkindex.FRAME_SLACK)
+        # the payload after the insert is read from the booted slot: its blocks moved
+        assert planned["booted_bytes"] < len(raw) * 0.6, planned
+    else:
+        assert planned["blocks_kept"] >= len(raw) // BLOCK - 2 * PLACES - 1, planned
+        assert sent <= PLACES * (BLOCK + chunkindex.FRAME_SLACK)
+        # only around the blocks the target lacks (the changed ones), with their neighbours
+        assert planned["booted_bytes"] <= 2 * PLACES * 3 * BLOCK, planned
+    assert host.reboot() == "USR-B"
+
+
 def test_a_server_that_ignores_range_gets_the_full_download(
     host: Host, repo: Repo, new_image: Path
 ) -> None:

@@ -71,6 +71,7 @@ _T = TypeVar("_T")
 DIGEST = 32  # bytes of a sha256
 SCAN_BUFFERS = 3  # chunk buffers in flight between the scan's reader, hasher and writer
 SCAN_READ = 4 * 1024 * 1024  # bytes a scan read (at least): large reads, fewer syscalls
+_LAZY = -1  # a scan chunk's booted bytes: read only where the target lacks a block
 
 
 class RangeIgnored(Exception):
@@ -132,7 +133,7 @@ class Scanned:
     kept: int  # blocks the target held already
     in_place: int  # blocks written from the booted slot's same place
     seconds: float
-    booted_bytes: int  # of the booted slot, read
+    booted_bytes: int  # of the booted slot, read (the target held the rest)
 
 
 # A chunk read by the scan: its slot position, its buffer, bytes of the booted slot
@@ -182,6 +183,8 @@ class _Scan:
         # the last booted block: number, sub-digests, whether it is in place
         self._prev: tuple[int, list[bytes], bool] | None = None
         self.helper: concurrent.futures.Executor  # a second hashing thread, while run() runs
+        self._first = 0  # the block the chunk being decided starts with
+        self.booted_read = 0  # bytes of the booted slot read
 
     def run(self) -> None:
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="delta-scan-hash") as h:
@@ -225,11 +228,14 @@ class _Scan:
             buf = stage.get(self.free)
             view = memoryview(buf)
             bn = tn = 0
-            if pos < self.booted_end:
+            if self.held_device is not None and pos < raw_size:
+                # the target first: the booted slot is read only where it lacks a block
+                tn = self.held_device.read_at(view[step : step + min(step, raw_size - pos)], pos)
+                bn = _LAZY
+            elif pos < self.booted_end:
                 bn = self.booted.read_at(view[: min(step, self.booted_end - pos)], pos)
                 bn -= bn % chunkindex.SUB_BLOCK
-            if self.held_device is not None and pos < raw_size:
-                tn = self.held_device.read_at(view[step : step + min(step, raw_size - pos)], pos)
+                self.booted_read += bn
             stage.put(self.chunks, (pos, buf, bn, tn))
         stage.put(self.chunks, None)
 
@@ -252,27 +258,100 @@ class _Scan:
 
     def _chunk(self, pos: int, view: memoryview, bn: int, tn: int) -> list[tuple[int, int, int]]:
         """Decide the blocks of the chunk at ``pos``; the runs to write from it."""
-        index, bs, sub, step = self.index, self.index.block_size, chunkindex.SUB_BLOCK, self.step
+        bs, sub = self.index.block_size, chunkindex.SUB_BLOCK
         per = bs // sub
-        # The 4 KiB digests on both cores (hashlib lets go of the GIL while it hashes):
-        # the helper takes the target's (held) bytes, else the booted bytes' second half.
-        whole_t = tn - tn % bs
-        if whole_t:
-            theirs = self.helper.submit(_sub_digests, view[step : step + whole_t])
-            subs = _sub_digests(view[:bn])
-            t_subs = theirs.result()
+        self._first = pos // bs
+        if bn == _LAZY:
+            held = self._held_blocks(view, tn)
+            booted = self._read_booted_around(pos, view, held)
         else:
+            # the 4 KiB digests on both cores (hashlib lets go of the GIL while hashing)
             half = bn // 2 - (bn // 2) % sub
             theirs = self.helper.submit(_sub_digests, view[half:bn])
-            subs = _sub_digests(view[:half])
-            subs += theirs.result()
-            t_subs = []
-        count = len(self.digests)
-        runs: list[tuple[int, int, int]] = []
-        first = pos // bs
-        for b in range(-(-max(bn, tn) // bs)):
+            subs = _sub_digests(view[:half]) + theirs.result()
+            n = -(-bn // bs)
+            held = [False] * n
+            booted = [(subs[b * per : (b + 1) * per], min(bs, bn - b * bs)) for b in range(n)]
+        runs = self._decide(pos, view, held, booted)
+        self.stage.check_cancel()
+        return runs
+
+    def _held_blocks(self, view: memoryview, tn: int) -> list[bool]:
+        """Per block of the chunk: whether the target holds it at its place already."""
+        index, bs, step = self.index, self.index.block_size, self.step
+        per = bs // chunkindex.SUB_BLOCK
+        whole = tn - tn % bs
+        half = whole // 2 - (whole // 2) % bs
+        theirs = self.helper.submit(_sub_digests, view[step + half : step + whole])
+        t_subs = _sub_digests(view[step : step + half]) + theirs.result()
+        first, count = self._first, len(self.digests)
+        held = []
+        for b in range(-(-tn // bs)):
             i, rel = first + b, b * bs
-            block_subs = subs[b * per : (b + 1) * per]
+            if i >= count:
+                held.append(False)
+                continue
+            _, blen = index.block(i)
+            if rel + bs <= whole:
+                digest = chunkindex.combine(t_subs[b * per : (b + 1) * per])
+            elif rel + blen <= tn:
+                digest = chunkindex.block_digest(view[step + rel : step + rel + blen])
+            else:
+                digest = None
+            held.append(digest == self.digests[i])
+        return held
+
+    def _read_booted_around(
+        self, pos: int, view: memoryview, held: list[bool]
+    ) -> list[tuple[list[bytes], int]]:
+        """Read the booted slot's blocks of the chunk where the target lacks one, and
+        their neighbours (the windows of moved blocks span two blocks); per block, its
+        4 KiB digests and the bytes read (none where the target holds it and its
+        neighbours: those blocks are kept, nothing needs the booted bytes)."""
+        bs, sub = self.index.block_size, chunkindex.SUB_BLOCK
+        limit = max(0, min(self.step, self.booted_end - pos))  # booted bytes of the chunk
+        n = max(len(held), -(-limit // bs))
+        need = [False] * n
+        for b in range(n):
+            if b >= len(held) or not held[b]:
+                for k in (b - 1, b, b + 1):
+                    if 0 <= k < n:
+                        need[k] = True
+        out: list[tuple[list[bytes], int]] = [([], 0)] * n
+        b = 0
+        while b < n:
+            if not need[b]:
+                b += 1
+                continue
+            e = b
+            while e < n and need[e]:
+                e += 1
+            start, end = b * bs, min(e * bs, limit)
+            got = self.booted.read_at(view[start:end], pos + start) if start < end else 0
+            got -= got % sub
+            self.booted_read += got
+            for k in range(b, e):
+                avail = max(0, min(bs, got - (k - b) * bs))
+                out[k] = (_sub_digests(view[k * bs : k * bs + avail]), avail)
+            b = e
+        return out
+
+    def _decide(
+        self,
+        pos: int,
+        view: memoryview,
+        held: list[bool],
+        booted: list[tuple[list[bytes], int]],
+    ) -> list[tuple[int, int, int]]:
+        """Per block: held by the target (kept), in place in the booted slot (written
+        from ``view``), found elsewhere (remembered); the runs to write."""
+        index, bs = self.index, self.index.block_size
+        per = bs // chunkindex.SUB_BLOCK
+        first, count = self._first, len(self.digests)
+        runs: list[tuple[int, int, int]] = []
+        for b in range(max(len(held), len(booted))):
+            i, rel = first + b, b * bs
+            block_subs, avail = booted[b] if b < len(booted) else ([], 0)
             d = chunkindex.combine(block_subs) if len(block_subs) == per else None
             if d is not None and d in self.wanted and d not in self.found:
                 self.found[d] = pos + rel
@@ -282,16 +361,9 @@ class _Scan:
                 _, blen = index.block(i)
                 if blen == bs:
                     in_place = d == want
-                elif rel + blen <= bn:
+                elif blen <= avail:
                     in_place = chunkindex.block_digest(view[rel : rel + blen]) == want
-                if rel + blen <= tn and (
-                    (
-                        chunkindex.combine(t_subs[b * per : (b + 1) * per])
-                        if rel + bs <= whole_t
-                        else chunkindex.block_digest(view[step + rel : step + rel + blen])
-                    )
-                    == want
-                ):
+                if b < len(held) and held[b]:
                     self.held[i] = want
                     self.kept += 1
                 elif in_place:
@@ -303,7 +375,6 @@ class _Scan:
                     else:
                         runs.append((pos + rel, rel, blen))
             self._windows(i, block_subs, in_place)
-        self.stage.check_cancel()
         return runs
 
     def _windows(self, i: int, block_subs: list[bytes], in_place: bool) -> None:
@@ -348,7 +419,7 @@ def scan(
         cancel=cancel,
     )
     s.run()
-    return Scanned(s.held, s.found, s.kept, s.in_place, time.monotonic() - started, s.booted_end)
+    return Scanned(s.held, s.found, s.kept, s.in_place, time.monotonic() - started, s.booted_read)
 
 
 def _sub_digests(view: memoryview) -> list[bytes]:
