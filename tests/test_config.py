@@ -35,6 +35,7 @@ def test_defaults_without_any_file(tmp_path: Path) -> None:
     assert cfg.agent.state_dir == Path("/var/lib/updater")
     assert cfg.install.readback is True
     assert cfg.install.delta_min_saving == 0.2
+    assert cfg.install.delta is True
     assert cfg.reboot.max_failures == 1  # the first host that rolls back stops the version
     assert cfg.files == ()
 
@@ -46,7 +47,9 @@ def test_dropins_merge_in_name_order_and_etc_masks_usr(tmp_path: Path) -> None:
     )
     (usr / "50-site.toml").write_text('[source]\nchannel = "vendor-beta"\n')
     (etc / "50-site.toml").write_text('[source]\nchannel = "beta"\n')  # masks usr/50-site
-    (run / "60-runtime.toml").write_text("[install]\nreadback = false\ndelta_min_saving = 0.5\n")
+    (run / "60-runtime.toml").write_text(
+        "[install]\nreadback = false\ndelta_min_saving = 0.5\ndelta = false\n"
+    )
     (etc / "90-local.toml").write_text('[disk]\ndevice = "/dev/vda"\n')
     (etc / "ignored.conf").write_text("not toml")
     cfg = config.load(dirs=(usr, run, etc))
@@ -55,6 +58,7 @@ def test_dropins_merge_in_name_order_and_etc_masks_usr(tmp_path: Path) -> None:
     assert cfg.source.keyring == (Path("/usr/k.asc"),)
     assert cfg.install.readback is False
     assert cfg.install.delta_min_saving == 0.5
+    assert cfg.install.delta is False
     assert cfg.disk.device == Path("/dev/vda")
     assert [p.name for p in cfg.files] == [
         "10-vendor.toml",
@@ -108,6 +112,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ("[install]\ndelta_min_saving = 1.5\n", "install.delta_min_saving", "invalid"),
         ("[install]\ndelta_min_saving = -0.1\n", "install.delta_min_saving", "invalid"),
         ('[install]\ndelta_min_saving = "20%"\n', "install.delta_min_saving", "invalid"),
+        ('[install]\ndelta = "no"\n', "install.delta", "invalid"),
         ('[agent]\nstate_dir = "var/lib"\n', "agent.state_dir", "invalid"),
         ("source = 1\n", "source", "invalid"),
         ('[agent]\nlog = "syslog"\n', "agent.log", "invalid"),

@@ -292,6 +292,24 @@ def test_a_small_saving_takes_the_full_download(
     assert 0 < event["planned_bytes"] < event["image_bytes"]
 
 
+def test_delta_off_takes_the_full_download_without_reading_the_index(
+    host: Host, repo: Repo, release_key: SigningKey, new_image: Path
+) -> None:
+    write_config(
+        host, repo_url=repo.url, keyring=release_key.public_key, extra="[install]\ndelta = false\n"
+    )
+    published = publish(repo, new_image)
+    events = install(host)
+    raw = new_image.read_bytes()
+    assert host.slot_bytes("USR-B", len(raw)) == raw
+    assert [("Range" in r.headers, r.status) for r in image_requests(repo)] == [(False, 200)]
+    assert published.index_path is not None
+    index = "/" + str(published.index_path.relative_to(repo.root))
+    assert [r for r in repo.server.requests if r.path == index] == []
+    assert (path_event(events)["path"], path_event(events)["reason"]) == ("full", "disabled")
+    assert [e for e in events if e["event"] == "delta_planned"] == []
+
+
 def test_an_image_without_an_index_takes_the_full_download(
     host: Host, repo: Repo, new_image: Path
 ) -> None:

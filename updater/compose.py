@@ -298,6 +298,7 @@ def updater(config: Config, *, progress: ProgressFn | None = None) -> Updater:
             chunk_size=config.install.chunk_size,
             resume_attempts=src.resume_attempts,
             delta_min_saving=config.install.delta_min_saving,
+            delta=config.install.delta,
             pin=src.pin,
         ),
         policy=HostPolicyStore(config.agent.state_dir),

@@ -267,6 +267,7 @@ def _install(s: Section) -> InstallConfig:
         readback=s.bool_("readback", d.readback),
         chunk_size=chunk,
         delta_min_saving=s.number("delta_min_saving", d.delta_min_saving, minimum=0.0, maximum=1.0),
+        delta=s.bool_("delta", d.delta),
     )
 
 

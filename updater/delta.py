@@ -82,7 +82,7 @@ class RangeIgnored(Exception):
 class Declined:
     """No delta install: why, and what it would have downloaded (if planned)."""
 
-    reason: str  # no_index | index_unavailable | saving_too_small | range_ignored
+    reason: str  # disabled | no_index | index_unavailable | saving_too_small | range_ignored
     planned_bytes: int | None = None
     index_bytes: int = 0
 

@@ -244,6 +244,8 @@ class Installer:
 
     def _delta_index(self, m: Manifest) -> chunkindex.ChunkIndex | delta.Declined:
         """The release's chunk index (:mod:`updater.delta`), or why the full download."""
+        if not self.settings.delta:
+            return delta.Declined("disabled")
         if m.image.index is None:
             return delta.Declined("no_index")
         index_url = self.source.index_url(m)

@@ -100,6 +100,7 @@ class InstallConfig:
     # A delta update (reuse the slots' blocks, fetch the rest) is taken when it saves
     # at least this share of the full download (0..1); else the whole image.
     delta_min_saving: float = 0.2
+    delta: bool = True  # false: always the full download (no scan of the slots)
 
 
 @dataclass(frozen=True)

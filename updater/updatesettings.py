@@ -17,4 +17,5 @@ class UpdateSettings:
     resume_attempts: int = 5  # times a broken download is resumed before it fails
     # a delta update is used when it downloads at least this share less than the full image
     delta_min_saving: float = 0.2
+    delta: bool = True  # [install] delta = false: the full download, always
     pin: str | None = None  # [source] pin: only versions of this line (updater.hostpolicy)
