@@ -5,21 +5,24 @@ Before anything changes, :func:`fetch_index` fetches the chunk index the signed
 manifest names (:mod:`updater.chunkindex`, checked against the manifest's size
 and sha256). Then, once the target is unbootable, :func:`write_delta`:
 
-1. **scans** both slots in one pass of large reads (a reader thread, the
-   caller's thread hashing, a writer thread writing): the booted slot is hashed
-   per 4 KiB, and a block that the booted slot holds at its own place (most
-   blocks of an updated image stay where they were) is written into the target
-   from the buffer just read, at once. The target, when the agent wrote it
-   before (an earlier, broken or older install), is hashed at each block's own
-   place: a block it already holds is kept, not written. Only around blocks
-   that are not in place is the digest of the 64 KiB window at every 4 KiB
-   offset computed, to find blocks a file system moved;
+1. **scans** the slots in one pass of large reads (a reader thread, the
+   caller's thread and a helper hashing, a writer thread writing): the booted
+   slot is hashed per 4 KiB, and a block that the booted slot holds at its own
+   place (most blocks of an updated image stay where they were) is written into
+   the target from the buffer just read, at once. When the agent wrote the
+   target before (the release before the booted one, or an earlier, broken
+   install), the target is read first and hashed at each block's own place: a
+   block it already holds is kept, not written, and the booted slot is read
+   only around the blocks it lacks. Only around blocks that are not in place is
+   the digest of the 64 KiB window at every 4 KiB offset computed, to find
+   blocks a file system moved;
 2. **plans** the rest (:mod:`updater.deltaplan`): the blocks found elsewhere in
    the booted slot are copied, the others fetched as Range requests into the
    published image, each frame decompressed (bounded) and checked against its
    block digest before it is written;
-3. hashes the **whole slot from the device**, past the page cache: nothing may
-   boot unless it is the manifest's raw sha256, whatever the index said.
+3. hashes the **whole slot from the device**, past the page cache (O_DIRECT),
+   in a thread that reads behind step 2 (:class:`Watermark`): nothing may boot
+   unless it is the manifest's raw sha256, whatever the index said.
 
 Rules (:class:`updater.installer.Installer` applies them):
 
