@@ -6,6 +6,7 @@ nothing made bootable."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -254,6 +255,93 @@ def test_the_target_holding_the_release_before_spares_the_booted_reads(
         assert sent <= PLACES * (BLOCK + chunkindex.FRAME_SLACK)
         # only around the blocks the target lacks (the changed ones), with their neighbours
         assert planned["booted_bytes"] <= 2 * PLACES * 3 * BLOCK, planned
+    assert host.reboot() == "USR-B"
+
+
+def release_chain(base: Path, tmp_path: Path) -> list[Path]:
+    """1.1.0, 1.2.0 and 1.3.0, each a few 4 KiB pieces away from the one before (1.3.0
+    keeps two of the pieces 1.2.0 changed: blocks the booted slot has, the target not)."""
+    out, prev = [], base
+    for k, places in ((1, 2), (2, 4), (3, 2)):
+        prev = changed_image(prev, tmp_path / f"usr-1.{k}.0.img", places=places, seed=10 + k)
+        out.append(prev)
+    return out
+
+
+def update_to(host: Host, repo: Repo, version: str, image: Path) -> list[MutableMapping[str, Any]]:
+    """Publish, install and boot ``image`` as ``version``, blessed; the install's events."""
+    repo.publish(version, image, compression=Compression.ZSTD)
+    events = install(host)
+    host.reboot()
+    asyncio.run(compose.mark_good(config.load(host.config)))
+    return events
+
+
+def planned_event(events: list[MutableMapping[str, Any]]) -> MutableMapping[str, Any]:
+    return next(e for e in events if e["event"] == "delta_planned")
+
+
+def test_the_kept_indexes_spare_reading_the_slots(
+    host: Host, repo: Repo, usr_images: dict[str, Path], tmp_path: Path
+) -> None:
+    """From a host's third update on, the agent has kept the index of what each slot
+    holds (it wrote both): it reads neither slot to plan, only the booted slot around
+    the blocks neither has; the slot is verified whole as always."""
+    v11, v12, v13 = release_chain(usr_images["1.0.0"], tmp_path)
+    first = planned_event(update_to(host, repo, "1.1.0", v11))
+    assert first["from_kept_indexes"] is False  # provisioning wrote USR-A: no index
+    second = planned_event(update_to(host, repo, "1.2.0", v12))
+    assert second["from_kept_indexes"] is False  # USR-A has a record, no index: read
+    before = len(image_requests(repo))
+    events = update_to(host, repo, "1.3.0", v13)
+    third = planned_event(events)
+    assert third["from_kept_indexes"] is True, third
+    raw = v13.read_bytes()
+    assert host.slot_bytes("USR-B", len(raw)) == raw
+    assert path_event(events)["path"] == "delta"
+    # the target (1.1.0) lacks 4 blocks: 2 the booted slot (1.2.0) has in place,
+    # copied; 2 new ones, fetched; the booted slot is read around those 2 only
+    assert third["blocks_kept"] == len(raw) // BLOCK - 4, third
+    assert (third["blocks_copied"], third["blocks_fetched"]) == (2, 2), third
+    assert 0 < third["booted_bytes"] <= 2 * 3 * BLOCK, third
+    sent = sum(r.sent for r in image_requests(repo)[before:])
+    assert sent <= 2 * (BLOCK + chunkindex.FRAME_SLACK)
+    # each slot's record names its kept index
+    slots = StateStore(host.state_dir).load().slots
+    assert all(r.index_sha256 for r in slots.values()), slots
+
+
+@pytest.mark.parametrize("where", ["target", "booted"])
+def test_a_slot_changed_behind_the_agents_back_falls_back_to_the_full_download(
+    host: Host, repo: Repo, usr_images: dict[str, Path], tmp_path: Path, where: str
+) -> None:
+    """A kept index that no longer tells the truth (the slot was written by someone
+    else) costs a full download, never a wrong slot: a block the target was said to
+    hold fails the whole-slot hash; a block copied from the booted slot fails its
+    own digest before it is written."""
+    v11, v12, v13 = release_chain(usr_images["1.0.0"], tmp_path)
+    update_to(host, repo, "1.1.0", v11)
+    update_to(host, repo, "1.2.0", v12)  # booted: USR-A (1.2.0); target: USR-B (1.1.0)
+    label = "USR-B" if where == "target" else "USR-A"
+    part = host.layout.by_label(label)
+    raw = v13.read_bytes()
+    if where == "target":
+        at = len(raw) - 3 * BLOCK  # a block 1.1.0 and 1.3.0 share: kept on the index's word
+    else:
+        # a block the target (1.1.0) lacks, the booted slot (1.2.0) has in place: copied
+        at = changed_blocks(v11, v12)[-1] // BLOCK * BLOCK
+        assert v12.read_bytes()[at : at + BLOCK] == raw[at : at + BLOCK]
+    with host.disk.open("r+b") as fh:
+        fh.seek(part.offset + at)
+        fh.write(b"\x5a" * 4096)
+    repo.publish("1.3.0", v13, compression=Compression.ZSTD)
+    events = install(host)
+    assert planned_event(events)["from_kept_indexes"] is True
+    assert (path_event(events)["path"], path_event(events)["reason"]) == (
+        "full",
+        "slot_index_stale",
+    )
+    assert host.slot_bytes("USR-B", len(raw)) == raw
     assert host.reboot() == "USR-B"
 
 

@@ -173,6 +173,25 @@ def parse(
     return ChunkIndex(bsize, sub, raw, tuple(entries))
 
 
+def parse_own(data: bytes, *, sha256: str, raw_size: int) -> ChunkIndex:
+    """An index this agent kept (:mod:`updater.slotindex`): its bytes must hash to
+    ``sha256`` and describe ``raw_size`` bytes; the rest is checked as :func:`parse`
+    checks a fetched one, against the numbers in its own header."""
+    if len(data) < HEADER.size + ENTRY.size:
+        raise _bad("shorter than a header and one entry")
+    _, bsize, _, n, _ = HEADER.unpack_from(data)
+    _, last_offset, last_length = ENTRY.unpack_from(data, len(data) - ENTRY.size)
+    return parse(
+        data,
+        size=len(data),
+        sha256=sha256,
+        block_size=bsize,
+        count=n,
+        raw_size=raw_size,
+        image_size=last_offset + last_length,
+    )
+
+
 class FrameWriter:
     """Publisher side: compress raw blocks as one zstd frame each and record the index.
 

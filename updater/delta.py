@@ -81,11 +81,17 @@ class RangeIgnored(Exception):
     """The server answered a Range request with the whole file: fall back."""
 
 
+class StaleSlot(Exception):
+    """A block copied on a kept index's word is not that block: fall back."""
+
+
 @dataclass(frozen=True)
 class Declined:
     """No delta install: why, and what it would have downloaded (if planned)."""
 
-    reason: str  # disabled | no_index | index_unavailable | saving_too_small | range_ignored
+    # disabled | no_index | index_unavailable | saving_too_small | range_ignored |
+    # slot_index_stale
+    reason: str
     planned_bytes: int | None = None
     index_bytes: int = 0
 
@@ -590,7 +596,9 @@ class _Writer:
         progress: ProgressFn | None,
         cancel: threading.Event | None,
         final: Watermark,
+        check_copies: bool = False,
     ) -> None:
+        self.check_copies = check_copies  # copies on a kept index's word: check each block
         self.transport = transport
         self.url = url
         self.index = index
@@ -653,6 +661,13 @@ class _Writer:
         buf = self.writes.buffer()
         if self.booted.read_at(buf[:length], src) != length:
             raise DiskError("io", f"the booted slot ends before {src + length} (block {i})")
+        if self.check_copies:
+            at = 0
+            for k in range(i, j):
+                _, size = self.index.block(k)
+                if chunkindex.block_digest(buf[at : at + size]) != self.index.entries[k].digest:
+                    raise StaleSlot(f"block {k}, read at {src + at} of the booted slot")
+                at += size
         self.writes.write(self.index.block(i)[0], buf, length)
         return j
 
@@ -697,6 +712,104 @@ class _Writer:
         if self.progress is not None and now - self._reported >= 0.2:
             self._reported = now
             self.progress(Progress("download", self.downloaded, self.plan.fetch_bytes))
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the agent's kept indexes (:mod:`updater.slotindex`) say the slots hold."""
+
+    booted: ChunkIndex
+    target: ChunkIndex | None  # None: the agent never wrote the target (not read)
+
+
+def usable(index: ChunkIndex, known: Known) -> bool:
+    """Whether the kept indexes cut their slots as ``index`` cuts the image."""
+    return all(
+        k.block_size == index.block_size and k.sub_block == index.sub_block
+        for k in (known.booted, known.target)
+        if k is not None
+    )
+
+
+def known_scan(
+    index: ChunkIndex,
+    known: Known,
+    *,
+    booted: SlotDevice,
+    booted_length: int,
+    cancel: threading.Event | None = None,
+) -> Scanned:
+    """Pass 1 from the kept indexes: a block the target's index has at its place is
+    kept, a block the booted slot's index has anywhere (at a block boundary) is
+    copied from there; the booted slot is read only around the blocks neither has,
+    for the 64 KiB windows at 4 KiB offsets (blocks a file system moved)."""
+    started = time.monotonic()
+    digests = [e.digest for e in index.entries]
+    wanted = set(digests)
+    held: list[bytes | None] = [None] * len(digests)
+    if known.target is not None:
+        theirs = known.target.entries
+        for i, d in enumerate(digests):
+            if i < len(theirs) and theirs[i].digest == d:
+                held[i] = d
+    found: dict[bytes, int] = {}
+    for j, e in enumerate(known.booted.entries):
+        start, length = known.booted.block(j)
+        if e.digest in wanted and e.digest not in found and start + length <= booted_length:
+            found[e.digest] = start
+    lacking = [i for i, d in enumerate(digests) if held[i] is None and d not in found]
+    read = _windows_around(
+        index, lacking, booted=booted, booted_length=booted_length, found=found, cancel=cancel
+    )
+    kept = sum(1 for h in held if h is not None)
+    return Scanned(held, found, kept, 0, time.monotonic() - started, read)
+
+
+def _windows_around(
+    index: ChunkIndex,
+    lacking: list[int],
+    *,
+    booted: SlotDevice,
+    booted_length: int,
+    found: dict[bytes, int],
+    cancel: threading.Event | None,
+) -> int:
+    """Read the booted slot around each lacking block (it and its two neighbours)
+    and add to ``found`` each wanted 64 KiB window at a 4 KiB offset there; the
+    bytes read."""
+    bs, sub = index.block_size, chunkindex.SUB_BLOCK
+    per = bs // sub
+    wanted = {e.digest for e in index.entries}
+    limit = booted_length - booted_length % sub
+    runs: list[tuple[int, int]] = []  # booted byte ranges, merged
+    for i in lacking:
+        a, b = max(0, (i - 1) * bs), min(limit, (i + 2) * bs)
+        if a >= b:
+            continue
+        if runs and a <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], b))
+        else:
+            runs.append((a, b))
+    read = 0
+    buf = aligned_buffer(SCAN_READ + bs)
+    for a, b in runs:
+        pos = a
+        while True:  # pieces of at most SCAN_READ + a block, overlapping by a block
+            _check_cancel(cancel)
+            end = min(b, pos + SCAN_READ + bs)
+            view = memoryview(buf)[: end - pos]
+            got = booted.read_at(view, pos)
+            got -= got % sub
+            read += got
+            subs = _sub_digests(view[:got])
+            for k in range(len(subs) - per + 1):
+                w = chunkindex.combine(subs[k : k + per])
+                if w in wanted and w not in found:
+                    found[w] = pos + k * sub
+            if end >= b or got < end - pos:
+                break
+            pos = end - bs
+    return read
 
 
 def _first_unfinished(index: ChunkIndex, p: Plan) -> int:
@@ -766,26 +879,33 @@ def write_delta(
     device: SlotDevice,
     min_saving: float,
     chunk_size: int,
+    known: Known | None = None,
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
 ) -> DeltaWritten | Declined:
     """Build the image in ``device`` from ``booted`` (its first ``booted_length``
     bytes), what ``held`` (the target, read-only; None: not read) holds and Range
-    requests to ``url``; then hash the whole slot from the device.
+    requests to ``url``; then hash the whole slot from the device. With ``known``
+    (the agent's kept indexes of the slots), neither slot is scanned
+    (:func:`known_scan`).
 
     Declined (fall back: the slot holds garbage, still unbootable) when the saving
-    is below ``min_saving`` or the server ignores Range. Raises VerificationError,
+    is below ``min_saving``, the server ignores Range, or a slot does not hold what
+    its kept index says (``slot_index_stale``). Raises VerificationError,
     DownloadError or DiskError."""
     started = time.monotonic()
-    found = scan(
-        index,
-        booted=booted,
-        booted_length=booted_length,
-        held=held,
-        device=device,
-        chunk_size=chunk_size,
-        cancel=cancel,
-    )
+    if known is not None:
+        found = known_scan(index, known, booted=booted, booted_length=booted_length, cancel=cancel)
+    else:
+        found = scan(
+            index,
+            booted=booted,
+            booted_length=booted_length,
+            held=held,
+            device=device,
+            chunk_size=chunk_size,
+            cancel=cancel,
+        )
     p = plan(index, found.found, found.held)
     fetched = sum(r.last - r.first + 1 for r in p.fetch)
     log.info(
@@ -799,6 +919,7 @@ def write_delta(
         blocks_fetched=fetched,
         ranges=len(p.fetch),
         booted_bytes=found.booted_bytes,
+        from_kept_indexes=known is not None,
         scan_seconds=round(found.seconds, 3),
     )
     if p.saving < min_saving:
@@ -816,6 +937,7 @@ def write_delta(
         progress=progress,
         cancel=cancel,
         final=final,
+        check_copies=known is not None,
     )
     pass2_started = time.monotonic()
     # 3. The whole-slot hash reads behind pass 2 (the bytes before its position are
@@ -835,6 +957,9 @@ def write_delta(
         if isinstance(exc, RangeIgnored):
             log.warning("delta_range_ignored", url=url)
             return Declined("range_ignored", p.fetch_bytes, index_bytes)
+        if isinstance(exc, StaleSlot):
+            log.warning("slot_index_stale", error=str(exc))
+            return Declined("slot_index_stale", p.fetch_bytes, index_bytes)
         raise
     device.sync()
     pass2_seconds = time.monotonic() - pass2_started
@@ -844,6 +969,11 @@ def write_delta(
     else:
         on_disk = hash_slot(device, image, chunk_size, progress, cancel)
     hash_seconds = time.monotonic() - pass2_started - pass2_seconds
+    if on_disk != image.raw_sha256 and known is not None:
+        # a kept index (of a slot the agent wrote) or the release's: the full
+        # download, verified on its own, tells them apart
+        log.warning("slot_index_stale", error=f"the slot hashes to {on_disk}")
+        return Declined("slot_index_stale", p.fetch_bytes, index_bytes)
     if on_disk != image.raw_sha256:
         raise VerificationError(
             "hash_mismatch",

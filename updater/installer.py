@@ -17,7 +17,7 @@ from dataclasses import replace
 import structlog
 
 from partitions.bootcontrol import Slot, SlotStatus
-from updater import chunkindex, delta, download, fssize
+from updater import chunkindex, delta, download, fssize, slotindex
 from updater.bootfiles import checked
 from updater.decisions import reusable_install
 from updater.errors import (
@@ -159,6 +159,12 @@ class Installer:
             if error is exc:
                 raise
             raise error from exc
+        # the agent's kept indexes of what both slots hold, read while the records name them
+        known = (
+            None
+            if isinstance(how, delta.Declined)
+            else self._known(how, booted.slot, slot, target_written)
+        )
         log.info("install_started", version=m.version, slot=slot.label, url=url)
 
         # 1. From here on a crash must never leave the target bootable.
@@ -178,6 +184,7 @@ class Installer:
             return replace(state, pending=Pending("installing", uuid, m.version, now))
 
         self.slots.store.update(begin)
+        self._drop_index(uuid)  # the record no longer names it: the slot is changing
 
         # 2-5. Stream, hash, decompress, hash, write, fsync, compare, read back.
         report(self.source, Happening("download_started", version=m.version))
@@ -193,6 +200,7 @@ class Installer:
                     booted=booted.slot,
                     target=slot,
                     target_written=target_written,
+                    known=known,
                     progress=progress,
                     cancel=cancel,
                 )
@@ -234,13 +242,57 @@ class Installer:
         if progress is not None:
             progress(Progress("finalize", 1, 1))
         record = SlotRecord(
-            slot.label, "installed", m.version, result.raw_size, result.raw_sha256, boot=boot
+            slot.label,
+            "installed",
+            m.version,
+            result.raw_size,
+            result.raw_sha256,
+            boot=boot,
+            # kept (synced) before the record names it: the next delta reads it
+            index_sha256=None if isinstance(how, delta.Declined) else self._keep_index(uuid, how),
         )
         self._stage(m, booted.slot, slot, record)
         log.info(
             "update_staged", version=m.version, slot=slot.label, seconds=round(result.seconds, 3)
         )
         return result
+
+    def _known(
+        self, index: chunkindex.ChunkIndex, booted: Slot, target: Slot, target_written: bool
+    ) -> delta.Known | None:
+        """The kept indexes (:mod:`updater.slotindex`) of the booted slot and, if the
+        agent wrote it, of the target; None unless both are there (or the target was
+        never written) and cut as ``index`` cuts the image."""
+        state_dir = self.slots.store.state_dir
+        records = self.slots.store.load().slots
+        theirs = slotindex.load(
+            state_dir, str(booted.part_uuid), records.get(str(booted.part_uuid))
+        )
+        if theirs is None:
+            return None
+        target_index = None
+        if target_written:
+            target_index = slotindex.load(
+                state_dir, str(target.part_uuid), records.get(str(target.part_uuid))
+            )
+            if target_index is None:
+                return None
+        known = delta.Known(theirs, target_index)
+        return known if delta.usable(index, known) else None
+
+    def _keep_index(self, part_uuid: str, index: chunkindex.ChunkIndex) -> str | None:
+        """Keep the index of what the slot now holds; its sha256 (None: not kept)."""
+        try:
+            return slotindex.save(self.slots.store.state_dir, part_uuid, index)
+        except OSError as exc:  # not fatal: the next delta reads the slots instead
+            log.warning("slot_index_not_kept", part_uuid=part_uuid, error=str(exc))
+            return None
+
+    def _drop_index(self, part_uuid: str) -> None:
+        try:
+            slotindex.drop(self.slots.store.state_dir, part_uuid)
+        except OSError as exc:  # nobody names it any more: harmless
+            log.warning("slot_index_not_dropped", part_uuid=part_uuid, error=str(exc))
 
     def _delta_index(self, m: Manifest) -> chunkindex.ChunkIndex | delta.Declined:
         """The release's chunk index (:mod:`updater.delta`), or why the full download."""
@@ -265,6 +317,7 @@ class Installer:
         booted: Slot,
         target: Slot,
         target_written: bool,
+        known: delta.Known | None,
         progress: ProgressFn | None,
         cancel: threading.Event | None,
     ) -> WriteResult | delta.Declined:
@@ -296,6 +349,7 @@ class Installer:
                 device=device,
                 min_saving=self.settings.delta_min_saving,
                 chunk_size=self.settings.chunk_size,
+                known=known,
                 progress=progress,
                 cancel=cancel,
             )

@@ -59,6 +59,9 @@ class SlotRecord:
     failure: str | None = None  # "bad": the health check's error kind that gave it up
     # "installed" but no longer the next boot: why it was un-staged (e.g. version_blocked)
     unstaged: str | None = None
+    # the sha256 of the chunk index of what the slot holds, kept by updater.slotindex
+    # (a later delta update reads the slot's blocks from it instead of from the slot)
+    index_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,7 @@ def _from_json(doc: Any) -> State:
             boot=_boot_records(uuid, rec.get("boot", [])),
             failure=_opt_str(rec, "failure"),
             unstaged=_opt_str(rec, "unstaged"),
+            index_sha256=_opt_str(rec, "index_sha256"),
         )
     pending = None
     raw_pending = doc.get("pending")
@@ -261,6 +265,7 @@ def _to_json(state: State) -> dict[str, Any]:
                 "boot": [{"name": b.name, "size": b.size, "sha256": b.sha256} for b in r.boot],
                 "failure": r.failure,
                 "unstaged": r.unstaged,
+                "index_sha256": r.index_sha256,
             }
             for uuid, r in sorted(state.slots.items())
         },
