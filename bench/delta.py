@@ -17,6 +17,7 @@ event's scan_seconds).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import os
@@ -33,14 +34,15 @@ from devtools.deltaimages import PREVIOUS, make_pair_set
 from devtools.gpgkeys import SigningKey, signing_key
 from devtools.host import Host, provision, write_into
 from devtools.repo_server import Fault, RepoServer
-from updater import compose, config
+from updater import chunkindex, compose, config, slotindex
+from updater.chunkindex import ChunkIndex
 from updater.clock import SystemClock
 from updater.log import configure
 from updater.release import Published, ReleaseRequest, publish
-from updater.state import SlotRecord, StateStore
+from updater.state import SlotRecord, State, StateStore
 
 MIB = 1024 * 1024
-TARGET = "USR-B"  # the slot a host provisioned on USR-A installs into
+BOOTED, TARGET = "USR-A", "USR-B"  # a host provisioned on USR-A installs into USR-B
 KINDS = ("one_pct", "ten_pct", "appended", "grown", "fresh")
 
 
@@ -72,6 +74,9 @@ class Setup:
     key: SigningKey
     base: Path  # the booted slot's image
     previous: Path | None  # the target slot's, as the agent wrote it (None: never written)
+    # the releases of the booted and the target slot's images, whose indexes the agent
+    # kept when it wrote them (None: it kept none)
+    kept: tuple[Published, Published] | None = None
 
 
 def _install(setup: Setup, pub: Published, *, full: bool) -> Run:
@@ -88,7 +93,7 @@ def _install(setup: Setup, pub: Published, *, full: bool) -> Run:
         channel=channel,
     )
     if setup.previous is not None:
-        _hold_previous(host, setup.previous)
+        _hold_previous(host, setup)
     assert pub.index_path is not None
     index_path = "/" + str(pub.index_path.relative_to(setup.repo))
     server.clear_faults()
@@ -114,18 +119,50 @@ def _install(setup: Setup, pub: Published, *, full: bool) -> Run:
     return Run(event["path"], event.get("reason", ""), sent, seconds, scan, pass2, hashed)
 
 
-def _hold_previous(host: Host, image: Path) -> None:
-    """The target slot holds ``image``, written by the agent as the release before the
-    booted one (a host's second update onwards: A/B slots alternate)."""
-    write_into(host.disk, host.layout.by_label(TARGET).offset, image)
-    raw = image.read_bytes()
-    uuid = next(
-        str(s.slot.part_uuid) for s in host.boot_control().slots() if s.slot.label == TARGET
+def _hold_previous(host: Host, setup: Setup) -> None:
+    """The target slot holds the release before the booted one, written by the agent
+    (a host's second update onwards: A/B slots alternate); with ``setup.kept``, the
+    agent wrote the booted slot too and kept both releases' indexes (its third update
+    onwards)."""
+    assert setup.previous is not None
+    write_into(host.disk, host.layout.by_label(TARGET).offset, setup.previous)
+    uuids = {s.slot.label: str(s.slot.part_uuid) for s in host.boot_control().slots()}
+    kept = setup.kept
+    slots = [(TARGET, setup.previous, "0.9.0", kept[1] if kept else None)]
+    if kept is not None:
+        slots.append((BOOTED, setup.base, "1.0.0", kept[0]))
+    store = StateStore(host.state_dir)
+    for label, image, version, pub in slots:
+        raw = image.read_bytes()
+        sha = None if pub is None else slotindex.save(host.state_dir, uuids[label], _index(pub))
+        record = SlotRecord(
+            label,
+            "good",
+            version,
+            raw_size=len(raw),
+            raw_sha256=hashlib.sha256(raw).hexdigest(),
+            index_sha256=sha,
+        )
+        store.update(functools.partial(_with_slot, uuids[label], record))
+
+
+def _with_slot(part_uuid: str, record: SlotRecord, state: State) -> State:
+    return state.with_slot(part_uuid, record)
+
+
+def _index(pub: Published) -> ChunkIndex:
+    """The chunk index ``pub`` published (as the agent fetched and kept it)."""
+    ref, image = pub.manifest.image.index, pub.manifest.image
+    assert ref is not None and pub.index_path is not None
+    return chunkindex.parse(
+        pub.index_path.read_bytes(),
+        size=ref.size,
+        sha256=ref.sha256,
+        block_size=ref.block_size,
+        count=ref.count,
+        raw_size=image.raw_size,
+        image_size=image.size,
     )
-    record = SlotRecord(
-        TARGET, "good", "0.9.0", raw_size=len(raw), raw_sha256=hashlib.sha256(raw).hexdigest()
-    )
-    StateStore(host.state_dir).update(lambda st: st.with_slot(uuid, record))
 
 
 def main() -> None:
@@ -144,6 +181,12 @@ def main() -> None:
         help="the target slot holds the release before the booted one (as from a host's "
         "second update on), not bytes the agent never wrote",
     )
+    ap.add_argument(
+        "--kept",
+        action="store_true",
+        help="with --steady: the agent wrote both slots and kept their releases' chunk "
+        "indexes (a host's third update on)",
+    )
     args = ap.parse_args()
     kinds = tuple(args.kinds.split(","))
     # the agent's own log is not what this prints (capture_logs reads its events)
@@ -157,15 +200,22 @@ def main() -> None:
         print(
             "target slot:",
             "holds the release before the booted one" if args.steady else "never written",
+            "(both slots' indexes kept)" if args.steady and args.kept else "",
         )
         print(f"images ready in {time.monotonic() - t0:.0f} s ({args.size_mib} MiB each)")
         repo = work / "repo"
         with signing_key(work / "gnupg") as key, RepoServer(repo) as server:
+            kept = None
+            if args.steady and args.kept:  # their releases: the indexes the agent kept
+                kept = (
+                    _publish(repo, images["base"], key, "kept-base", "1.0.0"),
+                    _publish(repo, images[PREVIOUS], key, "kept-previous", "0.9.0"),
+                )
             for i, kind in enumerate(kinds):
                 pub = _publish(repo, images[kind], key, kind, f"1.1.{i}")
                 image = pub.manifest.image
                 previous = images[PREVIOUS] if args.steady else None
-                setup = Setup(work, repo, server, key, images["base"], previous)
+                setup = Setup(work, repo, server, key, images["base"], previous, kept)
                 fulls: list[Run] = []
                 deltas: list[Run] = []
                 for r in range(args.repeat):  # alternating, so a drift hits both alike

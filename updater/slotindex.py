@@ -45,7 +45,7 @@ def save(state_dir: Path, part_uuid: str, index: ChunkIndex) -> str:
     """Keep ``index`` for the slot; its sha256 (for the slot's record)."""
     data = chunkindex.serialize(index)
     target = path(state_dir, part_uuid)
-    target.parent.mkdir(mode=0o755, exist_ok=True)
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     atomic_write(target, data)
     return hashlib.sha256(data).hexdigest()
 
