@@ -34,9 +34,10 @@ from devtools.deltaimages import PREVIOUS, make_pair_set
 from devtools.gpgkeys import SigningKey, signing_key
 from devtools.host import Host, provision, write_into
 from devtools.repo_server import Fault, RepoServer
-from updater import chunkindex, compose, config, slotindex
+from updater import compose, config, slotindex
 from updater.chunkindex import ChunkIndex
 from updater.clock import SystemClock
+from updater.delta import parse_index
 from updater.log import configure
 from updater.release import Published, ReleaseRequest, publish
 from updater.state import SlotRecord, State, StateStore
@@ -152,17 +153,8 @@ def _with_slot(part_uuid: str, record: SlotRecord, state: State) -> State:
 
 def _index(pub: Published) -> ChunkIndex:
     """The chunk index ``pub`` published (as the agent fetched and kept it)."""
-    ref, image = pub.manifest.image.index, pub.manifest.image
-    assert ref is not None and pub.index_path is not None
-    return chunkindex.parse(
-        pub.index_path.read_bytes(),
-        size=ref.size,
-        sha256=ref.sha256,
-        block_size=ref.block_size,
-        count=ref.count,
-        raw_size=image.raw_size,
-        image_size=image.size,
-    )
+    assert pub.index_path is not None
+    return parse_index(pub.index_path.read_bytes(), pub.manifest.image)
 
 
 def main() -> None:

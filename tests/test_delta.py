@@ -28,6 +28,7 @@ from tests.omaha_server import Answer, OmahaServer, omaha_release, use_omaha
 from tests.test_cycle import B, Snapshot, assert_refused
 from updater import chunkindex, compose, config
 from updater.chunkindex import ChunkIndex, Entry
+from updater.delta import parse_index
 from updater.errors import UpdaterError
 from updater.manifest import Compression
 from updater.release import Published
@@ -90,17 +91,8 @@ def image_requests(repo: Repo) -> list[Request]:
 
 
 def load_index(published: Published) -> ChunkIndex:
-    assert published.index_path is not None and published.manifest.image.index is not None
-    ref, image = published.manifest.image.index, published.manifest.image
-    return chunkindex.parse(
-        published.index_path.read_bytes(),
-        size=ref.size,
-        sha256=ref.sha256,
-        block_size=ref.block_size,
-        count=ref.count,
-        raw_size=image.raw_size,
-        image_size=image.size,
-    )
+    assert published.index_path is not None
+    return parse_index(published.index_path.read_bytes(), published.manifest.image)
 
 
 def changed_blocks(base: Path, new: Path) -> list[int]:

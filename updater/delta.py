@@ -122,8 +122,15 @@ def fetch_index(transport: Transport, url: str, image: ImageRef) -> ChunkIndex |
         log.warning("delta_index_unavailable", url=url, error_kind=exc.kind, error=exc.message)
         return None
     assert result.body is not None  # no ETag was sent: never Not Modified
+    return parse_index(result.body, image)
+
+
+def parse_index(data: bytes, image: ImageRef) -> ChunkIndex:
+    """``data`` as the chunk index the signed manifest names for ``image``."""
+    ref = image.index
+    assert ref is not None
     return chunkindex.parse(
-        result.body,
+        data,
         size=ref.size,
         sha256=ref.sha256,
         block_size=ref.block_size,
