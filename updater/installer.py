@@ -103,9 +103,21 @@ class Installer:
         log.info("update_restaged", version=m.version, slot=slot.label, seconds=round(seconds, 3))
         return WriteResult(m.image.sha256, rec.raw_sha256, rec.raw_size, seconds)
 
-    def _stage(self, m: Manifest, booted: Slot, slot: Slot, record: SlotRecord) -> None:
-        """The verified install in ``slot`` boots next, once, on trial; recorded and told."""
+    def _stage(
+        self,
+        m: Manifest,
+        booted: Slot,
+        slot: Slot,
+        record: SlotRecord,
+        index: chunkindex.ChunkIndex | None = None,
+    ) -> None:
+        """The verified install in ``slot`` boots next, once, on trial; recorded and told.
+        ``index``: the release's chunk index, kept for the slot (:mod:`updater.slotindex`)."""
         self.slots.boot.make_primary(slot)
+        if index is not None:
+            # kept (synced) before the record names it, after the slot is primary: its
+            # fsync must not stand in for the slot's own flush before make_primary
+            record = replace(record, index_sha256=self._keep_index(str(slot.part_uuid), index))
         record = replace(record, updated=now_iso(self.slots.clock.now()))
         previous = self.slots.booted_version(self.slots.store.load(), booted) or ""
         self.slots.store.update(
@@ -248,10 +260,8 @@ class Installer:
             result.raw_size,
             result.raw_sha256,
             boot=boot,
-            # kept (synced) before the record names it: the next delta reads it
-            index_sha256=None if isinstance(how, delta.Declined) else self._keep_index(uuid, how),
         )
-        self._stage(m, booted.slot, slot, record)
+        self._stage(m, booted.slot, slot, record, None if isinstance(how, delta.Declined) else how)
         log.info(
             "update_staged", version=m.version, slot=slot.label, seconds=round(result.seconds, 3)
         )
