@@ -254,12 +254,7 @@ class Installer:
         if progress is not None:
             progress(Progress("finalize", 1, 1))
         record = SlotRecord(
-            slot.label,
-            "installed",
-            m.version,
-            result.raw_size,
-            result.raw_sha256,
-            boot=boot,
+            slot.label, "installed", m.version, result.raw_size, result.raw_sha256, boot=boot
         )
         self._stage(m, booted.slot, slot, record, None if isinstance(how, delta.Declined) else how)
         log.info(
@@ -345,7 +340,9 @@ class Installer:
                 head = aligned_buffer(fssize.HEAD)
                 got = source.read_at(memoryview(head), 0)
                 length = fssize.fs_size(bytes(head[:got]), booted.size) or booted.size
-            held = stack.enter_context(self.slots.read_slot(target)) if target_written else None
+            # the target is read only if the agent wrote it and kept no index of it
+            read_target = target_written and known is None
+            held = stack.enter_context(self.slots.read_slot(target)) if read_target else None
             device = stack.enter_context(self.slots.open_slot(target))
             written = delta.write_delta(
                 self.transport,
